@@ -1,0 +1,40 @@
+"""datumdb: reproducible, Caffe-exact LMDB datasets of ``Datum`` records.
+
+The library: an exact Datum codec (:mod:`datumdb.codec`), a batched, atomic, deterministic LMDB
+writer (:mod:`datumdb.writer`), a lock-free read-only reader (:mod:`datumdb.reader`), Caffe tool
+parity (:mod:`datumdb.imageset`, :mod:`datumdb.mean`) and verification (:mod:`datumdb.verify`).
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("datumdb")
+except PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = "0+unknown"
+
+from datumdb.errors import (
+    DatabaseError,
+    DatabaseExistsError,
+    DatabaseNotFoundError,
+    DatumDBError,
+    DatumError,
+    InputError,
+    VerificationError,
+    WriteError,
+)
+from datumdb.reader import DatumReader
+from datumdb.writer import DatabaseWriter
+
+__all__ = [
+    "DatabaseError",
+    "DatabaseExistsError",
+    "DatabaseNotFoundError",
+    "DatabaseWriter",
+    "DatumDBError",
+    "DatumError",
+    "DatumReader",
+    "InputError",
+    "VerificationError",
+    "WriteError",
+    "__version__",
+]

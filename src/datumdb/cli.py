@@ -1,0 +1,340 @@
+"""The ``datumdb`` command line: one subcommand per verb, ``main(argv) -> exit code``.
+
+Exit codes: 0 success; 1 a database failed verification; 2 bad usage or bad input (the message
+names the file, line, key or option). Progress bars go to stderr and only on a terminal
+(``--progress``/``--no-progress`` to force); results go to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from datumdb import __version__
+from datumdb.errors import DatumDBError
+from datumdb.writer import DEFAULT_BATCH_SIZE, DEFAULT_MAP_SIZE
+
+__all__ = ["main"]
+
+
+def _add_build_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overwrite", action="store_true", help="replace DB if it already holds a database")
+    parser.add_argument(
+        "--batch-size",
+        type=_positive,
+        default=DEFAULT_BATCH_SIZE,
+        metavar="N",
+        help="records per LMDB write transaction (default %(default)s, as Caffe); part of "
+        "what determines the bytes of data.mdb",
+    )
+    parser.add_argument(
+        "--map-size",
+        type=_positive,
+        default=DEFAULT_MAP_SIZE,
+        metavar="BYTES",
+        help="initial LMDB map size; it doubles as needed (default %(default)s)",
+    )
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="datumdb", description="Reproducible, Caffe-exact LMDB datasets of Datum records."
+    )
+    parser.add_argument("--version", action="version", version=f"datumdb {__version__}")
+    progress = parser.add_mutually_exclusive_group()
+    progress.add_argument(
+        "--progress",
+        dest="progress",
+        action="store_true",
+        default=None,
+        help="always show progress bars (default: only on a terminal)",
+    )
+    progress.add_argument("--no-progress", dest="progress", action="store_false", help="never show progress bars")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser(
+        "convert-imageset",
+        help="images + list file -> LMDB, exactly as Caffe's convert_imageset",
+        description="Caffe convert_imageset semantics: each list line is '<path> <label>', split at "
+        "its last space; keys are %%08d_<path>; images are BGR; resize (bilinear) only "
+        "when both sizes are given. Unlike Caffe, --shuffle is seeded (--seed, default "
+        "0) so the result is reproducible, and unreadable images are errors.",
+    )
+    p.add_argument("root", type=Path, metavar="ROOT/", help="folder the list's paths are relative to")
+    p.add_argument("list_file", type=Path, metavar="LISTFILE", help="text file of '<path> <label>' lines")
+    p.add_argument("db", type=Path, metavar="DB", help="database folder to create")
+    p.add_argument("--gray", action="store_true", help="load images as grayscale (1 channel)")
+    p.add_argument("--shuffle", action="store_true", help="shuffle the list (seeded) before writing")
+    p.add_argument("--seed", type=int, default=0, help="seed of --shuffle (default %(default)s)")
+    p.add_argument("--resize-height", type=_non_negative, default=0, metavar="H")
+    p.add_argument("--resize-width", type=_non_negative, default=0, metavar="W")
+    p.add_argument("--check-size", action="store_true", help="fail unless all images have the same size")
+    p.add_argument("--encoded", action="store_true", help="store encoded images (original bytes where possible)")
+    p.add_argument(
+        "--encode-type",
+        choices=("png", "jpg"),
+        default="",
+        help="re-encode to this type (implies --encoded, as in Caffe)",
+    )
+    p.add_argument(
+        "--allow-outside-root", action="store_true", help="accept absolute paths and paths with '..' in the list file"
+    )
+    p.add_argument("--workers", type=_positive, default=None, metavar="N", help="image decoding threads")
+    _add_build_options(p)
+    p.set_defaults(func=_convert_imageset)
+
+    p = commands.add_parser(
+        "convert-arrays",
+        help="images .npy + labels .npy -> LMDB, streaming",
+        description="Stream an images .npy ((N,H,W), (N,C,H,W) or (N,H,W,C)) and a 1-D integer "
+        "labels .npy into a database. Memory stays bounded whatever the file size. "
+        "uint8 images become raw Datums; other types float_data.",
+    )
+    p.add_argument("images", type=Path, metavar="IMAGES.npy")
+    p.add_argument("labels", type=Path, metavar="LABELS.npy")
+    p.add_argument("db", type=Path, metavar="DB")
+    p.add_argument("--layout", choices=("chw", "hwc"), default="chw", help="axis order of 4-D images")
+    p.add_argument("--bgr-from-rgb", action="store_true", help="images are RGB: store them BGR as Caffe expects")
+    p.add_argument(
+        "--encode",
+        choices=("none", "png", "jpg"),
+        default="none",
+        help="store raw Datums or PNG/JPEG-encoded ones (default %(default)s)",
+    )
+    _add_build_options(p)
+    p.set_defaults(func=_convert_arrays)
+
+    p = commands.add_parser(
+        "compute-mean",
+        help="mean image, exactly as Caffe's compute_image_mean",
+        description="Float32 running sum in key order, divided by the count; encoded Datums are "
+        "decoded. Writes a Caffe BlobProto; prints per-channel means.",
+    )
+    p.add_argument("db", type=Path, metavar="DB")
+    p.add_argument("output", type=Path, metavar="OUT.binaryproto")
+    p.add_argument("--npy", type=Path, metavar="OUT.npy", help="also write the mean as a float32 (C,H,W) .npy")
+    p.add_argument("--json", type=Path, metavar="OUT.json", help="also write per-channel means as JSON")
+    p.set_defaults(func=_compute_mean)
+
+    p = commands.add_parser(
+        "verify",
+        help="decode every record and check the content digest and manifest",
+        description="Exit 0 only if every record decodes and count, digest, label histogram and "
+        "shapes match datumdb.json.",
+    )
+    p.add_argument("db", type=Path, metavar="DB")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_verify)
+
+    p = commands.add_parser("digest", help="print the content digest (sha256 over keys and values in order)")
+    p.add_argument("db", type=Path, metavar="DB")
+    p.set_defaults(func=_digest)
+
+    p = commands.add_parser("inspect", help="summarise a database and show its first records")
+    p.add_argument("db", type=Path, metavar="DB")
+    p.add_argument(
+        "--records", type=_non_negative, default=5, metavar="N", help="records to list (default %(default)s)"
+    )
+    p.add_argument("--json", action="store_true", help="print as JSON")
+    p.set_defaults(func=_inspect)
+
+    p = commands.add_parser(
+        "export",
+        help="write all records to a .npz (images, labels, keys)",
+        description="All records must decode to one shape; the whole dataset is held in memory.",
+    )
+    p.add_argument("db", type=Path, metavar="DB")
+    p.add_argument("output", type=Path, metavar="OUT.npz")
+    p.set_defaults(func=_export)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except DatumDBError as exc:
+        print(f"datumdb {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"datumdb {args.command}: interrupted; nothing was published", file=sys.stderr)
+        return 130
+
+
+# ------------------------------------------------------------------------ commands
+
+
+def _convert_imageset(args: argparse.Namespace) -> int:
+    from datumdb.imageset import ImagesetOptions, convert_imageset
+
+    options = ImagesetOptions(
+        gray=args.gray,
+        shuffle=args.shuffle,
+        seed=args.seed,
+        resize_height=args.resize_height,
+        resize_width=args.resize_width,
+        check_size=args.check_size,
+        encoded=args.encoded,
+        encode_type=args.encode_type,
+        allow_outside_root=args.allow_outside_root,
+    )
+    convert_imageset(
+        args.root,
+        args.list_file,
+        args.db,
+        options,
+        overwrite=args.overwrite,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        progress=args.progress,
+        map_size=args.map_size,
+    )
+    return _report_built(args.db)
+
+
+def _convert_arrays(args: argparse.Namespace) -> int:
+    from datumdb.sources import convert_arrays
+
+    convert_arrays(
+        args.images,
+        args.labels,
+        args.db,
+        layout=args.layout,
+        bgr_from_rgb=args.bgr_from_rgb,
+        encoding=args.encode,
+        overwrite=args.overwrite,
+        batch_size=args.batch_size,
+        map_size=args.map_size,
+        progress=args.progress,
+    )
+    return _report_built(args.db)
+
+
+def _report_built(db: Path) -> int:
+    from datumdb.manifest import read_manifest
+
+    manifest = read_manifest(db)
+    print(f"{db}: {manifest['count']} records, {manifest['digest']}")
+    return 0
+
+
+def _compute_mean(args: argparse.Namespace) -> int:
+    from datumdb.mean import compute_mean, write_binaryproto
+
+    mean = compute_mean(args.db, progress=args.progress)
+    write_binaryproto(mean, args.output)
+    if args.npy:
+        np.save(args.npy, mean)
+    channel_means = [float(v) for v in mean.reshape(mean.shape[0], -1).astype(np.float64).mean(axis=1)]
+    if args.json:
+        args.json.write_text(json.dumps({"shape": list(mean.shape), "channel_means": channel_means}, indent=2) + "\n")
+    for channel, value in enumerate(channel_means):
+        print(f"mean_value channel [{channel}]: {value:.6f}")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from datumdb.verify import verify_database
+
+    report = verify_database(args.db, progress=args.progress)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    elif report["ok"]:
+        print(f"{args.db}: OK, {report['count']} records, {report['digest']}")
+    else:
+        for problem in report["problems"]:
+            print(f"datumdb verify: {problem}", file=sys.stderr)
+        print(
+            f"{args.db}: FAILED ({len(report['problems'])} problem(s), {report['bad_records']} bad record(s))",
+            file=sys.stderr,
+        )
+    return 0 if report["ok"] else 1
+
+
+def _digest(args: argparse.Namespace) -> int:
+    from datumdb.verify import content_digest
+
+    print(content_digest(args.db, progress=args.progress))
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from datumdb.codec import decode
+    from datumdb.manifest import read_manifest
+    from datumdb.reader import DatumReader
+
+    with DatumReader(args.db) as reader:
+        try:
+            manifest: dict[str, Any] | None = read_manifest(args.db)
+        except DatumDBError:
+            manifest = None
+        records = []
+        for index, (key, value) in enumerate(reader.items()):
+            if index >= args.records:
+                break
+            datum = decode(value, key)
+            records.append(
+                {
+                    "key": key.decode("utf-8", "backslashreplace"),
+                    "bytes": len(value),
+                    "channels": datum.channels,
+                    "height": datum.height,
+                    "width": datum.width,
+                    "label": datum.label,
+                    "encoded": datum.encoded,
+                    "data_bytes": len(datum.data),
+                    "float_data": int(datum.float_data.size),
+                }
+            )
+        summary = {"path": str(args.db), "count": len(reader), "manifest": manifest, "records": records}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"{args.db}: {summary['count']} records")
+    if manifest is not None:
+        for field in ("digest", "shapes", "dtype", "encoding", "channel_order", "label_histogram"):
+            print(f"  {field}: {manifest.get(field)}")
+    else:
+        print("  no datumdb.json manifest (not written by datumdb)")
+    for record in records:
+        print("  " + "  ".join(f"{k}={v}" for k, v in record.items()))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from datumdb.reader import DatumReader
+
+    with DatumReader(args.db) as reader:
+        count = len(reader)
+        if count == 0:
+            raise DatumDBError(f"{args.db}: the database is empty; nothing to export")
+        images, labels = reader.read_batch(np.arange(count))
+        keys = np.array(reader.keys())
+    np.savez(args.output, images=images, labels=labels, keys=keys)
+    print(f"{args.output}: images {images.dtype} {images.shape}, {count} labels")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,48 @@
+"""One error hierarchy for datumdb.
+
+Every error datumdb raises on purpose derives from :class:`DatumDBError`, and also from the
+built-in exception a caller would naturally catch (``ValueError``, ``FileNotFoundError``...),
+so code that does not know datumdb still handles it sensibly. Messages always name the file,
+line, key or parameter at fault: a user with a million-record dataset needs to know *which*.
+"""
+
+from __future__ import annotations
+
+
+class DatumDBError(Exception):
+    """Base class of every error raised by datumdb."""
+
+
+class DatumError(DatumDBError, ValueError):
+    """A serialized Datum (or BlobProto) is malformed, or a value cannot be encoded as one."""
+
+    def __init__(self, message: str, key: bytes | str | None = None) -> None:
+        self.key = key
+        if key is not None:
+            shown = key.decode("utf-8", "backslashreplace") if isinstance(key, bytes) else key
+            message = f"key {shown!r}: {message}"
+        super().__init__(message)
+
+
+class InputError(DatumDBError, ValueError):
+    """Bad user input: a list file line, an image, an array file, a parameter."""
+
+
+class DatabaseNotFoundError(DatumDBError, FileNotFoundError):
+    """The database folder or its ``data.mdb`` does not exist."""
+
+
+class DatabaseExistsError(DatumDBError, FileExistsError):
+    """The build target already holds a database and overwriting was not asked for."""
+
+
+class DatabaseError(DatumDBError):
+    """The LMDB environment could not be opened, read or written."""
+
+
+class WriteError(DatumDBError):
+    """A record could not be stored: a key out of order, a duplicate, a dropped put."""
+
+
+class VerificationError(DatumDBError):
+    """A database does not match its manifest, or a record does not decode."""

@@ -1,0 +1,85 @@
+"""The content digest and the ``datumdb.json`` manifest that sits beside ``data.mdb``.
+
+``data.mdb`` bytes depend on LMDB's page size, version and commit history, so they cannot be
+compared across platforms. The content digest can: it is sha256 over the (key, value) pairs in
+key order, each framed by its lengths so that no two different databases hash alike. It is
+computed while writing (keys arrive in order) and recomputed by ``datumdb verify``.
+
+The manifest is plain JSON with a fixed key order and no timestamps, so the same build writes
+the same bytes and DVC sees no change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from datumdb.errors import DatabaseNotFoundError, VerificationError
+
+__all__ = ["MANIFEST_NAME", "ContentDigest", "digest_items", "read_manifest", "write_manifest"]
+
+MANIFEST_NAME = "datumdb.json"
+MANIFEST_FORMAT = "datumdb-manifest/1"
+_DIGEST_DOMAIN = b"datumdb content digest v1\n"
+_FRAME = struct.Struct("<IQ")  # key length (LMDB keys are < 512 bytes), value length
+
+
+class ContentDigest:
+    """Incremental content digest: feed (key, value) pairs in key order, read ``hexdigest``."""
+
+    __slots__ = ("_hash", "count")
+
+    def __init__(self) -> None:
+        self._hash = hashlib.sha256(_DIGEST_DOMAIN)
+        self.count = 0
+
+    def update(self, key: bytes | memoryview, value: bytes | memoryview) -> None:
+        self._hash.update(_FRAME.pack(len(key), len(value)))
+        self._hash.update(key)
+        self._hash.update(value)
+        self.count += 1
+
+    @property
+    def hexdigest(self) -> str:
+        """``sha256:<64 hex digits>``; the prefix leaves room for other algorithms later."""
+        return "sha256:" + self._hash.hexdigest()
+
+
+def digest_items(items: Iterable[tuple[bytes | memoryview, bytes | memoryview]]) -> str:
+    """Content digest of (key, value) pairs that are already in key order."""
+    digest = ContentDigest()
+    for key, value in items:
+        digest.update(key, value)
+    return digest.hexdigest
+
+
+def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:
+    """Write ``datumdb.json`` durably (fsync) with a stable layout: same content, same bytes."""
+    path = Path(folder) / MANIFEST_NAME
+    text = json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return path
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """Load a database's manifest; a clear error if it is missing or not valid JSON."""
+    path = Path(folder) / MANIFEST_NAME
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DatabaseNotFoundError(f"{path}: no manifest (was this database written by datumdb?)") from None
+    try:
+        manifest = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise VerificationError(f"{path}: manifest is not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise VerificationError(f"{path}: not a {MANIFEST_FORMAT} manifest")
+    return manifest

@@ -1,0 +1,77 @@
+"""``compute_image_mean`` parity: the per-pixel mean of a database, as Caffe computes it.
+
+Caffe sums in float32 (a ``BlobProto`` float field), one record at a time in key order, then
+divides by the count in float32. Float addition is not associative, so we do exactly the same:
+a float32 accumulator updated record by record (vectorised over pixels, which does not change
+any single pixel's sequence of additions). Encoded Datums are decoded as Caffe's
+``DecodeDatumNative`` does (OpenCV ``IMREAD_UNCHANGED``). The result is written as a Caffe
+``BlobProto`` (num=1, channels, height, width, packed data), byte-identical to Caffe's file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from datumdb._progress import progress as progress_bar
+from datumdb.codec import datum_to_array
+from datumdb.errors import DatumError, InputError
+from datumdb.proto.datum_pb2 import BlobProto
+from datumdb.reader import DatumReader
+
+__all__ = ["compute_mean", "read_binaryproto", "write_binaryproto"]
+
+
+def compute_mean(db_path: str | os.PathLike[str], *, progress: bool | None = None) -> np.ndarray:
+    """The float32 (C, H, W) mean image of every record in ``db_path``, Caffe-exact."""
+    reader = DatumReader(db_path, imread="unchanged")
+    total: np.ndarray | None = None
+    count = 0
+    try:
+        records = progress_bar(reader.datums(), enabled=progress, total=len(reader), desc="compute-mean", unit="rec")
+        for key, datum in records:
+            array = datum_to_array(datum, key=key)
+            if total is None:
+                total = np.zeros(array.shape, dtype=np.float32)
+            elif array.shape != total.shape:
+                raise DatumError(f"shape {array.shape} differs from the first record's {total.shape}", key)
+            total += array  # float32 += uint8/float32: the same single-precision adds as Caffe
+            count += 1
+    finally:
+        reader.close()
+    if total is None:
+        raise InputError(f"{db_path}: the database is empty; there is no mean")
+    return total / np.float32(count)
+
+
+def write_binaryproto(mean: np.ndarray, path: str | os.PathLike[str]) -> Path:
+    """Write a (C, H, W) float array as Caffe's mean ``BlobProto`` (num=1, legacy 4-D fields)."""
+    mean = np.asarray(mean, dtype=np.float32)
+    if mean.ndim != 3:
+        raise ValueError(f"mean must be (C, H, W), got shape {mean.shape}")
+    blob = BlobProto(num=1, channels=mean.shape[0], height=mean.shape[1], width=mean.shape[2])
+    blob.data.extend(mean.reshape(-1).tolist())
+    path = Path(path)
+    path.write_bytes(blob.SerializeToString())
+    return path
+
+
+def read_binaryproto(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read a Caffe mean ``BlobProto`` as a float32 (C, H, W) array (num must be 1)."""
+    path = Path(path)
+    blob = BlobProto()
+    try:
+        blob.ParseFromString(path.read_bytes())
+    except Exception as exc:  # protobuf's DecodeError, or anything a corrupt file triggers
+        raise DatumError(f"{path}: not a BlobProto ({exc})") from None
+    if blob.HasField("shape"):
+        dims = tuple(blob.shape.dim)
+    else:
+        dims = (blob.num, blob.channels, blob.height, blob.width)
+    if len(dims) == 4 and dims[0] == 1:
+        dims = dims[1:]
+    if int(np.prod(dims)) != len(blob.data):
+        raise DatumError(f"{path}: shape {dims} does not match {len(blob.data)} values")
+    return np.array(blob.data, dtype=np.float32).reshape(dims)

@@ -1,0 +1,413 @@
+"""Build an LMDB of Caffe Datums: batched, growing, atomic and deterministic.
+
+What the copy-pasted scripts get wrong, and what this module does instead:
+
+* **One transaction per sample** is slow. Records are appended in fixed-count batches
+  (``batch_size``, default 1000 as in Caffe's tools) with ``putmulti(append=True)``; the count
+  it returns is checked, so a key out of order can never be dropped silently.
+* **A guessed map size** either wastes address space or dies with ``MapFullError``. The map
+  starts small and doubles; the batch that did not fit is replayed whole (tensorpack re-puts
+  only the current record and loses the rest, tensorpack#1562).
+* **Writing in place** leaves half a database when the build dies. We build in a private
+  ``.<name>.partial-<pid>-<random>`` folder beside the target and rename it into place only
+  after success; an existing database is swapped out atomically (``renameat2`` exchange on
+  Linux), so readers see the complete old or the complete new version, never a mix.
+* **Unstable bytes.** ``data.mdb`` depends on map size, commit boundaries and growth history.
+  All three are fixed functions of the inputs and options here (no clocks, no random bytes:
+  ``meminit`` stays on, no reader can pin pages in the private folder), so the same inputs and
+  options give a byte-identical ``data.mdb``. The platform-independent identity of a database
+  is its content digest, kept in the manifest.
+* **lock.mdb** in outputs makes DVC see a change: the build environment is opened lock-free
+  (it is private to this process), so the published folder holds only ``data.mdb`` and
+  ``datumdb.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shutil
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal
+
+import lmdb
+import numpy as np
+
+from datumdb import __version__
+from datumdb.codec import as_chw, check_label, decode, encode_array, encode_image, encode_png_or_jpg
+from datumdb.errors import DatabaseError, DatabaseExistsError, DatumError, WriteError
+from datumdb.manifest import MANIFEST_FORMAT, ContentDigest, write_manifest
+
+__all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_MAP_SIZE", "DatabaseWriter", "Encoding"]
+
+DEFAULT_BATCH_SIZE = 1000
+DEFAULT_MAP_SIZE = 64 << 20  # grows by doubling; on Linux an unused map costs nothing
+MAX_MAP_SIZE = 1 << 44  # 16 TiB: a runaway record fails instead of exhausting address space
+DATA_NAME = "data.mdb"
+
+Encoding = Literal["none", "png", "jpg"]
+
+
+def lmdb_versions() -> dict[str, str]:
+    """Versions that determine the bytes of ``data.mdb``: recorded in every manifest."""
+    return {"lmdb": ".".join(map(str, lmdb.version())), "py-lmdb": lmdb.__version__}
+
+
+class DatabaseWriter:
+    """Write Datums to a new LMDB folder; use as a context manager.
+
+    >>> with DatabaseWriter("data/train") as db:        # doctest: +SKIP
+    ...     for image, label in samples:               # image: (C, H, W) or (H, W)
+    ...         db.add(image, label)
+
+    On normal exit the database is published at ``path``; on an exception nothing is published
+    and the private build folder is removed. Keys default to ``%08d`` of the record index
+    (``key_width`` digits), which sort in insertion order; explicit keys must be strictly
+    increasing byte strings. ``encoding`` chooses raw Datums ("none") or PNG/JPEG-encoded ones.
+    ``channel_order`` and ``metadata`` are recorded in the manifest.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        overwrite: bool = False,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        map_size: int = DEFAULT_MAP_SIZE,
+        encoding: Encoding = "none",
+        channel_order: str = "BGR",
+        key_width: int = 8,
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if map_size < 1:
+            raise ValueError(f"map_size must be >= 1, got {map_size}")
+        if encoding not in ("none", "png", "jpg"):
+            raise ValueError(f"encoding must be 'none', 'png' or 'jpg', got {encoding!r}")
+        self.path = Path(path)
+        self.overwrite = overwrite
+        self.batch_size = batch_size
+        self.initial_map_size = map_size
+        self.encoding = encoding
+        self.channel_order = channel_order
+        self.key_width = key_width
+        self.metadata = dict(metadata or {})
+        self._check_target()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_partials(self.path)
+        self._work = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.partial-{os.getpid()}-", dir=self.path.parent))
+        try:
+            self._env: lmdb.Environment | None = lmdb.open(
+                str(self._work),
+                map_size=map_size,
+                subdir=True,
+                lock=False,  # private folder: no other reader or writer, and no lock.mdb
+                sync=False,  # one fsync at the end is enough: a crash discards the build anyway
+                metasync=False,
+                meminit=True,  # never write uninitialised memory: bytes must be reproducible
+                max_dbs=0,
+            )
+        except lmdb.Error as exc:
+            shutil.rmtree(self._work, ignore_errors=True)
+            raise DatabaseError(f"{self._work}: cannot create LMDB environment: {exc}") from exc
+        self._max_key = self._env.max_key_size()
+        self._batch: list[tuple[bytes, bytes]] = []
+        self._first_key: bytes | None = None
+        self._last_key: bytes | None = None
+        self._digest = ContentDigest()
+        self._labels: Counter[int] = Counter()
+        self._shapes: Counter[str] = Counter()
+        self._dtypes: Counter[str] = Counter()
+        self._encodings: Counter[str] = Counter()
+        self._payload_bytes = 0
+        self.map_size = map_size
+        self.grow_count = 0
+        self.commit_count = 0
+        self.published = False
+
+    # ------------------------------------------------------------------ public API
+
+    def __len__(self) -> int:
+        return self._digest.count
+
+    def __enter__(self) -> DatabaseWriter:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def next_key(self) -> bytes:
+        """The default key of the next record: its zero-padded index."""
+        return b"%0*d" % (self.key_width, len(self))
+
+    def add(self, array: np.ndarray, label: int = 0, key: bytes | str | None = None) -> bytes:
+        """Encode a (C, H, W) or (H, W) array as a Datum and append it; returns its key."""
+        key = self._key(key)
+        array = as_chw(np.asarray(array), key)
+        if self.encoding == "none":
+            value = encode_array(array, label, key=key)
+        else:
+            image = encode_png_or_jpg(array, self.encoding, key)
+            value = encode_image(image, label, shape=array.shape, key=key)
+        dtype = "uint8" if array.dtype == np.uint8 else "float32"
+        self._append(key, value, check_label(label, key), array.shape, dtype, self.encoding)
+        return key
+
+    def add_serialized(
+        self, value: bytes, key: bytes | str | None = None, *, shape: tuple[int, int, int] | None = None
+    ) -> bytes:
+        """Append an already serialized Datum (it is parsed, not decoded, for the manifest).
+
+        ``shape`` records the decoded (C, H, W) of an encoded Datum whose wire fields leave it
+        unset (as Caffe's convert_imageset does); raw Datums carry their own shape.
+        """
+        key = self._key(key)
+        datum = decode(value, key)
+        if datum.encoded:
+            encoding = _sniff_encoding(datum.data)
+            dtype = "uint8"
+            shape = shape or (datum.shape if datum.channels else None)
+        else:
+            encoding = "none"
+            dtype = "uint8" if len(datum.data) else "float32"
+            size = datum.channels * datum.height * datum.width
+            if size != (len(datum.data) or datum.float_data.size):
+                raise DatumError(f"declared shape {datum.shape} does not match its payload", key)
+            shape = datum.shape
+        self._append(key, bytes(value), datum.label, shape, dtype, encoding)
+        return key
+
+    def close(self) -> Path:
+        """Commit what is left, write the manifest and publish the database at ``path``."""
+        if self.published:
+            return self.path
+        if self._env is None:
+            raise WriteError(f"{self.path}: the writer was aborted; nothing to publish")
+        try:
+            self._flush()
+            self._env.sync(True)
+            self._env.close()
+            self._env = None
+            leftovers = sorted(p.name for p in self._work.iterdir() if p.name != DATA_NAME)
+            if leftovers:
+                raise DatabaseError(f"{self._work}: unexpected files in the build folder: {leftovers}")
+            _fsync_file(self._work / DATA_NAME)
+            write_manifest(self._work, self.manifest())
+            _fsync_dir(self._work)
+            self._publish()
+        except BaseException:
+            self.abort()
+            raise
+        self.published = True
+        return self.path
+
+    def abort(self) -> None:
+        """Discard the build: nothing is published and the private folder is removed."""
+        if self._env is not None:
+            with contextlib.suppress(lmdb.Error):
+                self._env.close()
+            self._env = None
+        shutil.rmtree(self._work, ignore_errors=True)
+
+    def manifest(self) -> dict[str, Any]:
+        """The manifest of what has been added so far (written beside data.mdb on close)."""
+        labels = {str(label): self._labels[label] for label in sorted(self._labels)}
+        return {
+            "format": MANIFEST_FORMAT,
+            "count": len(self),
+            "digest": self._digest.hexdigest,
+            "shapes": dict(sorted(self._shapes.items())),
+            "dtype": _single_or_mixed(self._dtypes),
+            "encoding": _single_or_mixed(self._encodings),
+            "channel_order": self.channel_order,
+            "label_histogram": labels,
+            "payload_bytes": self._payload_bytes,
+            "keys": {"first": _text(self._first_key), "last": _text(self._last_key)},
+            "writer": {
+                "batch_size": self.batch_size,
+                "initial_map_size": self.initial_map_size,
+                "map_size": self.map_size,
+                "commits": self.commit_count,
+            },
+            "versions": {"datumdb": __version__, **lmdb_versions()},
+            "metadata": self.metadata,
+        }
+
+    # ------------------------------------------------------------------ internals
+
+    def _check_target(self) -> None:
+        if self.path.is_symlink() or (self.path.exists() and not self.path.is_dir()):
+            raise DatabaseExistsError(f"{self.path}: exists and is not a database folder")
+        if self.path.is_dir() and any(self.path.iterdir()) and not self.overwrite:
+            raise DatabaseExistsError(
+                f"{self.path}: already holds files; pass overwrite=True (--overwrite) to replace it"
+            )
+
+    def _key(self, key: bytes | str | None) -> bytes:
+        if self._env is None:
+            raise WriteError(f"{self.path}: the writer is closed")
+        if key is None:
+            key = self.next_key()
+            if len(key) > self.key_width:
+                raise WriteError(f"{self.path}: record {len(self)} needs more than key_width={self.key_width} digits")
+        elif isinstance(key, str):
+            key = key.encode("utf-8")
+        elif not isinstance(key, bytes):
+            raise WriteError(f"{self.path}: keys must be bytes or str, got {type(key).__name__}")
+        if not key:
+            raise WriteError(f"{self.path}: empty key for record {len(self)}")
+        if len(key) > self._max_key:
+            raise WriteError(
+                f"{self.path}: key {_text(key)!r} is {len(key)} bytes; LMDB keys are at most {self._max_key}"
+            )
+        if self._last_key is not None and key <= self._last_key:
+            raise WriteError(
+                f"{self.path}: key {_text(key)!r} is not greater than the previous key "
+                f"{_text(self._last_key)!r}; keys must be unique and added in sorted order"
+            )
+        return key
+
+    def _append(
+        self, key: bytes, value: bytes, label: int, shape: tuple[int, ...] | None, dtype: str, encoding: str
+    ) -> None:
+        self._batch.append((key, value))
+        self._digest.update(key, value)
+        if self._first_key is None:
+            self._first_key = key
+        self._last_key = key
+        self._labels[label] += 1
+        self._shapes["x".join(map(str, shape)) if shape else "unknown"] += 1
+        self._dtypes[dtype] += 1
+        self._encodings[encoding] += 1
+        self._payload_bytes += len(value)
+        if len(self._batch) >= self.batch_size:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Commit the pending batch; on MapFullError double the map and replay the whole batch."""
+        if not self._batch:
+            return
+        assert self._env is not None
+        while True:
+            try:
+                with self._env.begin(write=True) as txn:
+                    consumed, added = txn.cursor().putmulti(self._batch, append=True)
+                    if consumed != len(self._batch) or added != len(self._batch):
+                        raise WriteError(
+                            f"{self.path}: LMDB stored {added} of {len(self._batch)} records of the batch "
+                            f"starting at key {_text(self._batch[0][0])!r}"
+                        )
+                break
+            except lmdb.MapFullError:
+                if self.map_size * 2 > MAX_MAP_SIZE:
+                    raise DatabaseError(f"{self.path}: map size would exceed {MAX_MAP_SIZE} bytes") from None
+                self.map_size *= 2
+                self.grow_count += 1
+                self._env.set_mapsize(self.map_size)
+            except lmdb.Error as exc:
+                raise DatabaseError(f"{self.path}: LMDB write failed: {exc}") from exc
+        self.commit_count += 1
+        self._batch.clear()
+
+    def _publish(self) -> None:
+        self._check_target()
+        target = self.path
+        if target.is_dir() and _exchange(self._work, target):
+            shutil.rmtree(self._work)  # now holds the previous version
+        else:
+            if target.is_dir():  # an empty folder (Snakemake makes one), or no exchange available
+                aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-{os.getpid()}-", dir=target.parent))
+                os.rmdir(aside)
+                os.rename(target, aside)
+                os.rename(self._work, target)
+                shutil.rmtree(aside)
+            else:
+                os.rename(self._work, target)
+        _fsync_dir(target.parent)
+
+
+def _single_or_mixed(counter: Counter[str]) -> str | None:
+    if not counter:
+        return None
+    return next(iter(counter)) if len(counter) == 1 else "mixed"
+
+
+def _text(key: bytes | None) -> str | None:
+    return None if key is None else key.decode("utf-8", "backslashreplace")
+
+
+def _sniff_encoding(data: memoryview | bytes) -> str:
+    head = bytes(data[:8])
+    if head.startswith(b"\x89PNG"):
+        return "png"
+    if head.startswith(b"\xff\xd8"):
+        return "jpg"
+    return "other"
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem lets a directory be fsynced
+        _fsync_file(path)
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two folders (Linux renameat2); False where that is not available."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: filesystem or kernel cannot exchange
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _remove_stale_partials(target: Path) -> None:
+    """Delete build folders left by killed builds of ``target`` (their process is gone)."""
+    for candidate in target.parent.glob(f".{target.name}.*-*-*"):
+        kind, _, rest = candidate.name[len(target.name) + 2 :].partition("-")
+        if kind not in ("partial", "old"):
+            continue
+        pid_text = rest.split("-", 1)[0]
+        if pid_text.isdigit() and not _process_alive(int(pid_text)):
+            shutil.rmtree(candidate, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
