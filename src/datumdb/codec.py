@@ -115,7 +115,9 @@ def _check_dim(name: str, value: int, key: bytes | str | None) -> int:
 
 
 def _shape_fields(shape: tuple[int, int, int], key: bytes | str | None) -> bytes:
-    channels, height, width = (_check_dim(n, int(v), key) for n, v in zip(("channels", "height", "width"), shape, strict=False))
+    channels, height, width = (
+        _check_dim(n, int(v), key) for n, v in zip(("channels", "height", "width"), shape, strict=True)
+    )
     return (
         bytes([_TAG_CHANNELS])
         + _varint(channels)

@@ -189,7 +189,11 @@ def convert_imageset(
         records = _serialized(paths, entries, options, list_file, workers)
         for line_id, (entry, (value, shape)) in enumerate(
             progress_bar(
-                zip(entries, records, strict=True), enabled=progress, total=len(entries), desc="convert-imageset", unit="img"
+                zip(entries, records, strict=True),
+                enabled=progress,
+                total=len(entries),
+                desc="convert-imageset",
+                unit="img",
             )
         ):
             if options.check_size:
@@ -215,13 +219,13 @@ def _serialized(
 ) -> Iterator[tuple[bytes, tuple[int, int, int]]]:
     workers = workers or min(8, os.cpu_count() or 1)
     if workers <= 1:
-        for path, entry in zip(paths, entries, strict=False):
+        for path, entry in zip(paths, entries, strict=True):
             yield _serialize(path, entry, options, list_file)
         return
     window = workers * 4  # bounded read-ahead: memory stays flat however long the list is
     with ThreadPoolExecutor(workers) as pool:
         pending = []
-        for path, entry in zip(paths, entries, strict=False):
+        for path, entry in zip(paths, entries, strict=True):
             pending.append(pool.submit(_serialize, path, entry, options, list_file))
             if len(pending) >= window:
                 yield pending.pop(0).result()

@@ -157,7 +157,7 @@ def convert_arrays(
         **options,
     ) as writer:
         for sample, label in progress_bar(
-            zip(samples, labels.tolist(), strict=False), enabled=progress, total=count, desc="convert-arrays", unit="rec"
+            zip(samples, labels.tolist(), strict=True), enabled=progress, total=count, desc="convert-arrays", unit="rec"
         ):
             writer.add(sample, label)
     return Path(db_path)
