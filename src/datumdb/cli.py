@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -172,14 +174,28 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Schedulers (Snakemake, SLURM, DVC) stop jobs with SIGTERM; turning it into
+    # KeyboardInterrupt unwinds the writer's `with` block, which removes its build folder.
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
     try:
         return int(args.func(args) or 0)
     except DatumDBError as exc:
         print(f"datumdb {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # disk full, permission denied...: say which file, skip the traceback
+        print(f"datumdb {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"datumdb {args.command}: interrupted; nothing was published", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 # ------------------------------------------------------------------------ commands
@@ -261,6 +277,8 @@ def _verify(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
     elif report["ok"]:
+        for warning in report["warnings"]:
+            print(f"datumdb verify: warning: {warning}", file=sys.stderr)
         print(f"{args.db}: OK, {report['count']} records, {report['digest']}")
     else:
         for problem in report["problems"]:

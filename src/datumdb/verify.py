@@ -4,6 +4,7 @@ A database passes only if every record parses and decodes (raw sizes consistent,
 images decodable), and the count, content digest, label histogram and shapes recomputed from
 the records equal what the writer recorded in ``datumdb.json``. The result is a report (a plain
 dict, ready for ``--json``) listing every problem found, each naming the key where there is one.
+A database without a manifest (made by Caffe, say) passes if every record decodes, with a warning.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 from datumdb._progress import progress as progress_bar
 from datumdb.codec import datum_to_array, decode
 from datumdb.errors import DatumDBError
-from datumdb.manifest import ContentDigest, read_manifest
+from datumdb.manifest import MANIFEST_NAME, ContentDigest, read_manifest
 from datumdb.reader import DatumReader
 
 __all__ = ["content_digest", "verify_database"]
@@ -37,11 +38,15 @@ def verify_database(db_path: str | os.PathLike[str], *, progress: bool | None = 
     """Check a database against its manifest; returns a report with ``ok`` and ``problems``."""
     path = Path(db_path)
     problems: list[str] = []
-    try:
-        manifest: dict[str, Any] | None = read_manifest(path)
-    except DatumDBError as exc:
-        manifest = None
-        problems.append(str(exc))
+    warnings: list[str] = []
+    manifest: dict[str, Any] | None = None
+    if (path / MANIFEST_NAME).exists():
+        try:
+            manifest = read_manifest(path)
+        except DatumDBError as exc:
+            problems.append(str(exc))
+    else:  # a database made by Caffe or another tool: the records can still be checked
+        warnings.append(f"{path}: no {MANIFEST_NAME}; checked that every record decodes, nothing to compare with")
     digest = ContentDigest()
     labels: Counter[int] = Counter()
     shapes: Counter[str] = Counter()
@@ -83,6 +88,7 @@ def verify_database(db_path: str | os.PathLike[str], *, progress: bool | None = 
             problems.append(f"{path}: decoded shapes {dict(shapes)} do not match the manifest's {expected_shapes}")
     report["ok"] = not problems
     report["problems"] = problems
+    report["warnings"] = warnings
     return report
 
 

@@ -392,12 +392,13 @@ def _exchange(a: Path, b: Path) -> bool:
 
 def _remove_stale_partials(target: Path) -> None:
     """Delete build folders left by killed builds of ``target`` (their process is gone)."""
-    for candidate in target.parent.glob(f".{target.name}.*-*-*"):
-        kind, _, rest = candidate.name[len(target.name) + 2 :].partition("-")
-        if kind not in ("partial", "old"):
+    prefix = f".{target.name}."
+    for candidate in target.parent.iterdir():
+        if not candidate.name.startswith(prefix):
             continue
+        kind, _, rest = candidate.name[len(prefix) :].partition("-")
         pid_text = rest.split("-", 1)[0]
-        if pid_text.isdigit() and not _process_alive(int(pid_text)):
+        if kind in ("partial", "old") and pid_text.isdigit() and not _process_alive(int(pid_text)):
             shutil.rmtree(candidate, ignore_errors=True)
 
 
