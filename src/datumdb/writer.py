@@ -102,6 +102,7 @@ class DatabaseWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_partials(self.path)
         self._work = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.partial-{os.getpid()}-", dir=self.path.parent))
+        os.chmod(self._work, 0o777 & ~_current_umask())  # mkdtemp's 0700 would be published as is
         try:
             self._env: lmdb.Environment | None = lmdb.open(
                 str(self._work),
@@ -400,6 +401,12 @@ def _remove_stale_partials(target: Path) -> None:
         pid_text = rest.split("-", 1)[0]
         if kind in ("partial", "old") and pid_text.isdigit() and not _process_alive(int(pid_text)):
             shutil.rmtree(candidate, ignore_errors=True)
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _process_alive(pid: int) -> bool:
