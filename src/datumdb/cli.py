@@ -146,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("db", type=Path, metavar="DB")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--in-process", action="store_true",
+                   help="scan in this process (default: a child process, so a corrupt B-tree that crashes or "
+                        "hangs LMDB is reported instead of killing or hanging the command)")
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="time limit of the isolated scan (default: 60 s + 10 s per 100 MB)")
     p.set_defaults(func=_verify)
 
     p = commands.add_parser("digest", help="print the content digest (sha256 over keys and values in order)")
@@ -273,7 +278,7 @@ def _compute_mean(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from datumdb.verify import verify_database
 
-    report = verify_database(args.db, progress=args.progress)
+    report = verify_database(args.db, progress=args.progress, isolate=not args.in_process, timeout=args.timeout)
     if args.json:
         print(json.dumps(report, indent=2))
     elif report["ok"]:

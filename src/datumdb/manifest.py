@@ -21,7 +21,7 @@ from typing import Any
 
 from datumdb.errors import DatabaseNotFoundError, VerificationError
 
-__all__ = ["MANIFEST_NAME", "ContentDigest", "digest_items", "read_manifest", "write_manifest"]
+__all__ = ["MANIFEST_NAME", "ContentDigest", "digest_items", "file_sha256", "read_manifest", "write_manifest"]
 
 MANIFEST_NAME = "datumdb.json"
 MANIFEST_FORMAT = "datumdb-manifest/1"
@@ -58,12 +58,35 @@ def digest_items(items: Iterable[tuple[bytes | memoryview, bytes | memoryview]])
     return digest.hexdigest
 
 
+def _render(manifest: dict[str, Any]) -> str:
+    return json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
+
+
+def _checksum(manifest: dict[str, Any]) -> str:
+    body = {k: v for k, v in manifest.items() if k != "checksum"}
+    return "sha256:" + hashlib.sha256(_render(body).encode("utf-8")).hexdigest()
+
+
+def file_sha256(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
+    """sha256 of a file's bytes, read in chunks (hashlib releases the GIL, so this can run in a thread)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:
-    """Write ``datumdb.json`` durably (fsync) with a stable layout: same content, same bytes."""
+    """Write ``datumdb.json`` durably (fsync) with a stable layout: same content, same bytes.
+
+    A ``checksum`` of the other fields is added last, so that :func:`read_manifest` notices any
+    change to any byte of the file, not only to the fields verification recomputes.
+    """
     path = Path(folder) / MANIFEST_NAME
-    text = json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
+    manifest = {k: v for k, v in manifest.items() if k != "checksum"}
+    manifest["checksum"] = _checksum(manifest)
     with open(path, "w", encoding="utf-8") as handle:
-        handle.write(text)
+        handle.write(_render(manifest))
         handle.flush()
         os.fsync(handle.fileno())
     return path
@@ -82,4 +105,6 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         raise VerificationError(f"{path}: manifest is not valid JSON ({exc})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise VerificationError(f"{path}: not a {MANIFEST_FORMAT} manifest")
+    if manifest.get("checksum") != _checksum(manifest) or text != _render(manifest):
+        raise VerificationError(f"{path}: manifest was modified or damaged (its checksum or layout does not match)")
     return manifest

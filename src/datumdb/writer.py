@@ -41,7 +41,7 @@ import numpy as np
 from datumdb import __version__
 from datumdb.codec import as_chw, check_label, decode, encode_array, encode_image, encode_png_or_jpg
 from datumdb.errors import DatabaseError, DatabaseExistsError, DatumError, WriteError
-from datumdb.manifest import MANIFEST_FORMAT, ContentDigest, write_manifest
+from datumdb.manifest import MANIFEST_FORMAT, ContentDigest, file_sha256, write_manifest
 
 __all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_MAP_SIZE", "DatabaseWriter", "Encoding"]
 
@@ -204,7 +204,14 @@ class DatabaseWriter:
             if leftovers:
                 raise DatabaseError(f"{self._work}: unexpected files in the build folder: {leftovers}")
             _fsync_file(self._work / DATA_NAME)
-            write_manifest(self._work, self.manifest())
+            manifest = self.manifest()
+            # The file's own hash lets verify notice damage anywhere in it, even in bytes no
+            # record uses (free page space), which the content digest cannot see.
+            manifest["data_mdb"] = {
+                "bytes": (self._work / DATA_NAME).stat().st_size,
+                "sha256": file_sha256(self._work / DATA_NAME),
+            }
+            write_manifest(self._work, manifest)
             _fsync_dir(self._work)
             self._publish()
         except BaseException:
