@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import os
 import shutil
 import sys
@@ -324,24 +325,32 @@ class DatabaseWriter:
                 self.grow_count += 1
                 self._env.set_mapsize(self.map_size)
             except lmdb.Error as exc:
-                raise DatabaseError(f"{self.path}: LMDB write failed: {exc}") from exc
+                raise DatabaseError(
+                    f"{self.path}: LMDB could not write the batch starting at key {_text(self._batch[0][0])!r}: "
+                    f"{exc} (is the disk full, or a file size limit reached?)"
+                ) from exc
         self.commit_count += 1
         self._batch.clear()
 
     def _publish(self) -> None:
         self._check_target()
         target = self.path
-        if target.is_dir() and _exchange(self._work, target):
-            shutil.rmtree(self._work)  # now holds the previous version
-        else:
-            if target.is_dir():  # an empty folder (Snakemake makes one), or no exchange available
+        try:
+            # Atomic when the target is absent or an empty folder (Snakemake pre-creates one).
+            os.rename(self._work, target)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            if not self.overwrite:  # another build published here since we checked
+                raise DatabaseExistsError(f"{target}: a database appeared here during the build") from None
+            if _exchange(self._work, target):
+                shutil.rmtree(self._work)  # now holds the previous version
+            else:  # no atomic exchange on this system: move the old version aside first
                 aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-{os.getpid()}-", dir=target.parent))
                 os.rmdir(aside)
                 os.rename(target, aside)
                 os.rename(self._work, target)
                 shutil.rmtree(aside)
-            else:
-                os.rename(self._work, target)
         _fsync_dir(target.parent)
 
 
