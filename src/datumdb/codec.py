@@ -25,8 +25,9 @@ from typing import Literal
 import numpy as np
 
 # OpenCV reads this once, at the first decode: cap the pixels an encoded image may declare, so
-# a forged PNG/JPEG header cannot make imdecode allocate gigabytes. The user's value wins.
-os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(1 << 27))
+# a forged PNG/JPEG header cannot make imdecode allocate gigabytes. 2**25 pixels (5792 x 5792,
+# 100 MB as BGR) is far beyond any training image; the user's own setting wins.
+os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(1 << 25))
 import cv2
 
 from datumdb.errors import DatumError

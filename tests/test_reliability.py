@@ -1,0 +1,367 @@
+"""Faults, damage and hostile input: nothing lost, nothing half-written, clear errors.
+
+Every loop here is bounded in trials and time. The figures (trials, faults, records lost) are
+what the README's reliability section reports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import multiprocessing
+import random
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from datumdb import DatabaseWriter, DatumReader
+from datumdb.codec import datum_to_array, decode, encode_array, encode_image
+from datumdb.errors import DatumError
+from datumdb.manifest import read_manifest
+from datumdb.verify import content_digest, verify_database
+
+DATUMDB = [sys.executable, "-m", "datumdb.cli", "--no-progress"]
+
+
+def _folder_state(folder: Path) -> dict[str, str] | None:
+    if not folder.exists():
+        return None
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def _leftovers(target: Path) -> list[str]:
+    return sorted(p.name for p in target.parent.iterdir() if p.name.startswith(f".{target.name}."))
+
+
+def _arrays(tmp_path: Path, count: int, shape: tuple[int, ...] = (3, 32, 32), seed: int = 0) -> tuple[Path, Path]:
+    rng = np.random.default_rng(seed)
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    images, labels = tmp_path / "X.npy", tmp_path / "y.npy"
+    np.save(images, rng.integers(0, 256, (count, *shape), dtype=np.uint8))
+    np.save(labels, rng.integers(0, 10, count))
+    return images, labels
+
+
+def _imageset(tmp_path: Path, count: int) -> tuple[Path, Path]:
+    rng = np.random.default_rng(1)
+    root = tmp_path / "images"
+    root.mkdir()
+    lines = []
+    for i in range(count):
+        name = f"img_{i:04d}.png"
+        cv2.imwrite(str(root / name), rng.integers(0, 256, (20 + i % 7, 24, 3), dtype=np.uint8))
+        lines.append(f"{name} {i % 5}")
+    list_file = tmp_path / "list.txt"
+    list_file.write_text("\n".join(lines) + "\n")
+    return root, list_file
+
+
+# --------------------------------------------------------------------------- crashes
+
+
+def _kill_trials(command: list[str], target: Path, trials: int, seed: int) -> dict[str, int]:
+    """SIGKILL the build at random moments; after each kill the target must be absent or the
+    complete previous version, and a rerun must give the uninterrupted build's digest."""
+    reference = target.parent / "reference"
+    started = time.monotonic()
+    subprocess.run([*command[:-1], str(reference)], check=True)
+    duration = time.monotonic() - started
+    expected = read_manifest(reference)["digest"]
+    complete = _folder_state(reference)
+    rng = random.Random(seed)
+    stats = {"trials": 0, "killed_mid_build": 0, "records_lost": 0}
+    for trial in range(trials):
+        before = _folder_state(target)
+        build = subprocess.Popen([*command, "--overwrite"] if before else command)
+        saw_partial = False
+        if trial % 4:  # most kills land inside the build: wait for its folder, then a random while
+            while not _leftovers(target) and build.poll() is None:
+                time.sleep(0.002)
+            saw_partial = bool(_leftovers(target))
+            deadline = time.monotonic() + rng.uniform(0, duration / 3)
+        else:  # the rest anywhere, start-up and publish included
+            deadline = time.monotonic() + rng.uniform(0, duration)
+        while time.monotonic() < deadline and build.poll() is None:
+            saw_partial = saw_partial or bool(_leftovers(target))
+            time.sleep(0.002)
+        build.kill()
+        code = build.wait()
+        stats["trials"] += 1
+        after = _folder_state(target)
+        # A killed build leaves the previous version; one killed after its rename leaves the new
+        # version, complete (same inputs, deterministic: the reference's exact bytes).
+        assert after in (before, complete), f"trial {trial} (exit {code}): target is neither old nor new"
+        stats["killed_mid_build"] += code != 0 and saw_partial
+        if trial % 3 == 2:  # rerun to completion: identical digest, stale build folders gone
+            subprocess.run([*command, "--overwrite"] if after else command, check=True)
+            manifest = read_manifest(target)
+            assert manifest["digest"] == expected
+            stats["records_lost"] += read_manifest(reference)["count"] - manifest["count"]
+            assert _leftovers(target) == [], f"trial {trial}: stale build folders {_leftovers(target)}"
+    assert verify_database(target)["ok"]
+    return stats
+
+
+def test_kill_9_during_convert_arrays_never_leaves_a_partial_database(tmp_path: Path) -> None:
+    images, labels = _arrays(tmp_path, 4000)
+    target = tmp_path / "db"
+    command = [
+        *DATUMDB,
+        "convert-arrays",
+        str(images),
+        str(labels),
+        "--batch-size",
+        "25",
+        "--map-size",
+        "65536",
+        str(target),
+    ]
+    stats = _kill_trials(command, target, trials=12, seed=12)
+    assert stats["records_lost"] == 0
+    assert stats["killed_mid_build"] >= 6, stats  # the kills really landed inside builds
+
+
+def test_kill_9_during_convert_imageset_never_leaves_a_partial_database(tmp_path: Path) -> None:
+    root, list_file = _imageset(tmp_path, 800)
+    target = tmp_path / "db"
+    command = [
+        *DATUMDB,
+        "convert-imageset",
+        "--workers",
+        "1",
+        "--batch-size",
+        "10",
+        "--resize-height",
+        "32",
+        "--resize-width",
+        "32",
+        str(root),
+        str(list_file),
+        str(target),
+    ]
+    stats = _kill_trials(command, target, trials=10, seed=10)
+    assert stats["records_lost"] == 0
+    assert stats["killed_mid_build"] >= 5, stats
+
+
+# --------------------------------------------------------------------------- resource limits
+
+
+def _limit_file_size() -> None:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2 << 20, 2 << 20))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG from write() instead of a kill
+
+
+def test_disk_full_is_a_clear_error_and_leaves_nothing(tmp_path: Path) -> None:
+    images, labels = _arrays(tmp_path, 3000)  # ~9 MB of records against a 2 MB file size limit
+    target = tmp_path / "db"
+    result = subprocess.run(
+        [*DATUMDB, "convert-arrays", str(images), str(labels), str(target)],
+        preexec_fn=_limit_file_size,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2, result.stderr
+    assert str(target) in result.stderr and "Traceback" not in result.stderr
+    assert not target.exists()
+    assert _leftovers(target) == []
+
+
+def test_map_growth_from_a_tiny_map_loses_nothing(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (700, 3, 16, 16), dtype=np.uint8)
+    with DatabaseWriter(tmp_path / "db", map_size=16 * 1024, batch_size=64) as writer:
+        for i, image in enumerate(images):
+            writer.add(image, i)
+    assert writer.grow_count >= 5
+    reader = DatumReader(tmp_path / "db")
+    assert len(reader) == len(images)
+    batch, labels = reader.read_batch(np.arange(len(images)))
+    assert np.array_equal(batch, images) and np.array_equal(labels, np.arange(len(images)))
+
+
+# --------------------------------------------------------------------------- corruption
+
+
+@pytest.fixture(scope="module")
+def intact_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("intact") / "db"
+    rng = np.random.default_rng(5)
+    with DatabaseWriter(path, batch_size=50) as writer:
+        for i in range(300):
+            writer.add(rng.integers(0, 256, (3, 8, 8), dtype=np.uint8), i % 7)
+    return path
+
+
+def _damage(path: Path, rng: random.Random) -> str:
+    data = bytearray(path.read_bytes())
+    if rng.random() < 0.3:
+        cut = rng.randrange(len(data))
+        path.write_bytes(bytes(data[:cut]))
+        return f"truncated to {cut}"
+    positions = [rng.randrange(len(data)) for _ in range(rng.randint(1, 8))]
+    for position in positions:
+        data[position] ^= rng.randint(1, 255)
+    path.write_bytes(bytes(data))
+    return f"flipped bytes at {positions}"
+
+
+def test_verify_never_passes_a_damaged_database(intact_db: Path, tmp_path: Path) -> None:
+    assert verify_database(intact_db, isolate=True)["ok"]
+    rng = random.Random(2024)
+    named_key = 0
+    trials = 110
+    for trial in range(trials):
+        damaged = tmp_path / f"trial{trial}"
+        shutil.copytree(intact_db, damaged)
+        victim = damaged / ("datumdb.json" if trial % 5 == 0 else "data.mdb")
+        what = _damage(victim, rng)
+        report = verify_database(damaged, isolate=True, timeout=60)
+        assert not report["ok"], f"trial {trial}: {victim.name} {what} passed verification"
+        assert report["problems"], report
+        named_key += any("key '" in problem for problem in report["problems"])
+        shutil.rmtree(damaged)
+    assert named_key > 0  # where a record itself is broken, the key is named
+
+
+def test_cli_verify_reports_damage_with_exit_code_1(intact_db: Path, tmp_path: Path) -> None:
+    damaged = tmp_path / "damaged"
+    shutil.copytree(intact_db, damaged)
+    data = bytearray((damaged / "data.mdb").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (damaged / "data.mdb").write_bytes(bytes(data))
+    result = subprocess.run([*DATUMDB, "verify", str(damaged)], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "data.mdb sha256" in result.stderr
+
+
+# --------------------------------------------------------------------------- hostile Datums
+
+_VALID = [
+    encode_array(np.arange(48, dtype=np.uint8).reshape(3, 4, 4), 7),
+    encode_array(np.ones((1, 2, 3), np.float32), -(2**31)),
+    encode_image(cv2.imencode(".png", np.full((5, 6, 3), 9, np.uint8))[1].tobytes(), 2**31 - 1),
+]
+
+
+@settings(deadline=None)
+@given(st.binary(max_size=200))
+def test_decoder_on_random_bytes_raises_only_datum_error(value: bytes) -> None:
+    try:
+        datum_to_array(decode(value, b"k"), key=b"k")
+    except DatumError as exc:
+        assert "k" in str(exc)
+
+
+@settings(deadline=None)
+@given(
+    st.sampled_from(_VALID),
+    st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=6),
+    st.integers(0, 10_000),
+)
+def test_decoder_on_mutated_datums_raises_only_datum_error(value: bytes, edits: list, cut: int) -> None:
+    data = bytearray(value)
+    for position, byte in edits:
+        data[position % len(data)] = byte
+    with contextlib.suppress(DatumError):
+        datum_to_array(decode(bytes(data[: max(cut, 1)]), b"key"), key=b"key")
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (b"\x22" + b"\xff" * 9 + b"\x01", "declares"),  # length field of ~2**63 bytes
+        (b"\x22\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x01", "longer than ten bytes"),
+        (b"\x08" + b"\xff" * 9 + b"\x7f", "overflows 64 bits"),
+        (b"\x0a\x00", "wire type 2"),  # channels sent as bytes
+        (b"\x08\xff\xff\xff\xff\x0f\x10\x01\x18\x01", "negative"),  # channels = -1
+        (b"\x4b", "unsupported wire type"),  # a group, in an unknown field
+        (b"\x08\x03\x10\x02\x18\x02\x22\x03abc\x28\x00", "data holds 3 bytes"),
+        (b"\x22\x04abcd\x28\x00\x38\x01", "cannot decode"),  # garbage "encoded image"
+        (b"\x08\x01\x10\x40\x18\x40\x35\x00\x00\x80\x3f", "float_data holds 1"),
+    ],
+)
+def test_hostile_datums_get_a_clear_error_without_allocating(value: bytes, message: str) -> None:
+    with pytest.raises(DatumError, match=message) as info:
+        datum_to_array(decode(value, b"evil"), key=b"evil")
+    assert "'evil'" in str(info.value)
+
+
+def test_forged_image_header_cannot_make_opencv_allocate_gigabytes() -> None:
+    png = bytearray(cv2.imencode(".png", np.zeros((4, 4), np.uint8))[1].tobytes())
+    png[16:24] = (60000).to_bytes(4, "big") * 2  # IHDR claims 60000 x 60000 pixels
+    with pytest.raises(DatumError, match="cannot decode"):
+        datum_to_array(decode(encode_image(bytes(png), 0), b"big"), key=b"big")
+
+
+# --------------------------------------------------------------------------- concurrency
+
+
+def _read_until(path: str, stop_at: float, digests: list[str], queue: multiprocessing.Queue) -> None:
+    seen, failures = set(), []
+    while time.monotonic() < stop_at:
+        try:
+            seen.add(content_digest(path))
+        except Exception as exc:  # any failure to read a complete version is what we look for
+            failures.append(repr(exc))
+    queue.put((sorted(seen), failures, digests))
+
+
+def test_readers_during_rebuilds_see_a_complete_old_or_new_version(tmp_path: Path) -> None:
+    versions = [_arrays(tmp_path / f"v{seed}", 500, seed=seed) for seed in range(3)]
+    target = tmp_path / "db"
+    digests = []
+    for images, labels in versions:
+        subprocess.run(
+            [*DATUMDB, "convert-arrays", str(images), str(labels), str(tmp_path / f"ref{len(digests)}")], check=True
+        )
+        digests.append(read_manifest(tmp_path / f"ref{len(digests)}")["digest"])
+    subprocess.run([*DATUMDB, "convert-arrays", *map(str, versions[0]), str(target)], check=True)
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    stop_at = time.monotonic() + 6
+    readers = [context.Process(target=_read_until, args=(str(target), stop_at, digests, queue)) for _ in range(2)]
+    for reader in readers:
+        reader.start()
+    rebuilds = 0
+    while time.monotonic() < stop_at - 1:
+        images, labels = versions[(rebuilds + 1) % 3]
+        subprocess.run([*DATUMDB, "convert-arrays", str(images), str(labels), str(target), "--overwrite"], check=True)
+        rebuilds += 1
+    results = [queue.get(timeout=30) for _ in readers]
+    for reader in readers:
+        reader.join(timeout=30)
+    assert rebuilds >= 3
+    for seen, failures, _ in results:
+        assert failures == []
+        assert set(seen) <= set(digests) and seen
+
+
+def test_two_builds_racing_for_one_target_cannot_interleave(tmp_path: Path) -> None:
+    sources = [_arrays(tmp_path / name, 1500, seed=i) for i, name in enumerate("ab")]
+    target = tmp_path / "db"
+    for round_ in range(3):
+        builds = [
+            subprocess.Popen(
+                [*DATUMDB, "convert-arrays", str(x), str(y), str(target), "--overwrite", "--batch-size", "50"],
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for x, y in sources
+        ]
+        errors = [build.communicate()[1] for build in builds]
+        codes = [build.returncode for build in builds]
+        assert 0 in codes, errors
+        report = verify_database(target)
+        assert report["ok"], (round_, report["problems"])
+        assert _leftovers(target) == []
