@@ -2,8 +2,9 @@
 
 ``data.mdb`` bytes depend on LMDB's page size, version and commit history, so they cannot be
 compared across platforms. The content digest can: it is sha256 over the (key, value) pairs in
-key order, each framed by its lengths so that no two different databases hash alike. It is
-computed while writing (keys arrive in order) and recomputed by ``datumdb verify``.
+key order, each framed by its lengths so that no two different databases hash alike (hashed in
+chunks of 1024 records, see :class:`ContentDigest`). It is computed while writing (keys arrive
+in order) and recomputed by ``datumdb verify``.
 
 The manifest is plain JSON with a fixed key order and no timestamps, so the same build writes
 the same bytes and DVC sees no change.
@@ -27,27 +28,57 @@ MANIFEST_NAME = "datumdb.json"
 MANIFEST_FORMAT = "datumdb-manifest/1"
 _DIGEST_DOMAIN = b"datumdb content digest v1\n"
 _FRAME = struct.Struct("<IQ")  # key length (LMDB keys are < 512 bytes), value length
+RECORDS_PER_CHUNK = 1024
 
 
 class ContentDigest:
-    """Incremental content digest: feed (key, value) pairs in key order, read ``hexdigest``."""
+    """Incremental content digest: feed (key, value) pairs in key order, read ``hexdigest``.
 
-    __slots__ = ("_hash", "count")
+    Two levels, so that damage can be located without hashing anything twice: each run of
+    :data:`RECORDS_PER_CHUNK` records gets a sha256 over its length-framed pairs; the content
+    digest is sha256 over a domain tag, those chunk digests in order, and the record count.
+    The chunk digests go into the manifest, and verify names the records of the first chunk
+    that differs.
+    """
+
+    __slots__ = ("_chunk", "_chunk_count", "_outer", "chunk_first_keys", "chunks", "count")
 
     def __init__(self) -> None:
-        self._hash = hashlib.sha256(_DIGEST_DOMAIN)
+        self._outer = hashlib.sha256(_DIGEST_DOMAIN)
+        self._chunk = hashlib.sha256()
+        self._chunk_count = 0
+        self.chunks: list[str] = []
+        self.chunk_first_keys: list[bytes] = []
         self.count = 0
 
     def update(self, key: bytes | memoryview, value: bytes | memoryview) -> None:
-        self._hash.update(_FRAME.pack(len(key), len(value)))
-        self._hash.update(key)
-        self._hash.update(value)
+        if self._chunk_count == 0:
+            self.chunk_first_keys.append(bytes(key))
+        self._chunk.update(_FRAME.pack(len(key), len(value)))
+        self._chunk.update(key)
+        self._chunk.update(value)
+        self._chunk_count += 1
         self.count += 1
+        if self._chunk_count == RECORDS_PER_CHUNK:
+            digest = self._chunk.digest()
+            self.chunks.append(digest.hex())
+            self._outer.update(digest)
+            self._chunk = hashlib.sha256()
+            self._chunk_count = 0
+
+    @property
+    def chunk_digests(self) -> list[str]:
+        """Hex sha256 of each chunk of records, the last (partial) one included."""
+        return self.chunks + ([self._chunk.hexdigest()] if self._chunk_count else [])
 
     @property
     def hexdigest(self) -> str:
         """``sha256:<64 hex digits>``; the prefix leaves room for other algorithms later."""
-        return "sha256:" + self._hash.hexdigest()
+        outer = self._outer.copy()
+        if self._chunk_count:
+            outer.update(self._chunk.digest())
+        outer.update(struct.pack("<Q", self.count))
+        return "sha256:" + outer.hexdigest()
 
 
 def digest_items(items: Iterable[tuple[bytes | memoryview, bytes | memoryview]]) -> str:

@@ -28,7 +28,7 @@ import lmdb
 from datumdb._progress import progress as progress_bar
 from datumdb.codec import datum_to_array, decode
 from datumdb.errors import DatumDBError
-from datumdb.manifest import MANIFEST_NAME, ContentDigest, file_sha256, read_manifest
+from datumdb.manifest import MANIFEST_NAME, RECORDS_PER_CHUNK, ContentDigest, file_sha256, read_manifest
 from datumdb.reader import DATA_NAME, DatumReader
 
 __all__ = ["content_digest", "verify_database"]
@@ -113,6 +113,8 @@ def _scan(path: Path, progress: bool | None, problems: list[str]) -> dict[str, A
     return {
         "count": digest.count,
         "digest": digest.hexdigest,
+        "chunk_digests": digest.chunk_digests,
+        "chunk_first_keys": [key.decode("utf-8", "backslashreplace") for key in digest.chunk_first_keys],
         "bad_records": bad_records,
         "label_histogram": {str(k): labels[k] for k in sorted(labels)},
         "shapes": dict(sorted(shapes.items())),
@@ -131,10 +133,28 @@ def _compare(path: Path, manifest: dict[str, Any], report: dict[str, Any], probl
     for name, found, expected in checks:
         if found != expected:
             problems.append(f"{path}: {name} is {_short(found)} but the manifest says {_short(expected)}")
+    if report["digest"] != manifest.get("digest"):
+        problems.extend(_changed_chunks(path, manifest, report))
     expected_shapes = {k: v for k, v in manifest.get("shapes", {}).items() if k != "unknown"}
     found_shapes = {k: v for k, v in report["shapes"].items() if k in expected_shapes}
     if expected_shapes and found_shapes != expected_shapes:
         problems.append(f"{path}: decoded shapes {report['shapes']} do not match the manifest's {expected_shapes}")
+
+
+def _changed_chunks(path: Path, manifest: dict[str, Any], report: dict[str, Any]) -> list[str]:
+    """Name the records whose chunk digest differs from the one written (the first few)."""
+    expected = manifest.get("chunk_digests", {})
+    size = expected.get("records_per_chunk", RECORDS_PER_CHUNK)
+    found, keys = report["chunk_digests"], report["chunk_first_keys"]
+    changed = [i for i in range(min(len(found), len(expected.get("sha256", [])))) if found[i] != expected["sha256"][i]]
+    problems = []
+    for i in changed[:3]:
+        last = f" to before key {keys[i + 1]!r}" if i + 1 < len(keys) else " to the end"
+        problems.append(
+            f"{path}: records {i * size}..{i * size + size - 1} (from key {keys[i]!r}{last}) "
+            "differ from what was written"
+        )
+    return problems
 
 
 def _verify_in_child(path: Path, progress: bool | None, timeout: float | None) -> dict[str, Any]:

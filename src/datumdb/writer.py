@@ -42,7 +42,7 @@ import numpy as np
 from datumdb import __version__
 from datumdb.codec import as_chw, check_label, decode, encode_array, encode_image, encode_png_or_jpg
 from datumdb.errors import DatabaseError, DatabaseExistsError, DatumError, WriteError
-from datumdb.manifest import MANIFEST_FORMAT, ContentDigest, file_sha256, write_manifest
+from datumdb.manifest import MANIFEST_FORMAT, RECORDS_PER_CHUNK, ContentDigest, file_sha256, write_manifest
 
 __all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_MAP_SIZE", "DatabaseWriter", "Encoding"]
 
@@ -208,6 +208,10 @@ class DatabaseWriter:
             manifest = self.manifest()
             # The file's own hash lets verify notice damage anywhere in it, even in bytes no
             # record uses (free page space), which the content digest cannot see.
+            manifest["chunk_digests"] = {
+                "records_per_chunk": RECORDS_PER_CHUNK,
+                "sha256": self._digest.chunk_digests,
+            }
             manifest["data_mdb"] = {
                 "bytes": (self._work / DATA_NAME).stat().st_size,
                 "sha256": file_sha256(self._work / DATA_NAME),
