@@ -1,0 +1,280 @@
+"""The workflow for real: Snakemake and DVC over one params.yaml, in throwaway copies of the repo.
+
+This is the reproducibility check CI runs (`.ci/run` -> `make test`): the committed dvc.lock is
+reproduced by `dvc repro` from a fresh copy; on the small params of `.test/params.yaml`,
+Snakemake and DVC make identical bytes, `dvc status` stays clean after builds and reads, a
+changed parameter reruns only what depends on it, a push/clone/pull round trip gives the same
+digests, and bad params fail with a clear message before any work.
+
+The copies are made from the working tree (tracked and untracked, not ignored files), so the
+check covers uncommitted changes too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import lmdb
+import numpy as np
+import pytest
+import yaml
+
+from datumdb import DatumReader
+from datumdb.verify import content_digest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "DVC_NO_ANALYTICS": "1"}
+SPLITS = ("train", "val", "test")
+GIT = ["git", "-c", "user.name=datumdb-test", "-c", "user.email=test@datumdb.invalid", "-c", "commit.gpgsign=false"]
+
+
+def run(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(args, cwd=cwd, env=ENV, text=True, capture_output=True, check=False)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def dvc(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return run([str(BIN / "dvc"), *args], cwd, check)
+
+
+def snakemake(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return run([str(BIN / "snakemake"), *args], cwd, check)
+
+
+def copy_worktree(target: Path) -> Path:
+    """The working tree's tracked and untracked (not ignored) files, as a fresh one-commit repo."""
+    listed = run(["git", "ls-files", "-co", "--exclude-standard", "-z"], ROOT).stdout.split("\0")
+    for name in filter(None, listed):
+        source = ROOT / name
+        if source.is_file():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target / name)
+    commit_all(target, init=True)
+    return target
+
+
+def commit_all(repo: Path, *, init: bool = False) -> None:
+    if init:
+        run(["git", "init", "-q", "-b", "main"], repo)
+    run(["git", "add", "-A"], repo)
+    run([*GIT, "commit", "-q", "--allow-empty", "-m", "test"], repo)
+
+
+def clone(source: Path, target: Path) -> Path:
+    run(["git", "clone", "-q", str(source), str(target)], source.parent)
+    return target
+
+
+def status_clean(repo: Path) -> bool:
+    return "Data and pipelines are up to date" in dvc("status", cwd=repo).stdout
+
+
+def ran_stages(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def digests(repo: Path) -> dict[str, str]:
+    return {split: content_digest(repo / "data" / "lmdb" / split) for split in SPLITS}
+
+
+def metric_digests(repo: Path) -> dict[str, str]:
+    return {s: json.loads((repo / "reports" / "verify" / f"{s}.json").read_text())["digest"] for s in SPLITS}
+
+
+def set_params(repo: Path, **changes: object) -> None:
+    """Change params.yaml keys given as dotted names with '__' (verify__sample=5)."""
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for dotted, value in changes.items():
+        node = params
+        *parents, leaf = dotted.split("__")
+        for name in parents:
+            node = node[name]
+        node[leaf] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A copy of the repo on .test/params.yaml, built by Snakemake and committed to DVC and git."""
+    repo = tmp_path_factory.mktemp("tiny")
+    copy_worktree(repo)
+    shutil.copy(repo / ".test" / "params.yaml", repo / "params.yaml")
+    (repo / "dvc.lock").unlink(missing_ok=True)
+    shutil.rmtree(repo / "reports", ignore_errors=True)
+    remote = tmp_path_factory.mktemp("remote")
+    dvc("remote", "modify", "--local", "storage", "url", str(remote), cwd=repo)
+    build = snakemake("--cores", "2", cwd=repo)
+    assert "Execute 2 jobs" in build.stderr + build.stdout  # the two shards were generated concurrently
+    dvc("commit", "--force", cwd=repo)
+    commit_all(repo)
+    yield repo
+
+
+def test_committed_dvc_lock_is_reproduced_by_dvc_repro_from_a_fresh_copy(tmp_path: Path) -> None:
+    repo = copy_worktree(tmp_path / "fresh")
+    dvc("repro", cwd=repo)
+    diff = run(["git", "diff", "--exit-code", "--stat", "dvc.lock"], repo, check=False)
+    assert diff.returncode == 0, f"dvc.lock is stale; run `make dataset` and commit dvc.lock:\n{diff.stdout}"
+    assert run(["git", "status", "--porcelain"], repo).stdout == ""  # reports/ reproduced byte for byte
+    assert status_clean(repo)
+    assert ran_stages(dvc("repro", cwd=repo).stdout) == set()
+
+
+def test_snakemake_build_leaves_dvc_status_clean_even_after_reads(tiny: Path) -> None:
+    assert status_clean(tiny)
+    assert "Nothing to be done" in snakemake("-n", cwd=tiny).stdout + snakemake("-n", cwd=tiny).stderr
+    for split in SPLITS:
+        db = tiny / "data" / "lmdb" / split
+        assert sorted(p.name for p in db.iterdir()) == ["data.mdb", "datumdb.json"]
+        run(["datumdb", "verify", str(db)], tiny)
+        run(["datumdb", "inspect", str(db)], tiny)
+        with DatumReader(db) as reader:
+            list(reader)
+    assert status_clean(tiny)
+    # A careless locking reader creates lock.mdb inside an output: .dvcignore keeps the status clean.
+    db = tiny / "data" / "lmdb" / "val"
+    env = lmdb.open(str(db), readonly=True, lock=True)
+    env.close()
+    assert (db / "lock.mdb").exists()
+    try:
+        assert status_clean(tiny)
+    finally:
+        (db / "lock.mdb").unlink()
+
+
+def test_dvc_repro_in_a_fresh_clone_makes_what_snakemake_made(tiny: Path, tmp_path: Path) -> None:
+    fresh = clone(tiny, tmp_path / "clone")
+    assert not (fresh / "data").exists()
+    output = dvc("repro", cwd=fresh).stdout
+    assert {"generate@0", "generate@1", "build@train", "verify@val", "mean"} <= ran_stages(output)
+    assert run(["git", "diff", "--exit-code", "dvc.lock"], fresh, check=False).returncode == 0
+    assert run(["git", "status", "--porcelain"], fresh).stdout == ""
+    found = {"fresh": digests(fresh), "tiny": digests(tiny), "fresh metrics": metric_digests(fresh)}
+    found["tiny metrics"] = metric_digests(tiny)
+    assert all(value == found["tiny"] for value in found.values()), found
+    for split in SPLITS:
+        for name in ("data.mdb", "datumdb.json"):
+            assert (fresh / "data/lmdb" / split / name).read_bytes() == (tiny / "data/lmdb" / split / name).read_bytes()
+    assert (fresh / "data/mean/mean.binaryproto").read_bytes() == (tiny / "data/mean/mean.binaryproto").read_bytes()
+    assert status_clean(fresh)
+    assert ran_stages(dvc("repro", cwd=fresh).stdout) == set()
+
+
+def test_push_then_pull_in_a_fresh_clone_gives_the_same_digests(tiny: Path, tmp_path: Path) -> None:
+    dvc("push", cwd=tiny)
+    remote = dvc("remote", "list", "--local", cwd=tiny).stdout.split()[1]
+    fresh = clone(tiny, tmp_path / "pulled")
+    dvc("remote", "modify", "--local", "storage", "url", remote, cwd=fresh)
+    dvc("pull", cwd=fresh)
+    assert digests(fresh) == digests(tiny)
+    assert status_clean(fresh)
+    assert ran_stages(dvc("repro", cwd=fresh).stdout) == set()
+    run(["datumdb", "verify", "data/lmdb/train"], fresh)
+
+
+def test_a_changed_param_reruns_only_the_stages_that_depend_on_it(tiny: Path, tmp_path: Path) -> None:
+    repo = clone(tiny, tmp_path / "params")
+    remote = dvc("remote", "list", "--local", cwd=tiny).stdout.split()[1]
+    dvc("remote", "modify", "--local", "storage", "url", remote, cwd=repo)
+    dvc("pull", cwd=repo)
+    set_params(repo, verify__sample=5)
+    status = dvc("status", cwd=repo).stdout
+    assert set(re.findall(r"^(\S+):$", status, re.M)) == {"verify@train", "verify@val", "verify@test"}
+    assert ran_stages(dvc("repro", cwd=repo).stdout) == {"verify@train", "verify@val", "verify@test", "report"}
+    set_params(repo, encoding="none")
+    ran = ran_stages(dvc("repro", cwd=repo).stdout)
+    assert not any(stage.startswith("generate@") for stage in ran)
+    assert {"serialize@0", "serialize@1", "build@train", "build@val", "build@test", "mean"} <= ran
+    # Snakemake sees the same dependency: a new verify sample size reruns only verify (and what follows).
+    set_params(tiny, verify__sample=5)
+    try:
+        plan = snakemake("-n", cwd=tiny)
+        jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", plan.stdout + plan.stderr, re.M))
+        assert {k: v for k, v in jobs.items() if k != "total"} == {"verify": "3", "report": "1", "all": "1"}
+    finally:
+        run(["git", "checkout", "params.yaml"], tiny)
+
+
+def test_snakemake_lint_has_only_the_explained_warning(tiny: Path) -> None:
+    lint = snakemake("--lint", cwd=tiny, check=False)
+    kinds = set(re.findall(r"^\s+\* (.+?):$", lint.stdout + lint.stderr, re.M))
+    assert kinds == {"Specify a conda environment or container for each rule."}  # see README, "Lint"
+
+
+def test_snakemake_report_shows_contact_sheets_and_metrics(tiny: Path) -> None:
+    snakemake("--report", "report.html", cwd=tiny)
+    html = (tiny / "report.html").read_text(encoding="utf-8", errors="replace")
+    for name in ("val_samples.png", "val.json", "val_labels.csv", "mean.json", "summary.md"):
+        assert name in html
+    (tiny / "report.html").unlink()
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ({"verify": {"sample": 8, "samples": 3}}, "'samples' was unexpected"),
+        ({"build": {"batch_size": "big"}}, "'big' is not of type 'integer'"),
+        ({"split": {"train": 0.5, "val": 0.3, "test": 0.3}}, "split.train + split.val + split.test must be 1"),
+        ({"dataset": {"source": "mnist"}}, "inputs/train-images-idx3-ubyte"),
+        ({"partition": {"shards": [0, 2]}}, "partition.shards must be the ids 0, 1, ..., n-1"),
+        ({"encoding": "webp"}, "'webp' is not one of"),
+    ],
+)
+def test_bad_params_fail_with_a_clear_message_before_any_work(
+    tiny: Path, tmp_path: Path, bad: dict[str, object], message: str
+) -> None:
+    repo = clone(tiny, tmp_path / "bad")
+    (repo / "bad.yaml").write_text(yaml.safe_dump(bad))
+    result = snakemake("--cores", "1", "--configfile", "bad.yaml", cwd=repo, check=False)
+    assert result.returncode != 0
+    assert message in result.stdout + result.stderr
+    assert not (repo / "data").exists() and not (repo / "logs").exists()
+
+
+def test_a_local_mnist_source_runs_through_both_orchestrators(tiny: Path, tmp_path: Path) -> None:
+    repo = clone(tiny, tmp_path / "mnist")
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 60).astype(np.uint8)
+    images = (labels[:, None, None] * 80 + rng.integers(0, 40, (60, 8, 8))).astype(np.uint8)
+    (repo / "inputs" / "train-images-idx3-ubyte").write_bytes(
+        b"\0\0\x08\x03" + struct_sizes(60, 8, 8) + images.tobytes()
+    )
+    (repo / "inputs" / "train-labels-idx1-ubyte").write_bytes(b"\0\0\x08\x01" + struct_sizes(60) + labels.tobytes())
+    set_params(repo, dataset__source="mnist")
+    snakemake("--cores", "2", cwd=repo)
+    metrics = json.loads((repo / "reports" / "verify" / "val.json").read_text())
+    assert (metrics["source"], metrics["count"], metrics["shape"]) == ("mnist", 15, [1, 8, 8])
+    assert metrics["ncm_accuracy"] > 0.9
+    dvc("commit", "--force", cwd=repo)
+    assert status_clean(repo)
+    commit_all(repo)
+    again = clone(repo, tmp_path / "mnist-repro")
+    dvc("repro", cwd=again)
+    assert digests(again) == digests(repo)
+    assert run(["git", "diff", "--exit-code", "dvc.lock"], again, check=False).returncode == 0
+
+
+def struct_sizes(*sizes: int) -> bytes:
+    """Big-endian uint32 sizes of an idx header."""
+    return b"".join(size.to_bytes(4, "big") for size in sizes)
+
+
+def test_snakemake_and_dvc_run_exactly_the_same_commands(tiny: Path) -> None:
+    plan = snakemake("-n", "-p", "--forceall", cwd=tiny)
+    snakemake_commands = set(re.findall(r"^Shell command: (.+) > logs/\S+ 2>&1$", plan.stdout + plan.stderr, re.M))
+    lock = yaml.safe_load((tiny / "dvc.lock").read_text())
+    dvc_commands = {stage["cmd"] for stage in lock["stages"].values()}
+    assert (
+        len(dvc_commands) == 2 + 2 + 3 + 3 + 1 + 1
+    )  # generate, serialize, build, verify per shard/split; mean; report
+    assert snakemake_commands == dvc_commands
