@@ -34,7 +34,15 @@ from datumdb.codec import INT32_MAX, INT32_MIN, encode_array, encode_image
 from datumdb.errors import InputError
 from datumdb.writer import DEFAULT_BATCH_SIZE, DEFAULT_MAP_SIZE, DatabaseWriter
 
-__all__ = ["ImagesetOptions", "ListEntry", "convert_imageset", "read_list_file"]
+__all__ = [
+    "ImagesetOptions",
+    "ListEntry",
+    "convert_imageset",
+    "load_image",
+    "ordered_entries",
+    "read_list_file",
+    "resolve_path",
+]
 
 
 @dataclass(frozen=True)
@@ -97,7 +105,8 @@ def read_list_file(list_file: str | os.PathLike[str]) -> list[ListEntry]:
     return entries
 
 
-def _resolve(root: Path, entry: ListEntry, list_file: Path, allow_outside_root: bool) -> Path:
+def resolve_path(root: Path, entry: ListEntry, list_file: Path, allow_outside_root: bool = False) -> Path:
+    """The image file of a list entry; absolute and escaping paths are errors unless allowed."""
     if not allow_outside_root:
         if os.path.isabs(entry.path):
             raise InputError(
@@ -115,9 +124,14 @@ def _matches_extension(path: str, encoding: str) -> bool:
     return extension == encoding or (encoding == "jpg" and extension == "jpeg")
 
 
-def _serialize(
+def load_image(
     image_path: Path, entry: ListEntry, options: ImagesetOptions, list_file: Path
-) -> tuple[bytes, tuple[int, int, int]]:
+) -> tuple[np.ndarray, bytes]:
+    """Read one listed image as convert_imageset does: (H x W [x C] BGR or gray image, file bytes).
+
+    OpenCV decodes it (``IMREAD_COLOR``, or ``IMREAD_GRAYSCALE`` with ``gray``: libpng's own
+    conversion, as Caffe) and ``cv::resize`` bilinear applies when both sizes are given.
+    """
     where = f"{list_file}:{entry.line}: {image_path}"
     flag = cv2.IMREAD_GRAYSCALE if options.gray else cv2.IMREAD_COLOR
     try:
@@ -129,6 +143,13 @@ def _serialize(
         raise InputError(f"{where}: not an image OpenCV can decode")
     if options.resizes:
         image = cv2.resize(image, (options.resize_width, options.resize_height))
+    return image, raw
+
+
+def _serialize(
+    image_path: Path, entry: ListEntry, options: ImagesetOptions, list_file: Path
+) -> tuple[bytes, tuple[int, int, int]]:
+    image, raw = load_image(image_path, entry, options, list_file)
     chw = image[np.newaxis] if image.ndim == 2 else image.transpose(2, 0, 1)
     key = entry.path
     if not options.is_encoded:
@@ -138,11 +159,12 @@ def _serialize(
         return encode_image(raw, entry.label, key=key), chw.shape
     ok, buffer = cv2.imencode("." + encoding, image)
     if not ok:
-        raise InputError(f"{where}: OpenCV cannot encode to {encoding!r}")
+        raise InputError(f"{list_file}:{entry.line}: {image_path}: OpenCV cannot encode to {encoding!r}")
     return encode_image(buffer.tobytes(), entry.label, key=key), chw.shape
 
 
-def _ordered(entries: list[ListEntry], options: ImagesetOptions) -> list[ListEntry]:
+def ordered_entries(entries: list[ListEntry], options: ImagesetOptions) -> list[ListEntry]:
+    """The list in writing order: as given, or permuted by ``default_rng(seed)`` with ``shuffle``."""
     if not options.shuffle:
         return entries
     order = np.random.default_rng(options.seed).permutation(len(entries))
@@ -169,8 +191,8 @@ def convert_imageset(
     root, list_file = Path(root), Path(list_file)
     if not root.is_dir():
         raise InputError(f"{root}: ROOT folder not found")
-    entries = _ordered(read_list_file(list_file), options)
-    paths = [_resolve(root, entry, list_file, options.allow_outside_root) for entry in entries]
+    entries = ordered_entries(read_list_file(list_file), options)
+    paths = [resolve_path(root, entry, list_file, options.allow_outside_root) for entry in entries]
     metadata = {
         "source": "imageset",
         "list_file": list_file.name,

@@ -322,27 +322,17 @@ def _imageset(
     resize_height: int,
     resize_width: int,
 ) -> Source:
-    import cv2
-
-    from datumdb.imageset import read_list_file
+    from datumdb.imageset import ImagesetOptions, load_image, ordered_entries, read_list_file, resolve_path
 
     list_path, root_path = input_dir / list_file, input_dir / root
-    entries = read_list_file(list_path)
-    if shuffle:  # the same seeded permutation as convert-imageset --shuffle --seed
-        entries = [entries[i] for i in np.random.default_rng(seed).permutation(len(entries))]
-    resize = resize_height > 0 and resize_width > 0
+    options = ImagesetOptions(
+        gray=gray, shuffle=shuffle, seed=seed, resize_height=resize_height, resize_width=resize_width
+    )
+    entries = ordered_entries(read_list_file(list_path), options)
 
     def load(index: int) -> np.ndarray:
         entry = entries[index]
-        if os.path.isabs(entry.path) or ".." in Path(entry.path).parts:
-            raise InputError(f"{list_path}:{entry.line}: path {entry.path!r} is absolute or escapes the root")
-        path = root_path / entry.path
-        raw = path.read_bytes() if path.is_file() else b""
-        image = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_GRAYSCALE if gray else cv2.IMREAD_COLOR)
-        if image is None:
-            raise InputError(f"{list_path}:{entry.line}: {path}: missing or not an image OpenCV can decode")
-        if resize:
-            image = cv2.resize(image, (resize_width, resize_height))
+        image, _ = load_image(resolve_path(root_path, entry, list_path), entry, options, list_path)
         return image[np.newaxis] if image.ndim == 2 else image.transpose(2, 0, 1)
 
     first = load(0)
