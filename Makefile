@@ -9,7 +9,7 @@ BIN := $(abspath $(VENV))/bin
 INSTALLED := $(VENV)/.installed
 CORES ?= 8
 
-.PHONY: dataset repro report test lint bench lock clean
+.PHONY: dataset repro report test lint system-deps bench lock clean
 
 $(INSTALLED): requirements-dev.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,11 +32,24 @@ repro: $(INSTALLED)
 report: $(INSTALLED)
 	PATH="$(BIN):$$PATH" $(BIN)/snakemake --report report.html
 
+# Debian packages the tests start for real: a one-node SLURM cluster (munge, slurmctld, slurmd,
+# slurm-client) and an OpenSSH server for the DVC SSH remote. Installed once, as root.
+SYSTEM_PACKAGES := munge slurmctld slurmd slurm-client openssh-server
+SYSTEM_PROGRAMS := /usr/sbin/munged /usr/sbin/slurmctld /usr/sbin/slurmd /usr/bin/sbatch /usr/sbin/sshd
+
+system-deps:
+	@for program in $(SYSTEM_PROGRAMS); do test -x $$program || missing=yes; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" != 0 ]; then echo "make test needs these Debian packages (run as root to install): $(SYSTEM_PACKAGES)"; exit 1; fi; \
+	  echo "installing $(SYSTEM_PACKAGES)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(SYSTEM_PACKAGES) >/dev/null; \
+	fi
+
 lint: $(INSTALLED)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 
-test: lint
+test: lint system-deps
 	PATH="$(BIN):$$PATH" $(BIN)/python -m pytest
 
 bench: $(INSTALLED)

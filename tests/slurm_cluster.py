@@ -4,6 +4,11 @@ Everything lives in one temporary folder (keys, sockets, state, spool, logs, ``s
 the daemons run as the current user (root in CI) with no cgroups and no accounting, listen on
 free loopback ports, and are stopped by their PIDs. Clients find the cluster through the
 ``SLURM_CONF`` variable in :attr:`LocalSlurmCluster.env`. Start-up takes a few seconds.
+
+Snakemake's SLURM job-step executor strips ``SLURM_*`` variables before it calls ``srun`` inside
+a job, so ``srun`` there only finds the configuration at its compiled-in default path. With
+``install_config=True`` the cluster also writes ``/etc/slurm/slurm.conf`` (refusing to replace a
+file it did not write) and removes it again on stop, as a real cluster's nodes would have it.
 """
 
 from __future__ import annotations
@@ -65,8 +70,12 @@ def _free_port() -> int:
 class LocalSlurmCluster:
     """Context manager: ``with LocalSlurmCluster(tmp) as cluster: subprocess.run(..., env=cluster.env)``."""
 
-    def __init__(self, root: Path, *, cpus: int = 2, memory_mb: int = 4000) -> None:
+    SYSTEM_CONF = Path("/etc/slurm/slurm.conf")
+    MARKER = "# written by datumdb's tests/slurm_cluster.py\n"
+
+    def __init__(self, root: Path, *, cpus: int = 2, memory_mb: int = 4000, install_config: bool = False) -> None:
         self.root = Path(root)
+        self.install_config = install_config
         self.cpus = cpus
         self.memory_mb = memory_mb
         self.conf = self.root / "slurm.conf"
@@ -85,16 +94,20 @@ class LocalSlurmCluster:
         key = self.root / "munge.key"
         key.write_bytes(os.urandom(1024))
         key.chmod(0o600)
-        self.conf.write_text(
-            _SLURM_CONF.format(
-                root=self.root,
-                user=_user(),
-                ctld_port=_free_port(),
-                slurmd_port=_free_port(),
-                cpus=self.cpus,
-                memory_mb=self.memory_mb,
-            )
+        text = self.MARKER + _SLURM_CONF.format(
+            root=self.root,
+            user=_user(),
+            ctld_port=_free_port(),
+            slurmd_port=_free_port(),
+            cpus=self.cpus,
+            memory_mb=self.memory_mb,
         )
+        self.conf.write_text(text)
+        if self.install_config:
+            if self.SYSTEM_CONF.exists() and not self.SYSTEM_CONF.read_text().startswith(self.MARKER):
+                raise RuntimeError(f"{self.SYSTEM_CONF} exists and was not written by these tests; not replacing it")
+            self.SYSTEM_CONF.parent.mkdir(parents=True, exist_ok=True)
+            self.SYSTEM_CONF.write_text(text)
         self._run(
             [
                 "munged",
@@ -125,6 +138,8 @@ class LocalSlurmCluster:
 
     def stop(self) -> None:
         """Stop the daemons by their PID files (slurmd first), waiting for each to exit."""
+        if self.install_config and self.SYSTEM_CONF.exists() and self.SYSTEM_CONF.read_text().startswith(self.MARKER):
+            self.SYSTEM_CONF.unlink()
         for name in ("slurmd", "slurmctld", "munged"):
             pid_file = self.root / f"{name}.pid"
             if not pid_file.exists():

@@ -13,11 +13,8 @@ check covers uncommitted changes too.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,58 +22,19 @@ import lmdb
 import numpy as np
 import pytest
 import yaml
+from workflow_helpers import (
+    SPLITS,
+    clone,
+    commit_all,
+    copy_worktree,
+    dvc,
+    run,
+    snakemake,
+    status_clean,
+)
 
 from datumdb import DatumReader
 from datumdb.verify import content_digest
-
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "DVC_NO_ANALYTICS": "1"}
-SPLITS = ("train", "val", "test")
-GIT = ["git", "-c", "user.name=datumdb-test", "-c", "user.email=test@datumdb.invalid", "-c", "commit.gpgsign=false"]
-
-
-def run(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(args, cwd=cwd, env=ENV, text=True, capture_output=True, check=False)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
-    return result
-
-
-def dvc(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return run([str(BIN / "dvc"), *args], cwd, check)
-
-
-def snakemake(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return run([str(BIN / "snakemake"), *args], cwd, check)
-
-
-def copy_worktree(target: Path) -> Path:
-    """The working tree's tracked and untracked (not ignored) files, as a fresh one-commit repo."""
-    listed = run(["git", "ls-files", "-co", "--exclude-standard", "-z"], ROOT).stdout.split("\0")
-    for name in filter(None, listed):
-        source = ROOT / name
-        if source.is_file():
-            (target / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, target / name)
-    commit_all(target, init=True)
-    return target
-
-
-def commit_all(repo: Path, *, init: bool = False) -> None:
-    if init:
-        run(["git", "init", "-q", "-b", "main"], repo)
-    run(["git", "add", "-A"], repo)
-    run([*GIT, "commit", "-q", "--allow-empty", "-m", "test"], repo)
-
-
-def clone(source: Path, target: Path) -> Path:
-    run(["git", "clone", "-q", str(source), str(target)], source.parent)
-    return target
-
-
-def status_clean(repo: Path) -> bool:
-    return "Data and pipelines are up to date" in dvc("status", cwd=repo).stdout
 
 
 def ran_stages(output: str) -> set[str]:
