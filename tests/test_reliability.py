@@ -365,3 +365,74 @@ def test_two_builds_racing_for_one_target_cannot_interleave(tmp_path: Path) -> N
         report = verify_database(target)
         assert report["ok"], (round_, report["problems"])
         assert _leftovers(target) == []
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _good_images(root: Path) -> None:
+    root.mkdir()
+    for name in ("a.png", "b.png"):
+        cv2.imwrite(str(root / name), np.full((6, 5, 3), 70, np.uint8))
+    (root / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    deep = root / ("d" * 200) / ("e" * 200)
+    deep.mkdir(parents=True)
+    cv2.imwrite(str(deep / ("f" * 120 + ".png")), np.zeros((4, 4, 3), np.uint8))
+
+
+LONG_PATH = "d" * 200 + "/" + "e" * 200 + "/" + "f" * 120 + ".png"
+
+
+@pytest.mark.parametrize(
+    ("lines", "expected"),
+    [
+        (["a.png 0", "missing.png 1"], ["list.txt:2", "missing.png"]),
+        (["a.png 0", "bad.png 1"], ["list.txt:2", "bad.png", "not an image"]),
+        (["a.png cat"], ["list.txt:1", "'cat'", "not an integer"]),
+        (["a.png 3000000000"], ["list.txt:1", "outside int32"]),
+        (["a.png 0", "../a.png 1"], ["list.txt:2", "escapes ROOT"]),
+        (["/etc/hostname 0"], ["list.txt:1", "absolute path"]),
+        ([f"{LONG_PATH} 0"], ["list.txt:1", "511"]),
+        (["a.png 0", ""], ["list.txt:2", "empty line"]),
+    ],
+)
+def test_bad_imageset_input_is_a_clear_error_and_writes_nothing(
+    tmp_path: Path, lines: list[str], expected: list[str]
+) -> None:
+    _good_images(tmp_path / "images")
+    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
+    target = tmp_path / "db"
+    result = subprocess.run([*DATUMDB, "convert-imageset", str(tmp_path / "images"), str(tmp_path / "list.txt"),
+                             str(target)], capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    for fragment in expected:
+        assert fragment in result.stderr, (fragment, result.stderr)
+    assert "Traceback" not in result.stderr
+    assert not target.exists() and _leftovers(target) == []
+
+
+@pytest.mark.parametrize(
+    ("images", "labels", "expected"),
+    [
+        (np.zeros(5, np.uint8), np.zeros(5, np.int64), ["X.npy", "(N, H, W)"]),
+        (np.zeros((5, 2, 3, 3), np.complex64), np.zeros(5, np.int64), ["X.npy", "dtype complex64"]),
+        (np.array([[[0.0]]] * 2 + [[[np.nan]]] + [[[0.0]]], np.float32), np.zeros(4, np.int64),
+         ["X.npy", "image 2", "NaN"]),
+        (np.zeros((3, 4, 4), np.uint8), np.array([0, 2**40, 1]), ["y.npy", "index 1", "outside int32"]),
+        (np.zeros((3, 4, 4), np.uint8), np.zeros(2, np.int64), ["y.npy", "2 labels for 3 images"]),
+        (np.zeros((3, 4, 4), np.uint8), np.zeros(3, np.float32), ["y.npy", "must be integers"]),
+    ],
+)  # fmt: skip
+def test_bad_arrays_are_a_clear_error_and_write_nothing(
+    tmp_path: Path, images: np.ndarray, labels: np.ndarray, expected: list[str]
+) -> None:
+    np.save(tmp_path / "X.npy", images)
+    np.save(tmp_path / "y.npy", labels)
+    target = tmp_path / "db"
+    result = subprocess.run([*DATUMDB, "convert-arrays", str(tmp_path / "X.npy"), str(tmp_path / "y.npy"),
+                             str(target)], capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    for fragment in expected:
+        assert fragment in result.stderr, (fragment, result.stderr)
+    assert "Traceback" not in result.stderr
+    assert not target.exists() and _leftovers(target) == []
