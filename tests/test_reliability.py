@@ -304,6 +304,17 @@ def test_forged_image_header_cannot_make_opencv_allocate_gigabytes() -> None:
         datum_to_array(decode(encode_image(bytes(png), 0), b"big"), key=b"big")
 
 
+def test_png_chunk_claiming_gigabytes_is_rejected_before_opencv_allocates_them() -> None:
+    # Found by the atheris run below: OpenCV allocated what a forged chunk length declared (4 GB).
+    png = bytearray(cv2.imencode(".png", np.full((16, 20, 3), 7, np.uint8))[1].tobytes())
+    idat = png.index(b"IDAT") - 4
+    png[idat : idat + 4] = (0xFFFF4B93).to_bytes(4, "big")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(DatumError, match="PNG chunk b'IDAT' .* declares 4294921107 bytes"):
+        datum_to_array(decode(encode_image(bytes(png), 0), b"forged"), key=b"forged")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 64 * 1024  # KiB: under 64 MB more
+
+
 # --------------------------------------------------------------------------- concurrency
 
 
@@ -436,3 +447,20 @@ def test_bad_arrays_are_a_clear_error_and_write_nothing(
         assert fragment in result.stderr, (fragment, result.stderr)
     assert "Traceback" not in result.stderr
     assert not target.exists() and _leftovers(target) == []
+
+
+def test_atheris_fuzzing_of_the_decoder_finds_no_crash(tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    fixtures = Path(__file__).parent / "fixtures" / "caffe"
+    for name in ("lmdb_raw", "lmdb_gray", "lmdb_png", "lmdb_jpg"):
+        with DatumReader(fixtures / name) as reader:
+            for index, (_, value) in enumerate(reader.items()):
+                (corpus / f"{name}-{index}").write_bytes(value)
+    result = subprocess.run(
+        [sys.executable, str(Path(__file__).parent / "fuzz" / "fuzz_codec.py"), "-runs=200000", "-max_len=8192",
+         "-rss_limit_mb=1024", "-timeout=20", f"-artifact_prefix={tmp_path}/", str(corpus)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Done 200000 runs" in result.stderr

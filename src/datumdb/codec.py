@@ -316,6 +316,32 @@ def _float_view(buf: memoryview, runs: list[tuple[int, int, bool]]) -> np.ndarra
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _check_png_chunks(data: bytes | memoryview, key: bytes | str | None) -> None:
+    """Reject a PNG whose chunk lengths exceed its bytes before OpenCV sees it.
+
+    Found by fuzzing: OpenCV 5's PNG reader allocates what a chunk header declares, so a
+    972-byte PNG claiming a 4 GB chunk made it allocate 4 GB. Such a file is truncated or
+    forged either way; walking the chunk headers is cheap (a handful per image).
+    """
+    view = memoryview(data)
+    end = len(view)
+    pos = len(_PNG_SIGNATURE)
+    while pos + 8 <= end:
+        length = int.from_bytes(view[pos : pos + 4], "big")
+        kind = bytes(view[pos + 4 : pos + 8])
+        if length > end - pos - 12:
+            raise DatumError(
+                f"PNG chunk {kind!r} at byte {pos} declares {length} bytes but only {max(end - pos - 12, 0)} remain",
+                key,
+            )
+        pos += 12 + length
+        if kind == b"IEND":
+            return
+
+
 def decode_image(
     data: bytes | memoryview, mode: ImreadMode = "unchanged", key: bytes | str | None = None
 ) -> np.ndarray:
@@ -324,6 +350,8 @@ def decode_image(
         flag = _IMREAD_FLAGS[mode]
     except KeyError:
         raise DatumError(f"unknown imread mode {mode!r}; use one of {sorted(_IMREAD_FLAGS)}", key) from None
+    if bytes(data[:8]) == _PNG_SIGNATURE:
+        _check_png_chunks(data, key)
     image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flag) if len(data) else None
     if image is None:
         raise DatumError(f"OpenCV cannot decode the {len(data)}-byte encoded image", key)
