@@ -310,7 +310,7 @@ def test_png_chunk_claiming_gigabytes_is_rejected_before_opencv_allocates_them()
     idat = png.index(b"IDAT") - 4
     png[idat : idat + 4] = (0xFFFF4B93).to_bytes(4, "big")
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    with pytest.raises(DatumError, match="PNG chunk b'IDAT' .* declares 4294921107 bytes"):
+    with pytest.raises(DatumError, match=r"PNG chunk b'IDAT' .* declares 4294921107 bytes"):
         datum_to_array(decode(encode_image(bytes(png), 0), b"forged"), key=b"forged")
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 64 * 1024  # KiB: under 64 MB more
 
