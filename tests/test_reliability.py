@@ -391,6 +391,16 @@ def _good_images(root: Path) -> None:
     cv2.imwrite(str(deep / ("f" * 120 + ".png")), np.zeros((4, 4, 3), np.uint8))
 
 
+def _assert_refused(command: list[str], target: Path, expected: list[str]) -> None:
+    """Run a build that must fail: exit 2, each expected fragment in the message, nothing written."""
+    result = subprocess.run([*DATUMDB, *command, str(target)], capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr
+    for fragment in expected:
+        assert fragment in result.stderr, (fragment, result.stderr)
+    assert "Traceback" not in result.stderr
+    assert not target.exists() and _leftovers(target) == []
+
+
 LONG_PATH = "d" * 200 + "/" + "e" * 200 + "/" + "f" * 120 + ".png"
 
 
@@ -413,13 +423,7 @@ def test_bad_imageset_input_is_a_clear_error_and_writes_nothing(
     _good_images(tmp_path / "images")
     (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
     target = tmp_path / "db"
-    result = subprocess.run([*DATUMDB, "convert-imageset", str(tmp_path / "images"), str(tmp_path / "list.txt"),
-                             str(target)], capture_output=True, text=True)  # fmt: skip
-    assert result.returncode == 2, result.stderr
-    for fragment in expected:
-        assert fragment in result.stderr, (fragment, result.stderr)
-    assert "Traceback" not in result.stderr
-    assert not target.exists() and _leftovers(target) == []
+    _assert_refused(["convert-imageset", str(tmp_path / "images"), str(tmp_path / "list.txt")], target, expected)
 
 
 @pytest.mark.parametrize(
@@ -440,13 +444,7 @@ def test_bad_arrays_are_a_clear_error_and_write_nothing(
     np.save(tmp_path / "X.npy", images)
     np.save(tmp_path / "y.npy", labels)
     target = tmp_path / "db"
-    result = subprocess.run([*DATUMDB, "convert-arrays", str(tmp_path / "X.npy"), str(tmp_path / "y.npy"),
-                             str(target)], capture_output=True, text=True)  # fmt: skip
-    assert result.returncode == 2, result.stderr
-    for fragment in expected:
-        assert fragment in result.stderr, (fragment, result.stderr)
-    assert "Traceback" not in result.stderr
-    assert not target.exists() and _leftovers(target) == []
+    _assert_refused(["convert-arrays", str(tmp_path / "X.npy"), str(tmp_path / "y.npy")], target, expected)
 
 
 def test_atheris_fuzzing_of_the_decoder_finds_no_crash(tmp_path: Path) -> None:
