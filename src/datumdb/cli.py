@@ -417,10 +417,12 @@ def _inspect(args: argparse.Namespace) -> int:
     from datumdb.reader import DatumReader
 
     with DatumReader(args.db) as reader:
+        manifest: dict[str, Any] | None = None
+        manifest_problem = None
         try:
-            manifest: dict[str, Any] | None = read_manifest(args.db)
-        except DatumDBError:
-            manifest = None
+            manifest = read_manifest(args.db)
+        except DatumDBError as exc:
+            manifest_problem = str(exc)
         records = []
         for index, (key, value) in enumerate(reader.items()):
             if index >= args.records:
@@ -439,7 +441,13 @@ def _inspect(args: argparse.Namespace) -> int:
                     "float_data": int(datum.float_data.size),
                 }
             )
-        summary = {"path": str(args.db), "count": len(reader), "manifest": manifest, "records": records}
+        summary = {
+            "path": str(args.db),
+            "count": len(reader),
+            "manifest": manifest,
+            "manifest_problem": manifest_problem,
+            "records": records,
+        }
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
@@ -447,6 +455,8 @@ def _inspect(args: argparse.Namespace) -> int:
     if manifest is not None:
         for field in ("digest", "shapes", "dtype", "encoding", "channel_order", "label_histogram"):
             print(f"  {field}: {manifest.get(field)}")
+    elif manifest_problem and "no manifest" not in manifest_problem:
+        print(f"  manifest damaged: {manifest_problem}")
     else:
         print("  no datumdb.json manifest (not written by datumdb)")
     for record in records:

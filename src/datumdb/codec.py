@@ -151,6 +151,8 @@ def encode_array(array: np.ndarray, label: int = 0, *, key: bytes | str | None =
     because no training pipeline wants them and they are almost always a bug upstream.
     """
     array = as_chw(np.asarray(array), key)
+    if array.size == 0:
+        raise DatumError(f"image of shape {array.shape} has no pixels", key)
     label = check_label(label, key)
     head = _shape_fields(array.shape, key)
     if array.dtype == np.uint8:
@@ -158,7 +160,8 @@ def encode_array(array: np.ndarray, label: int = 0, *, key: bytes | str | None =
         return head + bytes([_TAG_DATA]) + _varint(len(payload)) + payload + _tail(label, False)
     if array.dtype.kind not in "iuf" or array.dtype == np.bool_:
         raise DatumError(f"cannot store dtype {array.dtype} in a Datum (use uint8 or a real number type)", key)
-    floats = np.ascontiguousarray(array, dtype="<f4").reshape(-1)
+    with np.errstate(over="ignore", invalid="ignore"):  # out-of-range values become inf: rejected below
+        floats = np.ascontiguousarray(array, dtype="<f4").reshape(-1)
     if not np.isfinite(floats).all():
         raise DatumError("float data contains NaN or infinity (or values beyond float32)", key)
     wire = np.empty((floats.size, 5), dtype=np.uint8)

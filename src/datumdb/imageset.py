@@ -20,6 +20,7 @@ takes ``seed`` (default 0) so a shuffled database is reproducible.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -43,6 +44,9 @@ __all__ = [
     "read_list_file",
     "resolve_path",
 ]
+
+
+_LABEL = re.compile(r"[+-]?[0-9]+", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -93,10 +97,11 @@ def read_list_file(list_file: str | os.PathLike[str]) -> list[ListEntry]:
         path, space, label_text = line.rpartition(" ")
         if not space or not path:
             raise InputError(f"{list_file}:{number}: expected '<path> <label>', got {line!r}")
-        try:
-            label = int(label_text)
-        except ValueError:
-            raise InputError(f"{list_file}:{number}: label {label_text!r} is not an integer") from None
+        # ASCII digits only: Python's int() also takes "1_000", " 3" and non-ASCII digits, which
+        # Caffe's atoi reads differently (1, 3, 0); a label the two tools disagree on is an error.
+        if not _LABEL.fullmatch(label_text):
+            raise InputError(f"{list_file}:{number}: label {label_text!r} is not an integer")
+        label = int(label_text)
         if not INT32_MIN <= label <= INT32_MAX:
             raise InputError(f"{list_file}:{number}: label {label} is outside int32")
         entries.append(ListEntry(path, label, number))

@@ -22,7 +22,15 @@ from typing import Any
 
 from datumdb.errors import DatabaseNotFoundError, VerificationError
 
-__all__ = ["MANIFEST_NAME", "ContentDigest", "digest_items", "file_sha256", "read_manifest", "write_manifest"]
+__all__ = [
+    "MANIFEST_NAME",
+    "ContentDigest",
+    "decode_mode",
+    "digest_items",
+    "file_sha256",
+    "read_manifest",
+    "write_manifest",
+]
 
 MANIFEST_NAME = "datumdb.json"
 MANIFEST_FORMAT = "datumdb-manifest/1"
@@ -79,6 +87,19 @@ class ContentDigest:
             outer.update(self._chunk.digest())
         outer.update(struct.pack("<Q", self.count))
         return "sha256:" + outer.hexdigest()
+
+
+def decode_mode(manifest: dict[str, Any] | None) -> str:
+    """How to decode a database's encoded images so that they match its manifest.
+
+    The manifest's shapes describe the images as they were loaded (BGR, or gray), but Caffe's
+    convert_imageset stores the original file bytes when nothing changes, which may be RGBA,
+    16-bit or colour even in a ``--gray`` build. Decoding with the manifest's channel order
+    (OpenCV IMREAD_COLOR / IMREAD_GRAYSCALE, as a Caffe data layer's force_color / force_gray
+    would) gives back exactly those shapes; without a manifest, "unchanged" (Caffe's default).
+    """
+    order = (manifest or {}).get("channel_order")
+    return {"gray": "gray", "BGR": "color"}.get(order, "unchanged")
 
 
 def digest_items(items: Iterable[tuple[bytes | memoryview, bytes | memoryview]]) -> str:

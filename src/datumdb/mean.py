@@ -32,7 +32,7 @@ def compute_mean(db_path: str | os.PathLike[str], *, progress: bool | None = Non
     try:
         records = progress_bar(reader.datums(), enabled=progress, total=len(reader), desc="compute-mean", unit="rec")
         for key, datum in records:
-            array = datum_to_array(datum, key=key)
+            array = datum_to_array(datum, imread="unchanged", key=key)  # Caffe's DecodeDatumNative
             if total is None:
                 total = np.zeros(array.shape, dtype=np.float32)
             elif array.shape != total.shape:

@@ -17,18 +17,19 @@ import os
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, overload
+from typing import Any, Literal, overload
 
 import lmdb
 import numpy as np
 
 from datumdb.codec import Datum, ImreadMode, datum_to_array, decode
-from datumdb.errors import DatabaseError, DatabaseNotFoundError, DatumError
-from datumdb.manifest import read_manifest
+from datumdb.errors import DatabaseError, DatabaseNotFoundError, DatumDBError, DatumError
+from datumdb.manifest import decode_mode, read_manifest
 
 __all__ = ["DatumReader", "open_environment"]
 
 DATA_NAME = "data.mdb"
+_MAX_KEY_SIZE = 511  # LMDB's compiled-in limit: no longer key can be stored, so none is found
 
 
 class _SharedEnvironment:
@@ -40,7 +41,7 @@ class _SharedEnvironment:
         self.users = 0
 
 
-_ENVIRONMENTS: dict[str, _SharedEnvironment] = {}
+_ENVIRONMENTS: dict[tuple[int, int], _SharedEnvironment] = {}
 _ENV_LOCK = threading.Lock()
 
 
@@ -50,16 +51,26 @@ def open_environment(folder: str | os.PathLike[str]) -> lmdb.Environment:
     Prefer :class:`DatumReader`; this is for callers that need raw LMDB access with the same
     guarantees (no file in the folder is created or modified).
     """
-    return _acquire(Path(folder))
+    return _acquire(Path(folder))[1]
 
 
-def _acquire(folder: Path) -> lmdb.Environment:
-    data = folder / DATA_NAME
-    if not data.is_file():
-        raise DatabaseNotFoundError(f"{folder}: no {DATA_NAME} (not an LMDB database folder)")
-    real = os.path.realpath(folder)
+def _file_identity(folder: Path) -> tuple[int, int]:
+    """(device, inode) of ``data.mdb``: what py-lmdb means by "the same environment".
+
+    A rebuild publishes a new ``data.mdb`` (a new inode) at the same path, so keying on the
+    path would hand new readers the replaced version's environment.
+    """
+    try:
+        stat = (folder / DATA_NAME).stat()
+    except FileNotFoundError:
+        raise DatabaseNotFoundError(f"{folder}: no {DATA_NAME} (not an LMDB database folder)") from None
+    return (stat.st_dev, stat.st_ino)
+
+
+def _acquire(folder: Path) -> tuple[tuple[int, int], lmdb.Environment]:
+    identity = _file_identity(folder)
     with _ENV_LOCK:
-        shared = _ENVIRONMENTS.get(real)
+        shared = _ENVIRONMENTS.get(identity)
         if shared is not None and shared.pid != os.getpid():
             # Inherited across fork: the parent's handle must not be used here. Closing the
             # child's copy only unmaps it in this process (lock-free: no shared lock table).
@@ -78,21 +89,20 @@ def _acquire(folder: Path) -> lmdb.Environment:
                 )
             except lmdb.Error as exc:
                 raise DatabaseError(f"{folder}: cannot open LMDB database: {exc}") from exc
-            shared = _ENVIRONMENTS[real] = _SharedEnvironment(env)
+            shared = _ENVIRONMENTS[identity] = _SharedEnvironment(env)
         shared.users += 1
-        return shared.env
+        return identity, shared.env
 
 
-def _release(folder: Path) -> None:
-    real = os.path.realpath(folder)
+def _release(identity: tuple[int, int]) -> None:
     with _ENV_LOCK:
-        shared = _ENVIRONMENTS.get(real)
+        shared = _ENVIRONMENTS.get(identity)
         if shared is None or shared.pid != os.getpid():
             return
         shared.users -= 1
         if shared.users <= 0:
             shared.env.close()
-            del _ENVIRONMENTS[real]
+            del _ENVIRONMENTS[identity]
 
 
 class DatumReader(Sequence[tuple[np.ndarray, int]]):
@@ -101,25 +111,31 @@ class DatumReader(Sequence[tuple[np.ndarray, int]]):
     ``reader[i]`` gives a (C, H, W) array (uint8 for raw and encoded Datums, float32 for
     ``float_data``) and the int label. Raw arrays are read-only views of the record's bytes
     (``np.array(a)`` for a writable copy). Encoded images are decoded with OpenCV using
-    ``imread``: "unchanged" (Caffe's behaviour), "color" or "gray".
+    ``imread``: "color" or "gray" force the channels; "unchanged" is Caffe's
+    ``DecodeDatumNative``; "auto" (default) follows the manifest's channel order, so arrays have
+    the shapes the manifest lists (and is "unchanged" for databases without one).
 
     The reader is cheap to create and to pickle; call :meth:`close` (or use ``with``) to release
     the environment early, otherwise it lives until the process ends.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, imread: ImreadMode = "unchanged") -> None:
+    def __init__(self, path: str | os.PathLike[str], *, imread: ImreadMode | Literal["auto"] = "auto") -> None:
+        if imread not in ("auto", "unchanged", "color", "gray"):
+            raise ValueError(f"imread must be 'auto', 'unchanged', 'color' or 'gray', got {imread!r}")
         self.path = Path(path)
-        self.imread: ImreadMode = imread
+        self.imread: ImreadMode | Literal["auto"] = imread
         if not (self.path / DATA_NAME).is_file():
             raise DatabaseNotFoundError(f"{self.path}: no {DATA_NAME} (not an LMDB database folder)")
         self._reset()
 
     def _reset(self) -> None:
         self._env: lmdb.Environment | None = None
+        self._identity: tuple[int, int] = (0, 0)
         self._txn: lmdb.Transaction | None = None
         self._pid: int | None = None
         self._keys: list[bytes] | None = None
         self._length: int | None = None
+        self._decode_mode: ImreadMode | None = None
 
     # -------------------------------------------------------------- process-local state
 
@@ -136,7 +152,7 @@ class DatumReader(Sequence[tuple[np.ndarray, int]]):
         if self._txn is None or self._pid != pid:
             if self._pid is not None and self._pid != pid:
                 self._reset()  # forked: drop the parent's handles without touching them
-            self._env = _acquire(self.path)
+            self._identity, self._env = _acquire(self.path)
             self._pid = pid
             # The database never changes under us (the writer swaps whole folders), so one
             # long-lived read transaction is both correct and the cheapest way to read.
@@ -147,7 +163,7 @@ class DatumReader(Sequence[tuple[np.ndarray, int]]):
         """Release this reader's hold on the environment (it reopens if used again)."""
         if self._txn is not None and self._pid == os.getpid():
             self._txn.abort()
-            _release(self.path)
+            _release(self._identity)
         self._reset()
 
     def __enter__(self) -> DatumReader:
@@ -196,7 +212,7 @@ class DatumReader(Sequence[tuple[np.ndarray, int]]):
     def value(self, key: bytes | str) -> bytes:
         """The serialized Datum stored under ``key``."""
         key = key.encode("utf-8") if isinstance(key, str) else key
-        value = self._transaction().get(key)
+        value = self._transaction().get(key) if 0 < len(key) <= _MAX_KEY_SIZE else None
         if value is None:
             raise KeyError(f"{self.path}: no record with key {key.decode('utf-8', 'backslashreplace')!r}")
         return value
@@ -205,11 +221,11 @@ class DatumReader(Sequence[tuple[np.ndarray, int]]):
         """``(array, label)`` of the record stored under ``key``."""
         key = key.encode("utf-8") if isinstance(key, str) else key
         datum = decode(self.value(key), key)
-        return datum_to_array(datum, imread=self.imread, key=key), datum.label
+        return datum_to_array(datum, imread=self.decode_mode, key=key), datum.label
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, int]]:
         for key, datum in self.datums():
-            yield datum_to_array(datum, imread=self.imread, key=key), datum.label
+            yield datum_to_array(datum, imread=self.decode_mode, key=key), datum.label
 
     def datums(self) -> Iterator[tuple[bytes, Datum]]:
         """``(key, Datum)`` for every record in key order, streaming (no key list is built)."""
@@ -237,7 +253,7 @@ class DatumReader(Sequence[tuple[np.ndarray, int]]):
             except IndexError:
                 raise IndexError(f"{self.path}: index {index} out of range for {len(keys)} records") from None
             datum = decode(self.value(key), key)
-            array = datum_to_array(datum, imread=self.imread, key=key)
+            array = datum_to_array(datum, imread=self.decode_mode, key=key)
             if out is None:
                 out = np.empty((len(indices), *array.shape), dtype=array.dtype)
             if array.shape != out.shape[1:] or array.dtype != out.dtype:
@@ -247,6 +263,19 @@ class DatumReader(Sequence[tuple[np.ndarray, int]]):
         if out is None:
             raise ValueError("read_batch needs at least one index (or a preallocated out array)")
         return out, labels
+
+    @property
+    def decode_mode(self) -> ImreadMode:
+        """The OpenCV mode encoded images are decoded with (``imread`` with "auto" resolved)."""
+        if self.imread != "auto":
+            return self.imread
+        if self._decode_mode is None:
+            try:
+                manifest: dict[str, Any] | None = read_manifest(self.path)
+            except DatumDBError:  # absent or damaged: decode as Caffe would
+                manifest = None
+            self._decode_mode = decode_mode(manifest)  # type: ignore[assignment]
+        return self._decode_mode  # type: ignore[return-value]
 
     @property
     def manifest(self) -> dict[str, Any]:

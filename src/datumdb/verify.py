@@ -28,7 +28,7 @@ import lmdb
 from datumdb._progress import progress as progress_bar
 from datumdb.codec import datum_to_array, decode
 from datumdb.errors import DatumDBError
-from datumdb.manifest import MANIFEST_NAME, RECORDS_PER_CHUNK, ContentDigest, file_sha256, read_manifest
+from datumdb.manifest import MANIFEST_NAME, RECORDS_PER_CHUNK, ContentDigest, decode_mode, file_sha256, read_manifest
 from datumdb.reader import DATA_NAME, DatumReader
 
 __all__ = ["content_digest", "verify_database"]
@@ -73,7 +73,7 @@ def verify_database(
 
     with ThreadPoolExecutor(1) as pool:  # hash the file on the other core while records are decoded
         file_hash = pool.submit(file_sha256, path / DATA_NAME) if (path / DATA_NAME).is_file() else None
-        scan = _scan(path, progress, problems)
+        scan = _scan(path, manifest, progress, problems)
         data_sha256 = file_hash.result() if file_hash is not None else None
 
     report: dict[str, Any] = {"path": str(path), **scan, "data_mdb_sha256": data_sha256}
@@ -85,21 +85,21 @@ def verify_database(
     return report
 
 
-def _scan(path: Path, progress: bool | None, problems: list[str]) -> dict[str, Any]:
+def _scan(path: Path, manifest: dict[str, Any] | None, progress: bool | None, problems: list[str]) -> dict[str, Any]:
     digest = ContentDigest()
     labels: Counter[int] = Counter()
     shapes: Counter[str] = Counter()
     bad_records = 0
     last_key: bytes | None = None
     try:
-        with DatumReader(path) as reader:
+        with DatumReader(path, imread=decode_mode(manifest)) as reader:  # type: ignore[arg-type]
             items = progress_bar(reader.items(), enabled=progress, total=len(reader), desc="verify", unit="rec")
             for key, value in items:
                 last_key = key
                 digest.update(key, value)
                 try:
                     datum = decode(value, key)
-                    array = datum_to_array(datum, key=key)
+                    array = datum_to_array(datum, imread=reader.decode_mode, key=key)
                 except DatumDBError as exc:
                     bad_records += 1
                     if len(problems) < MAX_PROBLEMS:

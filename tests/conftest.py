@@ -1,0 +1,77 @@
+"""Shared fixtures of the core-library tests: the Caffe ground truth, LMDB dumps, hypothesis profiles."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import pytest
+from hypothesis import HealthCheck, settings
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "caffe"
+FIXTURE_LMDBS = ("lmdb_raw", "lmdb_png", "lmdb_jpg", "lmdb_gray")
+# The convert_imageset flags of COMMANDS.txt, spelled the datumdb way.
+FIXTURE_FLAGS: dict[str, list[str]] = {
+    "lmdb_raw": ["--resize-height", "32", "--resize-width", "32"],
+    "lmdb_png": ["--encoded", "--encode-type", "png"],
+    "lmdb_jpg": ["--encoded", "--encode-type", "jpg", "--resize-height", "32", "--resize-width", "32"],
+    "lmdb_gray": ["--gray", "--resize-height", "24", "--resize-width", "24"],
+}
+
+# Bounded example counts keep the suite fast; "ci" is also derandomized so CI runs are repeatable.
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    max_examples=40,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile("dev", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+
+def read_lmdb_items(path: str | os.PathLike[str]) -> list[tuple[bytes, bytes]]:
+    """Every (key, value) of an LMDB in key order, read without creating lock.mdb."""
+    env = lmdb.open(str(path), readonly=True, lock=False, subdir=True)
+    try:
+        with env.begin() as txn:
+            return [(bytes(k), bytes(v)) for k, v in txn.cursor()]
+    finally:
+        env.close()
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def folder_state(folder: Path) -> dict[str, tuple[str, int]]:
+    """name -> (sha256, mtime_ns) of every file in a folder."""
+    return {p.name: (sha256_hex(p.read_bytes()), p.stat().st_mtime_ns) for p in sorted(folder.iterdir())}
+
+
+def leftovers(target: Path) -> list[str]:
+    """Hidden build folders (``.NAME.partial-*``, ``.NAME.old-*``) beside a target."""
+    return sorted(p.name for p in target.parent.iterdir() if p.name.startswith(f".{target.name}."))
+
+
+@pytest.fixture(scope="session")
+def caffe_dir() -> Path:
+    """tests/fixtures/caffe: read only, never written."""
+    return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def lmdb_items():
+    """The helper that dumps an LMDB's (key, value) pairs (opened read-only, lock-free, then closed)."""
+    return read_lmdb_items
+
+
+@pytest.fixture(scope="session")
+def expected() -> dict[str, dict[str, Any]]:
+    """The ``*.expected.json`` ground truth, by fixture name (``lmdb_raw``, ``mean_gray``...)."""
+    return {p.name.removesuffix(".expected.json"): json.loads(p.read_text()) for p in FIXTURES.glob("*.expected.json")}

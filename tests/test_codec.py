@@ -1,0 +1,447 @@
+"""datumdb.codec: Caffe-exact bytes out, zero-copy views in, DatumError on every malformed input."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from conftest import FIXTURE_LMDBS
+from hypothesis import given
+from hypothesis import strategies as st
+
+from datumdb.codec import (
+    Datum,
+    check_label,
+    datum_to_array,
+    decode,
+    decode_image,
+    encode_array,
+    encode_image,
+    encode_png_or_jpg,
+)
+from datumdb.errors import DatumError
+from datumdb.proto import datum_pb2
+from datumdb.proto.regenerate import generate
+
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+
+labels = st.one_of(st.integers(INT32_MIN, INT32_MAX), st.sampled_from([INT32_MIN, INT32_MAX, -1, 0, 1]))
+shapes = st.tuples(st.integers(1, 4), st.integers(1, 8), st.integers(1, 8))
+dtypes = st.sampled_from(["uint8", "int16", "int32", "float32", "float64"])
+
+
+def _varint(value: int) -> bytes:
+    if value < 0:
+        value += 1 << 64
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _wire_fields(value: bytes) -> list[tuple[int, int]]:
+    """(field number, wire type) of each field, in wire order (a tiny independent parser)."""
+    fields, pos = [], 0
+    while pos < len(value):
+        tag, pos = _read_varint(value, pos)
+        number, wire = tag >> 3, tag & 7
+        fields.append((number, wire))
+        if wire == 0:
+            _, pos = _read_varint(value, pos)
+        elif wire == 2:
+            length, pos = _read_varint(value, pos)
+            pos += length
+        elif wire == 5:
+            pos += 4
+        else:
+            raise AssertionError(f"unexpected wire type {wire}")
+    return fields
+
+
+def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+
+
+@st.composite
+def arrays(draw, dtype=None):
+    c, h, w = draw(shapes)
+    dtype = np.dtype(dtype or draw(dtypes))
+    n = c * h * w
+    if dtype.kind == "f":
+        elements = st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False, width=32)
+    else:
+        info = np.iinfo(dtype)
+        elements = st.integers(int(info.min), int(info.max))
+    values = draw(st.lists(elements, min_size=n, max_size=n))
+    return np.array(values, dtype=dtype).reshape(c, h, w)
+
+
+def _assert_same_as_protobuf(value: bytes, datum: Datum) -> None:
+    message = datum_pb2.Datum()
+    message.ParseFromString(value)
+    assert (datum.channels, datum.height, datum.width) == (message.channels, message.height, message.width)
+    assert bytes(datum.data) == message.data
+    assert datum.label == message.label
+    assert datum.encoded == message.encoded
+    np.testing.assert_array_equal(datum.float_data, np.array(message.float_data, dtype=np.float32))
+
+
+# --------------------------------------------------------------------------- exact bytes
+
+
+def test_generated_proto_module_is_current(tmp_path: Path) -> None:
+    generated = generate(tmp_path)
+    committed = Path(datum_pb2.__file__)
+    assert generated.read_bytes() == committed.read_bytes(), "run python -m datumdb.proto.regenerate"
+
+
+def test_raw_datum_bytes_equal_protobuf_with_explicit_label_and_encoded() -> None:
+    array = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    for label in (0, 7, -1, INT32_MIN, INT32_MAX):
+        value = encode_array(array, label)
+        reference = datum_pb2.Datum(
+            channels=2, height=3, width=4, data=array.tobytes(), label=label, encoded=False
+        ).SerializeToString()
+        assert value == reference
+        assert _wire_fields(value) == [(1, 0), (2, 0), (3, 0), (4, 2), (5, 0), (7, 0)]
+
+
+def test_raw_datum_layout_is_caffes() -> None:
+    array = np.zeros((3, 32, 32), dtype=np.uint8)
+    value = encode_array(array, 0)
+    assert value[:9] == bytes([0x08, 3, 0x10, 32, 0x18, 32, 0x22, 0x80, 0x18])
+    assert value[-4:] == bytes([0x28, 0, 0x38, 0])
+    assert len(value) == 9 + 3072 + 4
+
+
+def test_fixture_values_reencode_byte_for_byte(caffe_dir: Path, lmdb_items) -> None:
+    """Every Caffe-written value, decoded and encoded again, gives Caffe's bytes back."""
+    for name in FIXTURE_LMDBS:
+        for key, value in lmdb_items(caffe_dir / name):
+            datum = decode(value, key)
+            if datum.encoded:
+                again = encode_image(bytes(datum.data), datum.label)
+            else:
+                again = encode_array(datum_to_array(datum, key=key), datum.label)
+            assert again == value, (name, key)
+
+
+def test_float_datum_bytes_equal_protobuf() -> None:
+    array = np.array([[[1.5, -2.25], [0.0, 3.0e7]]], dtype=np.float32)
+    value = encode_array(array, -5)
+    reference = datum_pb2.Datum(
+        channels=1, height=2, width=2, label=-5, float_data=array.reshape(-1).tolist(), encoded=False
+    ).SerializeToString()
+    assert value == reference
+    assert [f for f, _ in _wire_fields(value)] == [1, 2, 3, 5, 6, 6, 6, 6, 7]
+
+
+def test_encoded_datum_bytes_equal_protobuf_with_and_without_shape() -> None:
+    image = encode_png_or_jpg(np.full((3, 5, 6), 9, dtype=np.uint8), "png")
+    plain = encode_image(image, 4)
+    assert plain == datum_pb2.Datum(data=image, label=4, encoded=True).SerializeToString()
+    assert _wire_fields(plain) == [(4, 2), (5, 0), (7, 0)]
+    shaped = encode_image(image, 4, shape=(3, 5, 6))
+    assert (
+        shaped == datum_pb2.Datum(channels=3, height=5, width=6, data=image, label=4, encoded=True).SerializeToString()
+    )
+    assert _wire_fields(shaped) == [(1, 0), (2, 0), (3, 0), (4, 2), (5, 0), (7, 0)]
+
+
+# --------------------------------------------------------------------------- round trips
+
+
+@given(array=arrays(), label=labels)
+def test_round_trip_raw_and_float(array: np.ndarray, label: int) -> None:
+    value = encode_array(array, label, key="k")
+    datum = decode(value, "k")
+    _assert_same_as_protobuf(value, datum)
+    assert datum.label == label and datum.encoded is False
+    assert datum.shape == array.shape
+    out = datum_to_array(datum, key="k")
+    if array.dtype == np.uint8:
+        assert out.dtype == np.uint8 and len(datum.float_data) == 0
+        np.testing.assert_array_equal(out, array)
+    else:
+        assert out.dtype == np.float32 and len(datum.data) == 0
+        np.testing.assert_array_equal(out, array.astype(np.float32))
+    reference = datum_pb2.Datum(channels=array.shape[0], height=array.shape[1], width=array.shape[2], label=label)
+    if array.dtype == np.uint8:
+        reference.data = array.tobytes()
+    else:
+        reference.float_data.extend(array.astype(np.float32).reshape(-1).tolist())
+    reference.encoded = False
+    assert value == reference.SerializeToString()
+
+
+@given(array=arrays("uint8"), label=labels, with_shape=st.booleans())
+def test_round_trip_png_is_exact(array: np.ndarray, label: int, with_shape: bool) -> None:
+    chw = array[:1] if array.shape[0] in (2, 4) else array  # PNG via encode_png_or_jpg: 1 or 3 channels
+    image = encode_png_or_jpg(chw, "png")
+    assert image.startswith(b"\x89PNG")
+    value = encode_image(image, label, shape=chw.shape if with_shape else None)
+    datum = decode(value)
+    _assert_same_as_protobuf(value, datum)
+    assert datum.encoded is True and datum.label == label and bytes(datum.data) == image
+    assert datum.shape == (chw.shape if with_shape else (0, 0, 0))
+    np.testing.assert_array_equal(datum_to_array(datum), chw)
+
+
+@given(array=arrays("uint8"), label=labels, with_shape=st.booleans())
+def test_round_trip_jpeg(array: np.ndarray, label: int, with_shape: bool) -> None:
+    chw = array[:1] if array.shape[0] in (2, 4) else array
+    image = encode_png_or_jpg(chw, "jpg")
+    assert image.startswith(b"\xff\xd8")
+    value = encode_image(image, label, shape=chw.shape if with_shape else None)
+    datum = decode(value)
+    _assert_same_as_protobuf(value, datum)
+    assert bytes(datum.data) == image and datum.label == label and datum.encoded
+    decoded = datum_to_array(datum)
+    assert decoded.shape == chw.shape
+    reference = cv2.imdecode(np.frombuffer(image, np.uint8), cv2.IMREAD_UNCHANGED)
+    np.testing.assert_array_equal(
+        decoded, reference[np.newaxis] if reference.ndim == 2 else reference.transpose(2, 0, 1)
+    )
+
+
+def test_decode_image_modes() -> None:
+    color = np.random.default_rng(0).integers(0, 256, (3, 6, 7), dtype=np.uint8)
+    png = encode_png_or_jpg(color, "png")
+    assert decode_image(png, "unchanged").shape == (3, 6, 7)
+    assert decode_image(png, "color").shape == (3, 6, 7)
+    assert decode_image(png, "gray").shape == (1, 6, 7)
+    gray_png = encode_png_or_jpg(color[:1], "png")
+    assert decode_image(gray_png, "color").shape == (3, 6, 7)
+    with pytest.raises(DatumError, match="imread mode"):
+        decode_image(png, "bogus")  # type: ignore[arg-type]
+
+
+@given(
+    value=st.builds(
+        lambda a, label: encode_array(a, label),
+        arrays(),
+        labels,
+    ),
+    unknown=st.sampled_from([b"", b"\x40\x05", b"\x4a\x02ab", b"\x55\x00\x00\x80\x3f"]),
+)
+def test_decode_agrees_with_protobuf_including_unknown_fields(value: bytes, unknown: bytes) -> None:
+    data = unknown + value + unknown
+    _assert_same_as_protobuf(data, decode(data))
+
+
+def test_decode_accepts_packed_float_data_like_protobuf() -> None:
+    message = datum_pb2.Datum(channels=1, height=1, width=3, label=2)
+    message.float_data.extend([1.0, -2.5, 3.25])
+    floats = np.array([1.0, -2.5, 3.25], dtype="<f4").tobytes()
+    packed = b"\x08\x01\x10\x01\x18\x03\x28\x02\x32" + _varint(len(floats)) + floats
+    check = datum_pb2.Datum()
+    check.ParseFromString(packed)
+    assert check == message
+    datum = decode(packed)
+    np.testing.assert_array_equal(datum.float_data, [1.0, -2.5, 3.25])
+    np.testing.assert_array_equal(datum_to_array(datum), np.array([[[1.0, -2.5, 3.25]]], np.float32))
+
+
+# --------------------------------------------------------------------------- zero copy
+
+
+def test_raw_decode_is_a_zero_copy_view() -> None:
+    array = np.arange(3 * 4 * 5, dtype=np.uint8).reshape(3, 4, 5)
+    value = encode_array(array, 1)
+    datum = decode(value)
+    assert isinstance(datum.data, memoryview)
+    out = datum_to_array(datum)
+    assert np.shares_memory(out, np.frombuffer(value, dtype=np.uint8))
+    assert not out.flags.writeable
+    buffer = bytearray(value)  # a mutable buffer shows the view is live
+    view = datum_to_array(decode(buffer))
+    first_pixel = len(value) - 4 - array.size  # the payload is followed by 28 <label> 38 00
+    buffer[first_pixel] = 200
+    assert view[0, 0, 0] == 200
+
+
+def test_float_decode_is_a_zero_copy_view() -> None:
+    array = np.linspace(-1, 1, 12, dtype=np.float32).reshape(1, 3, 4)
+    value = bytearray(encode_array(array, 0))
+    out = datum_to_array(decode(value))
+    np.testing.assert_array_equal(out, array)
+    assert np.shares_memory(out, np.frombuffer(value, dtype=np.uint8))
+
+
+# --------------------------------------------------------------------------- labels and values
+
+
+@pytest.mark.parametrize("label", [2**31, -(2**31) - 1, 2**40, True, False, 1.0, 2.5, "3", None, np.float32(1)])
+def test_bad_labels_raise(label: object) -> None:
+    with pytest.raises(DatumError, match="label"):
+        encode_array(np.zeros((1, 2, 2), np.uint8), label)  # type: ignore[arg-type]
+    with pytest.raises(DatumError, match="label"):
+        encode_image(b"\x89PNG....", label)  # type: ignore[arg-type]
+    with pytest.raises(DatumError, match="label"):
+        check_label(label)
+
+
+def test_numpy_integer_labels_are_accepted() -> None:
+    assert check_label(np.int64(INT32_MAX)) == INT32_MAX
+    assert check_label(np.int8(-3)) == -3
+    with pytest.raises(DatumError):
+        check_label(np.bool_(True))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_float_data_raises_naming_the_key(bad: float) -> None:
+    array = np.zeros((1, 2, 2), dtype=np.float64)
+    array[0, 1, 1] = bad
+    with pytest.raises(DatumError, match=r"'img7'.*NaN or infinity"):
+        encode_array(array, 0, key="img7")
+
+
+def test_float64_beyond_float32_range_raises_datum_error_not_a_numpy_warning() -> None:
+    """1e39 is finite as float64 but infinite as float32: a DatumError, with no RuntimeWarning
+    escaping from numpy's cast first (under ``-W error`` that warning replaces the DatumError)."""
+    array = np.array([[[1.0, 1e39]]], dtype=np.float64)
+    with pytest.raises(DatumError, match=r"'big'.*NaN or infinity"):
+        encode_array(array, 0, key="big")
+
+
+@pytest.mark.parametrize("shape", [(4,), (1, 1, 2, 2)])
+def test_wrong_ndim_raises(shape: tuple[int, ...]) -> None:
+    with pytest.raises(DatumError, match="shape"):
+        encode_array(np.zeros(shape, np.uint8))
+
+
+def test_2d_array_is_one_channel() -> None:
+    datum = decode(encode_array(np.ones((2, 3), np.uint8), 0))
+    assert datum.shape == (1, 2, 3)
+
+
+@pytest.mark.parametrize("dtype", [np.bool_, np.complex64, object])
+def test_unsupported_dtypes_raise(dtype) -> None:
+    with pytest.raises(DatumError):
+        encode_array(np.zeros((1, 2, 2), dtype=dtype))
+
+
+def test_empty_encoded_image_raises() -> None:
+    with pytest.raises(DatumError, match="non-empty"):
+        encode_image(b"", 0)
+
+
+def test_png_jpg_need_one_or_three_uint8_channels() -> None:
+    with pytest.raises(DatumError):
+        encode_png_or_jpg(np.zeros((2, 4, 4), np.uint8), "png")
+    with pytest.raises(DatumError):
+        encode_png_or_jpg(np.zeros((3, 4, 4), np.float32), "jpg")
+
+
+# --------------------------------------------------------------------------- malformed values
+
+GOOD = encode_array(np.arange(12, dtype=np.uint8).reshape(1, 3, 4), 3)
+
+MALFORMED = {
+    "truncated in the data": (GOOD[:-8], "declares"),
+    "truncated varint": (b"\x08\x80", "truncated varint"),
+    "truncated tag only": (GOOD + b"\x80", "truncated"),
+    "varint longer than ten bytes": (b"\x08" + b"\xff" * 10 + b"\x01", "longer than ten"),
+    "varint overflowing 64 bits": (b"\x08" + b"\xff" * 9 + b"\x7f", "overflows"),
+    "huge declared length": (b"\x22" + _varint(2**40) + b"abc", "declares"),
+    "huge packed float length": (b"\x32" + _varint(2**40) + b"abcd", "packed float_data"),
+    "ragged packed floats": (b"\x32\x03abc", "ragged"),
+    "wrong wire type channels": (b"\x0a\x01\x03" + GOOD, "wire type"),
+    "wrong wire type data": (b"\x20\x05", "wire type"),
+    "wrong wire type label": (b"\x2d\x00\x00\x00\x00", "wire type"),
+    "truncated fixed32 float": (b"\x35\x00\x00", "truncated"),
+    "negative channels": (GOOD + b"\x08" + _varint(-1), "negative"),
+    "negative width": (GOOD + b"\x18" + _varint(-4), "negative"),
+    "field number zero": (b"\x00\x01", "field number 0"),
+    "group wire type": (b"\x43\x44", "wire type"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_values_raise_datum_error_naming_the_key(case: str) -> None:
+    value, message = MALFORMED[case]
+    started = time.monotonic()
+    with pytest.raises(DatumError, match=message) as info:
+        decode(value, b"00000042")
+    assert time.monotonic() - started < 1.0  # no allocation of what a size field claims
+    assert "00000042" in str(info.value)
+    assert info.value.key == b"00000042"
+
+
+def test_shape_not_matching_data_raises_in_datum_to_array() -> None:
+    value = datum_pb2.Datum(channels=3, height=4, width=4, data=b"x" * 47, label=0, encoded=False).SerializeToString()
+    datum = decode(value, "bad")
+    with pytest.raises(DatumError, match=r"'bad'.*3\*4\*4 = 48 but data holds 47"):
+        datum_to_array(datum, key="bad")
+    floats = datum_pb2.Datum(channels=1, height=2, width=2, float_data=[1.0, 2.0, 3.0]).SerializeToString()
+    with pytest.raises(DatumError, match=r"'f'.*float_data holds 3"):
+        datum_to_array(decode(floats, "f"), key="f")
+
+
+def test_empty_datum_raises_in_datum_to_array() -> None:
+    with pytest.raises(DatumError, match="no data"):
+        datum_to_array(decode(b"", "e"), key="e")
+
+
+@pytest.mark.parametrize("garbage", [b"\x89PNG\r\n\x1a\nnot really", b"\xff\xd8\xff\xe0garbage", b"hello world"])
+def test_garbage_encoded_image_raises_naming_the_key(garbage: bytes) -> None:
+    datum = decode(encode_image(garbage, 1), "00000003")
+    with pytest.raises(DatumError, match=r"^key '00000003': ") as info:
+        datum_to_array(datum, key="00000003")
+    assert info.value.key == "00000003"
+
+
+def test_every_decode_error_is_a_value_error() -> None:
+    assert issubclass(DatumError, ValueError)
+    with pytest.raises(ValueError):
+        decode(b"\x08")
+
+
+# --------------------------------------------------------------------------- any field sequence
+
+_floats32 = st.floats(width=32, allow_nan=False)
+
+
+def _field(number: int, wire: int, payload: bytes) -> bytes:
+    return _varint(number << 3 | wire) + payload
+
+
+_any_field = st.one_of(
+    st.builds(lambda n, v: _field(n, 0, _varint(v)), st.sampled_from([1, 2, 3, 5]), st.integers(0, 2**31 - 1) | labels),
+    st.builds(lambda b: _field(4, 2, _varint(len(b)) + b), st.binary(max_size=20)),
+    st.builds(lambda f: _field(6, 5, np.array([f], "<f4").tobytes()), _floats32),
+    st.builds(
+        lambda fs: _field(6, 2, _varint(4 * len(fs)) + np.array(fs, "<f4").tobytes()),
+        st.lists(_floats32, max_size=4),
+    ),
+    st.builds(lambda v: _field(7, 0, _varint(v)), st.integers(0, 3)),
+    st.builds(lambda n, v: _field(n, 0, _varint(v)), st.integers(8, 40), st.integers(0, 2**64 - 1)),
+    st.builds(lambda n, b: _field(n, 2, _varint(len(b)) + b), st.integers(8, 40), st.binary(max_size=6)),
+    st.builds(lambda n, b: _field(n, 1, b), st.integers(8, 40), st.binary(min_size=8, max_size=8)),
+    st.builds(lambda n, b: _field(n, 5, b), st.integers(8, 40), st.binary(min_size=4, max_size=4)),
+)
+
+
+@given(fields=st.lists(_any_field, max_size=12))
+def test_decode_agrees_with_protobuf_on_any_field_sequence(fields: list[bytes]) -> None:
+    """Repeated, reordered, packed/unpacked and unknown fields: last one wins, floats concatenate."""
+    value = b"".join(fields)
+    message = datum_pb2.Datum()
+    message.ParseFromString(value)
+    if min(message.channels, message.height, message.width) < 0:
+        with pytest.raises(DatumError, match="negative"):
+            decode(value, "k")
+        return
+    _assert_same_as_protobuf(value, decode(value, "k"))

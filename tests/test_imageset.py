@@ -1,0 +1,296 @@
+"""datumdb.imageset: convert_imageset parity with the real Caffe tool, list parsing, strictness."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from conftest import FIXTURE_FLAGS, FIXTURE_LMDBS, leftovers, read_lmdb_items
+from hypothesis import given
+from hypothesis import strategies as st
+
+from datumdb import DatumReader
+from datumdb.cli import main
+from datumdb.codec import decode
+from datumdb.errors import InputError
+from datumdb.imageset import ImagesetOptions, ListEntry, convert_imageset, ordered_entries, read_list_file
+from datumdb.manifest import digest_items, read_manifest
+from datumdb.verify import verify_database
+
+
+def _convert(caffe_dir: Path, db: Path, *flags: str, list_file: Path | None = None) -> int:
+    root = str(caffe_dir / "images") + "/"
+    return main(["--no-progress", "convert-imageset", root, str(list_file or caffe_dir / "list.txt"), str(db), *flags])
+
+
+# --------------------------------------------------------------------------- parity with Caffe
+
+
+@pytest.mark.parametrize("name", FIXTURE_LMDBS)
+def test_convert_imageset_reproduces_caffe_fixture(caffe_dir: Path, tmp_path: Path, name: str, capsys) -> None:
+    db = tmp_path / name
+    assert _convert(caffe_dir, db, *FIXTURE_FLAGS[name]) == 0
+    produced, reference = read_lmdb_items(db), read_lmdb_items(caffe_dir / name)
+    assert len(produced) == len(reference) == 12
+    for (key, value), (ref_key, ref_value) in zip(produced, reference, strict=True):
+        assert key == ref_key
+        assert value == ref_value, key
+    manifest = read_manifest(db)
+    assert manifest["digest"] == digest_items(reference)
+    assert manifest["count"] == 12
+    assert manifest["label_histogram"] == {"0": 3, "1": 2, "2": 2, "3": 5}
+    assert manifest["channel_order"] == ("gray" if name == "lmdb_gray" else "BGR")
+    assert sorted(p.name for p in db.iterdir()) == ["data.mdb", "datumdb.json"]
+    assert manifest["digest"] in capsys.readouterr().out
+
+
+def test_encoded_without_type_keeps_the_original_png_bytes(caffe_dir: Path, tmp_path: Path) -> None:
+    assert _convert(caffe_dir, tmp_path / "db", "--encoded", "--workers", "1") == 0
+    assert read_lmdb_items(tmp_path / "db") == read_lmdb_items(caffe_dir / "lmdb_png")
+    manifest = read_manifest(tmp_path / "db")
+    assert manifest["encoding"] == "png"
+    assert manifest["shapes"]["3x16x20"] == 1  # the decoded shape is recorded even though the Datum omits it
+
+
+def test_result_does_not_depend_on_workers(caffe_dir: Path, tmp_path: Path) -> None:
+    for workers in (1, 3):
+        assert _convert(caffe_dir, tmp_path / f"w{workers}", "--gray", "--workers", str(workers)) == 0
+    assert read_lmdb_items(tmp_path / "w1") == read_lmdb_items(tmp_path / "w3")
+    assert (tmp_path / "w1" / "data.mdb").read_bytes() == (tmp_path / "w3" / "data.mdb").read_bytes()
+
+
+# --------------------------------------------------------------------------- list files
+
+
+def _image_folder(tmp_path: Path, names: list[str], sizes: list[tuple[int, int]] | None = None) -> Path:
+    root = tmp_path / "images"
+    rng = np.random.default_rng(5)
+    for i, name in enumerate(names):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        h, w = sizes[i] if sizes else (6, 7)
+        assert cv2.imwrite(str(root / name), rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    return root
+
+
+def test_list_line_is_split_at_the_last_space(tmp_path: Path) -> None:
+    root = _image_folder(tmp_path, ["my cat picture.png", "plain.png"])
+    list_file = tmp_path / "list.txt"
+    list_file.write_text("my cat picture.png 5\nplain.png -2\n")
+    assert read_list_file(list_file) == [ListEntry("my cat picture.png", 5, 1), ListEntry("plain.png", -2, 2)]
+    convert_imageset(root, list_file, tmp_path / "db", progress=False)
+    items = read_lmdb_items(tmp_path / "db")
+    assert [k for k, _ in items] == [b"00000000_my cat picture.png", b"00000001_plain.png"]
+    assert [decode(v).label for _, v in items] == [5, -2]
+    with DatumReader(tmp_path / "db") as reader:
+        expected = cv2.imread(str(root / "my cat picture.png")).transpose(2, 0, 1)
+        np.testing.assert_array_equal(reader[0][0], expected)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("a.png 0\nb.png cat\n", r"list\.txt:2: label 'cat' is not an integer"),
+        ("a.png 0\nb.png 1.5\n", r"list\.txt:2: label '1.5'"),
+        ("a.png 2147483648\n", r"list\.txt:1: label 2147483648 is outside int32"),
+        ("a.png 0\n\nb.png 1\n", r"list\.txt:2: empty line"),
+        ("a.png 0\nnospace\n", r"list\.txt:2: expected '<path> <label>'"),
+        (" 3\n", r"list\.txt:1: expected"),
+        ("", r"list\.txt: no images listed"),
+    ],
+)
+def test_bad_list_lines_name_file_and_line(tmp_path: Path, text: str, message: str) -> None:
+    list_file = tmp_path / "list.txt"
+    list_file.write_text(text)
+    with pytest.raises(InputError, match=message):
+        read_list_file(list_file)
+    _image_folder(tmp_path, ["a.png", "b.png"])
+    with pytest.raises(InputError, match=message):
+        convert_imageset(tmp_path / "images", list_file, tmp_path / "db", progress=False)
+    assert not (tmp_path / "db").exists() and leftovers(tmp_path / "db") == []
+
+
+@pytest.mark.parametrize("label", ["1_000", "\u0663", "\uff13"])
+def test_labels_only_python_would_parse_are_errors(tmp_path: Path, label: str) -> None:
+    """Python's int() accepts digit separators and non-ASCII digits; Caffe's atoi reads "1_000"
+    as 1 and the others as 0. A label the two tools read differently must be an error."""
+    list_file = tmp_path / "list.txt"
+    list_file.write_text(f"a.png {label}\n", encoding="utf-8")
+    with pytest.raises(InputError, match=r"list\.txt:1: "):
+        read_list_file(list_file)
+
+
+def test_missing_list_file_and_root(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="list file not found"):
+        read_list_file(tmp_path / "absent.txt")
+    (tmp_path / "list.txt").write_text("a.png 0\n")
+    with pytest.raises(InputError, match="ROOT folder not found"):
+        convert_imageset(tmp_path / "nowhere", tmp_path / "list.txt", tmp_path / "db", progress=False)
+
+
+@pytest.mark.parametrize("content", [None, b"", b"this is not a png"])
+def test_missing_or_unreadable_image_names_file_and_line(tmp_path: Path, content: bytes | None) -> None:
+    root = _image_folder(tmp_path, ["a.png", "c.png"])
+    if content is not None:
+        (root / "b.png").write_bytes(content)
+    list_file = tmp_path / "list.txt"
+    list_file.write_text("a.png 0\nb.png 1\nc.png 2\n")
+    with pytest.raises(InputError, match=r"list\.txt:2: .*b\.png") as info:
+        convert_imageset(root, list_file, tmp_path / "db", progress=False)
+    assert ("cannot read image" if content is None else "not an image") in str(info.value)
+    assert not (tmp_path / "db").exists() and leftovers(tmp_path / "db") == []
+
+
+def test_paths_outside_root_need_allow_outside_root(tmp_path: Path) -> None:
+    root = _image_folder(tmp_path, ["inside.png"])
+    outside = _image_folder(tmp_path / "other", ["out.png"]) / "out.png"
+    (root / "sub").mkdir()
+    for i, line in enumerate(("../other/images/out.png 1", f"{outside} 1", "sub/../../other/images/out.png 1")):
+        list_file, db = tmp_path / f"list{i}.txt", tmp_path / f"db{i}"
+        list_file.write_text(f"inside.png 0\n{line}\n")
+        with pytest.raises(InputError, match=rf"list{i}\.txt:2: .*(absolute|escapes ROOT).*allow-outside-root"):
+            convert_imageset(root, list_file, db, progress=False)
+        assert not db.exists() and leftovers(db) == []
+        convert_imageset(root, list_file, db, ImagesetOptions(allow_outside_root=True), progress=False)
+        items = read_lmdb_items(db)
+        assert items[1][0] == b"00000001_" + line.rpartition(" ")[0].encode()
+        with DatumReader(db) as reader:
+            np.testing.assert_array_equal(reader[1][0], cv2.imread(str(outside)).transpose(2, 0, 1))
+
+
+# --------------------------------------------------------------------------- options
+
+
+def test_seeded_shuffle_is_reproducible(caffe_dir: Path, tmp_path: Path) -> None:
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        assert _convert(caffe_dir, tmp_path / name, "--shuffle", "--seed", str(seed), "--gray") == 0
+    a, b, c = (read_lmdb_items(tmp_path / n) for n in "abc")
+    assert (tmp_path / "a" / "data.mdb").read_bytes() == (tmp_path / "b" / "data.mdb").read_bytes()
+    assert a == b
+    listed = [line.rpartition(" ") for line in (caffe_dir / "list.txt").read_text().splitlines()]
+    listed_pairs = sorted((path, int(label)) for path, _, label in listed)
+    orders = []
+    for items in (a, c):
+        keys = [k.decode() for k, _ in items]
+        assert [k[:9] for k in keys] == [f"{i:08d}_" for i in range(12)]
+        paths = [k[9:] for k in keys]
+        assert sorted((p, decode(v).label) for p, (_, v) in zip(paths, items, strict=True)) == listed_pairs
+        orders.append(paths)
+    assert orders[0] != orders[1], "another seed must give another order"
+    assert orders[0] != [p for p, _, _ in listed], "--shuffle must shuffle"
+    entries = read_list_file(caffe_dir / "list.txt")
+    shuffled = ordered_entries(entries, ImagesetOptions(shuffle=True, seed=3))
+    assert [e.path for e in shuffled] == orders[0]
+    # the shuffled gray records hold the same pixels as the unshuffled ones
+    _convert(caffe_dir, tmp_path / "plain", "--gray")
+    by_path = {k[9:]: v for k, v in read_lmdb_items(tmp_path / "plain")}
+    assert all(by_path[k[9:]] == v for k, v in a)
+
+
+def test_check_size(caffe_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(InputError, match=r"list\.txt:2: class1/img_01\.png has 4320 values.*960.*--check-size"):
+        convert_imageset(
+            caffe_dir / "images",
+            caffe_dir / "list.txt",
+            tmp_path / "db",
+            ImagesetOptions(check_size=True),
+            progress=False,
+        )
+    assert not (tmp_path / "db").exists() and leftovers(tmp_path / "db") == []
+    assert _convert(caffe_dir, tmp_path / "ok", "--check-size", "--resize-height", "8", "--resize-width", "9") == 0
+    assert read_manifest(tmp_path / "ok")["shapes"] == {"3x8x9": 12}
+    assert _convert(caffe_dir, tmp_path / "mixed") == 0  # different sizes are fine without --check-size
+    assert len(read_manifest(tmp_path / "mixed")["shapes"]) > 1
+
+
+@pytest.mark.parametrize("flags", [["--resize-height", "32"], ["--resize-width", "32"], []])
+def test_resize_only_when_both_sizes_are_given(caffe_dir: Path, tmp_path: Path, flags: list[str], expected) -> None:
+    assert _convert(caffe_dir, tmp_path / "db", *flags) == 0
+    with DatumReader(tmp_path / "db") as reader:
+        shapes = [array.shape for array, _ in reader]
+    wanted = [(3, e["source_size_wh"][1], e["source_size_wh"][0]) for e in expected["lmdb_raw"]["entries"]]
+    assert shapes == wanted
+    with DatumReader(tmp_path / "db") as reader:
+        for entry, (array, label) in zip(expected["lmdb_raw"]["entries"], reader, strict=True):
+            original = cv2.imread(str(caffe_dir / entry["source_image"]), cv2.IMREAD_COLOR)
+            np.testing.assert_array_equal(array, original.transpose(2, 0, 1))  # untouched pixels
+            assert label == entry["label"]
+
+
+def test_metadata_records_the_options(caffe_dir: Path, tmp_path: Path) -> None:
+    _convert(caffe_dir, tmp_path / "db", "--gray", "--shuffle", "--seed", "9")
+    metadata = read_manifest(tmp_path / "db")["metadata"]
+    assert metadata["source"] == "imageset" and metadata["list_file"] == "list.txt"
+    assert metadata["options"]["seed"] == 9 and metadata["options"]["gray"] is True
+
+
+@given(
+    paths=st.lists(
+        st.text(st.sampled_from("abcXYZ019 _-./éü"), min_size=1, max_size=12).filter(lambda p: p.strip() == p),
+        min_size=1,
+        max_size=5,
+    ),
+    labels=st.lists(st.integers(-(2**31), 2**31 - 1), min_size=5, max_size=5),
+    crlf=st.booleans(),
+)
+def test_list_parsing_property(paths: list[str], labels: list[int], crlf: bool) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        list_file = Path(folder) / "list.txt"
+        newline = "\r\n" if crlf else "\n"
+        list_file.write_text(
+            "".join(f"{p} {label}{newline}" for p, label in zip(paths, labels, strict=False)), encoding="utf-8"
+        )
+        entries = read_list_file(list_file)
+    assert [(e.path, e.label, e.line) for e in entries] == [
+        (p, label, i + 1) for i, (p, label) in enumerate(zip(paths, labels, strict=False))
+    ]
+
+
+def _encoded_case(tmp_path: Path, case: str) -> tuple[Path, Path, ImagesetOptions]:
+    root = tmp_path / "images"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    if case == "gray":
+        image, options = rng.integers(0, 256, (5, 6, 3), dtype=np.uint8), ImagesetOptions(gray=True, encoded=True)
+    elif case == "rgba":
+        image, options = rng.integers(0, 256, (5, 6, 4), dtype=np.uint8), ImagesetOptions(encoded=True)
+    else:
+        image, options = rng.integers(0, 65536, (5, 6, 3), dtype=np.uint16), ImagesetOptions(encoded=True)
+    assert cv2.imwrite(str(root / "a.png"), image)
+    (tmp_path / "list.txt").write_text("a.png 1\n")
+    return root, tmp_path / "list.txt", options
+
+
+@pytest.mark.parametrize("case", ["gray", "rgba", "png16"])
+def test_every_encoded_build_passes_verify(tmp_path: Path, case: str) -> None:
+    """What convert-imageset --encoded publishes must pass datumdb's own verify (or be refused).
+
+    Without resizing, the original file bytes are stored (as Caffe does), so the manifest must
+    describe what those bytes decode to, not the image as loaded for --gray / IMREAD_COLOR.
+    """
+    root, list_file, options = _encoded_case(tmp_path, case)
+    try:
+        convert_imageset(root, list_file, tmp_path / "db", options, progress=False)
+    except InputError:
+        assert not (tmp_path / "db").exists()
+        return
+    report = verify_database(tmp_path / "db")
+    assert report["ok"], report["problems"]
+
+
+def test_key_longer_than_lmdb_allows_names_the_line(tmp_path: Path) -> None:
+    folders = "/".join(["d" * 60] * 8)
+    deep, deeper = f"{folders}/a.png", f"{folders}/{'b' * 20}.png"
+    assert len(f"00000000_{deep}") <= 511 < len(f"00000001_{deeper}")
+    _image_folder(tmp_path, [deep, deeper])
+    list_file = tmp_path / "list.txt"
+    list_file.write_text(f"{deep} 0\n{deeper} 1\n")
+    too_long = len(f"00000001_{deeper}")
+    with pytest.raises(InputError, match=rf"list\.txt:2: key for .* is {too_long} bytes; LMDB allows 511"):
+        convert_imageset(tmp_path / "images", list_file, tmp_path / "db", progress=False)
+    assert not (tmp_path / "db").exists()
+    list_file.write_text(f"{deep} 0\n")
+    convert_imageset(tmp_path / "images", list_file, tmp_path / "db", progress=False)
+    assert read_lmdb_items(tmp_path / "db")[0][0] == f"00000000_{deep}".encode()

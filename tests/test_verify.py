@@ -1,0 +1,223 @@
+"""datumdb.verify and the content digest: fresh builds pass, any tampering fails, nothing is written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import lmdb
+import numpy as np
+import pytest
+from conftest import FIXTURE_LMDBS, folder_state, read_lmdb_items
+
+from datumdb import DatabaseWriter
+from datumdb.cli import main
+from datumdb.codec import encode_array
+from datumdb.manifest import MANIFEST_NAME, ContentDigest, digest_items, read_manifest, write_manifest
+from datumdb.verify import content_digest, verify_database
+
+
+def _build(path: Path, count: int = 30, seed: int = 0, **options) -> None:
+    rng = np.random.default_rng(seed)
+    with DatabaseWriter(path, **options) as writer:
+        for _ in range(count):
+            writer.add(rng.integers(0, 256, (3, 8, 8), dtype=np.uint8), int(rng.integers(0, 4)))
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("verify") / "db"
+    _build(path)
+    return path
+
+
+def _copy(db: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "copy"
+    shutil.copytree(db, copy)
+    return copy
+
+
+def _rewrite_value(db: Path, key: bytes, value: bytes) -> None:
+    env = lmdb.open(str(db), lock=False, subdir=True, map_size=64 << 20)  # no lock.mdb in the copy either
+    try:
+        with env.begin(write=True) as txn:
+            assert txn.get(key) is not None
+            txn.put(key, value)
+    finally:
+        env.close()
+
+
+# --------------------------------------------------------------------------- passing
+
+
+def test_fresh_build_passes(built: Path, capsys) -> None:
+    report = verify_database(built)
+    assert report["ok"] and report["problems"] == [] and report["warnings"] == []
+    assert report["count"] == 30 and report["bad_records"] == 0
+    assert report["digest"] == read_manifest(built)["digest"]
+    assert main(["--no-progress", "verify", str(built)]) == 0
+    out = capsys.readouterr().out
+    assert "OK, 30 records" in out and report["digest"] in out
+    assert main(["--no-progress", "verify", "--in-process", str(built)]) == 0
+
+
+def test_verify_json(built: Path, capsys) -> None:
+    capsys.readouterr()
+    assert main(["--no-progress", "verify", "--json", str(built)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"] is True and report["count"] == 30
+    assert report["digest"] == read_manifest(built)["digest"]
+    assert report["label_histogram"] == read_manifest(built)["label_histogram"]
+
+
+@pytest.mark.parametrize("name", FIXTURE_LMDBS)
+def test_digest_of_caffe_fixtures(caffe_dir: Path, name: str, capsys) -> None:
+    expected = digest_items(read_lmdb_items(caffe_dir / name))
+    assert content_digest(caffe_dir / name, progress=False) == expected
+    assert main(["--no-progress", "digest", str(caffe_dir / name)]) == 0
+    assert capsys.readouterr().out.strip() == expected
+    report = verify_database(caffe_dir / name)  # no manifest: every record must still decode
+    assert report["ok"] and report["count"] == 12 and report["digest"] == expected
+    assert any("no datumdb.json" in w for w in report["warnings"])
+
+
+def test_digest_is_independent_of_batch_and_map_size(tmp_path: Path, record_property) -> None:
+    _build(tmp_path / "a", count=300, batch_size=1000, map_size=64 << 20)
+    _build(tmp_path / "b", count=300, batch_size=3, map_size=32 * 1024)
+    _build(tmp_path / "c", count=300, batch_size=64, map_size=1 << 20)
+    digests = {read_manifest(tmp_path / n)["digest"] for n in "abc"}
+    assert len(digests) == 1
+    assert digests == {content_digest(tmp_path / n) for n in "abc"}
+    assert digests == {digest_items(read_lmdb_items(tmp_path / "a"))}
+    files = {(tmp_path / n / "data.mdb").read_bytes() for n in "abc"}
+    record_property("distinct_data_mdb_files", len(files))
+    assert all(verify_database(tmp_path / n)["ok"] for n in "abc")
+
+
+def test_digest_depends_on_every_key_and_value_and_their_framing() -> None:
+    base = [(b"a", b"xy"), (b"b", b"z")]
+    variants = [
+        [(b"a", b"x"), (b"yb", b"z")],  # same concatenation, other framing
+        [(b"a", b"xy"), (b"c", b"z")],
+        [(b"a", b"xy"), (b"b", b"Z")],
+        [(b"a", b"xy")],
+        [*base, (b"c", b"")],
+    ]
+    digests = {digest_items(v) for v in [base, *variants]}
+    assert len(digests) == len(variants) + 1
+    assert digest_items(base).startswith("sha256:") and len(digest_items(base)) == 7 + 64
+    digest = ContentDigest()
+    for pair in base:
+        digest.update(*pair)
+    assert digest.hexdigest == digest_items(base) and digest.count == 2
+
+
+# --------------------------------------------------------------------------- failing
+
+
+def test_rewritten_value_fails_naming_the_problem(built: Path, tmp_path: Path, capsys) -> None:
+    copy = _copy(built, tmp_path)
+    _rewrite_value(copy, b"00000017", encode_array(np.zeros((3, 8, 8), np.uint8), 1))
+    report = verify_database(copy)
+    assert not report["ok"]
+    text = "\n".join(report["problems"])
+    assert "content digest" in text and "data.mdb sha256" in text
+    assert "from key '00000000'" in text
+    capsys.readouterr()
+    assert main(["--no-progress", "verify", str(copy)]) == 1
+    err = capsys.readouterr().err
+    assert "content digest" in err and "FAILED" in err
+    assert not (copy / "lock.mdb").exists()
+
+
+def test_damage_is_located_to_its_chunk(tmp_path: Path) -> None:
+    db = tmp_path / "db"
+    with DatabaseWriter(db) as writer:
+        for i in range(2100):
+            writer.add(np.full((1, 2, 2), i % 256, np.uint8), i % 3)
+    _rewrite_value(db, b"00001500", encode_array(np.full((1, 2, 2), 7, np.uint8), 0))
+    problems = verify_database(db)["problems"]
+    located = [p for p in problems if "records 1024..2047" in p]
+    assert located and "from key '00001024' to before key '00002048'" in located[0]
+    assert not any("records 0..1023" in p for p in problems)
+
+
+def test_undecodable_record_is_named(built: Path, tmp_path: Path) -> None:
+    copy = _copy(built, tmp_path)
+    _rewrite_value(copy, b"00000004", b"\x08\x03\x10\x08\x18\x08\x22\x05hello\x28\x00\x38\x00")
+    report = verify_database(copy)
+    assert not report["ok"] and report["bad_records"] == 1
+    assert any("'00000004'" in p and "data holds 5 bytes" in p for p in report["problems"])
+
+
+def test_edited_manifest_digest_fails(built: Path, tmp_path: Path, capsys) -> None:
+    copy = _copy(built, tmp_path)
+    path = copy / MANIFEST_NAME
+    text = path.read_text()
+    digest = read_manifest(built)["digest"]
+    path.write_text(text.replace(digest, digest[:-1] + ("0" if digest[-1] != "0" else "1")))
+    report = verify_database(copy)
+    assert not report["ok"]
+    assert any("manifest was modified or damaged" in p for p in report["problems"])
+    capsys.readouterr()
+    assert main(["--no-progress", "verify", str(copy)]) == 1
+    assert "manifest was modified" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("count", 31, "count is 30 but the manifest says 31"),
+        ("digest", "sha256:" + "0" * 64, "content digest is"),
+        ("label_histogram", {"0": 30}, "label histogram is"),
+        ("shapes", {"3x9x9": 30}, "decoded shapes"),
+    ],
+)
+def test_resigned_manifest_with_wrong_facts_fails(built: Path, tmp_path: Path, field: str, value, message: str) -> None:
+    copy = _copy(built, tmp_path)
+    manifest = read_manifest(copy)
+    manifest[field] = value
+    write_manifest(copy, manifest)  # a valid checksum: only the recomputed facts can catch it
+    report = verify_database(copy)
+    assert not report["ok"]
+    assert any(message in p for p in report["problems"]), report["problems"]
+
+
+def test_broken_manifest_json_and_missing_data(built: Path, tmp_path: Path, capsys) -> None:
+    copy = _copy(built, tmp_path)
+    (copy / MANIFEST_NAME).write_text("{not json")
+    report = verify_database(copy)
+    assert not report["ok"] and any("not valid JSON" in p for p in report["problems"])
+    (copy / "data.mdb").unlink()
+    (copy / MANIFEST_NAME).write_bytes((built / MANIFEST_NAME).read_bytes())
+    assert not verify_database(copy)["ok"]
+    capsys.readouterr()
+    assert main(["--no-progress", "verify", str(copy)]) == 1
+
+
+def test_truncated_data_mdb_is_reported_not_crashing(built: Path, tmp_path: Path, capsys) -> None:
+    copy = _copy(built, tmp_path)
+    data = (copy / "data.mdb").read_bytes()
+    (copy / "data.mdb").write_bytes(data[: len(data) // 2])
+    capsys.readouterr()
+    assert main(["--no-progress", "verify", str(copy)]) == 1
+    assert "FAILED" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- no writes
+
+
+def test_read_commands_leave_the_folder_untouched(built: Path, caffe_dir: Path, tmp_path: Path, capsys) -> None:
+    for db in (built, caffe_dir / "lmdb_raw", caffe_dir / "lmdb_png"):
+        before = folder_state(db)
+        assert main(["--no-progress", "verify", str(db)]) == 0
+        assert main(["--no-progress", "verify", "--in-process", str(db)]) == 0
+        assert main(["--no-progress", "digest", str(db)]) == 0
+        assert main(["--no-progress", "inspect", str(db)]) == 0
+        assert main(["--no-progress", "inspect", "--json", str(db)]) == 0
+        if db.name != "lmdb_png":  # PNG fixture images have different sizes: export needs one shape
+            assert main(["--no-progress", "export", str(db), str(tmp_path / f"{db.name}.npz")]) == 0
+        assert folder_state(db) == before
+        assert not (db / "lock.mdb").exists()
+    capsys.readouterr()

@@ -1,0 +1,376 @@
+"""datumdb.writer: batched, growing, atomic, deterministic builds."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lmdb
+import numpy as np
+import pytest
+from conftest import folder_state, leftovers, read_lmdb_items
+
+from datumdb import DatabaseWriter, DatumReader
+from datumdb.codec import datum_to_array, decode, encode_array, encode_image, encode_png_or_jpg
+from datumdb.errors import DatabaseExistsError, DatumError, WriteError
+from datumdb.manifest import digest_items, read_manifest
+
+# A build in a separate interpreter: argv = path count batch_size map_size seed delay overwrite.
+BUILD_SCRIPT = """
+import sys, time
+import numpy as np
+from datumdb import DatabaseWriter
+path, count, batch, map_size, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+delay, overwrite = float(sys.argv[6]), sys.argv[7] == "1"
+rng = np.random.default_rng(seed)
+with DatabaseWriter(path, batch_size=batch, map_size=map_size, overwrite=overwrite) as writer:
+    for i in range(count):
+        writer.add(rng.integers(0, 256, (3, 16, 16), dtype=np.uint8), int(rng.integers(-5, 5)))
+        if delay:
+            time.sleep(delay)
+"""
+
+
+def _build_in_subprocess(
+    path: Path,
+    *,
+    count: int = 300,
+    batch_size: int = 50,
+    map_size: int = 256 * 1024,
+    seed: int = 0,
+    delay: float = 0.0,
+    overwrite: bool = False,
+    wait: bool = True,
+) -> subprocess.Popen[bytes]:
+    args = [str(a) for a in (path, count, batch_size, map_size, seed, delay, int(overwrite))]
+    process = subprocess.Popen([sys.executable, "-c", BUILD_SCRIPT, *args])
+    if wait:
+        assert process.wait(timeout=120) == 0
+    return process
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _images(count: int, shape=(3, 4, 5), seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (count, *shape), dtype=np.uint8)
+
+
+def _write(path: Path, images: np.ndarray, labels=None, **options) -> DatabaseWriter:
+    with DatabaseWriter(path, **options) as writer:
+        for i, image in enumerate(images):
+            writer.add(image, int(labels[i]) if labels is not None else i % 3)
+    return writer
+
+
+# --------------------------------------------------------------------------- basic contract
+
+
+def test_default_keys_values_and_published_files(tmp_path: Path) -> None:
+    images = _images(12)
+    target = tmp_path / "db"
+    writer = _write(target, images)
+    assert writer.published
+    assert sorted(p.name for p in target.iterdir()) == ["data.mdb", "datumdb.json"]
+    items = read_lmdb_items(target)
+    assert [k for k, _ in items] == [b"%08d" % i for i in range(12)]
+    for i, (key, value) in enumerate(items):
+        assert value == encode_array(images[i], i % 3)
+        np.testing.assert_array_equal(datum_to_array(decode(value, key)), images[i])
+    assert not (target / "lock.mdb").exists()
+    assert leftovers(target) == []
+    mode = target.stat().st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode == 0o777 & ~umask  # not mkdtemp's private 0700
+
+
+def test_manifest_fields(tmp_path: Path) -> None:
+    images = _images(10)
+    labels = [5, 5, -1, 0, 0, 0, 2**31 - 1, 5, 0, -1]
+    target = tmp_path / "db"
+    _write(target, images, labels, channel_order="RGB", metadata={"origin": "test"})
+    manifest = read_manifest(target)
+    items = read_lmdb_items(target)
+    assert manifest["count"] == 10
+    assert manifest["digest"] == digest_items(items)
+    assert manifest["shapes"] == {"3x4x5": 10}
+    assert manifest["dtype"] == "uint8"
+    assert manifest["encoding"] == "none"
+    assert manifest["channel_order"] == "RGB"
+    assert manifest["label_histogram"] == {"-1": 2, "0": 4, "5": 3, str(2**31 - 1): 1}
+    assert manifest["keys"] == {"first": "00000000", "last": "00000009"}
+    assert manifest["payload_bytes"] == sum(len(v) for _, v in items)
+    assert manifest["metadata"] == {"origin": "test"}
+    versions = manifest["versions"]
+    assert versions["lmdb"] == ".".join(map(str, lmdb.version()))
+    assert versions["py-lmdb"] == lmdb.__version__
+    assert "datumdb" in versions
+    assert manifest["data_mdb"]["sha256"] == "sha256:" + _file_sha256(target / "data.mdb")
+
+
+def test_float_and_encoded_manifests(tmp_path: Path) -> None:
+    floats = np.random.default_rng(1).normal(size=(4, 2, 3, 3)).astype(np.float64)
+    _write(tmp_path / "f", floats)
+    manifest = read_manifest(tmp_path / "f")
+    assert (manifest["dtype"], manifest["encoding"], manifest["shapes"]) == ("float32", "none", {"2x3x3": 4})
+    with DatumReader(tmp_path / "f") as reader:
+        np.testing.assert_array_equal(reader[2][0], floats[2].astype(np.float32))
+
+    images = _images(3, (3, 6, 7))
+    _write(tmp_path / "p", images, encoding="png")
+    manifest = read_manifest(tmp_path / "p")
+    assert (manifest["dtype"], manifest["encoding"], manifest["shapes"]) == ("uint8", "png", {"3x6x7": 3})
+    for i, (_, value) in enumerate(read_lmdb_items(tmp_path / "p")):
+        assert value == encode_image(encode_png_or_jpg(images[i], "png"), i % 3, shape=(3, 6, 7))
+
+
+def test_explicit_keys_must_be_strictly_increasing(tmp_path: Path) -> None:
+    with DatabaseWriter(tmp_path / "ok") as writer:
+        assert writer.add(np.zeros((1, 2, 2), np.uint8), 0, key="a") == b"a"
+        assert writer.add(np.zeros((1, 2, 2), np.uint8), 0, key=b"b") == b"b"
+    assert [k for k, _ in read_lmdb_items(tmp_path / "ok")] == [b"a", b"b"]
+
+
+@pytest.mark.parametrize(("keys", "bad"), [(["b", "a"], "a"), (["a", "b", "b"], "b"), (["img9", "img10"], "img10")])
+def test_out_of_order_or_duplicate_key_raises_and_publishes_nothing(tmp_path: Path, keys, bad) -> None:
+    target = tmp_path / "db"
+    with pytest.raises(WriteError, match=f"key '{bad}'"), DatabaseWriter(target, batch_size=1) as writer:
+        for key in keys:
+            writer.add(np.zeros((1, 2, 2), np.uint8), 0, key=key)
+    assert not target.exists()
+    assert leftovers(target) == []
+
+
+def test_key_longer_than_511_bytes_raises(tmp_path: Path) -> None:
+    target = tmp_path / "db"
+    with DatabaseWriter(tmp_path / "max") as writer:
+        writer.add(np.zeros((1, 1, 1), np.uint8), 0, key=b"k" * 511)
+    assert read_lmdb_items(tmp_path / "max")[0][0] == b"k" * 511
+    with pytest.raises(WriteError, match="512 bytes"), DatabaseWriter(target) as writer:
+        writer.add(np.zeros((1, 1, 1), np.uint8), 0, key=b"k" * 512)
+    assert not target.exists() and leftovers(target) == []
+
+
+def test_bad_keys_and_options(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="batch_size"):
+        DatabaseWriter(tmp_path / "a", batch_size=0)
+    with pytest.raises(ValueError, match="encoding"):
+        DatabaseWriter(tmp_path / "a", encoding="gif")  # type: ignore[arg-type]
+    with pytest.raises(WriteError, match="empty key"), DatabaseWriter(tmp_path / "b") as writer:
+        writer.add(np.zeros((1, 1, 1), np.uint8), 0, key=b"")
+    with pytest.raises(WriteError, match="key_width"), DatabaseWriter(tmp_path / "c", key_width=1) as writer:
+        for _ in range(11):
+            writer.add(np.zeros((1, 1, 1), np.uint8), 0)
+    with pytest.raises(DatumError, match="label"), DatabaseWriter(tmp_path / "d") as writer:
+        writer.add(np.zeros((1, 1, 1), np.uint8), 2**31)
+    assert not any((tmp_path / n).exists() for n in "bcd")
+    assert [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_writer_cannot_be_used_after_close(tmp_path: Path) -> None:
+    writer = _write(tmp_path / "db", _images(2))
+    with pytest.raises(WriteError, match="closed"):
+        writer.add(np.zeros((3, 4, 5), np.uint8), 0)
+    assert writer.close() == tmp_path / "db"  # closing twice is harmless
+
+
+def test_add_serialized_checks_the_payload(tmp_path: Path) -> None:
+    with pytest.raises(DatumError, match="does not match its payload"), DatabaseWriter(tmp_path / "db") as writer:
+        writer.add_serialized(b"\x08\x03\x10\x02\x18\x02\x22\x01x\x28\x00\x38\x00")
+    with pytest.raises(DatumError, match="'00000000'"), DatabaseWriter(tmp_path / "db") as writer:
+        writer.add_serialized(b"\x22\xff")
+    assert not (tmp_path / "db").exists()
+
+
+# --------------------------------------------------------------------------- map growth
+
+
+def test_map_grows_from_a_tiny_start_and_loses_nothing(tmp_path: Path) -> None:
+    images = _images(300, (3, 32, 32), seed=3)
+    target = tmp_path / "db"
+    writer = _write(target, images, map_size=32 * 1024, batch_size=7)
+    assert writer.grow_count > 0
+    assert writer.map_size > 32 * 1024
+    items = read_lmdb_items(target)
+    assert len(items) == 300
+    for i, (key, value) in enumerate(items):
+        assert key == b"%08d" % i
+        np.testing.assert_array_equal(datum_to_array(decode(value, key)), images[i])
+    manifest = read_manifest(target)
+    assert manifest["count"] == 300 and manifest["digest"] == digest_items(items)
+    assert manifest["writer"]["map_size"] == writer.map_size
+
+
+# --------------------------------------------------------------------------- existing targets
+
+
+def test_existing_database_without_overwrite_fails_before_any_work(tmp_path: Path) -> None:
+    target = tmp_path / "db"
+    _write(target, _images(3))
+    before = folder_state(target)
+    with pytest.raises(DatabaseExistsError, match="overwrite"):
+        DatabaseWriter(target)
+    assert folder_state(target) == before
+    assert leftovers(target) == []
+
+
+def test_existing_file_as_target_fails(tmp_path: Path) -> None:
+    target = tmp_path / "db"
+    target.write_text("not a folder")
+    with pytest.raises(DatabaseExistsError):
+        DatabaseWriter(target, overwrite=True)
+    assert target.read_text() == "not a folder"
+
+
+def test_overwrite_replaces_the_database(tmp_path: Path) -> None:
+    target = tmp_path / "db"
+    _write(target, _images(3, seed=1))
+    new = _images(5, seed=2)
+    _write(target, new, overwrite=True)
+    items = read_lmdb_items(target)
+    assert len(items) == 5
+    np.testing.assert_array_equal(datum_to_array(decode(items[4][1])), new[4])
+    assert read_manifest(target)["count"] == 5
+    assert leftovers(target) == []
+    assert sorted(p.name for p in target.iterdir()) == ["data.mdb", "datumdb.json"]
+
+
+def test_empty_target_folder_is_accepted(tmp_path: Path) -> None:
+    target = tmp_path / "db"
+    target.mkdir()  # Snakemake creates output folders before the job runs
+    _write(target, _images(4))
+    assert read_manifest(target)["count"] == 4
+    assert sorted(p.name for p in target.iterdir()) == ["data.mdb", "datumdb.json"]
+
+
+def test_exception_inside_the_block_publishes_nothing(tmp_path: Path) -> None:
+    target = tmp_path / "db"
+    with pytest.raises(RuntimeError, match="boom"), DatabaseWriter(target, batch_size=2) as writer:
+        for image in _images(9):
+            writer.add(image, 0)
+        raise RuntimeError("boom")
+    assert not target.exists()
+    assert leftovers(target) == []
+
+
+def test_exception_during_rebuild_leaves_previous_version_intact(tmp_path: Path) -> None:
+    target = tmp_path / "db"
+    _write(target, _images(6, seed=1))
+    before = folder_state(target)
+    with pytest.raises(RuntimeError, match="boom"), DatabaseWriter(target, overwrite=True, batch_size=2) as writer:
+        for image in _images(9, seed=2):
+            writer.add(image, 1)
+        raise RuntimeError("boom")
+    assert folder_state(target) == before
+    assert leftovers(target) == []
+
+
+def test_partial_folder_lives_beside_the_target_during_the_build(tmp_path: Path) -> None:
+    target = tmp_path / "db"
+    with DatabaseWriter(target) as writer:
+        writer.add(np.zeros((1, 2, 2), np.uint8), 0)
+        names = leftovers(target)
+        assert len(names) == 1 and names[0].startswith(f".db.partial-{os.getpid()}-")
+        assert not target.exists()
+        assert not (tmp_path / names[0] / "lock.mdb").exists()
+    assert leftovers(target) == []
+
+
+# --------------------------------------------------------------------------- determinism
+
+
+def test_same_inputs_and_options_give_identical_bytes_across_processes(tmp_path: Path, record_property) -> None:
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    _build_in_subprocess(a, batch_size=50, map_size=64 * 1024)
+    _build_in_subprocess(b, batch_size=50, map_size=64 * 1024)
+    _build_in_subprocess(c, batch_size=7, map_size=64 * 1024)
+    assert _file_sha256(a / "data.mdb") == _file_sha256(b / "data.mdb")
+    assert (a / "datumdb.json").read_bytes() == (b / "datumdb.json").read_bytes()
+    # Another batch size: the content (and its digest) is the same; the file bytes may differ.
+    assert read_manifest(c)["digest"] == read_manifest(a)["digest"]
+    record_property("batch_size_changes_data_mdb", _file_sha256(a / "data.mdb") != _file_sha256(c / "data.mdb"))
+
+
+# --------------------------------------------------------------------------- interruption
+
+
+def _kill_mid_build(target: Path, **options) -> None:
+    build = _build_in_subprocess(target, count=1500, batch_size=3, delay=0.003, wait=False, **options)
+    try:
+        deadline = time.monotonic() + 60
+        while not any(n.startswith(f".{target.name}.partial-") for n in leftovers(target)):
+            assert build.poll() is None, "the build ended before it could be interrupted"
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        time.sleep(0.3)  # let it commit a few batches
+        assert build.poll() is None, "the build ended before it could be interrupted"
+    finally:
+        build.send_signal(signal.SIGKILL)
+        assert build.wait(timeout=30) == -signal.SIGKILL
+    assert any(n.startswith(f".{target.name}.partial-{build.pid}-") for n in leftovers(target))
+
+
+def test_sigkill_mid_build_publishes_nothing_and_rerun_completes(tmp_path: Path) -> None:
+    reference, target = tmp_path / "reference", tmp_path / "db"
+    _build_in_subprocess(reference, count=1500, batch_size=3, seed=1)
+    _build_in_subprocess(tmp_path / "reference2", count=1500, batch_size=3, seed=2)
+
+    _kill_mid_build(target, seed=1)  # first build: the target must stay absent
+    assert not target.exists()
+    _build_in_subprocess(target, count=1500, batch_size=3, seed=1)
+    assert read_manifest(target)["digest"] == read_manifest(reference)["digest"]
+    assert _file_sha256(target / "data.mdb") == _file_sha256(reference / "data.mdb")
+    assert leftovers(target) == [], "the rerun must remove the killed build's folder"
+
+    before = folder_state(target)  # rebuild with other data: the old version must survive the kill
+    _kill_mid_build(target, seed=2, overwrite=True)
+    assert folder_state(target) == before
+    _build_in_subprocess(target, count=1500, batch_size=3, seed=2, overwrite=True)
+    assert read_manifest(target)["digest"] == read_manifest(tmp_path / "reference2")["digest"]
+    assert leftovers(target) == []
+    assert json.loads((target / "datumdb.json").read_text())["count"] == 1500
+
+
+def test_empty_database_in_new_parent_folders(tmp_path: Path) -> None:
+    target = tmp_path / "a" / "b" / "db"
+    with DatabaseWriter(target):
+        pass
+    assert sorted(p.name for p in target.iterdir()) == ["data.mdb", "datumdb.json"]
+    assert read_lmdb_items(target) == []
+    manifest = read_manifest(target)
+    assert (manifest["count"], manifest["digest"], manifest["dtype"]) == (0, digest_items([]), None)
+    with DatumReader(target) as reader:
+        assert len(reader) == 0 and list(reader) == [] and reader.keys() == []
+
+
+def test_non_contiguous_and_big_endian_inputs(tmp_path: Path) -> None:
+    base = np.arange(2 * 6 * 8, dtype=np.uint8).reshape(2, 6, 8)
+    floats = np.linspace(-3, 3, 2 * 3 * 4).reshape(2, 3, 4).astype(">f8")
+    with DatabaseWriter(tmp_path / "db") as writer:
+        writer.add(base[:, ::2, 1::3], 0)  # strided view
+        writer.add(base.transpose(0, 2, 1), 1)
+        writer.add(floats, 2)
+    with DatumReader(tmp_path / "db") as reader:
+        np.testing.assert_array_equal(reader[0][0], base[:, ::2, 1::3])
+        np.testing.assert_array_equal(reader[1][0], base.transpose(0, 2, 1))
+        np.testing.assert_array_equal(reader[2][0], floats.astype(np.float32))
+    assert read_manifest(tmp_path / "db")["dtype"] == "mixed"
+
+
+@pytest.mark.parametrize(("shape", "dtype"), [((3, 0, 4), np.uint8), ((0, 2, 2), np.float32), ((5, 0), np.uint8)])
+def test_empty_images_are_refused(tmp_path: Path, shape: tuple[int, ...], dtype) -> None:
+    """A Datum with no pixels cannot be read back (datum_to_array and verify reject it), so the
+    writer must refuse it instead of publishing a database its own verify fails."""
+    target = tmp_path / "db"
+    with pytest.raises(DatumError), DatabaseWriter(target) as writer:
+        writer.add(np.ones((1, 2, 2), np.uint8), 0)
+        writer.add(np.zeros(shape, dtype), 0)
+    assert not target.exists() and leftovers(target) == []
