@@ -174,7 +174,7 @@ def test_export_matches_the_reader(db: Path, caffe_dir: Path, tmp_path: Path, so
     with np.load(out, allow_pickle=False) as npz:
         images, labels, keys = npz["images"], npz["labels"], npz["keys"]
     with DatumReader(path) as reader:
-        assert keys.tolist() == reader.keys()
+        assert keys.tolist() == list(reader.keys())
         assert len(images) == len(labels) == len(reader)
         for i, (array, label) in enumerate(reader):
             np.testing.assert_array_equal(images[i], array)

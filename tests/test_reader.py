@@ -112,7 +112,7 @@ def test_len_index_slices_and_keys(raw_db) -> None:
             for (array, label), i in zip(got, want, strict=True):
                 np.testing.assert_array_equal(array, images[i])
                 assert label == labels[i]
-        assert reader.keys() == [b"%08d" % i for i in range(20)]
+        assert reader.keys() == tuple(b"%08d" % i for i in range(20))
         assert reader.key(-1) == b"00000019"
 
 

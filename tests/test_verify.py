@@ -14,6 +14,7 @@ from conftest import FIXTURE_LMDBS, folder_state, read_lmdb_items
 from datumdb import DatabaseWriter
 from datumdb.cli import main
 from datumdb.codec import encode_array
+from datumdb.errors import DatabaseNotFoundError
 from datumdb.manifest import MANIFEST_NAME, ContentDigest, digest_items, read_manifest, write_manifest
 from datumdb.verify import content_digest, verify_database
 
@@ -191,9 +192,11 @@ def test_broken_manifest_json_and_missing_data(built: Path, tmp_path: Path, caps
     assert not report["ok"] and any("not valid JSON" in p for p in report["problems"])
     (copy / "data.mdb").unlink()
     (copy / MANIFEST_NAME).write_bytes((built / MANIFEST_NAME).read_bytes())
-    assert not verify_database(copy)["ok"]
+    with pytest.raises(DatabaseNotFoundError, match=r"no data\.mdb"):  # bad input, not a failed check
+        verify_database(copy)
     capsys.readouterr()
-    assert main(["--no-progress", "verify", str(copy)]) == 1
+    assert main(["--no-progress", "verify", str(copy)]) == 2
+    assert "no data.mdb" in capsys.readouterr().err
 
 
 def test_truncated_data_mdb_is_reported_not_crashing(built: Path, tmp_path: Path, capsys) -> None:

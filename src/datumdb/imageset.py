@@ -91,7 +91,12 @@ def read_list_file(list_file: str | os.PathLike[str]) -> list[ListEntry]:
     except UnicodeDecodeError as exc:
         raise InputError(f"{list_file}: not UTF-8 text ({exc})") from None
     entries = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Lines end at "\n" only, as for Caffe's getline (str.splitlines would also split at \x0c,
+    # \x85, \u2028...); a Windows "\r" before it is dropped.
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    for number, line in enumerate((line.removesuffix("\r") for line in lines), start=1):
         if not line.strip():
             raise InputError(f"{list_file}:{number}: empty line (Caffe would read it as an image named '')")
         path, space, label_text = line.rpartition(" ")

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Iterator, Sequence
@@ -133,7 +134,7 @@ class DatumReader(Sequence[tuple[np.ndarray, int]]):
         self._identity: tuple[int, int] = (0, 0)
         self._txn: lmdb.Transaction | None = None
         self._pid: int | None = None
-        self._keys: list[bytes] | None = None
+        self._keys: tuple[bytes, ...] | None = None
         self._length: int | None = None
         self._decode_mode: ImreadMode | None = None
 
@@ -166,6 +167,11 @@ class DatumReader(Sequence[tuple[np.ndarray, int]]):
             _release(self._identity)
         self._reset()
 
+    def __del__(self) -> None:
+        # A forgotten reader must not pin the environment (and block lmdb.open of the path).
+        with contextlib.suppress(Exception):
+            self.close()
+
     def __enter__(self) -> DatumReader:
         return self
 
@@ -179,11 +185,11 @@ class DatumReader(Sequence[tuple[np.ndarray, int]]):
             self._length = int(self._transaction().stat()["entries"])
         return self._length
 
-    def keys(self) -> list[bytes]:
+    def keys(self) -> tuple[bytes, ...]:
         """All keys in order (loaded once per process, on first indexed access)."""
         txn = self._transaction()
         if self._keys is None:
-            self._keys = list(txn.cursor().iternext(keys=True, values=False))
+            self._keys = tuple(txn.cursor().iternext(keys=True, values=False))
         return self._keys
 
     def key(self, index: int) -> bytes:
@@ -245,6 +251,8 @@ class DatumReader(Sequence[tuple[np.ndarray, int]]):
         records' dtype. Works for raw, float and encoded Datums.
         """
         indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if out is not None and len(out) != len(indices):
+            raise ValueError(f"out holds {len(out)} records but {len(indices)} indices were given")
         labels = np.empty(len(indices), dtype=np.int64)
         keys = self.keys()
         for j, index in enumerate(indices):

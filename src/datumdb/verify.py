@@ -27,7 +27,7 @@ import lmdb
 
 from datumdb._progress import progress as progress_bar
 from datumdb.codec import datum_to_array, decode
-from datumdb.errors import DatumDBError
+from datumdb.errors import DatabaseNotFoundError, DatumDBError
 from datumdb.manifest import MANIFEST_NAME, RECORDS_PER_CHUNK, ContentDigest, decode_mode, file_sha256, read_manifest
 from datumdb.reader import DATA_NAME, DatumReader
 
@@ -57,9 +57,11 @@ def verify_database(
     With ``isolate=True`` the scan runs in a child process, killed after ``timeout`` seconds
     (default: 60 s plus 10 s per 100 MB of data.mdb).
     """
-    if isolate:
-        return _verify_in_child(Path(db_path), progress, timeout)
     path = Path(db_path)
+    if not (path / DATA_NAME).is_file():  # bad input, not a failed verification
+        raise DatabaseNotFoundError(f"{path}: no {DATA_NAME} (not an LMDB database folder)")
+    if isolate:
+        return _verify_in_child(path, progress, timeout)
     problems: list[str] = []
     warnings: list[str] = []
     manifest: dict[str, Any] | None = None

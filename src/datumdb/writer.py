@@ -29,6 +29,7 @@ import ctypes
 import errno
 import os
 import shutil
+import socket
 import sys
 import tempfile
 from collections import Counter
@@ -50,6 +51,8 @@ DEFAULT_BATCH_SIZE = 1000
 DEFAULT_MAP_SIZE = 64 << 20  # grows by doubling; on Linux an unused map costs nothing
 MAX_MAP_SIZE = 1 << 44  # 16 TiB: a runaway record fails instead of exhausting address space
 DATA_NAME = "data.mdb"
+# Build folders are named after the host and PID that own them (no "-" or "." in the host part).
+_HOST = socket.gethostname().split(".")[0].replace("-", "_") or "host"
 
 Encoding = Literal["none", "png", "jpg"]
 
@@ -102,7 +105,9 @@ class DatabaseWriter:
         self._check_target()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_partials(self.path)
-        self._work = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.partial-{os.getpid()}-", dir=self.path.parent))
+        self._work = Path(
+            tempfile.mkdtemp(prefix=f".{self.path.name}.partial-{_HOST}-{os.getpid()}-", dir=self.path.parent)
+        )
         os.chmod(self._work, 0o777 & ~_current_umask())  # mkdtemp's 0700 would be published as is
         try:
             self._env: lmdb.Environment | None = lmdb.open(
@@ -350,7 +355,7 @@ class DatabaseWriter:
             if _exchange(self._work, target):
                 shutil.rmtree(self._work)  # now holds the previous version
             else:  # no atomic exchange on this system: move the old version aside first
-                aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-{os.getpid()}-", dir=target.parent))
+                aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-{_HOST}-{os.getpid()}-", dir=target.parent))
                 os.rmdir(aside)
                 os.rename(target, aside)
                 os.rename(self._work, target)
@@ -412,14 +417,19 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 def _remove_stale_partials(target: Path) -> None:
-    """Delete build folders left by killed builds of ``target`` (their process is gone)."""
+    """Delete build folders left by killed builds of ``target`` on this host (their process is gone).
+
+    The folder names carry host and PID, so on a shared file system (a cluster) a live build on
+    another node is never mistaken for a dead one here.
+    """
     prefix = f".{target.name}."
     for candidate in target.parent.iterdir():
         if not candidate.name.startswith(prefix):
             continue
         kind, _, rest = candidate.name[len(prefix) :].partition("-")
+        host, _, rest = rest.partition("-")
         pid_text = rest.split("-", 1)[0]
-        if kind in ("partial", "old") and pid_text.isdigit() and not _process_alive(int(pid_text)):
+        if kind in ("partial", "old") and host == _HOST and pid_text.isdigit() and not _process_alive(int(pid_text)):
             shutil.rmtree(candidate, ignore_errors=True)
 
 
