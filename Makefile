@@ -46,8 +46,8 @@ system-deps:
 	fi
 
 lint: $(INSTALLED)
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests $(wildcard benchmarks)
+	$(BIN)/ruff format --check src tests $(wildcard benchmarks)
 
 test: lint system-deps
 	PATH="$(BIN):$$PATH" $(BIN)/python -m pytest
