@@ -62,8 +62,7 @@ class ContentDigest:
     def update(self, key: bytes | memoryview, value: bytes | memoryview) -> None:
         if self._chunk_count == 0:
             self.chunk_first_keys.append(bytes(key))
-        self._chunk.update(_FRAME.pack(len(key), len(value)))
-        self._chunk.update(key)
+        self._chunk.update(_FRAME.pack(len(key), len(value)) + bytes(key))
         self._chunk.update(value)
         self._chunk_count += 1
         self.count += 1

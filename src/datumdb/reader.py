@@ -25,6 +25,7 @@ import numpy as np
 
 from datumdb.codec import Datum, ImreadMode, datum_to_array, decode
 from datumdb.errors import DatabaseError, DatabaseNotFoundError, DatumDBError, DatumError
+from datumdb.fastpath import OffsetIndex, RawLayout
 from datumdb.manifest import decode_mode, read_manifest
 
 __all__ = ["DatumReader", "open_environment"]
@@ -137,6 +138,8 @@ class DatumReader(Sequence[tuple[np.ndarray, int]]):
         self._keys: tuple[bytes, ...] | None = None
         self._length: int | None = None
         self._decode_mode: ImreadMode | None = None
+        self._layout: RawLayout | bool | None = False  # False: not looked at yet in this process
+        self._offsets: OffsetIndex | bool | None = False
 
     # -------------------------------------------------------------- process-local state
 
@@ -226,8 +229,28 @@ class DatumReader(Sequence[tuple[np.ndarray, int]]):
     def get(self, key: bytes | str) -> tuple[np.ndarray, int]:
         """``(array, label)`` of the record stored under ``key``."""
         key = key.encode("utf-8") if isinstance(key, str) else key
-        datum = decode(self.value(key), key)
+        value = self.value(key)
+        layout = self._raw_layout()
+        if layout is not None:  # the common raw layout: two byte comparisons instead of a parse
+            label = layout.label(value)
+            if label is not None:
+                return layout.array(value), label
+        datum = decode(value, key)
         return datum_to_array(datum, imread=self.decode_mode, key=key), datum.label
+
+    def _raw_layout(self) -> RawLayout | None:
+        if self._layout is False or self._pid != os.getpid():
+            first = next(iter(self.items()), None)
+            self._layout = RawLayout.of(first[1]) if first is not None else None
+        return self._layout  # type: ignore[return-value]
+
+    def _offset_index(self) -> OffsetIndex | None:
+        """Payload offsets for a vectorized gather; None unless every record is raw and uniform."""
+        layout = self._raw_layout()
+        if self._offsets is False:
+            self._transaction()  # opens the environment in this process
+            self._offsets = None if layout is None else OffsetIndex.build(self._env, self.path / DATA_NAME, layout)
+        return self._offsets  # type: ignore[return-value]
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, int]]:
         for key, datum in self.datums():
@@ -253,6 +276,17 @@ class DatumReader(Sequence[tuple[np.ndarray, int]]):
         indices = np.asarray(indices, dtype=np.int64).reshape(-1)
         if out is not None and len(out) != len(indices):
             raise ValueError(f"out holds {len(out)} records but {len(indices)} indices were given")
+        count = len(self)
+        if len(indices) and (indices.min() < -count or indices.max() >= count):
+            bad = indices[(indices < -count) | (indices >= count)][0]
+            raise IndexError(f"{self.path}: index {bad} out of range for {count} records")
+        index = self._offset_index() if len(indices) else None
+        if index is not None:
+            shape = index.layout.shape
+            if out is None:
+                out = np.empty((len(indices), *shape), dtype=np.uint8)
+            if out.shape[1:] == shape and out.dtype == np.uint8 and out.flags.c_contiguous:
+                return out, index.gather(indices % count, out)
         labels = np.empty(len(indices), dtype=np.int64)
         keys = self.keys()
         for j, index in enumerate(indices):

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import os
 import shutil
 import socket
@@ -305,7 +306,7 @@ class DatabaseWriter:
             self._first_key = key
         self._last_key = key
         self._labels[label] += 1
-        self._shapes["x".join(map(str, shape)) if shape else "unknown"] += 1
+        self._shapes[_shape_name(shape)] += 1
         self._dtypes[dtype] += 1
         self._encodings[encoding] += 1
         self._payload_bytes += len(value)
@@ -361,6 +362,11 @@ class DatabaseWriter:
                 os.rename(self._work, target)
                 shutil.rmtree(aside)
         _fsync_dir(target.parent)
+
+
+@functools.lru_cache(maxsize=256)
+def _shape_name(shape: tuple[int, ...] | None) -> str:
+    return "x".join(map(str, shape)) if shape else "unknown"
 
 
 def _single_or_mixed(counter: Counter[str]) -> str | None:

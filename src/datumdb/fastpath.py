@@ -1,0 +1,130 @@
+"""Fast reads of uniform raw databases: a fixed-layout decoder and an offset-index gather.
+
+Almost every training database is uniform: every value is a raw uint8 Datum of one shape, so
+every value is ``header + payload + label tail`` with the same header. Two shortcuts follow,
+and both fall back to the general path (:func:`datumdb.codec.decode`) for anything else:
+
+* :class:`RawLayout` checks a value against the expected header and tail with two byte
+  comparisons and slices the payload, instead of parsing field by field.
+* :class:`OffsetIndex` records, once per process, where each value's payload sits in
+  ``data.mdb`` (from the address LMDB returns for it and the page number in the header of the
+  page holding it), validates a sample of them against the file, and then gathers a batch with
+  one NumPy fancy index over an overlapping strided view of a read-only ``np.memmap``: the same
+  operation as a memmap gather of a ``.npy``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import random
+from pathlib import Path
+
+import lmdb
+import numpy as np
+
+from datumdb.codec import _read_varint, _varint, decode
+
+__all__ = ["OffsetIndex", "RawLayout"]
+
+_VALIDATED_SAMPLE = 64
+
+
+class RawLayout:
+    """The byte layout shared by raw uint8 Datums of one shape (Caffe's CVMatToDatum output)."""
+
+    __slots__ = ("header", "shape", "size", "tail_start")
+
+    def __init__(self, shape: tuple[int, int, int]) -> None:
+        self.shape = shape
+        self.size = shape[0] * shape[1] * shape[2]
+        fields = b"".join(bytes([tag]) + _varint(value) for tag, value in zip((0x08, 0x10, 0x18), shape, strict=True))
+        self.header = fields + b"\x22" + _varint(self.size)
+        self.tail_start = len(self.header) + self.size
+
+    @classmethod
+    def of(cls, value: bytes | memoryview) -> RawLayout | None:
+        """The layout of ``value`` if it is a raw uint8 Datum in Caffe's field order, else None."""
+        try:
+            datum = decode(value)
+        except ValueError:
+            return None
+        if datum.encoded or datum.float_data.size or not datum.channels * datum.height * datum.width:
+            return None
+        layout = cls(datum.shape)
+        return layout if layout.label(value) is not None else None
+
+    def label(self, value: bytes | memoryview) -> int | None:
+        """The label if ``value`` has exactly this layout (header, payload, label, encoded=false)."""
+        end = len(value)
+        start = self.tail_start
+        if end < start + 4 or value[start] != 0x28 or value[end - 2] != 0x38 or value[end - 1] != 0:
+            return None
+        if value[: len(self.header)] != self.header:
+            return None
+        if end == start + 4:  # the usual one-byte label 0..127
+            return value[start + 1] if value[start + 1] < 0x80 else None
+        try:
+            raw, position = _read_varint(memoryview(value), start + 1, end, None)
+        except ValueError:
+            return None
+        if position != end - 2:
+            return None
+        raw &= 0xFFFFFFFF
+        return raw - (1 << 32) if raw & 0x80000000 else raw
+
+    def array(self, value: bytes | memoryview) -> np.ndarray:
+        return np.frombuffer(value, dtype=np.uint8, count=self.size, offset=len(self.header)).reshape(self.shape)
+
+
+class OffsetIndex:
+    """Payload offsets in ``data.mdb`` of every record (in key order), and their labels."""
+
+    def __init__(self, offsets: np.ndarray, labels: np.ndarray, layout: RawLayout, data_path: Path) -> None:
+        self.offsets = offsets
+        self.labels = labels
+        self.layout = layout
+        self._file = np.memmap(data_path, dtype=np.uint8, mode="r")
+        rows = len(self._file) - layout.size + 1
+        # Row r is bytes [r, r + size): a gather of payload rows is one fancy index, as for a .npy.
+        self._rows = np.lib.stride_tricks.as_strided(self._file, shape=(rows, layout.size), strides=(1, 1))
+
+    @classmethod
+    def build(cls, env: lmdb.Environment, data_path: Path, layout: RawLayout) -> OffsetIndex | None:
+        """Scan once with buffers; None unless every record has ``layout`` and the offsets check out."""
+        file_size = data_path.stat().st_size
+        with env.begin(buffers=True) as txn:  # values as views of the map: their addresses are what we want
+            page_size = int(txn.stat()["psize"])
+            addresses, labels = [], []
+            base = None
+            for _, value in txn.cursor().iternext(keys=True, values=True):
+                label = layout.label(value)
+                if label is None:
+                    return None
+                address = np.frombuffer(value, dtype=np.uint8).ctypes.data
+                if base is None:  # the map's start, from the page number in this page's header
+                    page_start = address - address % page_size
+                    base = page_start - ctypes.c_uint64.from_address(page_start).value * page_size
+                addresses.append(address - base)
+                labels.append(label)
+            if base is None or min(addresses) < 0 or max(addresses) + layout.tail_start > file_size:
+                return None
+            offsets = np.asarray(addresses, dtype=np.int64) + len(layout.header)
+            index = cls(offsets, np.asarray(labels, dtype=np.int64), layout, data_path)
+            return index if index._agrees_with(txn) else None
+
+    def _agrees_with(self, txn: lmdb.Transaction) -> bool:
+        """Compare a sample of gathered payloads (first, last, random) with what LMDB returns."""
+        count = len(self.offsets)
+        sample = sorted({0, count - 1, *random.Random(count).sample(range(count), min(count, _VALIDATED_SAMPLE))})
+        position = 0
+        with txn.cursor() as cursor:
+            for index, (_, value) in enumerate(cursor.iternext(keys=True, values=True)):
+                if position < len(sample) and index == sample[position]:
+                    if not np.array_equal(self._rows[self.offsets[index]], self.layout.array(value).reshape(-1)):
+                        return False
+                    position += 1
+        return position == len(sample)
+
+    def gather(self, indices: np.ndarray, out: np.ndarray) -> np.ndarray:
+        np.take(self._rows, self.offsets[indices], axis=0, out=out.reshape(len(indices), -1))
+        return self.labels[indices]

@@ -1,0 +1,57 @@
+"""The PyTorch adapter under a real DataLoader with two workers, forked and spawned."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from datumdb import DatabaseWriter, DatumReader
+from datumdb.torch_dataset import DatumDataset
+
+
+@pytest.fixture(scope="module")
+def db(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray, np.ndarray]:
+    path = tmp_path_factory.mktemp("torch") / "db"
+    rng = np.random.default_rng(11)
+    images = rng.integers(0, 256, (50, 3, 8, 6), dtype=np.uint8)
+    labels = rng.integers(-3, 10, 50)
+    with DatabaseWriter(path, batch_size=7) as writer:
+        for image, label in zip(images, labels, strict=True):
+            writer.add(image, int(label))
+    return path, images, labels
+
+
+def test_items_are_writable_tensors_equal_to_the_reader(db) -> None:
+    path, images, labels = db
+    dataset = DatumDataset(path)
+    assert len(dataset) == 50
+    tensor, label = dataset[7]
+    assert tensor.dtype == torch.uint8 and tuple(tensor.shape) == (3, 8, 6)
+    assert np.array_equal(tensor.numpy(), images[7]) and label == labels[7]
+    tensor[0, 0, 0] = 1  # owns its memory: writing does not touch the database's pages
+    with DatumReader(path) as reader:
+        assert np.array_equal(reader[7][0], images[7])
+
+
+def _to_unit_float(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.float() / 255
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_dataloader_with_two_workers(db, start_method: str) -> None:
+    path, images, labels = db
+    dataset = DatumDataset(path, transform=_to_unit_float, target_transform=int)  # picklable, for spawn
+    dataset[0]  # used in the parent first: the workers must not reuse its environment
+    loader = DataLoader(dataset, batch_size=8, num_workers=2, multiprocessing_context=start_method)
+    seen_images, seen_labels = [], []
+    for batch, batch_labels in loader:
+        assert batch.dtype == torch.float32 and tuple(batch.shape[1:]) == (3, 8, 6)
+        seen_images.append(batch)
+        seen_labels.append(batch_labels)
+    assert torch.allclose(torch.cat(seen_images), torch.from_numpy(images).float() / 255)
+    assert torch.equal(torch.cat(seen_labels), torch.from_numpy(labels))
+    assert sorted(p.name for p in path.iterdir()) == ["data.mdb", "datumdb.json"]
