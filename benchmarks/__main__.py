@@ -159,8 +159,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         serialized = [encode_array(images[i], int(labels[i])) for i in range(count)]
         limit = median_time(lambda: write_limit(serialized, work / "limit.bin"), repeats)
         rate = f"{count / ours:,.0f} rec/s"
-        table.add("build: convert-arrays vs the seed's way", f"{ours:.2f} s ({rate})",
-                  f"{seed:.1f} s (txn per sample; {subset} timed, scaled)", seed / ours, 30)
+        table.add(
+            "build: convert-arrays vs the seed's way",
+            f"{ours:.2f} s ({rate})",
+            f"{seed:.1f} s (txn per sample; {subset} timed, scaled)",
+            seed / ours,
+            30,
+        )
         table.add("build: convert-arrays vs h5py", f"{ours:.2f} s", f"{h5:.2f} s (h5py write)", h5 / ours, None)
         table.add("build: convert-arrays vs the limit", f"{ours:.2f} s", f"{limit:.2f} s (same bytes, write+fsync)",
                   limit / ours, 0.8)  # fmt: skip
@@ -215,6 +220,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
         # -- full verify
         ours_time = median_time(lambda: verify_database(db), repeats)
+
         def sha256_of_file() -> None:
             with open(db / "data.mdb", "rb") as handle:
                 hashlib.file_digest(handle, "sha256")
