@@ -84,9 +84,11 @@ class OffsetIndex:
         self.labels = labels
         self.layout = layout
         self._file = np.memmap(data_path, dtype=np.uint8, mode="r")
+        # Element r is the payload-sized byte string starting at byte r (a void scalar, copied
+        # with one memcpy): a gather is one fancy index over this view, as for a .npy memmap.
+        self._record = np.dtype((np.void, layout.size))
         rows = len(self._file) - layout.size + 1
-        # Row r is bytes [r, r + size): a gather of payload rows is one fancy index, as for a .npy.
-        self._rows = np.lib.stride_tricks.as_strided(self._file, shape=(rows, layout.size), strides=(1, 1))
+        self._rows = np.ndarray((rows,), dtype=self._record, buffer=self._file, offset=0, strides=(1,))
 
     @classmethod
     def build(cls, env: lmdb.Environment, data_path: Path, layout: RawLayout) -> OffsetIndex | None:
@@ -120,11 +122,13 @@ class OffsetIndex:
         with txn.cursor() as cursor:
             for index, (_, value) in enumerate(cursor.iternext(keys=True, values=True)):
                 if position < len(sample) and index == sample[position]:
-                    if not np.array_equal(self._rows[self.offsets[index]], self.layout.array(value).reshape(-1)):
+                    if self._rows[self.offsets[index]].tobytes() != self.layout.array(value).tobytes():
                         return False
                     position += 1
         return position == len(sample)
 
     def gather(self, indices: np.ndarray, out: np.ndarray) -> np.ndarray:
-        np.take(self._rows, self.offsets[indices], axis=0, out=out.reshape(len(indices), -1))
+        # Advanced indexing walks the overlapping view as is (np.take would first copy all of it
+        # into a contiguous array: hundreds of gigabytes).
+        out.reshape(len(indices), -1).view(self._record).reshape(len(indices))[...] = self._rows[self.offsets[indices]]
         return self.labels[indices]
