@@ -1,8 +1,9 @@
-# datumdb pipeline: params.yaml -> shards -> one LMDB per split -> verify, mean -> report.
-# The same stages, with the same `datumdb` commands, are in dvc.yaml; see README "Pipeline".
+# datumdb pipeline: params.yaml -> records (per shard) -> one LMDB per split -> verify, mean -> report.
+# The same steps run under DVC (dvc.yaml); both call `datumdb pipeline STEP --params params.yaml`,
+# so they write the same bytes. Defaults and options for users: profiles/default/config.yaml.
 from snakemake.utils import min_version
 
-min_version("8.0")
+min_version("9.0")
 
 
 configfile: "params.yaml"
@@ -19,7 +20,7 @@ include: "workflow/rules/report.smk"
 rule all:
     default_target: True
     input:
-        "reports/summary.md",
-        "data/mean/mean.binaryproto",
-        "data/mean/mean.npy",
-        expand("reports/verify/{split}_samples.png", split=SPLITS),
+        SUMMARY,
+        MEAN_BINARYPROTO,
+        MEAN_NPY,
+        [outputs.sheet(split) for split in SPLITS],

@@ -14,7 +14,9 @@ from datumdb.cli import main
 from datumdb.codec import decode
 from datumdb.errors import InputError
 from datumdb.manifest import read_manifest
-from datumdb.sources import convert_arrays, iter_array_samples, load_labels, open_source
+from datumdb.pipeline.config import to_config, validate_params
+from datumdb.pipeline.sources import open_source
+from datumdb.sources import convert_arrays, iter_array_samples, load_labels
 
 
 def _save(tmp_path: Path, images: np.ndarray, labels, name: str = "X") -> tuple[Path, Path]:
@@ -219,7 +221,12 @@ def test_arrays_pipeline_source_matches_convert_arrays(tmp_path: Path, chw) -> N
     images, labels = chw
     np.save(tmp_path / "X.npy", np.ascontiguousarray(images.transpose(0, 2, 3, 1)))
     np.save(tmp_path / "y.npy", labels)
-    source = open_source("arrays", tmp_path, arrays={"layout": "hwc", "bgr_from_rgb": True})
+
+    def dataset(**arrays: object):
+        params = {"dataset": {"source": "arrays", "input_dir": str(tmp_path), "arrays": arrays}}
+        return to_config(validate_params(params)).dataset
+
+    source = open_source(dataset(layout="hwc", bgr_from_rgb=True), 0)
     assert (source.count, source.shape, source.channel_order) == (9, (3, 5, 7), "BGR")
     got, got_labels = source.read(2, 6)
     np.testing.assert_array_equal(got, images[2:6, ::-1])
@@ -228,7 +235,7 @@ def test_arrays_pipeline_source_matches_convert_arrays(tmp_path: Path, chw) -> N
     floats[3, 0, 1, 1] = np.nan
     np.save(tmp_path / "F.npy", floats)
     np.save(tmp_path / "Fy.npy", np.zeros(5, np.int64))
-    float_source = open_source("arrays", tmp_path, arrays={"images": "F.npy", "labels": "Fy.npy"})
+    float_source = open_source(dataset(images="F.npy", labels="Fy.npy"), 0)
     assert float_source.read(0, 3)[0].dtype == np.float32
     with pytest.raises(InputError, match="image 3 contains NaN"):
         float_source.read(2, 5)

@@ -4,7 +4,8 @@ This is the reproducibility check CI runs (`.ci/run` -> `make test`): the commit
 reproduced by `dvc repro` from a fresh copy; on the small params of `.test/params.yaml`,
 Snakemake and DVC make identical bytes, `dvc status` stays clean after builds and reads, a
 changed parameter reruns only what depends on it, a push/clone/pull round trip gives the same
-digests, and bad params fail with a clear message before any work.
+digests (and leaves Snakemake nothing to do), and bad params fail with a clear message before
+any work. tests/test_workflow_scenarios.py has the failure, YAML and sharing scenarios.
 
 The copies are made from the working tree (tracked and untracked, not ignored files), so the
 check covers uncommitted changes too.
@@ -36,6 +37,8 @@ from workflow_helpers import (
 from datumdb import DatumReader
 from datumdb.verify import content_digest
 
+pytestmark = pytest.mark.integration
+
 
 def ran_stages(output: str) -> set[str]:
     return set(re.findall(r"Running stage '([^']+)'", output))
@@ -47,6 +50,11 @@ def digests(repo: Path) -> dict[str, str]:
 
 def metric_digests(repo: Path) -> dict[str, str]:
     return {s: json.loads((repo / "reports" / "verify" / f"{s}.json").read_text())["digest"] for s in SPLITS}
+
+
+def nothing_to_do(repo: Path) -> bool:
+    plan = snakemake("-n", cwd=repo)
+    return "Nothing to be done" in plan.stdout + plan.stderr
 
 
 def set_params(repo: Path, **changes: object) -> None:
@@ -72,7 +80,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     remote = tmp_path_factory.mktemp("remote")
     dvc("remote", "modify", "--local", "storage", "url", str(remote), cwd=repo)
     build = snakemake("--cores", "2", cwd=repo)
-    assert "Execute 2 jobs" in build.stderr + build.stdout  # the two shards were generated concurrently
+    assert "Execute 2 jobs" in build.stderr + build.stdout  # the two shards were encoded concurrently
     dvc("commit", "--force", cwd=repo)
     commit_all(repo)
     yield repo
@@ -90,7 +98,8 @@ def test_committed_dvc_lock_is_reproduced_by_dvc_repro_from_a_fresh_copy(tmp_pat
 
 def test_snakemake_build_leaves_dvc_status_clean_even_after_reads(tiny: Path) -> None:
     assert status_clean(tiny)
-    assert "Nothing to be done" in snakemake("-n", cwd=tiny).stdout + snakemake("-n", cwd=tiny).stderr
+    assert nothing_to_do(tiny)
+    assert not (tiny / "data" / "tmp").exists() or not any((tiny / "data" / "tmp").rglob("*.rec"))  # temp()
     for split in SPLITS:
         db = tiny / "data" / "lmdb" / split
         assert sorted(p.name for p in db.iterdir()) == ["data.mdb", "datumdb.json"]
@@ -114,7 +123,8 @@ def test_dvc_repro_in_a_fresh_clone_makes_what_snakemake_made(tiny: Path, tmp_pa
     fresh = clone(tiny, tmp_path / "clone")
     assert not (fresh / "data").exists()
     output = dvc("repro", cwd=fresh).stdout
-    assert {"generate@0", "generate@1", "build@train", "verify@val", "mean"} <= ran_stages(output)
+    # report's inputs come out byte-identical (they are in git), so DVC does not rerun it
+    assert ran_stages(output) == {"build", "verify@train", "verify@val", "verify@test", "mean"}
     assert run(["git", "diff", "--exit-code", "dvc.lock"], fresh, check=False).returncode == 0
     assert run(["git", "status", "--porcelain"], fresh).stdout == ""
     found = {"fresh": digests(fresh), "tiny": digests(tiny), "fresh metrics": metric_digests(fresh)}
@@ -126,6 +136,7 @@ def test_dvc_repro_in_a_fresh_clone_makes_what_snakemake_made(tiny: Path, tmp_pa
     assert (fresh / "data/mean/mean.binaryproto").read_bytes() == (tiny / "data/mean/mean.binaryproto").read_bytes()
     assert status_clean(fresh)
     assert ran_stages(dvc("repro", cwd=fresh).stdout) == set()
+    assert nothing_to_do(fresh)  # one state: Snakemake accepts what DVC made
 
 
 def test_push_then_pull_in_a_fresh_clone_gives_the_same_digests(tiny: Path, tmp_path: Path) -> None:
@@ -137,7 +148,13 @@ def test_push_then_pull_in_a_fresh_clone_gives_the_same_digests(tiny: Path, tmp_
     assert digests(fresh) == digests(tiny)
     assert status_clean(fresh)
     assert ran_stages(dvc("repro", cwd=fresh).stdout) == set()
-    run(["datumdb", "verify", "data/lmdb/train"], fresh)
+    assert nothing_to_do(fresh)  # file times from the pull do not matter to Snakemake
+    run(["datumdb", "verify", "data/lmdb/train", "--params", "params.yaml"], fresh)
+    # dvc checkout after losing the data: the same.
+    shutil.rmtree(fresh / "data")
+    dvc("checkout", cwd=fresh)
+    assert digests(fresh) == digests(tiny)
+    assert nothing_to_do(fresh)
 
 
 def test_a_changed_param_reruns_only_the_stages_that_depend_on_it(tiny: Path, tmp_path: Path) -> None:
@@ -151,14 +168,17 @@ def test_a_changed_param_reruns_only_the_stages_that_depend_on_it(tiny: Path, tm
     assert ran_stages(dvc("repro", cwd=repo).stdout) == {"verify@train", "verify@val", "verify@test", "report"}
     set_params(repo, encoding="none")
     ran = ran_stages(dvc("repro", cwd=repo).stdout)
-    assert not any(stage.startswith("generate@") for stage in ran)
-    assert {"serialize@0", "serialize@1", "build@train", "build@val", "build@test", "mean"} <= ran
+    assert ran == {"build", "verify@train", "verify@val", "verify@test", "mean", "report"}
+    set_params(repo, partition__shards=[0, 1, 2])  # cuts the work differently; the bytes do not change
+    assert ran_stages(dvc("repro", cwd=repo).stdout) == set()
     # Snakemake sees the same dependency: a new verify sample size reruns only verify (and what follows).
     set_params(tiny, verify__sample=5)
     try:
         plan = snakemake("-n", cwd=tiny)
         jobs = dict(re.findall(r"^(\w+)\s+(\d+)$", plan.stdout + plan.stderr, re.M))
         assert {k: v for k, v in jobs.items() if k != "total"} == {"verify": "3", "report": "1", "all": "1"}
+        set_params(tiny, verify__sample=8, partition__shards=[0, 1, 2])
+        assert nothing_to_do(tiny)
     finally:
         run(["git", "checkout", "params.yaml"], tiny)
 
@@ -192,7 +212,10 @@ def test_bad_params_fail_with_a_clear_message_before_any_work(
     tiny: Path, tmp_path: Path, bad: dict[str, object], message: str
 ) -> None:
     repo = clone(tiny, tmp_path / "bad")
-    (repo / "bad.yaml").write_text(yaml.safe_dump(bad))
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for group, values in bad.items():  # a whole params file with the bad values in it
+        params[group] = {**params[group], **values} if isinstance(values, dict) else values
+    (repo / "bad.yaml").write_text(yaml.safe_dump(params))
     result = snakemake("--cores", "1", "--configfile", "bad.yaml", cwd=repo, check=False)
     assert result.returncode != 0
     assert message in result.stdout + result.stderr
@@ -210,7 +233,7 @@ def test_a_local_mnist_source_runs_through_both_orchestrators(tiny: Path, tmp_pa
     (repo / "inputs" / "train-labels-idx1-ubyte").write_bytes(b"\0\0\x08\x01" + struct_sizes(60) + labels.tobytes())
     set_params(repo, dataset__source="mnist")
     snakemake("--cores", "2", cwd=repo)
-    metrics = json.loads((repo / "reports" / "verify" / "val.json").read_text())
+    metrics = json.loads((repo / "reports" / "verify" / "val.json").read_text())  # the full report
     assert (metrics["source"], metrics["count"], metrics["shape"]) == ("mnist", 15, [1, 8, 8])
     assert metrics["ncm_accuracy"] > 0.9
     dvc("commit", "--force", cwd=repo)
@@ -227,12 +250,15 @@ def struct_sizes(*sizes: int) -> bytes:
     return b"".join(size.to_bytes(4, "big") for size in sizes)
 
 
-def test_snakemake_and_dvc_run_exactly_the_same_commands(tiny: Path) -> None:
+def test_snakemake_and_dvc_pass_no_values_on_their_command_lines(tiny: Path) -> None:
+    """Both run `datumdb pipeline STEP --params params.yaml` with fixed paths: no value to quote."""
     plan = snakemake("-n", "-p", "--forceall", cwd=tiny)
-    snakemake_commands = set(re.findall(r"^Shell command: (.+) > logs/\S+ 2>&1$", plan.stdout + plan.stderr, re.M))
+    snakemake_commands = re.findall(r"^Shell command: (datumdb .+)$", plan.stdout + plan.stderr, re.M)
     lock = yaml.safe_load((tiny / "dvc.lock").read_text())
-    dvc_commands = {stage["cmd"] for stage in lock["stages"].values()}
-    assert (
-        len(dvc_commands) == 2 + 2 + 3 + 3 + 1 + 1
-    )  # generate, serialize, build, verify per shard/split; mean; report
-    assert snakemake_commands == dvc_commands
+    dvc_commands = [stage["cmd"] for stage in lock["stages"].values()]
+    assert len(snakemake_commands) == 2 + 3 + 3 + 1 + 1 and len(dvc_commands) == 1 + 3 + 1 + 1
+    params = yaml.safe_load((tiny / "params.yaml").read_text())
+    values = {str(params["seed"]), params["encoding"], str(params["build"]["batch_size"])}
+    for command in snakemake_commands + dvc_commands:
+        assert command.startswith("datumdb --no-progress pipeline ") and "--params params.yaml" in command
+        assert not values & set(command.split()), command

@@ -20,6 +20,7 @@ import numpy as np
 
 from datumdb import __version__
 from datumdb.errors import DatumDBError
+from datumdb.pipeline.splits import SPLITS
 from datumdb.writer import DEFAULT_BATCH_SIZE, DEFAULT_MAP_SIZE
 
 __all__ = ["main"]
@@ -159,6 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="time limit of the isolated scan (default: 60 s + 10 s per 100 MB)",
     )
+    p.add_argument(
+        "--params",
+        type=Path,
+        default=None,
+        metavar="PARAMS.yaml",
+        help="also check that a pipeline-built database matches these params and input files (its "
+        "manifest records the fingerprint of what made it); fails naming what differs",
+    )
     p.set_defaults(func=_verify)
 
     p = commands.add_parser("digest", help="print the content digest (sha256 over keys and values in order)")
@@ -186,100 +195,56 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_pipeline_commands(commands: Any) -> None:
-    """The workflow's steps (Snakemake rules and DVC stages call these with values from params.yaml).
+    """``datumdb pipeline STEP``: the workflow's steps, run by the Snakefile's rules and DVC's stages.
 
-    Option names with dots and underscores (``--arrays.images``, ``--input_dir``) are what DVC's
-    dictionary unpacking of a params group (``${dataset}``) produces; dashed aliases are accepted.
+    Each step reads its values from the params file (``--params``, default params.yaml), so no
+    value is ever joined into a shell command; output paths are arguments.
     """
-    p = commands.add_parser(
-        "generate-shard",
-        help="read (or synthesise) one shard of the dataset source into raw arrays",
-        description="Shard I of N holds samples [I*count//N, (I+1)*count//N). Writes OUT/images.npy, "
-        "OUT/labels.npy and OUT/meta.json. Input paths are relative to --input_dir.",
+    group = commands.add_parser(
+        "pipeline",
+        help="the workflow's steps (Snakemake rules and DVC stages call these)",
+        description="Steps of the datumdb pipeline over one params file. See README, 'Pipeline'.",
     )
-    p.add_argument("output", type=Path, metavar="OUT/", help="shard folder to write")
-    p.add_argument("--shard", type=_non_negative, required=True, help="this shard's id")
-    p.add_argument("--shards", type=int, nargs="+", required=True, metavar="ID", help="all shard ids: 0 1 ... n-1")
-    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic source and imageset shuffle")
-    p.add_argument("--source", choices=("synthetic", "arrays", "imageset", "cifar10", "mnist"), default="synthetic")
-    p.add_argument("--input_dir", "--input-dir", dest="input_dir", type=Path, default=Path("inputs"))
-    p.add_argument("--count", type=_non_negative, default=0, help="synthetic: number of samples")
-    p.add_argument("--shape", type=_positive, nargs=3, default=[3, 32, 32], metavar=("C", "H", "W"))
-    p.add_argument("--classes", type=_positive, default=10, help="synthetic: number of classes")
-    p.add_argument("--arrays.images", "--arrays-images", dest="arrays_images", default="X.npy")
-    p.add_argument("--arrays.labels", "--arrays-labels", dest="arrays_labels", default="y.npy")
-    p.add_argument("--arrays.layout", "--arrays-layout", dest="arrays_layout", choices=("chw", "hwc"), default="chw")
-    p.add_argument("--arrays.bgr_from_rgb", "--arrays-bgr-from-rgb", dest="arrays_bgr_from_rgb", action="store_true")
-    p.add_argument("--imageset.root", "--imageset-root", dest="imageset_root", default="images")
-    p.add_argument("--imageset.list_file", "--imageset-list-file", dest="imageset_list_file", default="list.txt")
-    p.add_argument("--imageset.gray", "--imageset-gray", dest="imageset_gray", action="store_true")
-    p.add_argument("--imageset.shuffle", "--imageset-shuffle", dest="imageset_shuffle", action="store_true")
-    for size in ("height", "width"):
-        p.add_argument(
-            f"--imageset.resize_{size}", f"--imageset-resize-{size}", dest=f"imageset_resize_{size}",
-            type=_non_negative, default=0,
-        )  # fmt: skip
-    p.add_argument("--cifar10.batches", "--cifar10-batches", dest="cifar10_batches", nargs="+", default=[])
-    p.add_argument("--mnist.images", "--mnist-images", dest="mnist_images", default="train-images-idx3-ubyte")
-    p.add_argument("--mnist.labels", "--mnist-labels", dest="mnist_labels", default="train-labels-idx1-ubyte")
-    p.set_defaults(func=_generate_shard)
+    steps = group.add_subparsers(dest="step", required=True, metavar="STEP")
 
-    p = commands.add_parser(
-        "serialize-shard",
-        help="encode one shard's samples as Datums, one record file per split",
-        description="Splits are assigned by a seeded permutation of all sample indices (a pure function "
-        "of count, seed and fractions). Writes OUT/train.rec, OUT/val.rec and OUT/test.rec "
-        "with keys %%08d = position within the split.",
-    )
-    p.add_argument("shard", type=Path, metavar="SHARD/", help="a folder written by generate-shard")
-    p.add_argument("output", type=Path, metavar="OUT/", help="folder for the record files")
-    _add_split_options(p)
-    p.add_argument("--encoding", choices=("none", "png", "jpg"), default="none", help="raw or PNG/JPEG Datums")
-    p.set_defaults(func=_serialize_shard)
+    def step(name: str, func: Any, help: str) -> argparse.ArgumentParser:
+        p = steps.add_parser(name, help=help, description=help)
+        p.add_argument("--params", type=Path, default=Path("params.yaml"), metavar="PARAMS.yaml")
+        p.set_defaults(func=func)
+        return p
 
-    p = commands.add_parser(
-        "build-split",
-        help="append the record files of one split, in shard order, into one LMDB (single writer)",
+    step("check", _pipeline_check, "check the params file (schema; YAML 1.1 = 1.2) and print it resolved as JSON")
+    p = step("stale", _pipeline_stale, "list outputs whose recorded fingerprint does not match the params")
+    p.add_argument("--root", type=Path, default=Path("."), help="folder the outputs are under")
+    p = step("records", _pipeline_records, "encode one shard's samples into record files (one per split)")
+    p.add_argument("--shard", type=_non_negative, required=True)
+    p.add_argument(
+        "records", type=Path, metavar="RECORDS/", help="folder of the record files (RECORDS/<shard>/<split>.rec)"
     )
-    p.add_argument("records", type=Path, metavar="RECORDS/", help="folder holding one sub-folder per shard")
+    p = step("build", _pipeline_build, "build one split's LMDB from the shards' record files (single writer)")
+    p.add_argument("--split", choices=SPLITS, required=True)
+    p.add_argument("records", type=Path, metavar="RECORDS/")
     p.add_argument("db", type=Path, metavar="DB")
-    p.add_argument("--split", choices=("train", "val", "test"), required=True)
-    p.add_argument("--shards", type=int, nargs="+", required=True, metavar="ID", help="all shard ids: 0 1 ... n-1")
-    _add_build_options(p)
-    p.set_defaults(func=_build_split)
-
-    p = commands.add_parser(
-        "verify-split",
-        help="verify a built split against its manifest and the raw shards; write metrics and a contact sheet",
-        description="Recomputes the content digest; checks count, shape, dtype and label histogram against "
-        "the manifest and the raw shard arrays; compares a seeded random sample of records "
-        "with the raw arrays; scores a nearest-class-mean classifier fitted on --train-db. "
-        "Exit 1 (and no output written) on any mismatch.",
-    )
+    p = step("build-all", _pipeline_build_all, "build every split's LMDB, the shards in parallel processes (DVC)")
+    p.add_argument("databases", type=Path, metavar="DATABASES/", help="the databases go to DATABASES/<split>")
+    p.add_argument("--jobs", type=_positive, default=None, help="processes (default: the CPU count)")
+    p = step("verify", _pipeline_verify, "verify a split against its source; write its reports (exit 1 on mismatch)")
+    p.add_argument("--split", choices=SPLITS, required=True)
     p.add_argument("db", type=Path, metavar="DB")
-    p.add_argument("--split", choices=("train", "val", "test"), required=True)
-    p.add_argument("--shard-dir", type=Path, required=True, metavar="SHARDS/", help="folder of the shard folders")
-    p.add_argument("--shards", type=int, nargs="+", required=True, metavar="ID", help="all shard ids: 0 1 ... n-1")
     p.add_argument("--train-db", type=Path, required=True, metavar="DB", help="the train split (class means)")
-    _add_split_options(p)
-    p.add_argument("--sample", type=_non_negative, default=64, help="records to decode and compare with the raw data")
-    p.add_argument("--metrics", type=Path, required=True, metavar="OUT.json")
+    p.add_argument("--details", type=Path, required=True, metavar="OUT.json", help="the full report")
+    p.add_argument("--metrics", type=Path, required=True, metavar="OUT.json", help="a few numbers (DVC metrics)")
     p.add_argument("--histogram", type=Path, required=True, metavar="OUT.csv", help="label histogram (DVC plots)")
-    p.add_argument("--contact-sheet", type=Path, required=True, metavar="OUT.png")
-    p.set_defaults(func=_verify_split)
-
-    p = commands.add_parser("report", help="summarise the verify metrics and the train mean as Markdown")
-    p.add_argument("metrics", type=Path, nargs="+", metavar="VERIFY.json")
-    p.add_argument("--mean", type=Path, required=True, metavar="MEAN.json", help="written by compute-mean --json")
+    p.add_argument("--sheet", type=Path, required=True, metavar="OUT.png", help="contact sheet")
+    p = step("mean", _pipeline_mean, "the train split's mean image (Caffe BlobProto, .npy, per-channel JSON)")
+    p.add_argument("db", type=Path, metavar="DB")
+    p.add_argument("--binaryproto", type=Path, required=True, metavar="OUT.binaryproto")
+    p.add_argument("--npy", type=Path, required=True, metavar="OUT.npy")
+    p.add_argument("--json", type=Path, required=True, metavar="OUT.json")
+    p = step("report", _pipeline_report, "summarise the verify reports and the mean as Markdown")
+    p.add_argument("details", type=Path, nargs="+", metavar="VERIFY.json")
+    p.add_argument("--mean", type=Path, required=True, metavar="MEAN.json")
     p.add_argument("--output", type=Path, required=True, metavar="OUT.md")
-    p.set_defaults(func=_report)
-
-
-def _add_split_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--seed", type=int, default=0, help="seed of the split assignment")
-    parser.add_argument("--train", type=float, default=0.8, help="fraction of samples in train")
-    parser.add_argument("--val", type=float, default=0.1, help="fraction of samples in val")
-    parser.add_argument("--test", type=float, default=0.1, help="fraction of samples in test")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -388,6 +353,12 @@ def _verify(args: argparse.Namespace) -> int:
     from datumdb.verify import verify_database
 
     report = verify_database(args.db, progress=args.progress, isolate=not args.in_process, timeout=args.timeout)
+    if args.params is not None:
+        from datumdb.pipeline.fingerprint import database_matches_params
+
+        problems = database_matches_params(args.db, args.params)
+        report["problems"] = [*report["problems"], *problems]
+        report["ok"] = report["ok"] and not problems
     if args.json:
         print(json.dumps(report, indent=2))
     elif report["ok"]:
@@ -481,168 +452,92 @@ def _export(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------ pipeline steps
 
 
-def _generate_shard(args: argparse.Namespace) -> int:
-    from datumdb.shards import check_shard_ids, shard_range, write_shard
-    from datumdb.sources import open_source
+def _config(args: argparse.Namespace) -> Any:
+    from datumdb.pipeline.config import load_config
 
-    shards = check_shard_ids(args.shards)
-    source = open_source(
-        args.source,
-        args.input_dir,
-        seed=args.seed,
-        count=args.count,
-        shape=args.shape,
-        classes=args.classes,
-        arrays={
-            "images": args.arrays_images,
-            "labels": args.arrays_labels,
-            "layout": args.arrays_layout,
-            "bgr_from_rgb": args.arrays_bgr_from_rgb,
-        },
-        imageset={
-            "root": args.imageset_root,
-            "list_file": args.imageset_list_file,
-            "gray": args.imageset_gray,
-            "shuffle": args.imageset_shuffle,
-            "resize_height": args.imageset_resize_height,
-            "resize_width": args.imageset_resize_width,
-        },
-        cifar10={"batches": args.cifar10_batches},
-        mnist={"images": args.mnist_images, "labels": args.mnist_labels},
-    )
-    start, stop = shard_range(args.shard, shards, source.count)
-    images, labels = source.read(start, stop)
-    meta = {
-        "source": source.name,
-        "shard": args.shard,
-        "shards": shards,
-        "start": start,
-        "stop": stop,
-        "count": source.count,
-        "shape": list(source.shape),
-        "dtype": str(images.dtype),
-        "channel_order": source.channel_order,
-    }
-    write_shard(args.output, images, labels, meta)
-    print(f"{args.output}: shard {args.shard} of {shards}, samples {start}..{stop - 1} of {source.count}")
+    return load_config(args.params)
+
+
+def _pipeline_check(args: argparse.Namespace) -> int:
+    print(json.dumps(_config(args).as_dict(), indent=2))
     return 0
 
 
-def _serialize_shard(args: argparse.Namespace) -> int:
-    from datumdb.codec import encode_array, encode_image, encode_png_or_jpg
-    from datumdb.shards import SPLITS, assign_splits, positions_in_split, read_shard, write_records
+def _pipeline_stale(args: argparse.Namespace) -> int:
+    from datumdb.pipeline.outputs import stale_outputs
 
-    images, labels, meta = read_shard(args.shard)
-    fractions = (args.train, args.val, args.test)
-    assignment = assign_splits(int(meta["count"]), args.seed, fractions)  # checks the fractions first
-    positions = positions_in_split(assignment)
-    split_sizes = np.bincount(assignment, minlength=len(SPLITS))
-    if args.encoding != "none" and images.dtype != np.uint8:
-        raise DatumDBError(f"{args.shard}: encoding {args.encoding!r} needs uint8 images, these are {images.dtype}")
-    per_split: dict[str, list[tuple[bytes, bytes]]] = {name: [] for name in SPLITS}
-    start = int(meta["start"])
-    for offset, (image, label) in enumerate(zip(images, labels.tolist(), strict=True)):
-        index = start + offset
-        split = int(assignment[index])
-        width = max(8, len(str(max(int(split_sizes[split]) - 1, 0))))
-        key = b"%0*d" % (width, positions[index])
-        if args.encoding == "none":  # exactly what DatabaseWriter.add stores for each encoding
-            value = encode_array(image, label, key=key)
-        else:
-            value = encode_image(encode_png_or_jpg(image, args.encoding, key), label, shape=image.shape, key=key)
-        per_split[SPLITS[split]].append((key, value))
-    for name in SPLITS:
-        header = {
-            "split": name,
-            "shard": meta["shard"],
-            "source": meta["source"],
-            "channel_order": meta["channel_order"],
-            "count": meta["count"],
-            "seed": args.seed,
-            "fractions": list(fractions),
-            "encoding": args.encoding,
-        }
-        write_records(args.output / f"{name}.rec", header, per_split[name])
-    counts = ", ".join(f"{name} {len(per_split[name])}" for name in SPLITS)
-    print(f"{args.output}: shard {meta['shard']}: {counts}")
+    stale = stale_outputs(_config(args), args.root)
+    for path, reasons in stale.items():
+        print(f"{path}: stale: {'; '.join(reasons)}")
+    if not stale:
+        print("every existing output matches the params")
+    return 1 if stale else 0
+
+
+def _pipeline_records(args: argparse.Namespace) -> int:
+    from datumdb.pipeline.build import make_records
+
+    counts = make_records(_config(args), args.shard, args.records)
+    print(f"{args.records}: shard {args.shard}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     return 0
 
 
-def _build_split(args: argparse.Namespace) -> int:
-    from datumdb.shards import check_shard_ids, read_records
-    from datumdb.writer import DatabaseWriter
+def _pipeline_build(args: argparse.Namespace) -> int:
+    from datumdb.pipeline.build import build_split
 
-    check_shard_ids(args.shards)
-    opened = [read_records(args.records / str(shard) / f"{args.split}.rec") for shard in args.shards]
-    first = opened[0][0]
-    for shard, (header, _) in zip(args.shards, opened, strict=True):
-        same = {k: header.get(k) for k in ("source", "count", "seed", "fractions", "encoding", "split")}
-        if same != {k: first.get(k) for k in same} or header.get("shard") != shard:
-            raise DatumDBError(
-                f"{args.records / str(shard)}: record file was made with different options than shard 0's "
-                "(stale output? rerun serialize-shard)"
-            )
-    metadata = {
-        "source": first["source"],
-        "split": args.split,
-        "split_seed": first["seed"],
-        "split_fractions": first["fractions"],
-    }
-    channel_order = first["channel_order"]
-    with DatabaseWriter(
-        args.db,
-        overwrite=args.overwrite,
-        batch_size=args.batch_size,
-        map_size=args.map_size,
-        encoding=first["encoding"],
-        channel_order=channel_order,
-        metadata=metadata,
-    ) as writer:
-        for _, items in opened:
-            for key, value in items:
-                writer.add_serialized(value, key)
+    build_split(_config(args), args.split, args.records, args.db, progress=args.progress)
     return _report_built(args.db)
 
 
-def _verify_split(args: argparse.Namespace) -> int:
-    from datumdb.report import histogram_csv, verify_split
-    from datumdb.shards import atomic_write
+def _pipeline_build_all(args: argparse.Namespace) -> int:
+    from datumdb.pipeline.build import build_all
 
-    metrics, problems, sheet = verify_split(
+    for split, manifest in build_all(_config(args), args.databases, jobs=args.jobs).items():
+        print(f"{args.databases / split}: {manifest['count']} records, {manifest['digest']}")
+    return 0
+
+
+def _pipeline_verify(args: argparse.Namespace) -> int:
+    from datumdb.pipeline.check import verify_step
+
+    report, problems = verify_step(
+        _config(args),
+        args.split,
         args.db,
-        split=args.split,
-        shard_dir=args.shard_dir,
-        shard_ids=args.shards,
-        train_db=args.train_db,
-        seed=args.seed,
-        fractions=(args.train, args.val, args.test),
-        sample=args.sample,
+        args.train_db,
+        details=args.details,
+        metrics=args.metrics,
+        histogram=args.histogram,
+        sheet=args.sheet,
     )
     if problems:
         for problem in problems:
-            print(f"datumdb verify-split: {problem}", file=sys.stderr)
+            print(f"datumdb pipeline verify: {problem}", file=sys.stderr)
         print(f"{args.db}: FAILED ({len(problems)} problem(s)); no report written", file=sys.stderr)
         return 1
-    atomic_write(args.metrics, (json.dumps(metrics, indent=2) + "\n").encode("utf-8"))
-    atomic_write(args.histogram, histogram_csv(metrics["label_histogram"]))
-    atomic_write(args.contact_sheet, sheet)
     print(
-        f"{args.db}: OK, {metrics['count']} records, {metrics['sampled']} sampled and matching the raw data, "
-        f"nearest-class-mean accuracy {metrics['ncm_accuracy']} (chance {metrics['chance_accuracy']}), "
-        f"{metrics['digest']}"
+        f"{args.db}: OK, {report['count']} records, {report['sampled']} sampled and matching the source, "
+        f"nearest-class-mean accuracy {report['ncm_accuracy']} (chance {report['chance_accuracy']}), "
+        f"{report['digest']}"
     )
     return 0
 
 
-def _report(args: argparse.Namespace) -> int:
-    from datumdb.report import load_json, summary_markdown
-    from datumdb.shards import atomic_write
+def _pipeline_mean(args: argparse.Namespace) -> int:
+    from datumdb.pipeline.mean import mean_step
 
-    metrics = [load_json(path) for path in args.metrics]
-    text = summary_markdown(metrics, load_json(args.mean))
-    atomic_write(args.output, text.encode("utf-8"))
+    result = mean_step(_config(args), args.db, binaryproto=args.binaryproto, npy=args.npy, summary=args.json)
+    for channel, value in enumerate(result["channel_means"]):
+        print(f"mean_value channel [{channel}]: {value:.6f}")
+    return 0
+
+
+def _pipeline_report(args: argparse.Namespace) -> int:
+    from datumdb.pipeline.summary import report_step
+
+    text, ok = report_step(_config(args), args.details, args.mean, args.output)
     print(text, end="")
-    return 0 if all(m.get("ok") for m in metrics) else 1
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -42,6 +43,10 @@ __all__ = [
     "decode_image",
     "encode_array",
     "encode_image",
+    "encode_png_or_jpg",
+    "encode_sample",
+    "hwc_to_chw",
+    "shape_name",
 ]
 
 INT32_MIN = -(2**31)
@@ -218,6 +223,30 @@ def encode_png_or_jpg(chw: np.ndarray, encoding: Literal["png", "jpg"], key: byt
     return buf.tobytes()
 
 
+def encode_sample(
+    array: np.ndarray, label: int, encoding: Literal["none", "png", "jpg"], key: bytes | str | None = None
+) -> bytes:
+    """The Datum of one sample, as every datumdb writer stores it (the writer and the pipeline).
+
+    ``none``: a raw Datum (:func:`encode_array`); ``png``/``jpg``: the image encoded with
+    OpenCV's defaults, in an encoded Datum that also records the decoded (C, H, W).
+    """
+    if encoding == "none":
+        return encode_array(array, label, key=key)
+    chw = as_chw(np.asarray(array), key)
+    return encode_image(encode_png_or_jpg(chw, encoding, key), label, shape=chw.shape, key=key)
+
+
+def hwc_to_chw(image: np.ndarray) -> np.ndarray:
+    """OpenCV's (H, W) or (H, W, C) image as a Datum's (C, H, W) view (no copy)."""
+    return image[np.newaxis] if image.ndim == 2 else image.transpose(2, 0, 1)
+
+
+def shape_name(shape: Sequence[int] | None) -> str:
+    """How manifests and reports name a shape: ``"3x32x32"`` (``"unknown"`` when not recorded)."""
+    return "x".join(map(str, shape)) if shape else "unknown"
+
+
 # --------------------------------------------------------------------------- decoding
 
 
@@ -371,7 +400,7 @@ def decode_image(
         raise DatumError(f"OpenCV cannot decode the {len(data)}-byte encoded image", key)
     if image.dtype != np.uint8:
         raise DatumError(f"encoded image decodes to {image.dtype}; Caffe Datums hold 8-bit images", key)
-    return image[np.newaxis] if image.ndim == 2 else image.transpose(2, 0, 1)
+    return hwc_to_chw(image)
 
 
 def datum_to_array(datum: Datum, *, imread: ImreadMode = "unchanged", key: bytes | str | None = None) -> np.ndarray:

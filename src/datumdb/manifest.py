@@ -23,6 +23,7 @@ from typing import Any
 from datumdb.errors import DatabaseNotFoundError, VerificationError
 
 __all__ = [
+    "DATA_NAME",
     "MANIFEST_NAME",
     "ContentDigest",
     "decode_mode",
@@ -32,7 +33,8 @@ __all__ = [
     "write_manifest",
 ]
 
-MANIFEST_NAME = "datumdb.json"
+DATA_NAME = "data.mdb"  # LMDB's data file: the only file Caffe opens
+MANIFEST_NAME = "datumdb.json"  # ours, beside it: never inside the database, which Caffe parses
 MANIFEST_FORMAT = "datumdb-manifest/1"
 _DIGEST_DOMAIN = b"datumdb content digest v1\n"
 _FRAME = struct.Struct("<IQ")  # key length (LMDB keys are < 512 bytes), value length

@@ -46,15 +46,20 @@ def compute_mean(db_path: str | os.PathLike[str], *, progress: bool | None = Non
     return total / np.float32(count)
 
 
-def write_binaryproto(mean: np.ndarray, path: str | os.PathLike[str]) -> Path:
-    """Write a (C, H, W) float array as Caffe's mean ``BlobProto`` (num=1, legacy 4-D fields)."""
+def binaryproto_bytes(mean: np.ndarray) -> bytes:
+    """A (C, H, W) float array as Caffe's mean ``BlobProto`` (num=1, legacy 4-D fields)."""
     mean = np.asarray(mean, dtype=np.float32)
     if mean.ndim != 3:
         raise ValueError(f"mean must be (C, H, W), got shape {mean.shape}")
     blob = BlobProto(num=1, channels=mean.shape[0], height=mean.shape[1], width=mean.shape[2])
     blob.data.extend(mean.reshape(-1).tolist())
+    return blob.SerializeToString()
+
+
+def write_binaryproto(mean: np.ndarray, path: str | os.PathLike[str]) -> Path:
+    """Write a (C, H, W) float array as Caffe's mean ``BlobProto`` file."""
     path = Path(path)
-    path.write_bytes(blob.SerializeToString())
+    path.write_bytes(binaryproto_bytes(mean))
     return path
 
 

@@ -42,7 +42,7 @@ import lmdb
 import numpy as np
 
 from datumdb import __version__
-from datumdb.codec import as_chw, check_label, decode, encode_array, encode_image, encode_png_or_jpg
+from datumdb.codec import as_chw, check_label, decode, encode_sample, shape_name
 from datumdb.errors import DatabaseError, DatabaseExistsError, DatumError, WriteError
 from datumdb.manifest import MANIFEST_FORMAT, RECORDS_PER_CHUNK, ContentDigest, file_sha256, write_manifest
 
@@ -163,11 +163,7 @@ class DatabaseWriter:
         """Encode a (C, H, W) or (H, W) array as a Datum and append it; returns its key."""
         key = self._key(key)
         array = as_chw(np.asarray(array), key)
-        if self.encoding == "none":
-            value = encode_array(array, label, key=key)
-        else:
-            image = encode_png_or_jpg(array, self.encoding, key)
-            value = encode_image(image, label, shape=array.shape, key=key)
+        value = encode_sample(array, label, self.encoding, key)
         dtype = "uint8" if array.dtype == np.uint8 else "float32"
         self._append(key, value, check_label(label, key), array.shape, dtype, self.encoding)
         return key
@@ -364,9 +360,7 @@ class DatabaseWriter:
         _fsync_dir(target.parent)
 
 
-@functools.lru_cache(maxsize=256)
-def _shape_name(shape: tuple[int, ...] | None) -> str:
-    return "x".join(map(str, shape)) if shape else "unknown"
+_shape_name = functools.lru_cache(maxsize=256)(shape_name)
 
 
 def _single_or_mixed(counter: Counter[str]) -> str | None:

@@ -1,109 +1,151 @@
-# Helpers of the rules: validation of params.yaml and the command-line arguments of each step.
-# The arguments are spelled exactly as DVC's `${...}` interpolation spells them in dvc.yaml, so
-# both orchestrators run identical commands and produce identical bytes.
+# Helpers of the rules (no rules here): the params file, its validation, the output paths and
+# the fingerprints that keep every output fresh.
+import json
 import math
+import os
+import sys
+import time
 from pathlib import Path
 
 from snakemake.utils import validate
 
+from datumdb.errors import DatumDBError
+from datumdb.manifest import DATA_NAME, MANIFEST_NAME
+from datumdb.pipeline import outputs
+from datumdb.pipeline.build import READ_CHUNK, records_path
+from datumdb.pipeline.config import SCHEMA_PATH, read_params, to_config, validate_params
+from datumdb.pipeline.fingerprint import build_record, input_digest, verify_record
+from datumdb.pipeline.outputs import MEAN_BINARYPROTO, MEAN_JSON, MEAN_NPY, RECORDS, SUMMARY, stale_outputs
+from datumdb.pipeline.splits import SPLITS
 
-SPLITS = ["train", "val", "test"]
+# The steps read their values from this file themselves (one argument, never a shell string).
+PARAMS = (workflow.overwrite_configfiles or ["params.yaml"])[-1]
+INPUT_HASHES = Path(".snakemake/datumdb/input-hashes.json")  # stat-keyed cache of input file hashes
+STALE_STAMPS = Path(".snakemake/datumdb/stamps")
 
 
-def check_params(config):
-    """What a JSON schema cannot say; each problem names the parameter (or file) at fault."""
-    shards = config["partition"]["shards"]
-    if shards != list(range(len(shards))):
-        raise ValueError(
-            f"params.yaml: partition.shards must be the ids 0, 1, ..., n-1 in order, got {shards}"
-        )
-    split = config["split"]
-    total = split["train"] + split["val"] + split["test"]
-    if not math.isclose(total, 1.0, abs_tol=1e-6):
-        raise ValueError(
-            f"params.yaml: split.train + split.val + split.test must be 1, got "
-            f"{split['train']} + {split['val']} + {split['test']} = {total:g}"
-        )
-    dataset = config["dataset"]
-    if dataset["source"] == "synthetic":
-        count = dataset["count"]
-        for name in SPLITS:
-            if round(count * split[name]) < 1:
-                raise ValueError(f"params.yaml: split.{name}={split[name]} of dataset.count={count} is empty")
-        if count < len(shards):
-            raise ValueError(f"params.yaml: dataset.count={count} is smaller than the {len(shards)} shards")
-    missing = [path for path in source_inputs() if not Path(path).exists()]
-    if missing:
-        raise ValueError(
-            f"params.yaml: dataset.source={dataset['source']} needs these input files, which do not exist: "
-            + ", ".join(missing)
-        )
+def load_config_or_exit():
+    """The typed config; bad params stop the run before any job, naming the key."""
+    try:
+        raw = read_params(PARAMS)  # first: YAML 1.1 and 1.2 read every value alike
+        validate(config, schema=str(SCHEMA_PATH))
+        from_file = validate_params(raw, str(PARAMS))  # the same schema, plus what it cannot say
+        if validate_params(config, str(PARAMS)) != from_file:
+            raise DatumDBError(
+                f"{PARAMS}: Snakemake's config differs from the file (--config or several config files?); "
+                "the steps read the file, so give every parameter there (or pass another file with --configfile)"
+            )
+        return to_config(from_file)
+    except DatumDBError as exc:
+        sys.exit(f"datumdb: {exc}")
+
+
+def hash_inputs(config_):
+    """The input files' digest, re-hashing only files whose size, mtime or inode changed."""
+    try:
+        cache = json.loads(INPUT_HASHES.read_text()) if INPUT_HASHES.exists() else {}
+    except ValueError:
+        cache = {}
+    try:
+        digest = input_digest(config_, cache)
+    except DatumDBError as exc:
+        sys.exit(f"datumdb: {exc}")
+    INPUT_HASHES.parent.mkdir(parents=True, exist_ok=True)
+    INPUT_HASHES.write_text(json.dumps(cache))
+    return digest
+
+
+def mark_stale_outputs(config_, inputs):
+    """Make the jobs of stale outputs rerun: their output records another fingerprint.
+
+    Snakemake's own records (.snakemake/metadata) catch a params change only where it ran
+    before; a fresh clone after `dvc pull` has none. So every fingerprinted output has a stamp
+    file among its job's inputs: written now when the output is stale (an input newer than the
+    outputs makes Snakemake rerun the job), left old otherwise. The inputs that come from other
+    jobs are ancient() (file times do not matter) unless the consuming output is stale, so a
+    rerun upstream carries on downstream exactly when the fingerprints say it must.
+    """
+    try:
+        stale = stale_outputs(config_, ".", inputs=inputs)
+    except DatumDBError as exc:
+        sys.exit(f"datumdb: {exc}")
+    STALE_STAMPS.mkdir(parents=True, exist_ok=True)
+    for path in FINGERPRINTED:
+        stamp = STALE_STAMPS / stamp_name(path)
+        if path in stale:
+            print(f"datumdb: {path} is stale ({stale[path][0]}); it will be remade", file=sys.stderr)
+            stamp.write_text(f"{time.time_ns()} {'; '.join(stale[path])}\n")
+        elif not stamp.exists():
+            stamp.write_text("fresh\n")
+            os.utime(stamp, ns=(0, 0))  # older than any output: triggers nothing
+    return stale
+
+
+def stamp_name(path):
+    return "__".join(Path(path).parts) + ".stamp"
+
+
+def stamp_of(pattern):
+    """An input function: the stamp file of the job's fingerprinted output ``pattern``."""
+    return lambda wildcards: str(STALE_STAMPS / stamp_name(pattern.format(**wildcards)))
+
+
+def upstream(pattern, files):
+    """An input function: ``files`` (from other jobs), ancient() unless output ``pattern`` is stale."""
+
+    def inputs(wildcards):
+        expanded = [f.format(**wildcards) for f in files]
+        return expanded if pattern.format(**wildcards) in STALE else ancient(expanded)
+
+    return inputs
+
+
+def report_inputs(files):
+    """The report's inputs: ancient() unless one of the reports it summarises is stale."""
+    return files if any(f in STALE for f in FINGERPRINTED[3:]) else ancient(files)
 
 
 def source_inputs():
-    """The local input files of the chosen source (nothing for synthetic)."""
-    dataset = config["dataset"]
-    source = dataset["source"]
-    folder = Path(dataset["input_dir"])
-    if source == "arrays":
-        names = [dataset["arrays"]["images"], dataset["arrays"]["labels"]]
-    elif source == "imageset":
-        names = [dataset["imageset"]["list_file"], dataset["imageset"]["root"]]
-    elif source == "cifar10":
-        names = list(dataset["cifar10"]["batches"])
-    elif source == "mnist":
-        names = [dataset["mnist"]["images"], dataset["mnist"]["labels"]]
-    else:
-        names = []
-    return [str(folder / name) for name in names]
+    """The files and folders the chosen source reads (listed so a missing one is a clear error)."""
+    dataset = CONFIG.dataset
+    folder = Path(dataset.input_dir)
+    names = {
+        "synthetic": [],
+        "arrays": [dataset.arrays.images, dataset.arrays.labels],
+        "imageset": [dataset.imageset.list_file, dataset.imageset.root],
+        "cifar10": list(dataset.cifar10.batches),
+        "mnist": [dataset.mnist.images, dataset.mnist.labels],
+    }[dataset.source]
+    return [ancient(str(folder / name)) for name in names]
 
 
-def dvc_args(group, prefix=""):
-    """A params group as DVC's dictionary unpacking writes it: --key value, --flag, --list a b."""
-    words = []
-    for key, value in group.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            words += dvc_args(value, prefix=f"{name}.").split()
-        elif isinstance(value, bool):
-            if value:
-                words.append(f"--{name}")
-        elif isinstance(value, list):
-            if value:
-                words += [f"--{name}", *map(str, value)]
-        else:
-            words += [f"--{name}", str(value)]
-    return " ".join(words)
-
-
-def split_args():
-    split = config["split"]
-    return f"--seed {config['seed']} --train {split['train']} --val {split['val']} --test {split['test']}"
-
-
-def shard_ids():
-    return config["partition"]["shards"]
+def database_files(split):
+    """The files of a split's database folder (declared as files: directory() outputs get a marker)."""
+    folder = outputs.database(split)
+    return [f"{folder}/{DATA_NAME}", f"{folder}/{MANIFEST_NAME}"]
 
 
 def shard_mem_mb(wildcards, attempt):
-    """A shard's raw images held about three times (read, arrays, encoded) plus ~400 MB of runtime.
+    """A records job holds one read chunk of samples a few times over, plus ~400 MB of runtime.
 
-    The dataset's bytes: count x shape for synthetic data, the input files' size for arrays,
-    cifar10 and mnist, and a 2 GiB guess for an image list (compressed files decode larger).
-    Doubles on each retry.
+    The chunk's bytes: READ_CHUNK samples of the synthetic shape, or a 256 MB guess for files
+    (decoded images can be larger than on disk). Doubles on each retry.
     """
-    dataset = config["dataset"]
-    if dataset["source"] == "synthetic":
-        total = dataset["count"] * math.prod(dataset["shape"])
-    elif dataset["source"] == "imageset":
-        total = 2 * 2**30
+    if CONFIG.dataset.source == "synthetic":
+        chunk = READ_CHUNK * math.prod(CONFIG.dataset.shape)
     else:
-        total = sum(Path(f).stat().st_size for f in source_inputs() if Path(f).is_file())
-    return (400 + 3 * total // len(shard_ids()) // 2**20) * attempt
+        chunk = 256 * 2**20
+    return (400 + 3 * chunk // 2**20) * attempt
 
 
-DATUMDB_CODE = sorted(str(p) for p in Path("src/datumdb").rglob("*") if p.is_file() and "__pycache__" not in p.parts)
-
-
-validate(config, schema="../schemas/params.schema.yaml")
-check_params(config)
+CONFIG = load_config_or_exit()
+FINGERPRINTED = [
+    *(f"{outputs.database(split)}/{MANIFEST_NAME}" for split in SPLITS),
+    *(outputs.verify_details(split) for split in SPLITS),
+    MEAN_JSON,
+]
+SHARDS = list(range(CONFIG.partition.count))
+INPUTS = hash_inputs(CONFIG)
+BUILD_FINGERPRINT = {split: build_record(CONFIG, split, INPUTS)["fingerprint"] for split in SPLITS}
+VERIFY_FINGERPRINT = {split: verify_record(CONFIG, split, INPUTS)["fingerprint"] for split in SPLITS}
+STALE = mark_stale_outputs(CONFIG, INPUTS)

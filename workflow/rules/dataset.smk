@@ -1,21 +1,19 @@
-# generate shards -> serialize shards (parallel) -> build one LMDB per split (single writer each).
+# records (one job per shard, temp) -> build one LMDB per split (its only writer).
+# Every step reads params.yaml itself (`--params`): no value is joined into a shell command.
+# Inputs are ancient(): reruns follow fingerprints (common.smk), not file times.
 
 
-rule generate:
+rule records:
     input:
-        code=DATUMDB_CODE,
-        source=source_inputs(),
+        source_inputs(),
     output:
-        images="data/shards/{shard}/images.npy",
-        labels="data/shards/{shard}/labels.npy",
-        meta="data/shards/{shard}/meta.json",
+        records=temp([str(records_path(RECORDS, "{shard}", split)) for split in SPLITS]),
     params:
-        folder=lambda wildcards, output: Path(output.meta).parent,
-        dataset=dvc_args(config["dataset"]),
-        seed=config["seed"],
-        partition=dvc_args(config["partition"]),
+        params_file=PARAMS,
+        records=lambda wildcards, output: Path(output.records[0]).parents[1],
+        fingerprint=lambda wildcards: BUILD_FINGERPRINT["train"],
     log:
-        "logs/generate/{shard}.log",
+        "logs/records/{shard}.log",
     wildcard_constraints:
         shard=r"\d+",
     threads: 1
@@ -23,55 +21,30 @@ rule generate:
         mem_mb=shard_mem_mb,
         runtime=15,
     shell:
-        "datumdb --no-progress generate-shard {params.dataset} --seed {params.seed} {params.partition}"
-        " --shard {wildcards.shard} {params.folder} > {log} 2>&1"
-
-
-rule serialize:
-    input:
-        code=DATUMDB_CODE,
-        shard=rules.generate.output,
-    output:
-        records=expand("data/records/{{shard}}/{split}.rec", split=SPLITS),
-    params:
-        shard=lambda wildcards, input: Path(input.shard[0]).parent,
-        folder=lambda wildcards, output: Path(output.records[0]).parent,
-        split=split_args(),
-        encoding=config["encoding"],
-    log:
-        "logs/serialize/{shard}.log",
-    wildcard_constraints:
-        shard=r"\d+",
-    threads: 1
-    resources:
-        mem_mb=shard_mem_mb,
-        runtime=15,
-    shell:
-        "datumdb --no-progress serialize-shard {params.shard} {params.folder} {params.split}"
-        " --encoding {params.encoding} > {log} 2>&1"
+        "datumdb --no-progress pipeline records --params {params.params_file:q} --shard {wildcards.shard}"
+        " {params.records:q} > {log:q} 2>&1"
 
 
 rule build:
     input:
-        code=DATUMDB_CODE,
-        records=expand("data/records/{shard}/{{split}}.rec", shard=shard_ids()),
+        records=[str(records_path(RECORDS, shard, "{split}")) for shard in SHARDS],
+        stamp=stamp_of(database_files("{split}")[1]),
     output:
-        mdb="data/lmdb/{split}/data.mdb",
-        manifest="data/lmdb/{split}/datumdb.json",
+        mdb=database_files("{split}")[0],
+        manifest=database_files("{split}")[1],
     params:
-        records=lambda wildcards, input: Path(input.records[0]).parent.parent,
-        db=lambda wildcards, output: Path(output.mdb).parent,
-        partition=dvc_args(config["partition"]),
-        batch_size=config["build"]["batch_size"],
-        map_size=config["build"]["map_size"],
+        params_file=PARAMS,
+        records=lambda wildcards, input: Path(input.records[0]).parents[1],
+        db=lambda wildcards, output: Path(output.manifest).parent,
+        fingerprint=lambda wildcards: BUILD_FINGERPRINT[wildcards.split],
     log:
         "logs/build/{split}.log",
     wildcard_constraints:
-        split="train|val|test",
+        split="|".join(SPLITS),
     threads: 1
     resources:
         mem_mb=1000,
         runtime=60,
     shell:
-        "datumdb --no-progress build-split {params.records} {params.db} --split {wildcards.split}"
-        " {params.partition} --batch-size {params.batch_size} --map-size {params.map_size} --overwrite > {log} 2>&1"
+        "datumdb --no-progress pipeline build --params {params.params_file:q} --split {wildcards.split}"
+        " {params.records:q} {params.db:q} > {log:q} 2>&1"

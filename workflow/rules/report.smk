@@ -1,67 +1,68 @@
-# verify each split against the raw shards -> mean of train -> the summary report.
+# verify each split against its source -> mean of train -> the summary report.
 
 
 rule verify:
     input:
-        code=DATUMDB_CODE,
-        db=rules.build.output,
-        train=expand(rules.build.output, split="train"),
-        shards=expand(rules.generate.output, shard=shard_ids()),
+        db=upstream(outputs.verify_details("{split}"), database_files("{split}")),
+        train=upstream(outputs.verify_details("{split}"), database_files("train")),
+        source=source_inputs(),
+        stamp=stamp_of(outputs.verify_details("{split}")),
     output:
-        metrics=report(
-            "reports/verify/{split}.json",
+        details=report(
+            outputs.verify_details("{split}"),
             caption="../report/verify_metrics.rst",
             category="Verification",
-            labels={"split": "{split}", "figure": "metrics"},
+            labels={"split": "{split}", "figure": "report"},
         ),
+        metrics=outputs.metrics("{split}"),
         histogram=report(
-            "reports/verify/{split}_labels.csv",
+            outputs.histogram("{split}"),
             caption="../report/label_histogram.rst",
             category="Verification",
             labels={"split": "{split}", "figure": "label histogram"},
         ),
         sheet=report(
-            "reports/verify/{split}_samples.png",
+            outputs.sheet("{split}"),
             caption="../report/contact_sheet.rst",
             category="Verification",
             labels={"split": "{split}", "figure": "contact sheet"},
         ),
     params:
+        params_file=PARAMS,
         db=lambda wildcards, input: Path(input.db[0]).parent,
         train=lambda wildcards, input: Path(input.train[0]).parent,
-        shards=lambda wildcards, input: Path(input.shards[0]).parent.parent,
-        partition=dvc_args(config["partition"]),
-        split=split_args(),
-        sample=config["verify"]["sample"],
+        fingerprint=lambda wildcards: VERIFY_FINGERPRINT[wildcards.split],
     log:
         "logs/verify/{split}.log",
     wildcard_constraints:
-        split="train|val|test",
+        split="|".join(SPLITS),
     threads: 1
     resources:
         mem_mb=1000,
         runtime=30,
     shell:
-        "datumdb --no-progress verify-split {params.db} --split {wildcards.split} --shard-dir {params.shards}"
-        " {params.partition} --train-db {params.train} {params.split} --sample {params.sample}"
-        " --metrics {output.metrics} --histogram {output.histogram} --contact-sheet {output.sheet} > {log} 2>&1"
+        "datumdb --no-progress pipeline verify --params {params.params_file:q} --split {wildcards.split}"
+        " {params.db:q} --train-db {params.train:q} --details {output.details:q} --metrics {output.metrics:q}"
+        " --histogram {output.histogram:q} --sheet {output.sheet:q} > {log:q} 2>&1"
 
 
 rule mean:
     input:
-        code=DATUMDB_CODE,
-        db=expand(rules.build.output, split="train"),
+        db=upstream(MEAN_JSON, database_files("train")),
+        stamp=stamp_of(MEAN_JSON),
     output:
-        binaryproto="data/mean/mean.binaryproto",
-        npy="data/mean/mean.npy",
+        binaryproto=MEAN_BINARYPROTO,
+        npy=MEAN_NPY,
         json=report(
-            "reports/mean.json",
+            MEAN_JSON,
             caption="../report/mean.rst",
             category="Mean",
             labels={"figure": "per-channel mean"},
         ),
     params:
+        params_file=PARAMS,
         db=lambda wildcards, input: Path(input.db[0]).parent,
+        fingerprint=BUILD_FINGERPRINT["train"],
     log:
         "logs/mean/mean.log",
     threads: 1
@@ -69,22 +70,23 @@ rule mean:
         mem_mb=1000,
         runtime=30,
     shell:
-        "datumdb --no-progress compute-mean {params.db} {output.binaryproto} --npy {output.npy}"
-        " --json {output.json} > {log} 2>&1"
+        "datumdb --no-progress pipeline mean --params {params.params_file:q} {params.db:q}"
+        " --binaryproto {output.binaryproto:q} --npy {output.npy:q} --json {output.json:q} > {log:q} 2>&1"
 
 
 rule report:
     input:
-        code=DATUMDB_CODE,
-        metrics=expand("reports/verify/{split}.json", split=SPLITS),
-        mean="reports/mean.json",
+        details=report_inputs([outputs.verify_details(split) for split in SPLITS]),
+        mean=report_inputs([MEAN_JSON]),
     output:
         summary=report(
-            "reports/summary.md",
+            SUMMARY,
             caption="../report/summary.rst",
             category="Summary",
             labels={"figure": "summary"},
         ),
+    params:
+        params_file=PARAMS,
     log:
         "logs/report/report.log",
     threads: 1
@@ -92,4 +94,5 @@ rule report:
         mem_mb=500,
         runtime=5,
     shell:
-        "datumdb --no-progress report {input.metrics} --mean {input.mean} --output {output.summary} > {log} 2>&1"
+        "datumdb --no-progress pipeline report --params {params.params_file:q} {input.details:q}"
+        " --mean {input.mean:q} --output {output.summary:q} > {log:q} 2>&1"

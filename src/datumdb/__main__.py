@@ -1,0 +1,5 @@
+"""``python -m datumdb``: the same command line as ``datumdb``."""
+
+from datumdb.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,363 @@
+"""params.yaml -> one typed, frozen :class:`PipelineConfig`, read the same way by every tool.
+
+Why this module reads ``params.yaml`` itself instead of taking values on the command line:
+
+* **One reading.** Snakemake reads its config file with PyYAML (YAML 1.1), DVC with ruamel
+  (YAML 1.2). They disagree on ``010`` (8 or 10), ``yes``/``on`` (true or a string), ``1_000``,
+  ``1:20`` (sexagesimal 80 or a string), ``0o10``... :func:`read_params` parses the file with
+  both and refuses it, naming the key, unless every value is the same for both; the orchestrators
+  then track the same values the steps use.
+* **One argument.** The steps get the path of the params file, never its values joined into a
+  shell string, so a value with spaces, quotes, ``$(...)``, ``;`` or a leading dash is data in
+  both orchestrators and runs nothing.
+* **One home for each default:** ``params.schema.yaml`` beside this module (Snakemake's
+  ``validate`` uses the same file). Missing keys take the schema's default; unknown keys and
+  wrong types are errors naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import stat
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from datumdb.errors import InputError
+
+__all__ = [
+    "MAX_PARAMS_BYTES",
+    "SCHEMA_PATH",
+    "SOURCES",
+    "ArraysConfig",
+    "BuildConfig",
+    "Cifar10Config",
+    "DatasetConfig",
+    "ImagesetConfig",
+    "MnistConfig",
+    "PipelineConfig",
+    "load_config",
+    "read_params",
+    "to_config",
+    "validate_params",
+    "yaml_disagreements",
+]
+
+SCHEMA_PATH = Path(__file__).with_name("params.schema.yaml")
+SOURCES = ("synthetic", "arrays", "imageset", "cifar10", "mnist")
+MAX_PARAMS_BYTES = 1 << 20  # a params file is a few kB; refuse to slurp a device or a huge file
+
+
+@dataclasses.dataclass(frozen=True)
+class ArraysConfig:
+    images: str
+    labels: str
+    layout: str
+    bgr_from_rgb: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class ImagesetConfig:
+    root: str
+    list_file: str
+    gray: bool
+    shuffle: bool
+    resize_height: int
+    resize_width: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Cifar10Config:
+    batches: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class MnistConfig:
+    images: str
+    labels: str
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetConfig:
+    source: str
+    input_dir: str
+    count: int
+    shape: tuple[int, int, int]
+    classes: int
+    arrays: ArraysConfig
+    imageset: ImagesetConfig
+    cifar10: Cifar10Config
+    mnist: MnistConfig
+
+    def source_options(self) -> dict[str, Any]:
+        """The settings of the chosen source only: what its samples depend on."""
+        options: dict[str, Any] = {"source": self.source}
+        if self.source == "synthetic":
+            options.update(count=self.count, shape=list(self.shape), classes=self.classes)
+        else:
+            options["input_dir"] = self.input_dir
+            options.update(_plain(getattr(self, self.source)))
+        return options
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitConfig:
+    train: float
+    val: float
+    test: float
+
+    @property
+    def fractions(self) -> tuple[float, float, float]:
+        return (self.train, self.val, self.test)
+
+
+@dataclasses.dataclass(frozen=True)
+class PartitionConfig:
+    shards: tuple[int, ...]
+
+    @property
+    def count(self) -> int:
+        return len(self.shards)
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildConfig:
+    batch_size: int
+    map_size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifyConfig:
+    sample: int
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """Every parameter of the pipeline, validated, with the schema's defaults filled in."""
+
+    dataset: DatasetConfig
+    seed: int
+    partition: PartitionConfig
+    split: SplitConfig
+    encoding: str
+    build: BuildConfig
+    verify: VerifyConfig
+
+    def as_dict(self) -> dict[str, Any]:
+        return _plain(self)
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_params(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The params file as a dict, after checking YAML 1.1 and YAML 1.2 read every value alike."""
+    path = Path(path)
+    text = _read_text(path)
+    try:
+        loaded_11 = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise InputError(f"{path}: not valid YAML: {_one_line(exc)}") from None
+    loaded_12 = _load_yaml_12(text, path)
+    problems = yaml_disagreements(loaded_11, loaded_12)
+    if problems:
+        raise InputError(
+            f"{path}: {problems[0]}; Snakemake reads YAML 1.1, DVC YAML 1.2, so the two would build "
+            "different data: quote the value or write it so both read it alike"
+            + (f" (and {len(problems) - 1} more key(s))" if len(problems) > 1 else "")
+        )
+    if loaded_11 is None:
+        loaded_11 = {}
+    if not isinstance(loaded_11, dict):
+        raise InputError(f"{path}: must be a mapping of parameters, got {type(loaded_11).__name__}")
+    return loaded_11
+
+
+def _read_text(path: Path) -> str:
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise InputError(f"{path}: params file not found") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the params file: {exc.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise InputError(f"{path}: the params file is not a regular file")
+    if info.st_size > MAX_PARAMS_BYTES:
+        raise InputError(f"{path}: {info.st_size} bytes; a params file is at most {MAX_PARAMS_BYTES}")
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+
+
+def _load_yaml_12(text: str, path: Path) -> Any:
+    """What DVC sees: ruamel.yaml's safe loader (YAML 1.2), as dvc.utils.serialize does."""
+    import warnings
+
+    from ruamel.yaml import YAML
+    from ruamel.yaml.error import YAMLError, YAMLFutureWarning
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", YAMLFutureWarning)
+            return YAML(typ="safe", pure=True).load(text)
+    except YAMLError as exc:  # e.g. a duplicate key, which PyYAML silently accepts
+        raise InputError(f"{path}: DVC (YAML 1.2) cannot read it: {_one_line(exc)}") from None
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())
+
+
+def yaml_disagreements(a: Any, b: Any, where: str = "") -> list[str]:
+    """Keys whose YAML 1.1 reading ``a`` and YAML 1.2 reading ``b`` differ (type or value)."""
+    name = where or "the document"
+    if isinstance(a, dict) and isinstance(b, dict):
+        problems = []
+        if set(map(str, a)) != set(map(str, b)):
+            extra = sorted(set(map(str, a)) ^ set(map(str, b)))
+            return [f"{name}: keys {extra} are read differently"]
+        b_by_name = {str(k): v for k, v in b.items()}
+        for key, value in a.items():
+            problems += yaml_disagreements(value, b_by_name[str(key)], f"{where}.{key}" if where else str(key))
+        return problems
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return [f"{name}: a list of {len(a)} items for YAML 1.1, {len(b)} for YAML 1.2"]
+        problems = []
+        for index, (x, y) in enumerate(zip(a, b, strict=True)):
+            problems += yaml_disagreements(x, y, f"{name}[{index}]")
+        return problems
+    same_type = type(a) is type(b)
+    same_value = same_type and (a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b)))
+    if not same_value:
+        return [f"{name} is {a!r} for YAML 1.1 but {b!r} for YAML 1.2"]
+    return []
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def validate_params(params: Mapping[str, Any], where: str = "params.yaml") -> dict[str, Any]:
+    """A copy of ``params`` with the schema's defaults filled in; errors name the key.
+
+    Uses the same JSON schema (and default filling) as Snakemake's ``validate``.
+    """
+    import copy
+
+    from jsonschema import Draft202012Validator, validators
+
+    schema = _schema()
+    # JSON Schema calls 7.0 an integer; a count or a size written 7.0 is a typo we refuse, not round.
+    strict_types = Draft202012Validator.TYPE_CHECKER.redefine(
+        "integer", lambda checker, value: isinstance(value, int) and not isinstance(value, bool)
+    )
+    validator_class = validators.extend(
+        Draft202012Validator,
+        {"properties": _properties_with_defaults(Draft202012Validator)},
+        type_checker=strict_types,
+    )
+    filled = copy.deepcopy(dict(params))
+    errors = sorted(validator_class(schema).iter_errors(filled), key=lambda e: list(e.absolute_path))
+    if errors:
+        error = errors[0]
+        key = ".".join(map(str, error.absolute_path)) or "(top level)"
+        raise InputError(f"{where}: {key}: {error.message}")
+    _check_beyond_schema(filled, where)
+    return filled
+
+
+def _schema() -> dict[str, Any]:
+    return yaml.safe_load(SCHEMA_PATH.read_text(encoding="utf-8"))
+
+
+def _properties_with_defaults(validator_class: Any) -> Any:
+    """jsonschema's documented recipe: fill a missing property with its schema default first."""
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator: Any, properties: Any, instance: Any, schema: Any) -> Any:
+        if isinstance(instance, dict):
+            for name, subschema in properties.items():
+                if "default" in subschema and name not in instance:
+                    instance[name] = _copy(subschema["default"])
+                if name in instance and isinstance(instance[name], dict) and subschema.get("type") == "object":
+                    for sub, subsub in subschema.get("properties", {}).items():
+                        if "default" in subsub and sub not in instance[name]:
+                            instance[name][sub] = _copy(subsub["default"])
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return set_defaults
+
+
+def _copy(value: Any) -> Any:
+    import copy
+
+    return copy.deepcopy(value)
+
+
+def _check_beyond_schema(params: dict[str, Any], where: str) -> None:
+    """What a JSON schema cannot say, each problem naming the key."""
+    shards = params["partition"]["shards"]
+    if shards != list(range(len(shards))):
+        raise InputError(f"{where}: partition.shards must be the ids 0, 1, ..., n-1 in order, got {shards}")
+    split = params["split"]
+    total = split["train"] + split["val"] + split["test"]
+    if not math.isclose(total, 1.0, abs_tol=1e-6):
+        raise InputError(
+            f"{where}: split.train + split.val + split.test must be 1, got "
+            f"{split['train']} + {split['val']} + {split['test']} = {total:g}"
+        )
+    dataset = params["dataset"]
+    if dataset["source"] == "synthetic":
+        count = dataset["count"]
+        for name in ("train", "val", "test"):
+            if round(count * split[name]) < 1:
+                raise InputError(f"{where}: split.{name}={split[name]} of dataset.count={count} is empty")
+    if not 0 <= params["seed"] < 2**32:
+        raise InputError(f"{where}: seed must be in 0..2**32-1, got {params['seed']}")
+
+
+# ----------------------------------------------------------------------------- typed config
+
+
+def to_config(params: Mapping[str, Any]) -> PipelineConfig:
+    """The typed config of validated params (see :func:`validate_params`)."""
+    d = params["dataset"]
+    dataset = DatasetConfig(
+        source=d["source"],
+        input_dir=d["input_dir"],
+        count=int(d["count"]),
+        shape=tuple(int(x) for x in d["shape"]),  # type: ignore[arg-type]
+        classes=int(d["classes"]),
+        arrays=ArraysConfig(**d["arrays"]),
+        imageset=ImagesetConfig(**d["imageset"]),
+        cifar10=Cifar10Config(batches=tuple(d["cifar10"]["batches"])),
+        mnist=MnistConfig(**d["mnist"]),
+    )
+    return PipelineConfig(
+        dataset=dataset,
+        seed=int(params["seed"]),
+        partition=PartitionConfig(shards=tuple(params["partition"]["shards"])),
+        split=SplitConfig(**{k: float(v) for k, v in params["split"].items()}),
+        encoding=params["encoding"],
+        build=BuildConfig(**params["build"]),
+        verify=VerifyConfig(**params["verify"]),
+    )
+
+
+def load_config(path: str | os.PathLike[str]) -> PipelineConfig:
+    """Read, cross-check (YAML 1.1 = 1.2), validate and type a params file."""
+    return to_config(validate_params(read_params(path), str(path)))
+
+
+def _plain(value: Any) -> Any:
+    """Dataclasses and tuples as JSON-ready dicts and lists."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

@@ -1,0 +1,302 @@
+"""Fingerprints: everything that determines an output's bytes, recorded in the output itself.
+
+Why: an orchestrator's own bookkeeping is not enough to know an output is current. Snakemake
+keeps it in ``.snakemake/`` (absent in a fresh clone, and a failed upstream job that deleted its
+outputs does not make it rerun a downstream job whose outputs still exist); DVC keeps it in
+``dvc.lock``. So every pipeline output records a fingerprint: a sha256 over
+
+* the parameters that shape it (only those: the chosen source's settings, the seed, the split
+  fractions, the encoding and the writer's options for a database; plus ``verify.sample`` for a
+  verify report),
+* the content of its input files (the source's files, every listed image of an imageset), and
+* the code that makes it (the datumdb modules the step runs, :data:`STEP_CODE`).
+
+Databases carry it in their manifest (``metadata.pipeline``), reports in their JSON. The
+Snakefile recomputes the expected fingerprints when it starts and forces the jobs of outputs
+whose recorded fingerprint differs (:func:`stale_outputs`); ``datumdb verify DB --params
+params.yaml`` says whether a database matches the current params and which keys differ; DVC
+stages list the same parameters and code files (a test checks ``dvc.yaml`` against
+:data:`STEP_CODE`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from datumdb.errors import InputError
+from datumdb.pipeline.config import PipelineConfig
+from datumdb.pipeline.splits import SPLITS
+
+__all__ = [
+    "PACKAGE_DIR",
+    "STEP_CODE",
+    "build_record",
+    "code_digest",
+    "database_matches_params",
+    "describe_difference",
+    "fingerprint",
+    "input_digest",
+    "input_files",
+    "mean_record",
+    "report_record",
+    "verify_record",
+]
+
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # src/datumdb
+
+# The datumdb files whose code shapes each step's output (relative to src/datumdb); dvc.yaml lists
+# the same as each stage's deps. Not cli.py (it only parses and dispatches) nor _progress.py.
+_COMMON = (
+    "__init__.py",  # the version, recorded in every manifest
+    "errors.py",
+    "pipeline/__init__.py",
+    "pipeline/config.py",
+    "pipeline/params.schema.yaml",
+    "pipeline/fingerprint.py",
+    "pipeline/records.py",
+    "pipeline/splits.py",
+)
+_SOURCES = ("sources.py", "synthetic.py", "imageset.py", "pipeline/sources.py")
+_READ = ("codec.py", "manifest.py", "reader.py", "fastpath.py")
+STEP_CODE: dict[str, tuple[str, ...]] = {
+    "build": tuple(
+        sorted({*_COMMON, *_SOURCES, "codec.py", "keys.py", "manifest.py", "writer.py", "pipeline/build.py"})
+    ),
+    "verify": tuple(
+        sorted(
+            {
+                *_COMMON,
+                *_SOURCES,
+                *_READ,
+                "keys.py",
+                "verify.py",
+                "pipeline/check.py",
+                "pipeline/sheet.py",
+                "pipeline/summary.py",
+            }
+        )
+    ),
+    "mean": tuple(
+        sorted(
+            {
+                *_COMMON,
+                *_READ,
+                "mean.py",
+                "proto/__init__.py",
+                "proto/datum_pb2.py",
+                "pipeline/mean.py",
+                "pipeline/summary.py",
+            }
+        )
+    ),
+    "report": tuple(sorted({*_COMMON, "pipeline/summary.py"})),
+}
+_CHUNK = 1 << 20
+
+
+def fingerprint(what: Mapping[str, Any]) -> str:
+    """sha256 of the canonical JSON of ``what`` (sorted keys, no spaces)."""
+    text = json.dumps(what, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return "sha256:" + hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def code_digest(step: str) -> str:
+    """sha256 over the names and bytes of the files a step runs."""
+    digest = hashlib.sha256()
+    for name in STEP_CODE[step]:
+        data = (PACKAGE_DIR / name).read_bytes()
+        digest.update(b"%d:%s%d:" % (len(name), name.encode(), len(data)) + data)
+    return "sha256:" + digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def input_files(config: PipelineConfig) -> list[tuple[str, Path]]:
+    """(name relative to input_dir, path) of every file the chosen source reads, in a fixed order."""
+    dataset = config.dataset
+    folder = Path(dataset.input_dir)
+    if dataset.source == "synthetic":
+        names: list[str] = []
+    elif dataset.source == "arrays":
+        names = [dataset.arrays.images, dataset.arrays.labels]
+    elif dataset.source == "cifar10":
+        names = list(dataset.cifar10.batches)
+    elif dataset.source == "mnist":
+        names = [dataset.mnist.images, dataset.mnist.labels]
+    else:  # imageset: the list file and every image it lists (resolved as the build resolves them)
+        from datumdb.imageset import read_list_file, resolve_path
+
+        list_path = folder / dataset.imageset.list_file
+        root = folder / dataset.imageset.root
+        files = [(dataset.imageset.list_file, list_path)]
+        for entry in read_list_file(list_path):
+            path = resolve_path(root, entry, list_path)
+            files.append((f"{dataset.imageset.root}/{entry.path}", path))
+        return files
+    return [(name, folder / name) for name in names]
+
+
+def input_digest(config: PipelineConfig, cache: dict[str, Any] | None = None) -> str:
+    """sha256 over the names and contents of the source's input files.
+
+    ``cache`` (path -> [size, mtime_ns, inode, sha256]) lets a caller that asks often (the
+    Snakefile, at every start) skip files whose stat is unchanged; the build itself hashes fresh.
+    """
+    digest = hashlib.sha256()
+    for name, path in input_files(config):
+        digest.update(b"%d:%s" % (len(name.encode()), name.encode()) + _file_sha256(path, cache).encode())
+    return "sha256:" + digest.hexdigest()
+
+
+def _file_sha256(path: Path, cache: dict[str, Any] | None) -> str:
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise InputError(f"{path}: input file not found") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read the input file: {exc.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise InputError(f"{path}: an input must be a regular file")
+    identity = [info.st_size, info.st_mtime_ns, info.st_ino]
+    key = os.fspath(path.absolute())
+    if cache is not None and cache.get(key, [None])[:3] == identity:
+        return cache[key][3]
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    value = digest.hexdigest()
+    if cache is not None:
+        cache[key] = [*identity, value]
+    return value
+
+
+# ----------------------------------------------------------------------------- records
+
+
+def build_params(config: PipelineConfig) -> dict[str, Any]:
+    """The parameters that shape the databases (not partition.shards: it only cuts the work)."""
+    return {
+        "dataset": config.dataset.source_options(),
+        "seed": config.seed,
+        "split": list(config.split.fractions),
+        "encoding": config.encoding,
+        "build": {"batch_size": config.build.batch_size, "map_size": config.build.map_size},
+    }
+
+
+def build_record(config: PipelineConfig, split: str, inputs: str) -> dict[str, Any]:
+    """What a split's database records in its manifest (``metadata.pipeline``)."""
+    _check_split(split)
+    what = {
+        "step": "build",
+        "split": split,
+        "params": build_params(config),
+        "inputs": inputs,
+        "code": code_digest("build"),
+    }
+    return {**what, "fingerprint": fingerprint(what)}
+
+
+def verify_record(config: PipelineConfig, split: str, inputs: str) -> dict[str, Any]:
+    """What a split's verify report records: the verify options, the databases it read, its code."""
+    what = {
+        "step": "verify",
+        "split": split,
+        "params": {"verify": {"sample": config.verify.sample}},
+        "databases": {
+            split: build_record(config, split, inputs)["fingerprint"],
+            "train": build_record(config, "train", inputs)["fingerprint"],
+        },
+        "code": code_digest("verify"),
+    }
+    return {**what, "fingerprint": fingerprint(what)}
+
+
+def mean_record(config: PipelineConfig, inputs: str) -> dict[str, Any]:
+    what = {
+        "step": "mean",
+        "databases": {"train": build_record(config, "train", inputs)["fingerprint"]},
+        "code": code_digest("mean"),
+    }
+    return {**what, "fingerprint": fingerprint(what)}
+
+
+def report_record(config: PipelineConfig, inputs: str) -> dict[str, Any]:
+    what = {
+        "step": "report",
+        "verify": {s: verify_record(config, s, inputs)["fingerprint"] for s in SPLITS},
+        "mean": mean_record(config, inputs)["fingerprint"],
+        "code": code_digest("report"),
+    }
+    return {**what, "fingerprint": fingerprint(what)}
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise InputError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+
+
+def describe_difference(recorded: Mapping[str, Any] | None, expected: Mapping[str, Any]) -> list[str]:
+    """Human-readable differences between a recorded and an expected record, key by key."""
+    if not isinstance(recorded, Mapping):
+        return ["no pipeline fingerprint recorded (not built by the datumdb pipeline, or by an older version)"]
+    return list(_diff(recorded, expected, ""))
+
+
+def _diff(recorded: Any, expected: Any, where: str) -> Iterable[str]:
+    if isinstance(recorded, Mapping) and isinstance(expected, Mapping):
+        for key in sorted(set(recorded) | set(expected)):
+            if key == "fingerprint":
+                continue
+            name = f"{where}.{key}" if where else str(key)
+            if key not in recorded:
+                yield f"{name}: not recorded (expected {_short(expected[key])})"
+            elif key not in expected:
+                yield f"{name}: recorded {_short(recorded[key])}, no longer a parameter"
+            else:
+                yield from _diff(recorded[key], expected[key], name)
+    elif recorded != expected:
+        if where == "inputs":
+            yield "the input files changed"
+        elif where == "code":
+            yield "the datumdb code of this step changed"
+        elif where.startswith(("databases.", "verify.", "mean")):
+            yield f"made from an older {where.split('.')[-1]} output"
+        else:
+            yield f"{where.removeprefix('params.')}: {_short(recorded)} in the output, {_short(expected)} in the params"
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def database_matches_params(db: str | os.PathLike[str], params: str | os.PathLike[str]) -> list[str]:
+    """Problems (empty if none) with ``db`` being the database ``params`` and the inputs imply.
+
+    Compares the build record in the manifest with the one the params file gives for the
+    database's split, key by key: ``dataset.params.encoding: "none" in the output, "png" in the
+    params``, ``input files changed``, ``code changed``.
+    """
+    from datumdb.manifest import read_manifest
+    from datumdb.pipeline.config import load_config
+
+    config = load_config(params)
+    manifest = read_manifest(Path(db))
+    metadata = manifest.get("metadata") if isinstance(manifest.get("metadata"), dict) else {}
+    recorded = metadata.get("pipeline")
+    split = recorded.get("split") if isinstance(recorded, dict) else metadata.get("split")
+    if split not in SPLITS:
+        return [f"{db}: not built by the datumdb pipeline (no split recorded in its manifest)"]
+    expected = build_record(config, split, input_digest(config))
+    if isinstance(recorded, dict) and recorded.get("fingerprint") == expected["fingerprint"]:
+        return []
+    return [f"{db}: does not match {params}: {reason}" for reason in describe_difference(recorded, expected)]

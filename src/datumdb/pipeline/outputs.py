@@ -1,0 +1,107 @@
+"""Where the pipeline's outputs live, and which of them are stale.
+
+The Snakefile and ``dvc.yaml`` name these paths literally (a test checks they agree with this
+module). :func:`stale_outputs` compares the fingerprint each existing output records with the
+one the current params and inputs imply: the Snakefile forces the jobs of the stale ones, so a
+failed or partial run followed by a rerun always ends with outputs that match params.yaml, even
+in a fresh clone where Snakemake has no records of its own.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from datumdb.pipeline.config import PipelineConfig
+from datumdb.pipeline.fingerprint import (
+    build_record,
+    describe_difference,
+    input_digest,
+    mean_record,
+    verify_record,
+)
+from datumdb.pipeline.splits import SPLITS
+
+__all__ = [
+    "DATABASES",
+    "MEAN_BINARYPROTO",
+    "MEAN_JSON",
+    "MEAN_NPY",
+    "RECORDS",
+    "SUMMARY",
+    "database",
+    "histogram",
+    "metrics",
+    "sheet",
+    "stale_outputs",
+    "verify_details",
+]
+
+DATABASES = "data/lmdb"
+RECORDS = "data/tmp/records"  # Snakemake's per-shard intermediates (temp(): deleted after the build)
+MEAN_BINARYPROTO = "data/mean/mean.binaryproto"
+MEAN_NPY = "data/mean/mean.npy"
+MEAN_JSON = "reports/mean.json"
+SUMMARY = "reports/summary.md"
+
+
+def database(split: str) -> str:
+    return f"{DATABASES}/{split}"
+
+
+def verify_details(split: str) -> str:
+    return f"reports/verify/{split}.json"
+
+
+def metrics(split: str) -> str:
+    return f"reports/metrics/{split}.json"
+
+
+def histogram(split: str) -> str:
+    return f"reports/verify/{split}_labels.csv"
+
+
+def sheet(split: str) -> str:
+    return f"reports/verify/{split}_samples.png"
+
+
+def _recorded(path: Path, *keys: str) -> Any:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+        for key in keys:
+            value = value[key]
+        return value
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def stale_outputs(config: PipelineConfig, root: str | Path = ".", *, inputs: str | None = None) -> dict[str, list[str]]:
+    """Existing outputs whose recorded fingerprint is not the expected one: path -> reasons.
+
+    Missing outputs are not listed (every orchestrator makes those anyway). The path given is the
+    file that records the fingerprint (the manifest for a database).
+    """
+    root = Path(root)
+    inputs = inputs if inputs is not None else input_digest(config)
+    expected: dict[str, tuple[Path, dict[str, Any], tuple[str, ...]]] = {}
+    for split in SPLITS:
+        expected[f"{database(split)}/datumdb.json"] = (
+            root / database(split) / "datumdb.json",
+            build_record(config, split, inputs),
+            ("metadata", "pipeline"),
+        )
+        expected[verify_details(split)] = (
+            root / verify_details(split),
+            verify_record(config, split, inputs),
+            ("pipeline",),
+        )
+    expected[MEAN_JSON] = (root / MEAN_JSON, mean_record(config, inputs), ("pipeline",))
+    stale = {}
+    for name, (path, record, keys) in expected.items():
+        if not path.exists():
+            continue
+        recorded = _recorded(path, *keys)
+        if not isinstance(recorded, dict) or recorded.get("fingerprint") != record["fingerprint"]:
+            stale[name] = describe_difference(recorded, record) or ["fingerprint differs"]
+    return stale

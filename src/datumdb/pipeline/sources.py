@@ -1,0 +1,237 @@
+"""The pipeline's dataset sources: synthetic data, NumPy arrays, CIFAR-10, MNIST, image lists.
+
+:func:`open_source` turns the ``dataset`` section of the params into a :class:`Source`: the
+sample count, the (C, H, W) shape, the channel order, ``read(start, stop)`` of one range (so each
+shard job reads only its part of the input), and ``labels()`` of all samples without decoding a
+pixel (what verify needs for the label histogram). Everything is read from local files under
+``dataset.input_dir``; nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from datumdb.codec import hwc_to_chw
+from datumdb.errors import InputError
+from datumdb.pipeline.config import SOURCES, DatasetConfig
+from datumdb.sources import iter_array_samples, load_labels
+
+__all__ = ["SOURCES", "Source", "open_source", "read_cifar10", "read_idx", "read_mnist"]
+
+CIFAR10_RECORD = 1 + 3 * 32 * 32  # one label byte, then 32x32 R, G and B planes
+
+
+@dataclass(frozen=True)
+class Source:
+    """A dataset the pipeline can cut into shards.
+
+    ``read(start, stop)`` -> images ``(n, C, H, W)`` (uint8, or float32 for float arrays) and
+    int64 labels ``(n,)``; ``labels()`` -> all labels, int64 ``(count,)``.
+    """
+
+    name: str
+    count: int
+    shape: tuple[int, int, int]
+    channel_order: str
+    read: Callable[[int, int], tuple[np.ndarray, np.ndarray]]
+    labels: Callable[[], np.ndarray]
+
+
+def read_cifar10(paths: Sequence[str | os.PathLike[str]]) -> tuple[np.ndarray, np.ndarray]:
+    """CIFAR-10 binary batches as (images (N, 3, 32, 32) uint8 **BGR**, labels (N,) int64).
+
+    Each record is 1 label byte and 3072 bytes of RGB planes (CHW). Images are returned BGR, the
+    channel order Caffe's OpenCV-based tools use (Caffe's own convert_cifar_data keeps RGB).
+    The arrays are memory-mapped views, so reading a slice touches only that slice.
+    """
+    if not paths:
+        raise InputError("cifar10: no batch files given")
+    images, labels = [], []
+    for path in map(Path, paths):
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise InputError(f"{path}: CIFAR-10 batch file not found") from None
+        if size == 0 or size % CIFAR10_RECORD:
+            raise InputError(f"{path}: {size} bytes is not a whole number of {CIFAR10_RECORD}-byte CIFAR-10 records")
+        records = np.memmap(path, dtype=np.uint8, mode="r").reshape(-1, CIFAR10_RECORD)
+        if int(records[:, 0].max()) > 9:
+            bad = int(np.argmax(records[:, 0] > 9))
+            raise InputError(f"{path}: record {bad} has label {int(records[bad, 0])}; CIFAR-10 labels are 0..9")
+        labels.append(records[:, 0])
+        images.append(records[:, 1:].reshape(-1, 3, 32, 32)[:, ::-1])
+    image_array = images[0] if len(images) == 1 else np.concatenate(images)
+    return image_array, np.concatenate(labels).astype(np.int64)
+
+
+_IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4")}
+
+
+def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
+    """An idx file (MNIST's format: big-endian magic 0 0 type ndim, ndim uint32 sizes, data), mapped."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4)
+            if len(head) != 4 or head[:2] != b"\0\0" or head[2] not in _IDX_TYPES or not 1 <= head[3] <= 4:
+                raise InputError(f"{path}: not an idx file (magic {head.hex()})")
+            dims = np.frombuffer(handle.read(4 * head[3]), dtype=">u4")
+    except FileNotFoundError:
+        raise InputError(f"{path}: idx file not found") from None
+    if len(dims) != head[3]:
+        raise InputError(f"{path}: truncated idx header")
+    dtype = np.dtype(_IDX_TYPES[head[2]])
+    offset = 4 + 4 * head[3]
+    expected = offset + int(np.prod(dims.astype(np.int64))) * dtype.itemsize
+    if path.stat().st_size != expected:
+        raise InputError(f"{path}: {path.stat().st_size} bytes, but its header {list(dims)} needs {expected}")
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=tuple(int(d) for d in dims))
+
+
+def read_mnist(
+    images_path: str | os.PathLike[str], labels_path: str | os.PathLike[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """MNIST idx files as (images (N, 1, H, W) uint8, labels (N,) int64), as convert_mnist_data reads them."""
+    images = read_idx(images_path)
+    labels = read_idx(labels_path)
+    if images.ndim != 3 or images.dtype != np.uint8:
+        raise InputError(f"{images_path}: MNIST images must be a 3-D uint8 idx file, got {images.dtype} {images.shape}")
+    if labels.ndim != 1:
+        raise InputError(f"{labels_path}: MNIST labels must be a 1-D idx file, got shape {labels.shape}")
+    if len(labels) != len(images):
+        raise InputError(f"{labels_path}: {len(labels)} labels for {len(images)} images in {images_path}")
+    return images[:, np.newaxis], np.asarray(labels, dtype=np.int64)
+
+
+def _array_source(name: str, channel_order: str, images: object, labels: np.ndarray, where: str) -> Source:
+    if len(images) == 0:  # type: ignore[arg-type]
+        raise InputError(f"{where}: no samples")
+    shape = tuple(int(d) for d in images.shape[1:4])  # type: ignore[attr-defined]
+
+    def read(start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        return np.ascontiguousarray(images[start:stop]), np.asarray(labels[start:stop], dtype=np.int64)  # type: ignore[index]
+
+    return Source(name, len(images), shape, channel_order, read, lambda: np.asarray(labels, dtype=np.int64))  # type: ignore[arg-type]
+
+
+def _arrays(dataset: DatasetConfig) -> Source:
+    options = dataset.arrays
+    folder = Path(dataset.input_dir)
+    images_path, labels_path = folder / options.images, folder / options.labels
+    layout = options.layout
+    count, shape, _ = iter_array_samples(images_path, layout=layout, bgr_from_rgb=options.bgr_from_rgb)  # validates
+    label_array = load_labels(labels_path, count)  # checks there is one label per image
+    data = np.load(images_path, mmap_mode="r", allow_pickle=False)
+    if data.ndim == 3:
+        data = data[:, np.newaxis]
+    elif layout == "hwc":
+        data = data.transpose(0, 3, 1, 2)
+    if options.bgr_from_rgb:
+        data = data[:, ::-1]
+    if data.dtype != np.uint8:  # floats become float_data Datums; check them as convert-arrays does
+        data = _FloatView(data, images_path)  # type: ignore[assignment]
+    order = "gray" if shape[0] == 1 else ("BGR" if options.bgr_from_rgb else "as given")
+    return _array_source("arrays", order, data, label_array, str(images_path))
+
+
+class _FloatView:
+    """Float images: read as float32 and rejected if not finite, naming the sample."""
+
+    def __init__(self, data: np.ndarray, path: Path) -> None:
+        self.data, self.path, self.shape = data, path, data.shape
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: slice) -> np.ndarray:
+        chunk = np.asarray(self.data[index], dtype=np.float32)
+        finite = np.isfinite(chunk.reshape(len(chunk), -1)).all(axis=1)
+        if not finite.all():
+            raise InputError(f"{self.path}: image {index.start + int(np.argmin(finite))} contains NaN or infinity")
+        return chunk
+
+
+def _imageset(dataset: DatasetConfig, seed: int) -> Source:
+    from datumdb.imageset import ImagesetOptions, load_image, ordered_entries, read_list_file, resolve_path
+
+    options = dataset.imageset
+    folder = Path(dataset.input_dir)
+    list_path, root_path = folder / options.list_file, folder / options.root
+    imageset_options = ImagesetOptions(
+        gray=options.gray,
+        shuffle=options.shuffle,
+        seed=seed,
+        resize_height=options.resize_height,
+        resize_width=options.resize_width,
+    )
+    entries = ordered_entries(read_list_file(list_path), imageset_options)
+    if not entries:
+        raise InputError(f"{list_path}: the list is empty")
+
+    def load(index: int) -> np.ndarray:
+        entry = entries[index]
+        image, _ = load_image(resolve_path(root_path, entry, list_path), entry, imageset_options, list_path)
+        return hwc_to_chw(image)
+
+    first = load(0)
+    shape = (int(first.shape[0]), int(first.shape[1]), int(first.shape[2]))
+
+    def read(start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        images = np.empty((stop - start, *shape), dtype=np.uint8)
+        for row, index in enumerate(range(start, stop)):
+            image = load(index)
+            if image.shape != shape:
+                raise InputError(
+                    f"{list_path}:{entries[index].line}: image is {image.shape}, the first is {shape}; "
+                    "set dataset.imageset.resize_height and resize_width so all samples have one shape"
+                )
+            images[row] = image
+        return images, np.array([entries[i].label for i in range(start, stop)], dtype=np.int64)
+
+    def labels() -> np.ndarray:
+        return np.array([entry.label for entry in entries], dtype=np.int64)
+
+    return Source("imageset", len(entries), shape, "gray" if options.gray else "BGR", read, labels)
+
+
+def _synthetic(dataset: DatasetConfig, seed: int) -> Source:
+    from datumdb import synthetic
+
+    shape, classes = dataset.shape, dataset.classes
+    synthetic.class_patterns(seed, shape, classes)  # validates shape and classes
+
+    def read(start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        return synthetic.generate(seed, start, stop, shape, classes)
+
+    def labels() -> np.ndarray:
+        return np.array([synthetic.sample_label(seed, i, classes) for i in range(dataset.count)], dtype=np.int64)
+
+    return Source("synthetic", dataset.count, shape, "gray" if shape[0] == 1 else "BGR", read, labels)
+
+
+def open_source(dataset: DatasetConfig, seed: int) -> Source:
+    """The source the params name; input paths are relative to ``dataset.input_dir``.
+
+    Input problems (missing file, wrong format, bad option) raise :class:`InputError` naming
+    the file or parameter, before anything is written.
+    """
+    folder = Path(dataset.input_dir)
+    if dataset.source == "synthetic":
+        return _synthetic(dataset, seed)
+    if dataset.source == "arrays":
+        return _arrays(dataset)
+    if dataset.source == "imageset":
+        return _imageset(dataset, seed)
+    if dataset.source == "cifar10":
+        images, labels = read_cifar10([folder / b for b in dataset.cifar10.batches])
+        return _array_source("cifar10", "BGR", images, labels, "cifar10")
+    if dataset.source == "mnist":
+        images_path = folder / dataset.mnist.images
+        images, labels = read_mnist(images_path, folder / dataset.mnist.labels)
+        return _array_source("mnist", "gray", images, labels, str(images_path))
+    raise InputError(f"dataset.source must be one of {', '.join(SOURCES)}; got {dataset.source!r}")

@@ -1,0 +1,73 @@
+"""The final report: one row per split, the train mean, the verdict; and the label histograms.
+
+Pure functions of the verify reports and the mean, so both orchestrators write the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from datumdb.errors import InputError
+
+__all__ = ["histogram_csv", "json_bytes", "load_json", "report_step", "summary_markdown"]
+
+
+def json_bytes(value: Any) -> bytes:
+    """Pretty, key-sorted JSON: the same bytes for the same content."""
+    return (json.dumps(value, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+def histogram_csv(histogram: dict[str, int]) -> bytes:
+    """The label histogram as CSV (``label,count``), for DVC plots."""
+    lines = ["label,count"] + [f"{label},{count}" for label, count in histogram.items()]
+    return ("\n".join(lines) + "\n").encode("utf-8")
+
+
+def summary_markdown(
+    verify_metrics: Sequence[dict[str, Any]], mean: dict[str, Any], fingerprint: str | None = None
+) -> str:
+    """The final human-readable report: one row per split, the train mean, and the verdict."""
+    lines = [
+        "# datumdb dataset report",
+        "",
+        "| split | records | shape | encoding | NCM accuracy | chance | verified | content digest |",
+        "|---|---:|---|---|---:|---:|---|---|",
+    ]
+    for m in verify_metrics:
+        lines.append(
+            f"| {m['split']} | {m['count']} | {'x'.join(map(str, m['shape']))} | {m['encoding']} | "
+            f"{m['ncm_accuracy']} | {m['chance_accuracy']} | {'yes' if m['ok'] else 'NO'} | `{m['digest']}` |"
+        )
+    channel_means = ", ".join(f"{v:.4f}" for v in mean.get("channel_means", []))
+    lines += ["", f"Train mean per channel (stored order): {channel_means}", ""]
+    if fingerprint:
+        lines += [f"<!-- datumdb pipeline fingerprint: {fingerprint} -->", ""]
+    return "\n".join(lines)
+
+
+def load_json(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a JSON report file, with an error naming it."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{path}: not found") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}: not valid JSON ({exc})") from None
+
+
+def report_step(
+    config: Any, details: Sequence[str | os.PathLike[str]], mean: str | os.PathLike[str], output: str | os.PathLike[str]
+) -> tuple[str, bool]:
+    """Write the summary of the verify reports and the mean; returns (text, all splits ok)."""
+    from datumdb.pipeline.fingerprint import input_digest, report_record
+    from datumdb.pipeline.records import atomic_write
+
+    reports = [load_json(path) for path in details]
+    record = report_record(config, input_digest(config))
+    text = summary_markdown(reports, load_json(mean), record["fingerprint"])
+    atomic_write(output, text.encode("utf-8"))
+    return text, all(r.get("ok") for r in reports)

@@ -1,0 +1,317 @@
+"""datumdb.pipeline.config: params.yaml read once, alike for YAML 1.1 and 1.2, validated, typed, frozen."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from hypothesis import given
+from hypothesis import strategies as st
+from ruamel.yaml import YAML
+
+from datumdb.cli import main
+from datumdb.errors import InputError
+from datumdb.pipeline.config import (
+    MAX_PARAMS_BYTES,
+    SCHEMA_PATH,
+    PipelineConfig,
+    load_config,
+    read_params,
+    validate_params,
+)
+
+pytestmark = pytest.mark.unit
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _write(tmp_path: Path, text: str, name: str = "params.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _yaml_12(text: str) -> Any:
+    return YAML(typ="safe", pure=True).load(text)
+
+
+def _schema_defaults(schema: dict[str, Any]) -> Any:
+    """The document the schema's defaults give: objects recursively, leaves their default."""
+    if schema.get("type") == "object":
+        return {name: _schema_defaults(sub) for name, sub in schema.get("properties", {}).items()}
+    return schema["default"]
+
+
+# ----------------------------------------------------------------------------- YAML 1.1 vs 1.2
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("seed: 010\n", "seed"),  # octal 8 for YAML 1.1, decimal 10 for 1.2
+        ("seed: 0o10\n", "seed"),  # a string for YAML 1.1, 8 for 1.2
+        ("seed: 08\n", "seed"),  # a string for YAML 1.1 (bad octal), 8 for 1.2
+        ("dataset:\n  input_dir: yes\n", "dataset.input_dir"),
+        ("dataset:\n  input_dir: no\n", "dataset.input_dir"),
+        ("dataset:\n  input_dir: on\n", "dataset.input_dir"),
+        ("dataset:\n  input_dir: off\n", "dataset.input_dir"),
+        ("dataset:\n  input_dir: Yes\n", "dataset.input_dir"),
+        ("dataset:\n  imageset:\n    gray: ON\n", "dataset.imageset.gray"),
+        ("dataset:\n  input_dir: 1:20\n", "dataset.input_dir"),  # sexagesimal 80 for YAML 1.1
+        ("build:\n  map_size: 1e3\n", "build.map_size"),  # a string for YAML 1.1, 1000.0 for 1.2
+        ("dataset:\n  cifar10:\n    batches: [a.bin, 010]\n", "dataset.cifar10.batches[1]"),
+    ],
+)
+def test_values_yaml_11_and_12_read_differently_are_refused_naming_the_key(tmp_path: Path, text: str, key: str) -> None:
+    assert yaml.safe_load(text) != _yaml_12(text)  # the premise: the two readings really differ
+    path = _write(tmp_path, text)
+    with pytest.raises(InputError, match=rf"{re.escape(key)} is .* for YAML 1\.1 but .* for YAML 1\.2"):
+        read_params(path)
+    with pytest.raises(InputError, match=re.escape(key)):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [("seed: 1\nseed: 2\n", "seed"), ("dataset:\n  count: 5\n  count: 6\n", "count")],
+)
+def test_duplicate_keys_are_refused_naming_the_key(tmp_path: Path, text: str, key: str) -> None:
+    assert isinstance(yaml.safe_load(text), dict)  # PyYAML silently keeps the last value
+    with pytest.raises(InputError, match=rf'YAML 1\.2.*duplicate key "{key}"'):
+        read_params(_write(tmp_path, text))
+
+
+def test_values_both_versions_read_alike_pass(tmp_path: Path) -> None:
+    # y/n are strings for PyYAML too, and both read 1_000 as 1000 and 0x10 as 16.
+    text = "dataset:\n  count: 1_000\n  input_dir: y\n  mnist: {images: n, labels: N}\nseed: 0x10\n"
+    assert yaml.safe_load(text) == _yaml_12(text)
+    config = load_config(_write(tmp_path, text))
+    assert (config.dataset.count, config.dataset.input_dir, config.seed) == (1000, "y", 16)
+    assert (config.dataset.mnist.images, config.dataset.mnist.labels) == ("n", "N")
+
+
+def test_several_disagreements_are_counted(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match=r"seed is 8 .*\(and 1 more key\(s\)\)"):
+        read_params(_write(tmp_path, "seed: 010\nencoding: on\n"))
+
+
+_TOKENS = ["010", "0o10", "08", "0x1f", "yes", "no", "on", "off", "y", "n", "true", "1_000", "1:20", "1e3", "1.5e+3"]
+_TOKENS += ["0.25", "-7", "~", ".inf", "12", "abc", "'010'", '"yes"', "0b11", "+3", "1_0.5"]
+
+
+@given(token=st.sampled_from(_TOKENS), path=st.lists(st.sampled_from(["a", "b", "c"]), min_size=1, max_size=3))
+def test_a_value_is_accepted_exactly_when_both_readings_agree(token: str, path: list[str]) -> None:
+    text = "".join(f"{'  ' * depth}{name}:\n" for depth, name in enumerate(path[:-1]))
+    text += f"{'  ' * (len(path) - 1)}{path[-1]}: {token}\n"
+    leaf_11, leaf_12 = yaml.safe_load(text), _yaml_12(text)
+    for name in path:
+        leaf_11, leaf_12 = leaf_11[name], leaf_12[name]
+    agree = type(leaf_11) is type(leaf_12) and leaf_11 == leaf_12
+    with tempfile.TemporaryDirectory() as folder:
+        file = _write(Path(folder), text)
+        if agree:
+            assert read_params(file) == _yaml_12(text)
+        else:
+            with pytest.raises(InputError, match=re.escape(".".join(path))):
+                read_params(file)
+
+
+# ----------------------------------------------------------------------------- schema and defaults
+
+
+def test_the_schema_defaults_fill_every_missing_key(tmp_path: Path) -> None:
+    schema = yaml.safe_load(SCHEMA_PATH.read_text(encoding="utf-8"))
+    defaults = _schema_defaults(schema)
+    assert defaults["dataset"]["source"] == "synthetic"  # the walk found the leaves
+    filled = validate_params(read_params(_write(tmp_path, "dataset: {source: synthetic}\n")))
+    assert filled == defaults
+    assert load_config(_write(tmp_path, "dataset: {source: synthetic}\n")).as_dict() == defaults
+    assert load_config(_write(tmp_path, "", "empty.yaml")).as_dict() == defaults
+    # A given value wins over its default, its siblings still default.
+    config = load_config(_write(tmp_path, "dataset: {count: 50}\nbuild: {batch_size: 3}\n"))
+    assert (config.dataset.count, config.dataset.shape) == (50, tuple(defaults["dataset"]["shape"]))
+    assert (config.build.batch_size, config.build.map_size) == (3, defaults["build"]["map_size"])
+
+
+def test_validate_params_does_not_modify_its_argument() -> None:
+    params: dict[str, Any] = {"dataset": {"source": "synthetic"}}
+    validate_params(params)
+    assert params == {"dataset": {"source": "synthetic"}}
+
+
+def test_the_repository_params_file_is_valid() -> None:
+    config = load_config(REPO / "params.yaml")
+    assert isinstance(config, PipelineConfig)
+    assert config.partition.shards == tuple(range(config.partition.count))
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("colour: red\n", r"\(top level\): Additional properties .*'colour'"),
+        ("dataset:\n  colour: 1\n", r"dataset: Additional properties .*'colour'"),
+        ("dataset: {arrays: {stride: 2}}\n", r"dataset\.arrays: Additional properties .*'stride'"),
+        ("seed: abc\n", r"seed: 'abc' is not of type 'integer'"),
+        ("seed: true\n", r"seed: True is not of type 'integer'"),
+        ("dataset:\n  count: 2.5\n", r"dataset\.count: 2\.5 is not of type 'integer'"),
+        ("dataset: {shape: [3, 32]}\n", r"dataset\.shape"),
+        ("dataset: {source: imagenet}\n", r"dataset\.source"),
+        ("dataset: {arrays: {layout: whc}}\n", r"dataset\.arrays\.layout"),
+        ("encoding: gif\n", r"encoding: 'gif' is not one of"),
+        ("verify: {sample: -1}\n", r"verify\.sample"),
+        ("build: {map_size: 1000}\n", r"build\.map_size"),
+        ("split: {train: 0.5, val: 0.3, test: 0.3}\n", r"split\.train \+ split\.val \+ split\.test must be 1"),
+        ("split: {train: 0.85, val: 0.1}\n", r"split\.train \+ split\.val \+ split\.test must be 1"),
+        ("split: {train: 1.0, val: 0.0, test: 0.0}\n", r"split\.test"),
+        ("split: {train: 0.98, val: 0.01, test: 0.01}\ndataset: {count: 10}\n", r"split\.val=0\.01 .* is empty"),
+        ("partition: {shards: [0, 2]}\n", r"partition\.shards must be the ids 0, 1, \.\.\., n-1"),
+        ("partition: {shards: [1, 0]}\n", r"partition\.shards must be the ids 0, 1, \.\.\., n-1"),
+        ("partition: {shards: [0, 0]}\n", r"partition\.shards"),
+        ("partition: {shards: []}\n", r"partition\.shards"),
+        ("seed: -1\n", r"seed: -1 is less than the minimum"),
+        ("seed: 4294967296\n", r"seed must be in 0\.\.2\*\*32-1"),
+        ("- 1\n", r"must be a mapping"),
+        ("seed: [1\n", r"not valid YAML"),
+    ],
+)
+def test_bad_params_are_refused_naming_the_key(tmp_path: Path, text: str, message: str) -> None:
+    path = _write(tmp_path, text)
+    with pytest.raises(InputError, match=message) as error:
+        load_config(path)
+    assert str(path) in str(error.value)
+
+
+def test_the_largest_seed_is_accepted(tmp_path: Path) -> None:
+    assert load_config(_write(tmp_path, f"seed: {2**32 - 1}\n")).seed == 2**32 - 1
+
+
+def test_load_config_returns_frozen_dataclasses(tmp_path: Path) -> None:
+    config = load_config(_write(tmp_path, "dataset: {source: synthetic}\n"))
+    for owner, field in [
+        (config, "seed"),
+        (config.dataset, "count"),
+        (config.dataset.arrays, "layout"),
+        (config.split, "train"),
+        (config.partition, "shards"),
+        (config.build, "batch_size"),
+        (config.verify, "sample"),
+    ]:
+        assert dataclasses.is_dataclass(owner)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(owner, field, getattr(owner, field))
+    assert isinstance(config.dataset.shape, tuple) and isinstance(config.partition.shards, tuple)
+    assert isinstance(config.dataset.cifar10.batches, tuple)
+
+
+def test_source_options_hold_only_the_chosen_source(tmp_path: Path) -> None:
+    synthetic = load_config(_write(tmp_path, "dataset: {count: 20, shape: [1, 4, 4], classes: 2}\n"))
+    assert synthetic.dataset.source_options() == {"source": "synthetic", "count": 20, "shape": [1, 4, 4], "classes": 2}
+    arrays = load_config(_write(tmp_path, "dataset: {source: arrays, input_dir: in, arrays: {layout: hwc}}\n"))
+    assert arrays.dataset.source_options() == {
+        "source": "arrays",
+        "input_dir": "in",
+        "images": "X.npy",
+        "labels": "y.npy",
+        "layout": "hwc",
+        "bgr_from_rgb": False,
+    }
+
+
+# ----------------------------------------------------------------------------- special files
+
+
+def test_special_and_missing_files_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="not a regular file"):
+        read_params(tmp_path)
+    with pytest.raises(InputError, match="params file not found"):
+        read_params(tmp_path / "missing.yaml")
+    (tmp_path / "latin1.yaml").write_bytes(b"dataset: {input_dir: caf\xe9}\n")
+    with pytest.raises(InputError, match="not UTF-8"):
+        read_params(tmp_path / "latin1.yaml")
+
+
+def test_a_fifo_is_refused_without_waiting_for_a_writer(tmp_path: Path) -> None:
+    fifo = tmp_path / "params.yaml"
+    os.mkfifo(fifo)
+    # In a child process with a time limit: opening a FIFO with no writer would block forever.
+    code = "from datumdb.cli import main; raise SystemExit(main(['pipeline', 'check', '--params', 'params.yaml']))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "params.yaml: the params file is not a regular file" in result.stderr
+    with pytest.raises(InputError, match="not a regular file"):
+        read_params(fifo)  # stat only: returns at once in this process too
+
+
+def test_a_file_over_the_size_limit_is_refused(tmp_path: Path) -> None:
+    head = b"seed: 1\n"
+    at_limit = tmp_path / "at_limit.yaml"
+    at_limit.write_bytes(head + b"#" * (MAX_PARAMS_BYTES - len(head) - 1) + b"\n")
+    assert at_limit.stat().st_size == MAX_PARAMS_BYTES
+    assert read_params(at_limit) == {"seed": 1}
+    too_large = tmp_path / "too_large.yaml"
+    too_large.write_bytes(at_limit.read_bytes() + b"\n")
+    with pytest.raises(InputError, match=rf"{MAX_PARAMS_BYTES + 1} bytes; a params file is at most {MAX_PARAMS_BYTES}"):
+        read_params(too_large)
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+def test_pipeline_check_prints_the_resolved_params(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _write(tmp_path, "dataset: {count: 30}\nencoding: png\n")
+    assert main(["pipeline", "check", "--params", str(path)]) == 0
+    out, err = capsys.readouterr()
+    printed = json.loads(out)
+    assert printed == load_config(path).as_dict()
+    assert printed["dataset"]["count"] == 30 and printed["encoding"] == "png" and printed["seed"] == 0
+    assert err == ""
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [("seed: 010\n", "seed"), ("split: {train: 0.7, val: 0.2, test: 0.2}\n", "split.train"), ("colour: 1\n", "colour")],
+)
+def test_pipeline_check_exits_2_with_one_line_naming_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, key: str
+) -> None:
+    path = _write(tmp_path, text)
+    assert main(["pipeline", "check", "--params", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("datumdb pipeline: error: ") and key in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("dataset: {count: 40.0}\n", "dataset.count"),
+        ("dataset: {classes: 3.0}\n", "dataset.classes"),
+        ("dataset: {shape: [3, 8.0, 8]}\n", "dataset.shape"),
+        ("dataset: {imageset: {resize_height: 8.0, resize_width: 8}}\n", "dataset.imageset.resize_height"),
+        ("seed: 3.0\n", "seed"),
+        ("partition: {shards: [0, 1.0]}\n", "partition.shards"),
+        ("build: {batch_size: 7.0}\n", "build.batch_size"),
+        ("build: {map_size: 1048576.0}\n", "build.map_size"),
+        ("verify: {sample: 5.0}\n", "verify.sample"),
+    ],
+)
+def test_an_integer_written_as_a_float_is_refused_or_read_as_the_integer(tmp_path: Path, text: str, key: str) -> None:
+    """JSON Schema's "integer" accepts 7.0; the steps must then see 7 (same fingerprint, no crash) or refuse it."""
+    as_int = _write(tmp_path, re.sub(r"(\d+)\.0\b", r"\1", text), "int.yaml")
+    try:
+        config = load_config(_write(tmp_path, text))
+    except InputError as exc:
+        assert key in str(exc)
+        return
+    assert config.as_dict() == load_config(as_int).as_dict()
+    assert json.dumps(config.as_dict()) == json.dumps(load_config(as_int).as_dict())  # 7 and 7.0 differ as JSON

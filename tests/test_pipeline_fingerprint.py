@@ -1,0 +1,314 @@
+"""datumdb.pipeline.fingerprint and .outputs: what each output records, which outputs are stale, STEP_CODE."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+from hypothesis import given
+from hypothesis import strategies as st
+
+from datumdb.cli import main
+from datumdb.pipeline import outputs
+from datumdb.pipeline.config import load_config
+from datumdb.pipeline.fingerprint import (
+    PACKAGE_DIR,
+    STEP_CODE,
+    build_record,
+    database_matches_params,
+    fingerprint,
+    input_digest,
+)
+from datumdb.pipeline.outputs import stale_outputs
+from datumdb.pipeline.splits import SPLITS
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[1]
+DATABASES = {f"{outputs.database(split)}/datumdb.json" for split in SPLITS}
+VERIFY = {outputs.verify_details(split) for split in SPLITS}
+ALL = DATABASES | VERIFY | {outputs.MEAN_JSON}
+
+
+def _params(root: Path, **changes: Any) -> Path:
+    """A tiny arrays dataset's params under ``root`` (inputs in root/in), with top-level ``changes``."""
+    params: dict[str, Any] = {
+        "dataset": {"source": "arrays", "input_dir": str(root / "in")},
+        "seed": 2,
+        "partition": {"shards": [0, 1]},
+        "split": {"train": 0.6, "val": 0.2, "test": 0.2},
+        "encoding": "none",
+        "build": {"batch_size": 5, "map_size": 1 << 20},
+        "verify": {"sample": 4},
+    }
+    params.update(changes)
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def _inputs(root: Path) -> None:
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 30)
+    images = (labels[:, None, None, None] * 60 + rng.integers(0, 40, (30, 3, 5, 5))).astype(np.uint8)
+    (root / "in").mkdir(parents=True, exist_ok=True)
+    np.save(root / "in" / "X.npy", images)
+    np.save(root / "in" / "y.npy", labels)
+
+
+def _run_pipeline(params: Path, root: Path) -> None:
+    """Every step the workflow runs, writing to the paths of datumdb.pipeline.outputs under ``root``."""
+    p = ["--no-progress", "pipeline"]
+    assert main([*p, "build-all", "--params", str(params), str(root / outputs.DATABASES), "--jobs", "1"]) == 0
+    for split in SPLITS:
+        argv = [*p, "verify", "--params", str(params), "--split", split, str(root / outputs.database(split))]
+        argv += ["--train-db", str(root / outputs.database("train"))]
+        argv += ["--details", str(root / outputs.verify_details(split))]
+        argv += ["--metrics", str(root / outputs.metrics(split)), "--histogram", str(root / outputs.histogram(split))]
+        assert main([*argv, "--sheet", str(root / outputs.sheet(split))]) == 0
+    argv = [*p, "mean", "--params", str(params), str(root / outputs.database("train"))]
+    argv += ["--binaryproto", str(root / outputs.MEAN_BINARYPROTO), "--npy", str(root / outputs.MEAN_NPY)]
+    assert main([*argv, "--json", str(root / outputs.MEAN_JSON)]) == 0
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder with inputs, params.yaml and every output of one pipeline run (read only)."""
+    root = tmp_path_factory.mktemp("built")
+    _inputs(root)
+    _run_pipeline(_params(root), root)
+    return root
+
+
+# ----------------------------------------------------------------------------- stale outputs
+
+
+def test_nothing_is_stale_right_after_a_run(built: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = load_config(built / "params.yaml")
+    assert all((built / name).is_file() for name in ALL)
+    assert stale_outputs(config, built) == {}
+    capsys.readouterr()
+    assert main(["pipeline", "stale", "--params", str(built / "params.yaml"), "--root", str(built)]) == 0
+    assert "every existing output matches the params" in capsys.readouterr().out
+
+
+def test_missing_outputs_are_not_stale(tmp_path: Path, built: Path) -> None:
+    assert stale_outputs(load_config(built / "params.yaml"), tmp_path) == {}
+
+
+@pytest.mark.parametrize(
+    ("changes", "stale", "reason"),
+    [
+        ({"encoding": "png"}, ALL, 'encoding: "none" in the output, "png" in the params'),
+        ({"seed": 3}, ALL, "seed: 2 in the output, 3 in the params"),
+        ({"split": {"train": 0.5, "val": 0.3, "test": 0.2}}, ALL, "split: [0.6, 0.2, 0.2] in the output"),
+        ({"build": {"batch_size": 6, "map_size": 1 << 20}}, ALL, "build.batch_size: 5 in the output, 6"),
+        ({"verify": {"sample": 5}}, VERIFY, "verify.sample: 4 in the output, 5 in the params"),
+        ({"partition": {"shards": [0, 1, 2]}}, set(), None),  # cuts the work only
+    ],
+)
+def test_changed_params_make_exactly_the_outputs_they_shape_stale(
+    built: Path, tmp_path: Path, changes: dict[str, Any], stale: set[str], reason: str | None
+) -> None:
+    config = load_config(
+        _params(tmp_path, **{**changes, "dataset": {"source": "arrays", "input_dir": str(built / "in")}})
+    )
+    found = stale_outputs(config, built)
+    assert set(found) == stale
+    for name in stale:
+        if name in DATABASES or "verify" in changes:
+            assert any(r.startswith(reason) for r in found[name]), found[name]  # type: ignore[arg-type]
+        else:  # a verify report or the mean made from a database that would change
+            assert any(r.startswith("made from an older ") for r in found[name]), found[name]
+
+
+def test_changed_input_bytes_make_every_output_stale(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path
+    _inputs(root)
+    params = _params(root)
+    _run_pipeline(params, root)
+    config = load_config(params)
+    np.save(root / "in" / "y.npy", np.load(root / "in" / "y.npy"))  # rewritten, same bytes: not stale
+    assert stale_outputs(config, root) == {}
+    labels = np.load(root / "in" / "y.npy")
+    labels[0] = (labels[0] + 1) % 3
+    np.save(root / "in" / "y.npy", labels)
+    found = stale_outputs(config, root)
+    assert set(found) == ALL
+    assert all("the input files changed" in found[name] for name in DATABASES)
+    capsys.readouterr()
+    assert main(["pipeline", "stale", "--params", str(params), "--root", str(root)]) == 1
+    out = capsys.readouterr().out
+    assert all(f"{name}: stale:" in out for name in ALL)
+
+
+def test_a_damaged_record_of_the_fingerprint_is_stale(tmp_path: Path, built: Path) -> None:
+    root = shutil.copytree(built, tmp_path / "copy")
+    (root / outputs.MEAN_JSON).write_text("{not json")
+    found = stale_outputs(load_config(built / "params.yaml"), root)
+    assert set(found) == {outputs.MEAN_JSON}
+    assert "no pipeline fingerprint recorded" in found[outputs.MEAN_JSON][0]
+
+
+# ----------------------------------------------------------------------------- database vs params
+
+
+def test_database_matches_params_and_the_verify_command(
+    tmp_path: Path, built: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    params = built / "params.yaml"
+    for split in SPLITS:
+        db = built / outputs.database(split)
+        assert database_matches_params(db, params) == []
+        assert main(["--no-progress", "verify", str(db), "--params", str(params)]) == 0
+    capsys.readouterr()
+    other = _params(tmp_path, encoding="png", dataset={"source": "arrays", "input_dir": str(built / "in")})
+    db = built / outputs.database("val")
+    problems = database_matches_params(db, other)
+    assert problems == [f'{db}: does not match {other}: encoding: "none" in the output, "png" in the params']
+    assert main(["--no-progress", "verify", str(db), "--params", str(other)]) == 1
+    err = capsys.readouterr().err
+    assert 'encoding: "none" in the output, "png" in the params' in err and "FAILED" in err
+    assert main(["--no-progress", "verify", str(db), "--params", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_a_database_not_built_by_the_pipeline_does_not_match(tmp_path: Path, built: Path) -> None:
+    db = tmp_path / "db"
+    assert (
+        main(["--no-progress", "convert-arrays", str(built / "in" / "X.npy"), str(built / "in" / "y.npy"), str(db)])
+        == 0
+    )
+    problems = database_matches_params(db, built / "params.yaml")
+    assert len(problems) == 1 and "not built by the datumdb pipeline" in problems[0]
+    assert main(["--no-progress", "verify", "--in-process", str(db), "--params", str(built / "params.yaml")]) == 1
+
+
+def test_the_build_record_is_what_the_manifest_holds(built: Path) -> None:
+    config = load_config(built / "params.yaml")
+    manifest = json.loads((built / outputs.database("test") / "datumdb.json").read_text())
+    record = build_record(config, "test", input_digest(config))
+    assert manifest["metadata"]["pipeline"] == record
+    what = {k: v for k, v in record.items() if k != "fingerprint"}
+    assert record["fingerprint"] == fingerprint(what)
+
+
+# ----------------------------------------------------------------------------- fingerprints and digests
+
+
+@given(
+    what=st.dictionaries(
+        st.text(min_size=1, max_size=5),
+        st.one_of(st.integers(), st.text(max_size=5), st.lists(st.integers())),
+        min_size=1,
+    )
+)
+def test_fingerprint_is_canonical_and_sees_every_value(what: dict[str, Any]) -> None:
+    reordered = dict(reversed(list(what.items())))
+    assert fingerprint(reordered) == fingerprint(what)
+    assert fingerprint(what).startswith("sha256:") and len(fingerprint(what)) == 7 + 64
+    key = next(iter(what))
+    assert fingerprint({**what, key: [what[key]]}) != fingerprint(what)
+
+
+def test_input_digest_sees_names_and_bytes_and_its_cache_skips_unchanged_files(tmp_path: Path) -> None:
+    _inputs(tmp_path)
+    config = load_config(_params(tmp_path))
+    first = input_digest(config)
+    cache: dict[str, Any] = {}
+    assert input_digest(config, cache) == first
+    assert set(cache) == {str((tmp_path / "in" / name).absolute()) for name in ("X.npy", "y.npy")}
+    cached_y = str((tmp_path / "in" / "y.npy").absolute())
+    cache[cached_y][3] = "0" * 64  # a cached hash is used while the file's stat is unchanged
+    assert input_digest(config, cache) != first
+    shutil.copy(tmp_path / "in" / "y.npy", tmp_path / "in" / "labels.npy")
+    renamed = _params(
+        tmp_path, dataset={"source": "arrays", "input_dir": str(tmp_path / "in"), "arrays": {"labels": "labels.npy"}}
+    )
+    assert input_digest(load_config(renamed)) != first  # same bytes under another name
+    synthetic = load_config(_params(tmp_path / "s", dataset={"source": "synthetic"}))
+    assert input_digest(synthetic) == "sha256:" + hashlib.sha256(b"").hexdigest()  # no files
+
+
+# ----------------------------------------------------------------------------- STEP_CODE
+
+
+def test_every_step_code_file_exists() -> None:
+    assert set(STEP_CODE) == {"build", "verify", "mean", "report"}
+    for step, files in STEP_CODE.items():
+        assert list(files) == sorted(set(files)), step
+        for name in files:
+            assert (PACKAGE_DIR / name).is_file(), f"{step}: {name}"
+
+
+_LOADED = """
+import json, sys
+{call}
+print(json.dumps(sorted(m for m in sys.modules if m == "datumdb" or m.startswith("datumdb."))))
+"""
+
+
+def _loaded(call: str, cwd: Path) -> set[str]:
+    result = subprocess.run(
+        [sys.executable, "-c", _LOADED.format(call=call)], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    return set(json.loads(result.stdout.strip().splitlines()[-1]))
+
+
+def _module_file(name: str) -> str:
+    import importlib
+
+    path = Path(importlib.import_module(name).__file__).resolve()  # type: ignore[arg-type]
+    return path.relative_to(PACKAGE_DIR).as_posix()
+
+
+STEP_MODULE = {
+    "build": "datumdb.pipeline.build",
+    "verify": "datumdb.pipeline.check",
+    "mean": "datumdb.pipeline.mean",
+    "report": "datumdb.pipeline.summary",
+}
+
+
+def test_step_code_lists_every_datumdb_module_a_step_loads(built: Path, tmp_path: Path) -> None:
+    params = str(built / "params.yaml")
+    lmdb = built / outputs.DATABASES
+    verify = [str(lmdb / "val"), "--train-db", str(lmdb / "train"), "--details", "v.json", "--metrics", "m.json"]
+    verify += ["--histogram", "h.csv", "--sheet", "s.png"]
+    mean = [str(lmdb / "train"), "--binaryproto", "m.bp", "--npy", "m.npy", "--json", "m.json"]
+    report = [str(built / outputs.verify_details(s)) for s in SPLITS]
+    report += ["--mean", str(built / outputs.MEAN_JSON), "--output", "summary.md"]
+    argv = {
+        "build": ["build-all", "--params", params, "lmdb", "--jobs", "1"],
+        "verify": ["verify", "--params", params, "--split", "val", *verify],
+        "mean": ["mean", "--params", params, *mean],
+        "report": ["report", "--params", params, *report],
+    }
+    baseline = _loaded("import datumdb", tmp_path) | {"datumdb.cli", "datumdb._progress"}
+    assert "datumdb" in baseline
+    missing = {}
+    for step, args in argv.items():
+        call = f"from datumdb.cli import main\nassert main(['--no-progress', 'pipeline', *{args!r}]) == 0"
+        loaded = _loaded(call, tmp_path) - baseline
+        assert STEP_MODULE[step] in loaded, step  # the step really ran in the child
+        files = {_module_file(name) for name in loaded}
+        missing[step] = sorted(files - set(STEP_CODE[step]))
+    assert missing == {step: [] for step in argv}
+
+
+def test_dvc_stages_list_the_step_code_as_their_code_deps() -> None:
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    for step in STEP_CODE:
+        stage = stages[step]
+        deps = (stage["do"] if "foreach" in stage else stage)["deps"]
+        code = [dep for dep in deps if isinstance(dep, str) and dep.startswith("src/")]
+        assert code == [f"src/datumdb/{name}" for name in STEP_CODE[step]], step
