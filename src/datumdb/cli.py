@@ -117,7 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", type=Path, metavar="IMAGES.npy")
     p.add_argument("labels", type=Path, metavar="LABELS.npy")
     p.add_argument("db", type=Path, metavar="DB")
-    p.add_argument("--layout", choices=("chw", "hwc"), default="chw", help="axis order of 4-D images")
+    p.add_argument(
+        "--layout",
+        choices=("chw", "hwc"),
+        default=None,
+        help="axis order of 4-D images (default chw, but an array whose last axis looks like channels "
+        "(1, 3 or 4) while axis 1 does not is refused until a layout is given)",
+    )
     p.add_argument("--bgr-from-rgb", action="store_true", help="images are RGB: store them BGR as Caffe expects")
     p.add_argument(
         "--encode",
