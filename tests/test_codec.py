@@ -13,6 +13,7 @@ import cv2
 import numpy as np
 import pytest
 from conftest import FIXTURE_LMDBS
+from google.protobuf.message import DecodeError
 from hostile_inputs import alternating_float_datum, forged_jpeg, forged_png
 from hypothesis import given
 from hypothesis import strategies as st
@@ -500,6 +501,19 @@ def test_float_runs_of_any_length_agree_with_protobuf(runs: list[tuple[int, byte
             decode(value + tail, "k")
         return
     _assert_same_as_protobuf(value, decode(value, "k"))
+
+
+@pytest.mark.parametrize("floats", [1, 2, 17, 100])
+@pytest.mark.parametrize("cut", [1, 2, 4])
+def test_a_float_cut_short_after_a_run_is_refused(floats: int, cut: int) -> None:
+    run = b"".join(b"\x35" + np.array([i], "<f4").tobytes() for i in range(floats))
+    np.testing.assert_array_equal(decode(run).float_data, np.arange(floats, dtype=np.float32))
+    with pytest.raises(DatumError, match="truncated") as info:
+        decode(run + (b"\x35" + b"\x00" * 4)[:cut], "k")
+    message = datum_pb2.Datum()
+    with pytest.raises(DecodeError):  # protobuf refuses it too
+        message.ParseFromString(run + (b"\x35" + b"\x00" * 4)[:cut])
+    assert info.value.key == "k"
 
 
 @pytest.mark.parametrize("forge", [forged_jpeg, forged_png], ids=["jpeg", "png"])

@@ -373,6 +373,8 @@ def _unpacked_run_length(buf: memoryview, pos: int, end: int) -> int:
         return 1
     first = pos - 1
     available = (end - first) // 5  # complete 5-byte fields that fit
+    if available < 2:  # the next float is cut short: the main loop reports it
+        return 1
     tags = np.frombuffer(buf, dtype=np.uint8, count=5 * available, offset=first)[::5]
     count, window = 2, _GALLOP_START
     while count < available:
