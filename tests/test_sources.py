@@ -404,3 +404,20 @@ def test_npz_and_truncated_npy_are_clear_errors(tmp_path: Path, chw) -> None:
     (tmp_path / "cut.npy").write_bytes(x.read_bytes()[:-10])
     with pytest.raises(InputError, match=r"cut\.npy: \d+ bytes, but its header .* needs \d+"):
         convert_arrays(tmp_path / "cut.npy", y, tmp_path / "db", progress=False)
+
+
+@pytest.mark.parametrize("reader", ["cifar10", "mnist"])
+def test_pipeline_inputs_that_are_fifos_are_refused(tmp_path: Path, reader: str) -> None:
+    """read_cifar10 and read_idx check the file before opening it (a FIFO would block open())."""
+    os.mkfifo(tmp_path / "pipe.bin")
+    code = (
+        "import sys; from datumdb import sources; from datumdb.errors import UnsafeInputError\n"
+        "try:\n"
+        f"    sources.{'read_cifar10([sys.argv[1]])' if reader == 'cifar10' else 'read_idx(sys.argv[1])'}\n"
+        "except UnsafeInputError as exc:\n"
+        "    print(exc)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "pipe.bin")], capture_output=True, text=True, timeout=120
+    )
+    assert "pipe.bin: " in result.stdout and "is a FIFO (named pipe), not a regular file" in result.stdout, result

@@ -342,12 +342,16 @@ def read_cifar10(paths: Sequence[str | os.PathLike[str]]) -> tuple[np.ndarray, n
     images, labels = [], []
     for path in map(Path, paths):
         try:
-            size = path.stat().st_size
+            handle = open_regular_file(path, "CIFAR-10 batch file")
         except FileNotFoundError:
             raise InputError(f"{path}: CIFAR-10 batch file not found") from None
-        if size == 0 or size % CIFAR10_RECORD:
-            raise InputError(f"{path}: {size} bytes is not a whole number of {CIFAR10_RECORD}-byte CIFAR-10 records")
-        records = np.memmap(path, dtype=np.uint8, mode="r").reshape(-1, CIFAR10_RECORD)
+        with handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size == 0 or size % CIFAR10_RECORD:
+                raise InputError(
+                    f"{path}: {size} bytes is not a whole number of {CIFAR10_RECORD}-byte CIFAR-10 records"
+                )
+            records = np.memmap(handle, dtype=np.uint8, mode="r").reshape(-1, CIFAR10_RECORD)
         if int(records[:, 0].max()) > 9:
             bad = int(np.argmax(records[:, 0] > 9))
             raise InputError(f"{path}: record {bad} has label {int(records[bad, 0])}; CIFAR-10 labels are 0..9")
@@ -364,21 +368,23 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     """An idx file (MNIST's format: big-endian magic 0 0 type ndim, ndim uint32 sizes, data), mapped."""
     path = Path(path)
     try:
-        with open(path, "rb") as handle:
-            head = handle.read(4)
-            if len(head) != 4 or head[:2] != b"\0\0" or head[2] not in _IDX_TYPES or not 1 <= head[3] <= 4:
-                raise InputError(f"{path}: not an idx file (magic {head.hex()})")
-            dims = np.frombuffer(handle.read(4 * head[3]), dtype=">u4")
+        handle = open_regular_file(path, "idx file")
     except FileNotFoundError:
         raise InputError(f"{path}: idx file not found") from None
-    if len(dims) != head[3]:
-        raise InputError(f"{path}: truncated idx header")
-    dtype = np.dtype(_IDX_TYPES[head[2]])
-    offset = 4 + 4 * head[3]
-    expected = offset + int(np.prod(dims.astype(np.int64))) * dtype.itemsize
-    if path.stat().st_size != expected:
-        raise InputError(f"{path}: {path.stat().st_size} bytes, but its header {list(dims)} needs {expected}")
-    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=tuple(int(d) for d in dims))
+    with handle:
+        head = handle.read(4)
+        if len(head) != 4 or head[:2] != b"\0\0" or head[2] not in _IDX_TYPES or not 1 <= head[3] <= 4:
+            raise InputError(f"{path}: not an idx file (magic {head.hex()})")
+        dims = np.frombuffer(handle.read(4 * head[3]), dtype=">u4")
+        if len(dims) != head[3]:
+            raise InputError(f"{path}: truncated idx header")
+        dtype = np.dtype(_IDX_TYPES[head[2]])
+        offset = 4 + 4 * head[3]
+        expected = offset + int(np.prod(dims.astype(np.int64))) * dtype.itemsize
+        size = os.fstat(handle.fileno()).st_size
+        if size != expected:
+            raise InputError(f"{path}: {size} bytes, but its header {list(dims)} needs {expected}")
+        return np.memmap(handle, dtype=dtype, mode="r", offset=offset, shape=tuple(int(d) for d in dims))
 
 
 def read_mnist(
