@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -126,34 +127,66 @@ def read_list_file(list_file: str | os.PathLike[str]) -> list[ListEntry]:
     return entries
 
 
-def resolve_path(root: Path, entry: ListEntry, list_file: Path, allow_outside_root: bool = False) -> Path:
+def resolve_path(
+    root: Path,
+    entry: ListEntry,
+    list_file: Path,
+    allow_outside_root: bool = False,
+    *,
+    real_root: str | None = None,
+) -> Path:
     """The image file of a list entry; paths leading outside ``root`` are errors unless allowed.
 
-    The check is textual (absolute paths, ``..``) and then real: the path is resolved, every
-    symlink followed, and must still lie under the resolved ROOT, so a symlink inside ROOT
-    cannot lead anywhere. The resolved path is returned, so what is read is what was checked.
+    The check is textual (absolute paths, ``..``) and then real: each component below ROOT is
+    ``lstat``-ed and, where one is a symlink, the whole path is resolved and must still lie under
+    the resolved ROOT, so a symlink inside ROOT cannot lead anywhere. The path returned has no
+    symlinks left in it below ROOT, so what is read is what was checked. ``real_root``
+    (``os.path.realpath(root)``) saves resolving ROOT again for every entry of a long list.
     """
-    if not allow_outside_root:
-        if os.path.isabs(entry.path):
-            raise InputError(
-                f"{list_file}:{entry.line}: absolute path {entry.path!r} (pass --allow-outside-root to accept it)"
-            )
-        if ".." in Path(entry.path).parts:
-            raise InputError(
-                f"{list_file}:{entry.line}: path {entry.path!r} escapes ROOT (pass --allow-outside-root to accept it)"
-            )
+    if allow_outside_root:
+        return root / entry.path
+    if os.path.isabs(entry.path):
+        raise InputError(
+            f"{list_file}:{entry.line}: absolute path {entry.path!r} (pass --allow-outside-root to accept it)"
+        )
+    if ".." in entry.path.split("/"):  # Path(...).parts, without pathlib's cost per entry
+        raise InputError(
+            f"{list_file}:{entry.line}: path {entry.path!r} escapes ROOT (pass --allow-outside-root to accept it)"
+        )
+    real_root = real_root or os.path.realpath(root)
     try:
-        real = (root / entry.path).resolve()
+        real = _below_root(real_root, entry.path)
     except (OSError, RuntimeError) as exc:  # a symlink loop, a name too long
         raise InputError(f"{list_file}:{entry.line}: cannot resolve path {entry.path!r} ({exc})") from None
-    if not allow_outside_root:
-        real_root = root.resolve()
-        if real != real_root and real_root not in real.parents:
-            raise UnsafeInputError(
-                f"{list_file}:{entry.line}: path {entry.path!r} leads through a symlink to {real}, outside ROOT "
-                f"{real_root} (pass --allow-outside-root to accept it)"
-            )
-    return real
+    if real is None:
+        target = os.path.realpath(os.path.join(real_root, entry.path))
+        raise UnsafeInputError(
+            f"{list_file}:{entry.line}: path {entry.path!r} leads through a symlink to {target}, outside ROOT "
+            f"{real_root} (pass --allow-outside-root to accept it)"
+        )
+    return Path(real)
+
+
+def _below_root(real_root: str, relative: str) -> str | None:
+    """``real_root/relative`` without symlinks if it stays under ``real_root``, else None.
+
+    Usually one ``lstat`` per component and no symlink found (cheaper than ``realpath``, which
+    also walks every component of ROOT); a missing component ends the walk (the read reports it).
+    """
+    parts = [part for part in relative.split("/") if part not in ("", ".")]
+    current = real_root
+    for index, part in enumerate(parts):
+        candidate = os.path.join(current, part)
+        try:
+            info = os.lstat(candidate)
+        except FileNotFoundError:
+            return os.path.join(candidate, *parts[index + 1 :])
+        if stat.S_ISLNK(info.st_mode):
+            real = os.path.realpath(os.path.join(candidate, *parts[index + 1 :]))
+            inside = real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)
+            return real if inside else None
+        current = candidate
+    return current
 
 
 def _matches_extension(path: str, encoding: str) -> bool:
@@ -239,7 +272,8 @@ def convert_imageset(
     if not root.is_dir():
         raise InputError(f"{root}: ROOT folder not found")
     entries = ordered_entries(read_list_file(list_file), options)
-    paths = [resolve_path(root, entry, list_file, options.allow_outside_root) for entry in entries]
+    real_root = os.path.realpath(root)
+    paths = [resolve_path(root, entry, list_file, options.allow_outside_root, real_root=real_root) for entry in entries]
     metadata = {
         "source": "imageset",
         "list_file": list_file.name,
