@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import tracemalloc
 from pathlib import Path
 
 import lmdb
@@ -18,7 +19,7 @@ from datumdb import DatabaseWriter
 from datumdb.cli import main
 from datumdb.codec import encode_image
 from datumdb.errors import VerificationError
-from datumdb.limits import MAX_MANIFEST_BYTES
+from datumdb.limits import MAX_MANIFEST_BYTES, read_regular_file
 from datumdb.manifest import MAX_MANIFEST_DEPTH, read_manifest, write_manifest
 
 
@@ -236,3 +237,19 @@ def test_a_failed_export_leaves_the_previous_file_whole(db: Path, tmp_path: Path
     assert "No space left on device" in capsys.readouterr().err
     assert out.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["all.npz", "db"]
+
+
+# --------------------------------------------------------------------------- the bounded read itself
+
+
+def test_a_small_read_allocates_its_size_not_the_bound(tmp_path: Path) -> None:
+    """read(n) allocates n bytes up front: asking for the 2 GiB bound cost 2 GiB per image read."""
+    (tmp_path / "small.png").write_bytes(b"x" * 1000)
+    tracemalloc.start()
+    try:
+        data = read_regular_file(tmp_path / "small.png", "image")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert data == b"x" * 1000
+    assert peak < 1 << 20

@@ -129,7 +129,9 @@ def read_regular_file(path: str | os.PathLike[str], what: str, limit: int | None
     """
     limit = max_input_bytes() if limit is None else limit
     with open_regular_file(path, what, limit) as handle:
-        data = handle.read(limit + 1)
+        # read() allocates what it is asked for up front: ask for the size (+1 to see growth), not the bound
+        size = os.fstat(handle.fileno()).st_size
+        data = handle.read(min(size, limit) + 1)
     if len(data) > limit:
         raise UnsafeInputError(f"{os.fspath(path)}: {what} grew past the bound of {limit} bytes while being read")
     return data
