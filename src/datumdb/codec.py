@@ -10,7 +10,12 @@ Why not just ``datum_pb2.Datum``? Three reasons, each measured or required:
   hand parser returns a ``memoryview`` of the value, so a raw image becomes a numpy view.
 * **Hostile input.** Every length is checked against the bytes actually present before it is
   used, so a forged size field can never trigger a large allocation, and every problem raises
-  :class:`~datumdb.errors.DatumError` naming the key.
+  :class:`~datumdb.errors.DatumError` naming the key. Parsing a value takes at most
+  :data:`DECODE_MEMORY_FACTOR` (3) times its size plus :data:`DECODE_MEMORY_SLACK` (8 MiB),
+  whatever its fields (see :func:`decode`). Decoding an encoded image takes what its header
+  declares, at most ``OPENCV_IO_MAX_IMAGE_PIXELS`` (:data:`datumdb.limits.MAX_IMAGE_PIXELS`,
+  about 134 megapixels); every OpenCV call goes through :func:`imdecode`, :func:`imencode` or
+  :func:`resize`, so no ``cv2.error`` escapes: a header over the bound is a DatumError too.
 
 The generated classes (``datumdb.proto.datum_pb2``) remain the reference implementation and are
 used for ``BlobProto`` (mean files), where speed does not matter.
