@@ -503,6 +503,26 @@ def test_float_runs_of_any_length_agree_with_protobuf(runs: list[tuple[int, byte
     _assert_same_as_protobuf(value, decode(value, "k"))
 
 
+def test_many_mixed_runs_across_gather_batches_agree_with_protobuf() -> None:
+    """10k runs (more than one gather batch): unpacked of 1-40 floats, packed of 1-5, in random order."""
+    rng = np.random.default_rng(9)
+    parts = []
+    for _ in range(10_000):
+        n = int(rng.integers(1, 41))
+        values = rng.normal(size=n).astype("<f4")
+        if rng.random() < 0.3:
+            packed = values[:5].tobytes()
+            parts.append(b"\x32" + bytes([len(packed)]) + packed)
+        else:
+            wire = np.empty((n, 5), np.uint8)
+            wire[:, 0] = 0x35
+            wire[:, 1:] = values.view(np.uint8).reshape(-1, 4)
+            parts.append(wire.tobytes())
+        parts.append(b"\x40\x01")  # an unknown field ends every run
+    value = b"".join(parts)
+    _assert_same_as_protobuf(value, decode(value))
+
+
 @pytest.mark.parametrize("floats", [1, 2, 17, 100])
 @pytest.mark.parametrize("cut", [1, 2, 4])
 def test_a_float_cut_short_after_a_run_is_refused(floats: int, cut: int) -> None:
