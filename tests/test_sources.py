@@ -421,3 +421,17 @@ def test_pipeline_inputs_that_are_fifos_are_refused(tmp_path: Path, reader: str)
         [sys.executable, "-c", code, str(tmp_path / "pipe.bin")], capture_output=True, text=True, timeout=120
     )
     assert "pipe.bin: " in result.stdout and "is a FIFO (named pipe), not a regular file" in result.stdout, result
+
+
+def test_pipeline_arrays_source_refuses_what_convert_arrays_refuses(tmp_path: Path) -> None:
+    images = np.zeros((5, 1, 2, 2), np.int64)
+    images[3, 0, 1, 0] = 2**24 + 1
+    np.save(tmp_path / "X.npy", images)
+    np.save(tmp_path / "y.npy", np.zeros(5, np.int64))
+    source = open_source("arrays", tmp_path, arrays={"layout": "chw"})
+    np.testing.assert_array_equal(source.read(0, 3)[0], np.zeros((3, 1, 2, 2), np.float32))
+    with pytest.raises(InputError, match=r"X\.npy: image 3 holds 16777217 at index \(0, 1, 0\)"):
+        source.read(2, 5)
+    np.save(tmp_path / "X.npy", np.full((5, 1, 2, 2), 1e300))
+    with pytest.raises(InputError, match=r"X\.npy: image 0 is beyond float32's range"):
+        open_source("arrays", tmp_path, arrays={"layout": "chw"}).read(0, 2)

@@ -431,7 +431,7 @@ def _arrays(input_dir: Path, images: str, labels: str, layout: Layout, bgr_from_
 
 
 class _FloatView:
-    """Float images: read as float32 and rejected if not finite, naming the sample."""
+    """Non-uint8 images: checked as convert-arrays checks them (finite, integers float32 can hold), then float32."""
 
     def __init__(self, data: np.ndarray, path: Path) -> None:
         self.data, self.path, self.shape = data, path, data.shape
@@ -440,10 +440,13 @@ class _FloatView:
         return len(self.data)
 
     def __getitem__(self, index: slice) -> np.ndarray:
-        chunk = np.asarray(self.data[index], dtype=np.float32)
-        finite = np.isfinite(chunk.reshape(len(chunk), -1)).all(axis=1)
-        if not finite.all():
-            raise InputError(f"{self.path}: image {index.start + int(np.argmin(finite))} contains NaN or infinity")
+        chunk = np.asarray(self.data[index])
+        _check_chunk(self.path, chunk, index.start or 0)
+        with np.errstate(over="ignore"):  # float64 beyond float32 becomes inf: refused just below
+            chunk = chunk.astype(np.float32)
+        if not np.isfinite(chunk).all():
+            bad = int(np.argmin(np.isfinite(chunk.reshape(len(chunk), -1)).all(axis=1)))
+            raise InputError(f"{self.path}: image {(index.start or 0) + bad} is beyond float32's range")
         return chunk
 
 
