@@ -18,7 +18,7 @@ from hostile_inputs import forged_jpeg, forged_png
 from datumdb import DatabaseWriter
 from datumdb.cli import main
 from datumdb.codec import encode_image
-from datumdb.errors import VerificationError
+from datumdb.errors import UnsafeInputError, VerificationError
 from datumdb.limits import MAX_MANIFEST_BYTES, read_regular_file
 from datumdb.manifest import MAX_MANIFEST_DEPTH, read_manifest, write_manifest
 
@@ -253,3 +253,11 @@ def test_a_small_read_allocates_its_size_not_the_bound(tmp_path: Path) -> None:
         tracemalloc.stop()
     assert data == b"x" * 1000
     assert peak < 1 << 20
+
+
+def test_a_file_larger_than_its_stat_said_is_refused() -> None:
+    """/proc files say 0 bytes and hold more: what a file growing during the read looks like."""
+    with pytest.raises(
+        UnsafeInputError, match=r"/proc/self/status: list file grew while being read \(it was 0 bytes\)"
+    ):
+        read_regular_file("/proc/self/status", "list file")

@@ -98,9 +98,7 @@ def read_list_file(list_file: str | os.PathLike[str]) -> list[ListEntry]:
         raise InputError(f"{list_file}: list file not found") from None
     except UnicodeDecodeError as exc:
         raise InputError(f"{list_file}: not UTF-8 text ({exc})") from None
-    except UnsafeInputError:
-        raise
-    except OSError as exc:
+    except OSError as exc:  # not UnsafeInputError (a FIFO, too large...): that one already says it all
         raise InputError(f"{list_file}: cannot read the list file ({exc.strerror or exc})") from None
     entries = []
     # Lines end at "\n" only, as for Caffe's getline (str.splitlines would also split at \x0c,

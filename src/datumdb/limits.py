@@ -124,14 +124,14 @@ def open_regular_file(path: str | os.PathLike[str], what: str, limit: int | None
 def read_regular_file(path: str | os.PathLike[str], what: str, limit: int | None = None) -> bytes:
     """All bytes of a regular file of at most ``limit`` bytes (default :func:`max_input_bytes`).
 
-    The read itself is bounded too, so a file that grows after the size check cannot make it
-    read more than ``limit`` bytes.
+    The read asks for the file's size plus one byte, never for the bound: ``read(n)`` allocates
+    ``n`` bytes up front, and 2 GiB per image would be a lot. A file that grew after the size
+    check (the extra byte arrived) is refused rather than read half-old, half-new.
     """
     limit = max_input_bytes() if limit is None else limit
     with open_regular_file(path, what, limit) as handle:
-        # read() allocates what it is asked for up front: ask for the size (+1 to see growth), not the bound
-        size = os.fstat(handle.fileno()).st_size
-        data = handle.read(min(size, limit) + 1)
-    if len(data) > limit:
-        raise UnsafeInputError(f"{os.fspath(path)}: {what} grew past the bound of {limit} bytes while being read")
+        size = os.fstat(handle.fileno()).st_size  # <= limit: open_regular_file checked it
+        data = handle.read(size + 1)
+    if len(data) > size:
+        raise UnsafeInputError(f"{os.fspath(path)}: {what} grew while being read (it was {size} bytes)")
     return data

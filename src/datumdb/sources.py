@@ -35,7 +35,7 @@ import numpy as np
 
 from datumdb._progress import progress as progress_bar
 from datumdb.codec import INT32_MAX, INT32_MIN
-from datumdb.errors import InputError, UnsafeInputError
+from datumdb.errors import InputError
 from datumdb.limits import open_regular_file
 from datumdb.writer import DEFAULT_BATCH_SIZE, DatabaseWriter, Encoding
 
@@ -70,8 +70,6 @@ def _load(path: Path, what: str) -> np.ndarray:
         handle = open_regular_file(path, f"{what} file")
     except FileNotFoundError:
         raise InputError(f"{path}: {what} file not found") from None
-    except UnsafeInputError:
-        raise
     except OSError as exc:
         raise InputError(f"{path}: cannot open the {what} file ({exc.strerror or exc})") from None
     with handle:
