@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
+import tracemalloc
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 from conftest import FIXTURE_LMDBS
+from google.protobuf.message import DecodeError
+from hostile_inputs import alternating_float_datum, forged_jpeg, forged_png
 from hypothesis import given
 from hypothesis import strategies as st
 
 from datumdb.codec import (
+    DECODE_MEMORY_FACTOR,
+    DECODE_MEMORY_SLACK,
     Datum,
     check_label,
     datum_to_array,
@@ -21,8 +29,12 @@ from datumdb.codec import (
     encode_array,
     encode_image,
     encode_png_or_jpg,
+    imdecode,
+    imencode,
+    resize,
 )
 from datumdb.errors import DatumError
+from datumdb.limits import MAX_IMAGE_PIXELS
 from datumdb.proto import datum_pb2
 from datumdb.proto.regenerate import generate
 
@@ -445,3 +457,112 @@ def test_decode_agrees_with_protobuf_on_any_field_sequence(fields: list[bytes]) 
             decode(value, "k")
         return
     _assert_same_as_protobuf(value, decode(value, "k"))
+
+
+# --------------------------------------------------------------------------- bounded decoding
+
+
+def test_alternating_float_runs_decode_in_bounded_memory() -> None:
+    """float_data split into 200k one-float runs: at most 3x the value's size (+8 MiB), was ~37x."""
+    count = 200_000
+    value = alternating_float_datum(count)
+    tracemalloc.start()
+    try:
+        datum = decode(value, b"hostile")
+        array = datum_to_array(datum, key=b"hostile")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak <= DECODE_MEMORY_FACTOR * len(value) + DECODE_MEMORY_SLACK
+    assert array.shape == (1, 1, count)
+    np.testing.assert_array_equal(array.reshape(-1), np.arange(count, dtype=np.float32))
+    assert datum.label == 7
+
+
+def test_alternating_float_runs_agree_with_protobuf() -> None:
+    value = alternating_float_datum(5000)
+    _assert_same_as_protobuf(value, decode(value))
+
+
+_run = st.tuples(
+    st.integers(0, 70),  # unpacked floats in a row (crosses the 16, 32, 64 gallop windows)
+    st.sampled_from([b"", b"\x40\x00", b"\x32\x00", b"\x32\x04\x00\x00\x80\x3f", b"\x5d\x00\x00\x00\x00"]),
+)
+
+
+@given(runs=st.lists(_run, max_size=40), tail=st.sampled_from([b"", b"\x35\x00\x00", b"\x35"]))
+def test_float_runs_of_any_length_agree_with_protobuf(runs: list[tuple[int, bytes]], tail: bytes) -> None:
+    """Runs of unpacked floats (found by the vectorized scan) between other fields, packed runs included."""
+    value = b"".join(
+        b"".join(b"\x35" + np.array([n * 100 + i], "<f4").tobytes() for i in range(n)) + sep for n, sep in runs
+    )
+    if tail:  # a float field cut short at the very end is refused, whatever came before
+        with pytest.raises(DatumError, match="truncated"):
+            decode(value + tail, "k")
+        return
+    _assert_same_as_protobuf(value, decode(value, "k"))
+
+
+def test_many_mixed_runs_across_gather_batches_agree_with_protobuf() -> None:
+    """10k runs (more than one gather batch): unpacked of 1-40 floats, packed of 1-5, in random order."""
+    rng = np.random.default_rng(9)
+    parts = []
+    for _ in range(10_000):
+        n = int(rng.integers(1, 41))
+        values = rng.normal(size=n).astype("<f4")
+        if rng.random() < 0.3:
+            packed = values[:5].tobytes()
+            parts.append(b"\x32" + bytes([len(packed)]) + packed)
+        else:
+            wire = np.empty((n, 5), np.uint8)
+            wire[:, 0] = 0x35
+            wire[:, 1:] = values.view(np.uint8).reshape(-1, 4)
+            parts.append(wire.tobytes())
+        parts.append(b"\x40\x01")  # an unknown field ends every run
+    value = b"".join(parts)
+    _assert_same_as_protobuf(value, decode(value))
+
+
+@pytest.mark.parametrize("floats", [1, 2, 17, 100])
+@pytest.mark.parametrize("cut", [1, 2, 4])
+def test_a_float_cut_short_after_a_run_is_refused(floats: int, cut: int) -> None:
+    run = b"".join(b"\x35" + np.array([i], "<f4").tobytes() for i in range(floats))
+    np.testing.assert_array_equal(decode(run).float_data, np.arange(floats, dtype=np.float32))
+    with pytest.raises(DatumError, match="truncated") as info:
+        decode(run + (b"\x35" + b"\x00" * 4)[:cut], "k")
+    message = datum_pb2.Datum()
+    with pytest.raises(DecodeError):  # protobuf refuses it too
+        message.ParseFromString(run + (b"\x35" + b"\x00" * 4)[:cut])
+    assert info.value.key == "k"
+
+
+@pytest.mark.parametrize("forge", [forged_jpeg, forged_png], ids=["jpeg", "png"])
+def test_forged_huge_image_header_is_a_datum_error_naming_the_key(forge) -> None:
+    datum = decode(encode_image(forge(60000, 60000), 4), "00000009")
+    with pytest.raises(DatumError, match=r"^key '00000009': .*OPENCV_IO_MAX_IMAGE_PIXELS") as info:
+        datum_to_array(datum, key="00000009")
+    assert info.value.key == "00000009"
+    for mode in ("unchanged", "color", "gray"):
+        with pytest.raises(DatumError, match="more than"):
+            decode_image(forge(60000, 60000), mode, "k")  # type: ignore[arg-type]
+
+
+def test_opencv_failures_in_encode_and_resize_are_datum_errors() -> None:
+    with pytest.raises(DatumError, match=r"^key 'k': OpenCV cannot encode"):
+        imencode(".nosuchformat", np.zeros((4, 4), np.uint8), "k")
+    with pytest.raises(DatumError, match=r"^key 'k': OpenCV cannot resize"):
+        resize(np.zeros((4, 4), np.uint8), 0, 0, "k")
+    with pytest.raises(DatumError, match="empty"):
+        imdecode(b"", cv2.IMREAD_COLOR, "k")
+
+
+@pytest.mark.parametrize(("preset", "expected"), [(None, str(MAX_IMAGE_PIXELS)), ("5000", "5000")])
+def test_opencv_pixel_bound_admits_photos_and_yields_to_the_user(preset: str | None, expected: str) -> None:
+    """Set before cv2 is imported (a fresh interpreter); >= 100 megapixels; the user's value wins."""
+    env = {k: v for k, v in os.environ.items() if k != "OPENCV_IO_MAX_IMAGE_PIXELS"}
+    if preset is not None:
+        env["OPENCV_IO_MAX_IMAGE_PIXELS"] = preset
+    code = "import datumdb.imageset, os; print(os.environ['OPENCV_IO_MAX_IMAGE_PIXELS'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == expected
+    assert MAX_IMAGE_PIXELS >= 100_000_000

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -9,13 +15,14 @@ import cv2
 import numpy as np
 import pytest
 from conftest import FIXTURE_FLAGS, FIXTURE_LMDBS, leftovers, read_lmdb_items
+from hostile_inputs import forged_jpeg, forged_png
 from hypothesis import given
 from hypothesis import strategies as st
 
 from datumdb import DatumReader
 from datumdb.cli import main
 from datumdb.codec import decode
-from datumdb.errors import InputError
+from datumdb.errors import InputError, UnsafeInputError
 from datumdb.imageset import ImagesetOptions, ListEntry, convert_imageset, ordered_entries, read_list_file
 from datumdb.manifest import digest_items, read_manifest
 from datumdb.verify import verify_database
@@ -294,3 +301,133 @@ def test_key_longer_than_lmdb_allows_names_the_line(tmp_path: Path) -> None:
     list_file.write_text(f"{deep} 0\n")
     convert_imageset(tmp_path / "images", list_file, tmp_path / "db", progress=False)
     assert read_lmdb_items(tmp_path / "db")[0][0] == f"00000000_{deep}".encode()
+
+
+# --------------------------------------------------------------------------- inputs are files
+
+
+def _cli_in_child(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run the CLI in a child process: a hang (a FIFO read, say) fails the test instead of stalling it."""
+    return subprocess.run(
+        [sys.executable, "-m", "datumdb.cli", "--no-progress", *argv],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def test_symlink_inside_root_leading_outside_is_refused(tmp_path: Path) -> None:
+    root = _image_folder(tmp_path, ["a.png"])
+    secret = _image_folder(tmp_path / "elsewhere", ["secret.png"]) / "secret.png"
+    (root / "escape.png").symlink_to(secret)
+    (root / "sub").mkdir()
+    (root / "sub" / "up").symlink_to(secret.parent)  # a linked folder leads out just as well
+    (root / "alias.png").symlink_to(root / "a.png")  # a link that stays inside ROOT is fine
+    for i, line in enumerate(("escape.png 1", "sub/up/secret.png 1")):
+        list_file, db = tmp_path / f"list{i}.txt", tmp_path / f"db{i}"
+        list_file.write_text(f"alias.png 0\n{line}\n")
+        with pytest.raises(UnsafeInputError, match=rf"list{i}\.txt:2: .*symlink.*outside ROOT.*allow-outside-root"):
+            convert_imageset(root, list_file, db, progress=False)
+        assert not db.exists() and leftovers(db) == []
+        convert_imageset(root, list_file, db, ImagesetOptions(allow_outside_root=True), progress=False)
+        with DatumReader(db) as reader:
+            np.testing.assert_array_equal(reader[0][0], cv2.imread(str(root / "a.png")).transpose(2, 0, 1))
+            np.testing.assert_array_equal(reader[1][0], cv2.imread(str(secret)).transpose(2, 0, 1))
+        assert read_lmdb_items(db)[1][0] == b"00000001_" + line.rpartition(" ")[0].encode()
+
+
+def _special_file(root: Path, kind: str) -> str:
+    """Make a non-regular file named in a list; returns the list line's path."""
+    if kind == "fifo":
+        os.mkfifo(root / "pipe.png")
+        return "pipe.png"
+    if kind == "folder":
+        (root / "folder.png").mkdir()
+        return "folder.png"
+    if kind == "socket":
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(str(root / "sock.png"))
+        sock.close()
+        return "sock.png"
+    (root / "zero.png").symlink_to("/dev/zero")  # with --allow-outside-root: a device, read forever
+    return "zero.png"
+
+
+@pytest.mark.parametrize(
+    ("kind", "what"),
+    [("fifo", "FIFO"), ("folder", "folder"), ("socket", "socket"), ("devzero", "character device")],
+)
+def test_non_regular_image_is_refused_without_hanging(tmp_path: Path, kind: str, what: str) -> None:
+    short = Path(tempfile.mkdtemp(dir="/tmp"))  # AF_UNIX paths must be short
+    try:
+        root = _image_folder(short, ["a.png"])
+        name = _special_file(root, kind)
+        (short / "list.txt").write_text(f"a.png 0\n{name} 1\n")
+        result = _cli_in_child(
+            "convert-imageset", "--allow-outside-root", str(root), str(short / "list.txt"), str(short / "db")
+        )
+        assert result.returncode == 2, result.stderr
+        assert re.search(rf"list\.txt:2: .*{re.escape(name)}.*: image is a {what}", result.stderr), result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+        assert not (short / "db").exists()
+    finally:
+        shutil.rmtree(short)
+
+
+def test_list_file_that_is_a_fifo_is_refused_without_hanging(tmp_path: Path) -> None:
+    root = _image_folder(tmp_path, ["a.png"])
+    os.mkfifo(tmp_path / "list.txt")
+    result = _cli_in_child("convert-imageset", str(root), str(tmp_path / "list.txt"), str(tmp_path / "db"))
+    assert result.returncode == 2
+    assert "list.txt: list file is a FIFO (named pipe), not a regular file" in result.stderr
+
+
+def test_inputs_over_the_size_bound_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = _image_folder(tmp_path, ["a.png"], sizes=[(40, 40)])
+    (tmp_path / "list.txt").write_text("a.png 0\n")
+    size = (root / "a.png").stat().st_size
+    monkeypatch.setenv("DATUMDB_MAX_INPUT_BYTES", str(size - 1))
+    with pytest.raises(UnsafeInputError, match=rf"list\.txt:1: .*a\.png: image is {size} bytes, over the bound of"):
+        convert_imageset(root, tmp_path / "list.txt", tmp_path / "db", progress=False)
+    monkeypatch.setenv("DATUMDB_MAX_INPUT_BYTES", "5")
+    with pytest.raises(UnsafeInputError, match=r"list\.txt: list file is 8 bytes, over the bound of 5"):
+        read_list_file(tmp_path / "list.txt")
+    monkeypatch.setenv("DATUMDB_MAX_INPUT_BYTES", "lots")
+    with pytest.raises(InputError, match=r"DATUMDB_MAX_INPUT_BYTES must be a positive number"):
+        read_list_file(tmp_path / "list.txt")
+    monkeypatch.setenv("DATUMDB_MAX_INPUT_BYTES", str(size))
+    convert_imageset(root, tmp_path / "list.txt", tmp_path / "db", progress=False)
+
+
+@pytest.mark.parametrize("forge", [forged_jpeg, forged_png], ids=["jpeg", "png"])
+def test_forged_huge_image_header_is_an_input_error_naming_the_file(tmp_path: Path, forge, capsys) -> None:
+    root = _image_folder(tmp_path, ["a.png"])
+    (root / "huge.img").write_bytes(forge(60000, 60000))
+    (tmp_path / "list.txt").write_text("a.png 0\nhuge.img 1\n")
+    with pytest.raises(InputError, match=r"list\.txt:2: .*huge\.img: not an image .*OPENCV_IO_MAX_IMAGE_PIXELS"):
+        convert_imageset(root, tmp_path / "list.txt", tmp_path / "db", progress=False)
+    assert main(["--no-progress", "convert-imageset", str(root), str(tmp_path / "list.txt"), str(tmp_path / "db")]) == 2
+    err = capsys.readouterr().err
+    assert "huge.img" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_real_6000x8000_photo_is_resized(tmp_path: Path) -> None:
+    """48 megapixels: over OpenCV's old 2**25-pixel bound here, well under the 134-megapixel one."""
+    rows = np.linspace(0, 255, 6000, dtype=np.float32)[:, np.newaxis]
+    cols = np.linspace(0, 255, 8000, dtype=np.float32)[np.newaxis, :]
+    noise = np.random.default_rng(1).integers(0, 32, (6000, 8000), dtype=np.uint8)
+    photo = np.stack([rows + 0 * cols, cols + 0 * rows, (rows + cols) / 2], axis=-1).astype(np.uint8)
+    photo += noise[..., np.newaxis]
+    root = tmp_path / "images"
+    root.mkdir()
+    assert cv2.imwrite(str(root / "big.jpg"), photo)
+    del photo, noise
+    (tmp_path / "list.txt").write_text("big.jpg 3\n")
+    options = ImagesetOptions(resize_height=60, resize_width=80)
+    convert_imageset(root, tmp_path / "list.txt", tmp_path / "db", options, progress=False)
+    expected = cv2.resize(cv2.imread(str(root / "big.jpg")), (80, 60))
+    with DatumReader(tmp_path / "db") as reader:
+        image, label = reader[0]
+    assert label == 3
+    np.testing.assert_array_equal(image, expected.transpose(2, 0, 1))

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -87,7 +91,7 @@ def test_float_arrays_become_float_data_read_back_exactly(tmp_path: Path, dtype)
     rng = np.random.default_rng(4)
     images = (rng.normal(size=(6, 2, 3, 3)) * 1000).astype(dtype)
     x, y = _save(tmp_path, images, np.zeros(6, dtype=np.int32))
-    assert _cli(x, y, tmp_path / "db") == 0
+    assert _cli(x, y, tmp_path / "db", "--layout", "chw") == 0  # (N, 2, 3, 3) needs it said
     for _, value in read_lmdb_items(tmp_path / "db"):
         datum = decode(value)
         assert len(datum.data) == 0 and datum.float_data.size == 18
@@ -171,7 +175,7 @@ def test_non_finite_images_name_the_index(tmp_path: Path, monkeypatch: pytest.Mo
     images[7, 1, 2, 0] = bad
     x, y = _save(tmp_path, images, np.zeros(9, np.int64))
     with pytest.raises(InputError, match=r"image 7 contains NaN or infinity"):
-        convert_arrays(x, y, tmp_path / "db", progress=False)
+        convert_arrays(x, y, tmp_path / "db", layout="chw", progress=False)  # (N, 2, 3, 3): chw said explicitly
     assert not (tmp_path / "db").exists() and leftovers(tmp_path / "db") == []
 
 
@@ -239,3 +243,206 @@ def test_arrays_pipeline_source_matches_convert_arrays(tmp_path: Path, chw) -> N
     assert float_source.read(0, 3)[0].dtype == np.float32
     with pytest.raises(InputError, match="image 3 contains NaN"):
         float_source.read(2, 5)
+
+
+# --------------------------------------------------------------------------- memory layouts
+
+
+def _digest(db: Path) -> str:
+    return read_manifest(db)["digest"]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "layout"),
+    [("uint8", "chw"), ("uint8", "hwc"), ("<f4", "chw"), (">f4", "hwc"), (">i2", "chw"), (">f8", "chw")],
+)
+def test_fortran_order_and_byte_order_give_the_c_order_database(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: str, layout: str
+) -> None:
+    # small chunks and blocks: many chunks, and each gathered in several column blocks
+    monkeypatch.setattr(datumdb.sources, "CHUNK_BYTES", 700)
+    rng = np.random.default_rng(4)
+    shape = (23, 3, 5, 7) if layout == "chw" else (23, 5, 7, 3)
+    images = rng.integers(0, 200, shape).astype(dtype)
+    labels = rng.integers(0, 9, 23)
+    x, y = _save(tmp_path, images.astype(np.dtype(dtype).newbyteorder("=")), labels)
+    fx = tmp_path / "F.npy"
+    np.save(fx, np.asfortranarray(images))
+    with open(fx, "rb") as handle:
+        np.lib.format.read_magic(handle)
+        assert np.lib.format.read_array_header_1_0(handle)[1:] == (True, np.dtype(dtype))  # Fortran, as asked
+    convert_arrays(x, y, tmp_path / "c", layout=layout, progress=False)  # type: ignore[arg-type]
+    convert_arrays(fx, y, tmp_path / "f", layout=layout, progress=False)  # type: ignore[arg-type]
+    assert read_lmdb_items(tmp_path / "f") == read_lmdb_items(tmp_path / "c")
+    with DatumReader(tmp_path / "f") as reader:
+        expected = images if layout == "chw" else images.transpose(0, 3, 1, 2)
+        np.testing.assert_array_equal(reader[22][0], expected[22])
+
+
+_RSS_PROBE = """
+import resource, sys
+import datumdb.sources as sources
+sources.CHUNK_BYTES = 8 << 20
+sources.convert_arrays(sys.argv[1], sys.argv[2], sys.argv[3], layout="chw", progress=False)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def test_fortran_order_streams_in_the_memory_of_c_order(tmp_path: Path) -> None:
+    """Peak RSS of convert-arrays over a 192 MiB Fortran-order file is that of the C-order file.
+
+    Without the column-block gathering, every chunk touched pages all over the file and none
+    were dropped, so the whole file became resident.
+    """
+    count, sample = 16384, (3, 64, 64)  # 12 KiB per image, 192 MiB in all
+    rng = np.random.default_rng(0)
+    paths = {}
+    for name, fortran in (("c", False), ("f", True)):
+        paths[name] = tmp_path / f"{name}.npy"
+        out = np.lib.format.open_memmap(
+            paths[name], mode="w+", dtype=np.uint8, shape=(count, *sample), fortran_order=fortran
+        )
+        for start in range(0, count, 2048):
+            out[start : start + 2048] = np.random.default_rng(start).integers(0, 256, (2048, *sample), np.uint8)
+        out.flush()
+        del out
+    np.save(tmp_path / "y.npy", rng.integers(0, 10, count))
+    peaks = {}
+    for name, path in paths.items():
+        probe = subprocess.run(
+            [sys.executable, "-c", _RSS_PROBE, str(path), str(tmp_path / "y.npy"), str(tmp_path / f"db_{name}")],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=True,
+        )
+        peaks[name] = int(probe.stdout.split()[-1])
+    assert _digest(tmp_path / "db_f") == _digest(tmp_path / "db_c")
+    file_bytes = count * int(np.prod(sample))
+    assert peaks["f"] - peaks["c"] < file_bytes // 4, peaks  # was about + file_bytes
+
+
+# --------------------------------------------------------------------------- ambiguous input
+
+
+@pytest.mark.parametrize("shape", [(4, 32, 32, 3), (4, 28, 28, 1), (4, 10, 12, 4)])
+def test_hwc_looking_arrays_need_an_explicit_layout(tmp_path: Path, shape: tuple[int, ...], capsys) -> None:
+    images = np.random.default_rng(2).integers(0, 256, shape, dtype=np.uint8)
+    x, y = _save(tmp_path, images, np.arange(4))
+    capsys.readouterr()
+    assert _cli(x, y, tmp_path / "db") == 2
+    err = capsys.readouterr().err
+    assert f"X.npy: images of shape {shape} look like (N, H, W, C) with {shape[3]} channel(s)" in err
+    assert "--layout hwc" in err and not (tmp_path / "db").exists()
+    assert _cli(x, y, tmp_path / "hwc", "--layout", "hwc") == 0
+    assert _cli(x, y, tmp_path / "chw", "--layout", "chw") == 0  # said explicitly: taken as given
+    assert read_manifest(tmp_path / "hwc")["shapes"] == {f"{shape[3]}x{shape[1]}x{shape[2]}": 4}
+    assert read_manifest(tmp_path / "chw")["shapes"] == {"x".join(map(str, shape[1:])): 4}
+    assert read_manifest(tmp_path / "hwc")["metadata"]["layout"] == "hwc"
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 32, 32), (4, 1, 28, 28), (4, 3, 8, 4), (4, 5, 6, 7)])
+def test_unambiguous_arrays_default_to_chw(tmp_path: Path, shape: tuple[int, ...]) -> None:
+    x, y = _save(tmp_path, np.zeros(shape, np.uint8), np.arange(4))
+    convert_arrays(x, y, tmp_path / "db", progress=False)
+    manifest = read_manifest(tmp_path / "db")
+    assert manifest["shapes"] == {"x".join(map(str, shape[1:])): 4}
+    assert manifest["metadata"]["layout"] == "chw"
+
+
+@pytest.mark.parametrize(
+    ("dtype", "value"),
+    [("int64", 2**24 + 1), ("int64", -(2**24) - 1), ("uint32", 2**24 + 1), ("int32", 2**31 - 1), ("uint64", 2**63)],
+)
+def test_integers_float32_cannot_hold_are_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: str, value: int
+) -> None:
+    monkeypatch.setattr(datumdb.sources, "CHUNK_BYTES", 2 * 2 * 3 * 4 * 8)  # two images per chunk
+    images = np.zeros((7, 2, 3, 4), dtype=dtype)
+    images[5, 1, 2, 3] = value
+    x, y = _save(tmp_path, images, np.zeros(7, np.int64))
+    with pytest.raises(InputError, match=rf"X\.npy: image 5 holds {value} at index \(1, 2, 3\); float32"):
+        convert_arrays(x, y, tmp_path / "db", layout="chw", progress=False)
+    assert not (tmp_path / "db").exists()
+
+
+def test_integers_up_to_2_24_are_stored_exactly(tmp_path: Path) -> None:
+    images = np.array([[[[2**24, -(2**24)], [12345678, -7]]]], dtype=np.int64)
+    x, y = _save(tmp_path, images, [3])
+    convert_arrays(x, y, tmp_path / "db", progress=False)
+    with DatumReader(tmp_path / "db") as reader:
+        array, label = reader[0]
+    assert array.dtype == np.float32 and label == 3
+    assert array.astype(np.int64).tolist() == images[0].tolist()
+
+
+# --------------------------------------------------------------------------- arrays are files
+
+
+@pytest.mark.parametrize("kind", ["fifo", "devzero", "folder"])
+def test_npy_that_is_not_a_regular_file_is_refused_without_hanging(tmp_path: Path, chw, kind: str) -> None:
+    x, y = _save(tmp_path, chw[0], chw[1])
+    special = tmp_path / "special.npy"
+    if kind == "fifo":
+        os.mkfifo(special)
+    elif kind == "devzero":
+        special.symlink_to("/dev/zero")
+    else:
+        special.mkdir()
+    for images, labels in ((special, y), (x, special)):
+        result = subprocess.run(
+            [sys.executable, "-m", "datumdb.cli", "convert-arrays", str(images), str(labels), str(tmp_path / "db")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert result.returncode == 2
+        found = re.search(r"special\.npy: (images|labels) file is a .*, not a regular file", result.stderr)
+        assert found, result.stderr
+    assert not (tmp_path / "db").exists()
+
+
+def test_npz_and_truncated_npy_are_clear_errors(tmp_path: Path, chw) -> None:
+    x, y = _save(tmp_path, chw[0], chw[1])
+    np.savez(tmp_path / "both.npz", images=chw[0])
+    with pytest.raises(InputError, match=r"both\.npz: not a readable \.npy images file"):
+        convert_arrays(tmp_path / "both.npz", y, tmp_path / "db", progress=False)
+    (tmp_path / "cut.npy").write_bytes(x.read_bytes()[:-10])
+    with pytest.raises(InputError, match=r"cut\.npy: \d+ bytes, but its header .* needs \d+"):
+        convert_arrays(tmp_path / "cut.npy", y, tmp_path / "db", progress=False)
+
+
+@pytest.mark.parametrize("reader", ["cifar10", "mnist"])
+def test_pipeline_inputs_that_are_fifos_are_refused(tmp_path: Path, reader: str) -> None:
+    """read_cifar10 and read_idx check the file before opening it (a FIFO would block open())."""
+    os.mkfifo(tmp_path / "pipe.bin")
+    code = (
+        "import sys; from datumdb.pipeline import sources; from datumdb.errors import UnsafeInputError\n"
+        "try:\n"
+        f"    sources.{'read_cifar10([sys.argv[1]])' if reader == 'cifar10' else 'read_idx(sys.argv[1])'}\n"
+        "except UnsafeInputError as exc:\n"
+        "    print(exc)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "pipe.bin")], capture_output=True, text=True, timeout=120
+    )
+    assert "pipe.bin: " in result.stdout and "is a FIFO (named pipe), not a regular file" in result.stdout, result
+
+
+def test_pipeline_arrays_source_refuses_what_convert_arrays_refuses(tmp_path: Path) -> None:
+    images = np.zeros((5, 1, 2, 2), np.int64)
+    images[3, 0, 1, 0] = 2**24 + 1
+    np.save(tmp_path / "X.npy", images)
+    np.save(tmp_path / "y.npy", np.zeros(5, np.int64))
+    def dataset():
+        params = {"dataset": {"source": "arrays", "input_dir": str(tmp_path), "arrays": {"layout": "chw"}}}
+        return to_config(validate_params(params)).dataset
+
+    source = open_source(dataset(), 0)
+    np.testing.assert_array_equal(source.read(0, 3)[0], np.zeros((3, 1, 2, 2), np.float32))
+    with pytest.raises(InputError, match=r"X\.npy: image 3 holds 16777217 at index \(0, 1, 0\)"):
+        source.read(2, 5)
+    np.save(tmp_path / "X.npy", np.full((5, 1, 2, 2), 1e300))
+    with pytest.raises(InputError, match=r"X\.npy: image 0 is beyond float32's range"):
+        open_source(dataset(), 0).read(0, 2)

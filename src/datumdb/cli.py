@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -19,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from datumdb import __version__
-from datumdb.errors import DatumDBError
+from datumdb.errors import DatumDBError, OutputTooLargeError
+from datumdb.limits import DEFAULT_MAX_EXPORT_BYTES
 from datumdb.pipeline.splits import SPLITS
 from datumdb.writer import DEFAULT_BATCH_SIZE, DEFAULT_MAP_SIZE
 
@@ -116,7 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", type=Path, metavar="IMAGES.npy")
     p.add_argument("labels", type=Path, metavar="LABELS.npy")
     p.add_argument("db", type=Path, metavar="DB")
-    p.add_argument("--layout", choices=("chw", "hwc"), default="chw", help="axis order of 4-D images")
+    p.add_argument(
+        "--layout",
+        choices=("chw", "hwc"),
+        default=None,
+        help="axis order of 4-D images (default chw, but an array whose last axis looks like channels "
+        "(1, 3 or 4) while axis 1 does not is refused until a layout is given)",
+    )
     p.add_argument("--bgr-from-rgb", action="store_true", help="images are RGB: store them BGR as Caffe expects")
     p.add_argument(
         "--encode",
@@ -185,10 +193,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser(
         "export",
         help="write all records to a .npz (images, labels, keys)",
-        description="All records must decode to one shape; the whole dataset is held in memory.",
+        description="All records must decode to one shape; the whole dataset is held in memory, so "
+        "an export over --max-bytes of decoded pixels is refused before anything is written. The "
+        ".npz appears whole or not at all (written under a temporary name, then renamed).",
     )
     p.add_argument("db", type=Path, metavar="DB")
     p.add_argument("output", type=Path, metavar="OUT.npz")
+    p.add_argument(
+        "--max-bytes",
+        type=_non_negative,
+        default=DEFAULT_MAX_EXPORT_BYTES,
+        metavar="BYTES",
+        help="refuse to export more decoded pixel bytes than this (default %(default)s = 4 GiB; 0: no bound)",
+    )
     p.set_defaults(func=_export)
     _add_pipeline_commands(commands)
     return parser
@@ -436,16 +453,44 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    """Decode every record into one array and write it, bounded and atomically.
+
+    The size is known before anything big is allocated: the first record's decoded size times
+    the count (every record must have its shape). Over ``--max-bytes`` (default 4 GiB) the
+    export is refused, so a database of decompression bombs (tiny PNGs declaring 100 megapixels
+    each) cannot fill memory and disk. The .npz is written to a hidden temporary name in the
+    target folder and renamed over ``OUT`` only when complete.
+    """
     from datumdb.reader import DatumReader
 
+    output: Path = args.output
+    if not output.name.endswith(".npz"):  # what np.savez(path) would have written
+        output = output.with_name(output.name + ".npz")
     with DatumReader(args.db) as reader:
         count = len(reader)
         if count == 0:
             raise DatumDBError(f"{args.db}: the database is empty; nothing to export")
-        images, labels = reader.read_batch(np.arange(count))
+        first, _ = reader[0]
+        total = count * first.nbytes
+        if args.max_bytes and total > args.max_bytes:
+            raise OutputTooLargeError(
+                f"{args.db}: exporting {count} records of {first.dtype} {tuple(first.shape)} needs {total} bytes "
+                f"of decoded pixels, over --max-bytes {args.max_bytes}; raise it (0 for no bound) to export anyway"
+            )
+        images = np.empty((count, *first.shape), dtype=first.dtype)
+        del first
+        images, labels = reader.read_batch(np.arange(count), out=images)
         keys = np.array(reader.keys())
-    np.savez(args.output, images=images, labels=labels, keys=keys)
-    print(f"{args.output}: images {images.dtype} {images.shape}, {count} labels")
+    partial = output.with_name(f".{output.name}.{os.getpid()}.partial")
+    try:
+        with open(partial, "wb") as handle:
+            np.savez(handle, images=images, labels=labels, keys=keys)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(partial, output)
+    finally:
+        partial.unlink(missing_ok=True)
+    print(f"{output}: images {images.dtype} {images.shape}, {count} labels")
     return 0
 
 

@@ -10,7 +10,12 @@ Why not just ``datum_pb2.Datum``? Three reasons, each measured or required:
   hand parser returns a ``memoryview`` of the value, so a raw image becomes a numpy view.
 * **Hostile input.** Every length is checked against the bytes actually present before it is
   used, so a forged size field can never trigger a large allocation, and every problem raises
-  :class:`~datumdb.errors.DatumError` naming the key.
+  :class:`~datumdb.errors.DatumError` naming the key. Parsing a value takes at most
+  :data:`DECODE_MEMORY_FACTOR` (3) times its size plus :data:`DECODE_MEMORY_SLACK` (8 MiB),
+  whatever its fields (see :func:`decode`). Decoding an encoded image takes what its header
+  declares, at most ``OPENCV_IO_MAX_IMAGE_PIXELS`` (:data:`datumdb.limits.MAX_IMAGE_PIXELS`,
+  about 134 megapixels); every OpenCV call goes through :func:`imdecode`, :func:`imencode` or
+  :func:`resize`, so no ``cv2.error`` escapes: a header over the bound is a DatumError too.
 
 The generated classes (``datumdb.proto.datum_pb2``) remain the reference implementation and are
 used for ``BlobProto`` (mean files), where speed does not matter.
@@ -20,19 +25,21 @@ from __future__ import annotations
 
 import functools
 import os
+from array import array as typed_array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 
-# OpenCV reads this once, at the first decode: cap the pixels an encoded image may declare, so
-# a forged PNG/JPEG header cannot make imdecode allocate gigabytes. 2**25 pixels (5792 x 5792,
-# 100 MB as BGR) is far beyond any training image; the user's own setting wins.
-os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(1 << 25))
-import cv2
-
+from datumdb import limits
 from datumdb.errors import DatumError
+
+# Before cv2 is imported: OpenCV reads OPENCV_IO_MAX_IMAGE_PIXELS once, at import. The bound
+# (limits.MAX_IMAGE_PIXELS, about 134 megapixels, unless the user set it) admits real photos and
+# stops a forged PNG/JPEG header from making imdecode allocate gigabytes.
+limits.configure_opencv()
+import cv2  # noqa: E402
 
 __all__ = [
     "Datum",
@@ -46,6 +53,9 @@ __all__ = [
     "encode_png_or_jpg",
     "encode_sample",
     "hwc_to_chw",
+    "imdecode",
+    "imencode",
+    "resize",
     "shape_name",
 ]
 
@@ -217,10 +227,7 @@ def encode_png_or_jpg(chw: np.ndarray, encoding: Literal["png", "jpg"], key: byt
             f"only 1- or 3-channel uint8 images can be {encoding}-encoded, got {chw.dtype} {chw.shape}", key
         )
     hwc = chw[0] if chw.shape[0] == 1 else chw.transpose(1, 2, 0)
-    ok, buf = cv2.imencode("." + encoding, np.ascontiguousarray(hwc))
-    if not ok:
-        raise DatumError(f"OpenCV could not {encoding}-encode the image", key)
-    return buf.tobytes()
+    return imencode("." + encoding, np.ascontiguousarray(hwc), key)
 
 
 def encode_sample(
@@ -284,6 +291,13 @@ def decode(value: bytes | bytearray | memoryview, key: bytes | str | None = None
     buffers, the transaction open) while you use it. Unknown fields are skipped as protobuf
     would; wrong wire types, truncation, overlong varints and negative dimensions raise
     :class:`DatumError`.
+
+    Memory is bounded by the value's size, whatever its fields: at most
+    :data:`DECODE_MEMORY_FACTOR` (3) times ``len(value)`` plus :data:`DECODE_MEMORY_SLACK`
+    (8 MiB), checked by a test with tracemalloc. ``float_data`` split into runs by other fields
+    (each float alone between unknown fields, say) is tracked as two machine integers per run in
+    typed arrays, never one Python object per field, and a run of consecutive unpacked floats is
+    found by one vectorized scan instead of one loop step per float.
     """
     buf = memoryview(value)
     if buf.format != "B" or buf.ndim != 1:
@@ -293,24 +307,51 @@ def decode(value: bytes | bytearray | memoryview, key: bytes | str | None = None
     channels = height = width = label = 0
     encoded = False
     data: memoryview | bytes = b""
-    float_runs: list[tuple[int, int, bool]] = []  # (offset, count, packed)
+    # float_data runs: start offset and count (negative for a packed run: 4-byte stride, not 5)
+    run_starts: typed_array | None = None
+    run_counts: typed_array | None = None
     while pos < end:
-        tag, pos = _read_varint(buf, pos, end, key)
+        tag = buf[pos]
+        if tag < 0x80:
+            pos += 1
+        else:
+            tag, pos = _read_varint(buf, pos, end, key)
         number, wire_type = tag >> 3, tag & 7
         if number == 0:
             raise DatumError(f"field number 0 at byte {pos}", key)
-        expected = _KNOWN_WIRE_TYPES.get(number)
+        if tag == _TAG_FLOAT:
+            if end - pos < 4:
+                raise DatumError(f"field 6 is truncated at byte {pos}", key)
+            count = _unpacked_run_length(buf, pos, end)
+            if run_starts is None or run_counts is None:
+                run_starts, run_counts = _run_arrays(end)
+            if run_counts and run_counts[-1] > 0 and run_starts[-1] + 5 * run_counts[-1] == pos:
+                run_counts[-1] += count
+            else:
+                run_starts.append(pos)
+                run_counts.append(count)
+            pos += 5 * count - 1
+            continue
         if number == 6 and wire_type == 2:  # a packed float_data, which parsers must accept
             length, pos = _read_varint(buf, pos, end, key)
             if length > end - pos or length % 4:
                 raise DatumError(f"packed float_data of {length} bytes at byte {pos} is truncated or ragged", key)
-            float_runs.append((pos, length // 4, True))
+            if length:
+                if run_starts is None or run_counts is None:
+                    run_starts, run_counts = _run_arrays(end)
+                run_starts.append(pos)
+                run_counts.append(-(length // 4))
             pos += length
             continue
+        expected = _KNOWN_WIRE_TYPES.get(number)
         if expected is not None and wire_type != expected:
             raise DatumError(f"field {number} has wire type {wire_type}, expected {expected}", key)
         if wire_type == 0:
-            raw, pos = _read_varint(buf, pos, end, key)
+            if pos < end and buf[pos] < 0x80:
+                raw = buf[pos]
+                pos += 1
+            else:
+                raw, pos = _read_varint(buf, pos, end, key)
             if number == 1:
                 channels = _int32(raw)
             elif number == 2:
@@ -332,31 +373,100 @@ def decode(value: bytes | bytearray | memoryview, key: bytes | str | None = None
             size = 8 if wire_type == 1 else 4
             if size > end - pos:
                 raise DatumError(f"field {number} is truncated at byte {pos}", key)
-            if number == 6:
-                if float_runs and not float_runs[-1][2] and float_runs[-1][0] + 5 * float_runs[-1][1] == pos:
-                    offset, count, _ = float_runs[-1]
-                    float_runs[-1] = (offset, count + 1, False)
-                else:
-                    float_runs.append((pos, 1, False))
             pos += size
         else:
             raise DatumError(f"field {number} has unsupported wire type {wire_type} (groups are not Datum fields)", key)
     for name, dim in (("channels", channels), ("height", height), ("width", width)):
         if dim < 0:
             raise DatumError(f"{name} is negative ({dim})", key)
-    return Datum(channels, height, width, data, label, _float_view(buf, float_runs), encoded)
+    floats = _EMPTY_FLOATS if run_starts is None or run_counts is None else _gather_floats(buf, run_starts, run_counts)
+    return Datum(channels, height, width, data, label, floats, encoded)
 
 
-def _float_view(buf: memoryview, runs: list[tuple[int, int, bool]]) -> np.ndarray:
-    if not runs:
-        return _EMPTY_FLOATS
-    parts = []
-    for offset, count, packed in runs:
-        if packed:
-            parts.append(np.frombuffer(buf, dtype="<f4", count=count, offset=offset))
-        else:  # tag byte + 4 bytes each: a strided view skips the tags without copying
-            parts.append(np.ndarray((count,), dtype="<f4", buffer=buf, offset=offset, strides=(5,)))
-    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+DECODE_MEMORY_FACTOR = 3
+DECODE_MEMORY_SLACK = 8 << 20
+_GALLOP_START = 16
+_SMALL_RUN = 16  # runs shorter than this are gathered in vectorized batches...
+_BATCH_RUNS = 4096  # ...of this many runs (< 64k floats: a few MiB of index arrays)
+
+
+def _run_arrays(size: int) -> tuple[typed_array, typed_array]:
+    """Typed arrays for run starts and counts: 4 bytes each when the value is under 2 GiB."""
+    code = "i" if size < 1 << 31 else "q"
+    return typed_array(code), typed_array(code)
+
+
+def _unpacked_run_length(buf: memoryview, pos: int, end: int) -> int:
+    """How many consecutive complete unpacked float fields start at ``pos - 1`` (at least 1).
+
+    The first is known to be one (tag at ``pos - 1``, 4 bytes present). The rest are found by
+    galloping: windows of 16, 32, 64... tag positions compared at once with numpy, so a run of n
+    floats costs O(n) vectorized work and a lone float costs one byte comparison.
+    """
+    if pos + 4 >= end or buf[pos + 4] != _TAG_FLOAT:
+        return 1
+    first = pos - 1
+    available = (end - first) // 5  # complete 5-byte fields that fit
+    if available < 2:  # the next float is cut short: the main loop reports it
+        return 1
+    tags = np.frombuffer(buf, dtype=np.uint8, count=5 * available, offset=first)[::5]
+    count, window = 2, _GALLOP_START
+    while count < available:
+        chunk = tags[count : count + window]
+        mismatch = np.flatnonzero(chunk != _TAG_FLOAT)
+        if mismatch.size:
+            return count + int(mismatch[0])
+        count += len(chunk)
+        window *= 2
+    return count
+
+
+def _gather_floats(buf: memoryview, run_starts: typed_array, run_counts: typed_array) -> np.ndarray:
+    """float_data from its runs: a zero-copy view for one run, else one new float32 array.
+
+    Long runs are copied one by one (there are at most ``len(value) / 80`` of them); short runs
+    in batches of :data:`_BATCH_RUNS`, with index arrays bounded by the batch, not the value.
+    """
+    if len(run_starts) == 1:
+        return _run_view(buf, run_starts[0], run_counts[0])
+    starts = np.frombuffer(run_starts, dtype=np.dtype(run_starts.typecode))
+    counts = np.frombuffer(run_counts, dtype=np.dtype(run_counts.typecode))
+    total = 0
+    for first in range(0, len(counts), _BATCH_RUNS):
+        total += int(np.abs(counts[first : first + _BATCH_RUNS].astype(np.int64)).sum())
+    out = np.empty(total, dtype="<f4")
+    if total == 0:
+        return out
+    u8 = np.frombuffer(buf, dtype=np.uint8)
+    byte_offsets = np.arange(4, dtype=np.int64)
+    filled = 0
+    for first in range(0, len(counts), _BATCH_RUNS):
+        batch_counts = counts[first : first + _BATCH_RUNS].astype(np.int64)
+        batch_starts = starts[first : first + _BATCH_RUNS].astype(np.int64)
+        sizes = np.abs(batch_counts)
+        destinations = filled + np.cumsum(sizes) - sizes
+        filled += int(sizes.sum())
+        small = sizes < _SMALL_RUN
+        for index in np.flatnonzero(~small).tolist():
+            size = int(sizes[index])
+            out[destinations[index] : destinations[index] + size] = _run_view(
+                buf, int(batch_starts[index]), int(batch_counts[index])
+            )
+        if not small.any():
+            continue
+        sizes, strides = sizes[small], np.where(batch_counts[small] > 0, 5, 4)
+        within = np.arange(int(sizes.sum()), dtype=np.int64) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+        sources = np.repeat(batch_starts[small], sizes) + np.repeat(strides, sizes) * within
+        values = u8[sources[:, np.newaxis] + byte_offsets].view("<f4").reshape(-1)
+        out[np.repeat(destinations[small], sizes) + within] = values
+    return out
+
+
+def _run_view(buf: memoryview, start: int, count: int) -> np.ndarray:
+    """One run as a read-only view: packed floats directly, unpacked ones strided past their tags."""
+    if count < 0:
+        return np.frombuffer(buf, dtype="<f4", count=-count, offset=start)
+    return np.ndarray((count,), dtype="<f4", buffer=buf, offset=start, strides=(5,))
 
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -385,6 +495,59 @@ def _check_png_chunks(data: bytes | memoryview, key: bytes | str | None) -> None
             return
 
 
+def _opencv_reason(exc: cv2.error) -> str:
+    """One line saying why OpenCV failed, in words for the bound a forged header trips."""
+    text = str(getattr(exc, "err", "") or exc).strip()
+    if "CV_IO_MAX_IMAGE_PIXELS" in text:
+        bound = os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS", "?")
+        return f"the image header declares more than {bound} pixels (OPENCV_IO_MAX_IMAGE_PIXELS)"
+    if "CV_IO_MAX_IMAGE_WIDTH" in text or "CV_IO_MAX_IMAGE_HEIGHT" in text:
+        return "the image header declares a width or height over OpenCV's bound"
+    lines = text.splitlines()
+    return f"OpenCV error: {lines[-1] if lines else type(exc).__name__}"
+
+
+def imdecode(data: bytes | memoryview, flag: int, key: bytes | str | None = None) -> np.ndarray:
+    """``cv2.imdecode`` (H x W [x C], as OpenCV returns it) that fails only with :class:`DatumError`.
+
+    OpenCV raises ``cv2.error`` for a header over its size bound and returns None for bytes it
+    cannot read; both become a DatumError naming ``key``. PNG chunk lengths are checked first
+    (see :func:`_check_png_chunks`). Every OpenCV decode in datumdb goes through here.
+    """
+    if bytes(data[:8]) == _PNG_SIGNATURE:
+        _check_png_chunks(data, key)
+    if not len(data):
+        raise DatumError("the encoded image is empty", key)
+    try:
+        image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flag)
+    except cv2.error as exc:
+        raise DatumError(f"cannot decode the {len(data)}-byte encoded image: {_opencv_reason(exc)}", key) from None
+    if image is None:
+        raise DatumError(f"OpenCV cannot decode the {len(data)}-byte encoded image", key)
+    return image
+
+
+def imencode(extension: str, image: np.ndarray, key: bytes | str | None = None) -> bytes:
+    """``cv2.imencode`` (``extension`` like ".png") whose every failure is a :class:`DatumError`."""
+    try:
+        ok, buf = cv2.imencode(extension, image)
+    except cv2.error as exc:
+        raise DatumError(f"OpenCV cannot encode the image as {extension}: {_opencv_reason(exc)}", key) from None
+    if not ok:
+        raise DatumError(f"OpenCV cannot encode the image as {extension}", key)
+    return buf.tobytes()
+
+
+def resize(image: np.ndarray, width: int, height: int, key: bytes | str | None = None) -> np.ndarray:
+    """``cv2.resize`` bilinear (OpenCV's default, as Caffe) whose every failure is a :class:`DatumError`."""
+    try:
+        return cv2.resize(image, (width, height))
+    except cv2.error as exc:
+        raise DatumError(
+            f"OpenCV cannot resize the {image.shape} image to {width}x{height}: {_opencv_reason(exc)}", key
+        ) from None
+
+
 def decode_image(
     data: bytes | memoryview, mode: ImreadMode = "unchanged", key: bytes | str | None = None
 ) -> np.ndarray:
@@ -393,11 +556,7 @@ def decode_image(
         flag = _IMREAD_FLAGS[mode]
     except KeyError:
         raise DatumError(f"unknown imread mode {mode!r}; use one of {sorted(_IMREAD_FLAGS)}", key) from None
-    if bytes(data[:8]) == _PNG_SIGNATURE:
-        _check_png_chunks(data, key)
-    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flag) if len(data) else None
-    if image is None:
-        raise DatumError(f"OpenCV cannot decode the {len(data)}-byte encoded image", key)
+    image = imdecode(data, flag, key)
     if image.dtype != np.uint8:
         raise DatumError(f"encoded image decodes to {image.dtype}; Caffe Datums hold 8-bit images", key)
     return hwc_to_chw(image)

@@ -46,3 +46,12 @@ class WriteError(DatumDBError):
 
 class VerificationError(DatumDBError):
     """A database does not match its manifest, or a record does not decode."""
+
+
+class UnsafeInputError(InputError):
+    """An input is not a regular file (a FIFO, device, socket or folder), leaves ROOT through a
+    symlink, or exceeds a documented size bound (see :mod:`datumdb.limits`)."""
+
+
+class OutputTooLargeError(DatumDBError, ValueError):
+    """An output would exceed a documented size bound that the caller did not raise."""

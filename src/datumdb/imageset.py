@@ -15,12 +15,19 @@ Where Caffe is lax we are strict, because a silent skip is a dataset bug found w
 unreadable image, a bad label or a path escaping ROOT is an error naming the list file and line
 (Caffe logs and skips, or parses "cat" as label 0). Caffe's ``--shuffle`` is unseeded; ours
 takes ``seed`` (default 0) so a shuffled database is reproducible.
+
+Inputs are files, and bounded (:mod:`datumdb.limits`): the list file and every image must be
+regular files of at most ``max_input_bytes()`` (2 GiB), so a FIFO in the list cannot hang the
+build nor a link to ``/dev/zero`` exhaust memory; symlinks are resolved before the ROOT check, so
+a link inside ROOT cannot lead outside it unless ``allow_outside_root``; and no OpenCV failure
+(a forged header over the pixel bound, say) escapes as anything but an :class:`InputError`.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import stat
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,8 +38,9 @@ import cv2
 import numpy as np
 
 from datumdb._progress import progress as progress_bar
-from datumdb.codec import INT32_MAX, INT32_MIN, encode_array, encode_image
-from datumdb.errors import InputError
+from datumdb.codec import INT32_MAX, INT32_MIN, encode_array, encode_image, imdecode, imencode, resize
+from datumdb.errors import DatumError, InputError, UnsafeInputError
+from datumdb.limits import read_regular_file
 from datumdb.writer import DEFAULT_BATCH_SIZE, DEFAULT_MAP_SIZE, DatabaseWriter
 
 __all__ = [
@@ -85,11 +93,13 @@ def read_list_file(list_file: str | os.PathLike[str]) -> list[ListEntry]:
     """Parse a Caffe list file; every malformed line is an error naming the file and line."""
     list_file = Path(list_file)
     try:
-        text = list_file.read_text(encoding="utf-8")
+        text = read_regular_file(list_file, "list file").decode("utf-8")
     except FileNotFoundError:
         raise InputError(f"{list_file}: list file not found") from None
     except UnicodeDecodeError as exc:
         raise InputError(f"{list_file}: not UTF-8 text ({exc})") from None
+    except OSError as exc:  # not UnsafeInputError (a FIFO, too large...): that one already says it all
+        raise InputError(f"{list_file}: cannot read the list file ({exc.strerror or exc})") from None
     entries = []
     # Lines end at "\n" only, as for Caffe's getline (str.splitlines would also split at \x0c,
     # \x85, \u2028...); a Windows "\r" before it is dropped.
@@ -115,18 +125,66 @@ def read_list_file(list_file: str | os.PathLike[str]) -> list[ListEntry]:
     return entries
 
 
-def resolve_path(root: Path, entry: ListEntry, list_file: Path, allow_outside_root: bool = False) -> Path:
-    """The image file of a list entry; absolute and escaping paths are errors unless allowed."""
-    if not allow_outside_root:
-        if os.path.isabs(entry.path):
-            raise InputError(
-                f"{list_file}:{entry.line}: absolute path {entry.path!r} (pass --allow-outside-root to accept it)"
-            )
-        if ".." in Path(entry.path).parts:
-            raise InputError(
-                f"{list_file}:{entry.line}: path {entry.path!r} escapes ROOT (pass --allow-outside-root to accept it)"
-            )
-    return root / entry.path
+def resolve_path(
+    root: Path,
+    entry: ListEntry,
+    list_file: Path,
+    allow_outside_root: bool = False,
+    *,
+    real_root: str | None = None,
+) -> Path:
+    """The image file of a list entry; paths leading outside ``root`` are errors unless allowed.
+
+    The check is textual (absolute paths, ``..``) and then real: each component below ROOT is
+    ``lstat``-ed and, where one is a symlink, the whole path is resolved and must still lie under
+    the resolved ROOT, so a symlink inside ROOT cannot lead anywhere. The path returned has no
+    symlinks left in it below ROOT, so what is read is what was checked. ``real_root``
+    (``os.path.realpath(root)``) saves resolving ROOT again for every entry of a long list.
+    """
+    if allow_outside_root:
+        return root / entry.path
+    if os.path.isabs(entry.path):
+        raise InputError(
+            f"{list_file}:{entry.line}: absolute path {entry.path!r} (pass --allow-outside-root to accept it)"
+        )
+    if ".." in entry.path.split("/"):  # Path(...).parts, without pathlib's cost per entry
+        raise InputError(
+            f"{list_file}:{entry.line}: path {entry.path!r} escapes ROOT (pass --allow-outside-root to accept it)"
+        )
+    real_root = real_root or os.path.realpath(root)
+    try:
+        real = _below_root(real_root, entry.path)
+    except (OSError, RuntimeError) as exc:  # a symlink loop, a name too long
+        raise InputError(f"{list_file}:{entry.line}: cannot resolve path {entry.path!r} ({exc})") from None
+    if real is None:
+        target = os.path.realpath(os.path.join(real_root, entry.path))
+        raise UnsafeInputError(
+            f"{list_file}:{entry.line}: path {entry.path!r} leads through a symlink to {target}, outside ROOT "
+            f"{real_root} (pass --allow-outside-root to accept it)"
+        )
+    return Path(real)
+
+
+def _below_root(real_root: str, relative: str) -> str | None:
+    """``real_root/relative`` without symlinks if it stays under ``real_root``, else None.
+
+    Usually one ``lstat`` per component and no symlink found (cheaper than ``realpath``, which
+    also walks every component of ROOT); a missing component ends the walk (the read reports it).
+    """
+    parts = [part for part in relative.split("/") if part not in ("", ".")]
+    current = real_root
+    for index, part in enumerate(parts):
+        candidate = os.path.join(current, part)
+        try:
+            info = os.lstat(candidate)
+        except FileNotFoundError:
+            return os.path.join(candidate, *parts[index + 1 :])
+        if stat.S_ISLNK(info.st_mode):
+            real = os.path.realpath(os.path.join(candidate, *parts[index + 1 :]))
+            inside = real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)
+            return real if inside else None
+        current = candidate
+    return current
 
 
 def _matches_extension(path: str, encoding: str) -> bool:
@@ -142,17 +200,26 @@ def load_image(
     OpenCV decodes it (``IMREAD_COLOR``, or ``IMREAD_GRAYSCALE`` with ``gray``: libpng's own
     conversion, as Caffe) and ``cv::resize`` bilinear applies when both sizes are given.
     """
-    where = f"{list_file}:{entry.line}: {image_path}"
+    line = f"{list_file}:{entry.line}"
+    if not str(image_path).endswith(entry.path):  # name the path as written, then where it led
+        line = f"{line}: {entry.path}"
+    where = f"{line}: {image_path}"
     flag = cv2.IMREAD_GRAYSCALE if options.gray else cv2.IMREAD_COLOR
     try:
-        raw = image_path.read_bytes()
+        raw = read_regular_file(image_path, "image")
+    except UnsafeInputError as exc:
+        raise UnsafeInputError(f"{line}: {exc}") from None
     except OSError as exc:
         raise InputError(f"{where}: cannot read image ({exc.strerror or exc})") from None
-    image = cv2.imdecode(np.frombuffer(raw, dtype=np.uint8), flag) if raw else None
-    if image is None:
-        raise InputError(f"{where}: not an image OpenCV can decode")
+    try:
+        image = imdecode(raw, flag)
+    except DatumError as exc:
+        raise InputError(f"{where}: not an image OpenCV can decode ({exc})") from None
     if options.resizes:
-        image = cv2.resize(image, (options.resize_width, options.resize_height))
+        try:
+            image = resize(image, options.resize_width, options.resize_height)
+        except DatumError as exc:
+            raise InputError(f"{where}: {exc}") from None
     return image, raw
 
 
@@ -167,10 +234,11 @@ def _serialize(
     encoding = options.encode_type or entry.path.rpartition(".")[2].lower()
     if not options.resizes and _matches_extension(entry.path, encoding):
         return encode_image(raw, entry.label, key=key), chw.shape
-    ok, buffer = cv2.imencode("." + encoding, image)
-    if not ok:
-        raise InputError(f"{list_file}:{entry.line}: {image_path}: OpenCV cannot encode to {encoding!r}")
-    return encode_image(buffer.tobytes(), entry.label, key=key), chw.shape
+    try:
+        encoded = imencode("." + encoding, image)
+    except DatumError as exc:
+        raise InputError(f"{list_file}:{entry.line}: {image_path}: {exc}") from None
+    return encode_image(encoded, entry.label, key=key), chw.shape
 
 
 def ordered_entries(entries: list[ListEntry], options: ImagesetOptions) -> list[ListEntry]:
@@ -202,7 +270,8 @@ def convert_imageset(
     if not root.is_dir():
         raise InputError(f"{root}: ROOT folder not found")
     entries = ordered_entries(read_list_file(list_file), options)
-    paths = [resolve_path(root, entry, list_file, options.allow_outside_root) for entry in entries]
+    real_root = os.path.realpath(root)
+    paths = [resolve_path(root, entry, list_file, options.allow_outside_root, real_root=real_root) for entry in entries]
     metadata = {
         "source": "imageset",
         "list_file": list_file.name,

@@ -8,6 +8,12 @@ in order) and recomputed by ``datumdb verify``.
 
 The manifest is plain JSON with a fixed key order and no timestamps, so the same build writes
 the same bytes and DVC sees no change.
+
+Reading one is reading untrusted input: ``datumdb.json`` must be a regular file (a FIFO or a
+device in its place would hang or flood ``inspect``) of at most :data:`~datumdb.limits.MAX_MANIFEST_BYTES`
+(64 MiB; a million-record manifest is under 1 MiB), nested at most :data:`MAX_MANIFEST_DEPTH`
+levels, and its known fields must have their types; anything else is a
+:class:`~datumdb.errors.VerificationError` naming the file and field, never a traceback.
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from datumdb.errors import DatabaseNotFoundError, VerificationError
+from datumdb.errors import DatabaseNotFoundError, UnsafeInputError, VerificationError
+from datumdb.limits import MAX_MANIFEST_BYTES, read_regular_file
 
 __all__ = [
     "DATA_NAME",
@@ -39,6 +46,7 @@ MANIFEST_FORMAT = "datumdb-manifest/1"
 _DIGEST_DOMAIN = b"datumdb content digest v1\n"
 _FRAME = struct.Struct("<IQ")  # key length (LMDB keys are < 512 bytes), value length
 RECORDS_PER_CHUNK = 1024
+MAX_MANIFEST_DEPTH = 32
 
 
 class ContentDigest:
@@ -146,18 +154,100 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
-    """Load a database's manifest; a clear error if it is missing or not valid JSON."""
+    """Load a database's manifest; a clear error if it is missing, unsafe, malformed or damaged."""
     path = Path(folder) / MANIFEST_NAME
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = read_regular_file(path, "manifest", MAX_MANIFEST_BYTES)
     except FileNotFoundError:
         raise DatabaseNotFoundError(f"{path}: no manifest (was this database written by datumdb?)") from None
+    except UnsafeInputError as exc:
+        raise VerificationError(str(exc)) from None
+    except OSError as exc:
+        raise VerificationError(f"{path}: cannot read the manifest ({exc.strerror or exc})") from None
     try:
-        manifest = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        text = raw.decode("utf-8")
+        manifest = json.loads(text, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, an int of > 4300 digits, deep nesting
         raise VerificationError(f"{path}: manifest is not valid JSON ({exc})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise VerificationError(f"{path}: not a {MANIFEST_FORMAT} manifest")
+    _check_depth(path, manifest)
+    _check_fields(path, manifest)
     if manifest.get("checksum") != _checksum(manifest) or text != _render(manifest):
         raise VerificationError(f"{path}: manifest was modified or damaged (its checksum or layout does not match)")
     return manifest
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a number datumdb writes")
+
+
+def _check_depth(path: Path, manifest: dict[str, Any]) -> None:
+    """Refuse nesting deeper than MAX_MANIFEST_DEPTH (ours is 3 deep), iteratively: no recursion to exhaust."""
+    stack: list[tuple[object, int]] = [(manifest, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_MANIFEST_DEPTH:
+            raise VerificationError(f"{path}: manifest is nested more than {MAX_MANIFEST_DEPTH} levels deep")
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+
+
+def _is_count(value: object) -> bool:
+    return type(value) is int and 0 <= value < 1 << 63
+
+
+def _is_str(value: object) -> bool:
+    return isinstance(value, str)
+
+
+def _is_optional_str(value: object) -> bool:
+    return value is None or isinstance(value, str)
+
+
+def _is_counts(value: object) -> bool:
+    return isinstance(value, dict) and all(_is_count(v) for v in value.values())
+
+
+def _is_dict(value: object) -> bool:
+    return isinstance(value, dict)
+
+
+def _is_chunks(value: object) -> bool:
+    return (
+        isinstance(value, dict)
+        and type(value.get("records_per_chunk")) is int
+        and value["records_per_chunk"] > 0
+        and isinstance(value.get("sha256"), list)
+        and all(isinstance(d, str) for d in value["sha256"])
+    )
+
+
+def _is_file_record(value: object) -> bool:
+    return isinstance(value, dict) and _is_count(value.get("bytes")) and isinstance(value.get("sha256"), str)
+
+
+# field -> (check, what it must be): what readers, verify and inspect rely on
+_FIELD_TYPES = {
+    "count": (_is_count, "a non-negative integer"),
+    "payload_bytes": (_is_count, "a non-negative integer"),
+    "digest": (_is_str, "a string"),
+    "dtype": (_is_optional_str, "a string or null"),
+    "encoding": (_is_optional_str, "a string or null"),
+    "channel_order": (_is_optional_str, "a string or null"),
+    "checksum": (_is_str, "a string"),
+    "shapes": (_is_counts, "an object of non-negative integer counts"),
+    "label_histogram": (_is_counts, "an object of non-negative integer counts"),
+    "keys": (_is_dict, "an object"),
+    "writer": (_is_dict, "an object"),
+    "versions": (_is_dict, "an object"),
+    "metadata": (_is_dict, "an object"),
+    "chunk_digests": (_is_chunks, "an object with records_per_chunk > 0 and a list of sha256 strings"),
+    "data_mdb": (_is_file_record, "an object with a byte count and a sha256 string"),
+}
+
+
+def _check_fields(path: Path, manifest: dict[str, Any]) -> None:
+    for name, (check, expected) in _FIELD_TYPES.items():
+        if name in manifest and not check(manifest[name]):
+            raise VerificationError(f"{path}: manifest field {name!r} is not {expected}")

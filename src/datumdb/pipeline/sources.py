@@ -18,8 +18,9 @@ import numpy as np
 
 from datumdb.codec import hwc_to_chw
 from datumdb.errors import InputError
+from datumdb.limits import open_regular_file
 from datumdb.pipeline.config import SOURCES, DatasetConfig
-from datumdb.sources import iter_array_samples, load_labels
+from datumdb.sources import check_image_chunk, iter_array_samples, load_labels, load_npy
 
 __all__ = ["SOURCES", "Source", "open_source", "read_cifar10", "read_idx", "read_mnist"]
 
@@ -54,12 +55,16 @@ def read_cifar10(paths: Sequence[str | os.PathLike[str]]) -> tuple[np.ndarray, n
     images, labels = [], []
     for path in map(Path, paths):
         try:
-            size = path.stat().st_size
+            handle = open_regular_file(path, "CIFAR-10 batch file")
         except FileNotFoundError:
             raise InputError(f"{path}: CIFAR-10 batch file not found") from None
-        if size == 0 or size % CIFAR10_RECORD:
-            raise InputError(f"{path}: {size} bytes is not a whole number of {CIFAR10_RECORD}-byte CIFAR-10 records")
-        records = np.memmap(path, dtype=np.uint8, mode="r").reshape(-1, CIFAR10_RECORD)
+        with handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size == 0 or size % CIFAR10_RECORD:
+                raise InputError(
+                    f"{path}: {size} bytes is not a whole number of {CIFAR10_RECORD}-byte CIFAR-10 records"
+                )
+            records = np.memmap(handle, dtype=np.uint8, mode="r").reshape(-1, CIFAR10_RECORD)
         if int(records[:, 0].max()) > 9:
             bad = int(np.argmax(records[:, 0] > 9))
             raise InputError(f"{path}: record {bad} has label {int(records[bad, 0])}; CIFAR-10 labels are 0..9")
@@ -76,21 +81,23 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     """An idx file (MNIST's format: big-endian magic 0 0 type ndim, ndim uint32 sizes, data), mapped."""
     path = Path(path)
     try:
-        with open(path, "rb") as handle:
-            head = handle.read(4)
-            if len(head) != 4 or head[:2] != b"\0\0" or head[2] not in _IDX_TYPES or not 1 <= head[3] <= 4:
-                raise InputError(f"{path}: not an idx file (magic {head.hex()})")
-            dims = np.frombuffer(handle.read(4 * head[3]), dtype=">u4")
+        handle = open_regular_file(path, "idx file")
     except FileNotFoundError:
         raise InputError(f"{path}: idx file not found") from None
-    if len(dims) != head[3]:
-        raise InputError(f"{path}: truncated idx header")
-    dtype = np.dtype(_IDX_TYPES[head[2]])
-    offset = 4 + 4 * head[3]
-    expected = offset + int(np.prod(dims.astype(np.int64))) * dtype.itemsize
-    if path.stat().st_size != expected:
-        raise InputError(f"{path}: {path.stat().st_size} bytes, but its header {list(dims)} needs {expected}")
-    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=tuple(int(d) for d in dims))
+    with handle:
+        head = handle.read(4)
+        if len(head) != 4 or head[:2] != b"\0\0" or head[2] not in _IDX_TYPES or not 1 <= head[3] <= 4:
+            raise InputError(f"{path}: not an idx file (magic {head.hex()})")
+        dims = np.frombuffer(handle.read(4 * head[3]), dtype=">u4")
+        if len(dims) != head[3]:
+            raise InputError(f"{path}: truncated idx header")
+        dtype = np.dtype(_IDX_TYPES[head[2]])
+        offset = 4 + 4 * head[3]
+        expected = offset + int(np.prod(dims.astype(np.int64))) * dtype.itemsize
+        size = os.fstat(handle.fileno()).st_size
+        if size != expected:
+            raise InputError(f"{path}: {size} bytes, but its header {list(dims)} needs {expected}")
+        return np.memmap(handle, dtype=dtype, mode="r", offset=offset, shape=tuple(int(d) for d in dims))
 
 
 def read_mnist(
@@ -126,7 +133,7 @@ def _arrays(dataset: DatasetConfig) -> Source:
     layout = options.layout
     count, shape, _ = iter_array_samples(images_path, layout=layout, bgr_from_rgb=options.bgr_from_rgb)  # validates
     label_array = load_labels(labels_path, count)  # checks there is one label per image
-    data = np.load(images_path, mmap_mode="r", allow_pickle=False)
+    data = load_npy(images_path, "images")
     if data.ndim == 3:
         data = data[:, np.newaxis]
     elif layout == "hwc":
@@ -140,7 +147,7 @@ def _arrays(dataset: DatasetConfig) -> Source:
 
 
 class _FloatView:
-    """Float images: read as float32 and rejected if not finite, naming the sample."""
+    """Non-uint8 images: checked as convert-arrays checks them (finite, integers float32 can hold), then float32."""
 
     def __init__(self, data: np.ndarray, path: Path) -> None:
         self.data, self.path, self.shape = data, path, data.shape
@@ -149,10 +156,13 @@ class _FloatView:
         return len(self.data)
 
     def __getitem__(self, index: slice) -> np.ndarray:
-        chunk = np.asarray(self.data[index], dtype=np.float32)
-        finite = np.isfinite(chunk.reshape(len(chunk), -1)).all(axis=1)
-        if not finite.all():
-            raise InputError(f"{self.path}: image {index.start + int(np.argmin(finite))} contains NaN or infinity")
+        chunk = np.asarray(self.data[index])
+        check_image_chunk(self.path, chunk, index.start or 0)
+        with np.errstate(over="ignore"):  # float64 beyond float32 becomes inf: refused just below
+            chunk = chunk.astype(np.float32)
+        if not np.isfinite(chunk).all():
+            bad = int(np.argmin(np.isfinite(chunk.reshape(len(chunk), -1)).all(axis=1)))
+            raise InputError(f"{self.path}: image {(index.start or 0) + bad} is beyond float32's range")
         return chunk
 
 

@@ -1,0 +1,137 @@
+"""Bounds on what datumdb reads and decodes, in one place.
+
+A dataset tool is fed files nobody looked at: a list line naming a FIFO hangs a plain
+``open()`` forever, a symlink to ``/dev/zero`` makes ``read()`` fill memory, and a 100-byte JPEG
+can claim 60000 x 60000 pixels. Every input is therefore opened through :func:`open_regular_file`
+(regular files only, at most a known size) and every decode has a pixel bound.
+
+The bounds (each a named constant; the first can be changed through the environment):
+
+* :data:`DEFAULT_MAX_INPUT_BYTES` (2 GiB): images, list files, other whole-file reads;
+  ``DATUMDB_MAX_INPUT_BYTES`` overrides it (read by :func:`max_input_bytes`, only there).
+  ``.npy`` arrays are memory-mapped and streamed, never read whole, so they have no size bound,
+  only the regular-file check.
+* :data:`MAX_MANIFEST_BYTES` (64 MiB): ``datumdb.json`` (a million-record manifest is < 1 MiB).
+* :data:`MAX_IMAGE_PIXELS` (2**27, about 134 megapixels, 400 MB as BGR): what an encoded image
+  may declare. OpenCV reads ``OPENCV_IO_MAX_IMAGE_PIXELS`` once, when ``cv2`` is imported, so
+  :func:`configure_opencv` sets it and :mod:`datumdb.codec` calls that just before its
+  ``import cv2``; ``datumdb``'s ``__init__`` imports the codec (through the reader) before any
+  other module can import ``cv2``. A value the user set wins.
+* :data:`DEFAULT_MAX_EXPORT_BYTES` (4 GiB): decoded pixels ``datumdb export`` will hold and write
+  unless ``--max-bytes`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from typing import BinaryIO
+
+from datumdb.errors import InputError, UnsafeInputError
+
+__all__ = [
+    "DEFAULT_MAX_EXPORT_BYTES",
+    "DEFAULT_MAX_INPUT_BYTES",
+    "MAX_IMAGE_PIXELS",
+    "MAX_INPUT_BYTES_ENV",
+    "MAX_MANIFEST_BYTES",
+    "check_regular_file",
+    "configure_opencv",
+    "max_input_bytes",
+    "open_regular_file",
+    "read_regular_file",
+]
+
+DEFAULT_MAX_INPUT_BYTES = 2 << 30
+MAX_INPUT_BYTES_ENV = "DATUMDB_MAX_INPUT_BYTES"
+MAX_MANIFEST_BYTES = 64 << 20
+MAX_IMAGE_PIXELS = 1 << 27
+DEFAULT_MAX_EXPORT_BYTES = 4 << 30
+
+
+def configure_opencv() -> None:
+    """Set OpenCV's pixel bound unless the user did; :mod:`datumdb.codec` calls it before ``import cv2``."""
+    os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(MAX_IMAGE_PIXELS))
+
+
+def max_input_bytes() -> int:
+    """The size bound of whole-file reads: ``$DATUMDB_MAX_INPUT_BYTES`` or 2 GiB."""
+    text = os.environ.get(MAX_INPUT_BYTES_ENV, "").strip()
+    if not text:
+        return DEFAULT_MAX_INPUT_BYTES
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise InputError(f"${MAX_INPUT_BYTES_ENV} must be a positive number of bytes, got {text!r}")
+    return value
+
+
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def _check(path: str | os.PathLike[str], what: str, info: os.stat_result, limit: int | None) -> None:
+    if not stat.S_ISREG(info.st_mode):
+        raise UnsafeInputError(f"{os.fspath(path)}: {what} is {_kind(info.st_mode)}, not a regular file")
+    if limit is not None and info.st_size > limit:
+        raise UnsafeInputError(f"{os.fspath(path)}: {what} is {info.st_size} bytes, over the bound of {limit} bytes")
+
+
+def check_regular_file(path: str | os.PathLike[str], what: str, limit: int | None = None) -> os.stat_result:
+    """``os.stat`` ``path`` (following symlinks) and refuse anything but a regular file within ``limit``.
+
+    Checked before anything opens the file: opening a device can have side effects (a tape
+    rewinds) and opening a FIFO blocks until a writer appears. Raises ``FileNotFoundError`` (or
+    another ``OSError``) as ``os.stat`` does, :class:`UnsafeInputError` for the rest.
+    """
+    info = os.stat(path)
+    _check(path, what, info, limit)
+    return info
+
+
+def open_regular_file(path: str | os.PathLike[str], what: str, limit: int | None = None) -> BinaryIO:
+    """Open a regular file for binary reading, refusing FIFOs, devices, sockets and folders.
+
+    ``os.stat`` first (see :func:`check_regular_file`); then the open uses ``O_NONBLOCK`` so a
+    FIFO swapped in after the stat cannot block it, and ``fstat`` of the opened descriptor must
+    show the same regular file: what is read is what was checked.
+    """
+    before = check_regular_file(path, what, limit)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags)
+    try:
+        after = os.fstat(fd)
+        _check(path, what, after, limit)
+        if (after.st_dev, after.st_ino) != (before.st_dev, before.st_ino):
+            raise UnsafeInputError(f"{os.fspath(path)}: {what} was replaced while it was being opened")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_regular_file(path: str | os.PathLike[str], what: str, limit: int | None = None) -> bytes:
+    """All bytes of a regular file of at most ``limit`` bytes (default :func:`max_input_bytes`).
+
+    The read asks for the file's size plus one byte, never for the bound: ``read(n)`` allocates
+    ``n`` bytes up front, and 2 GiB per image would be a lot. A file that grew after the size
+    check (the extra byte arrived) is refused rather than read half-old, half-new.
+    """
+    limit = max_input_bytes() if limit is None else limit
+    with open_regular_file(path, what, limit) as handle:
+        size = os.fstat(handle.fileno()).st_size  # <= limit: open_regular_file checked it
+        data = handle.read(size + 1)
+    if len(data) > size:
+        raise UnsafeInputError(f"{os.fspath(path)}: {what} grew while being read (it was {size} bytes)")
+    return data
