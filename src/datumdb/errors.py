@@ -46,3 +46,13 @@ class WriteError(DatumDBError):
 
 class VerificationError(DatumDBError):
     """A database does not match its manifest, or a record does not decode."""
+
+
+class UnsafeTargetError(DatabaseExistsError):
+    """The build target is not a folder datumdb may publish into or replace.
+
+    datumdb replaces only what it made itself: a folder holding ``data.mdb``, ``datumdb.json``
+    and optionally ``lock.mdb``. Anything else (other files, sub-folders, the working directory,
+    ``.``, ``..``, a symlink, a file) is refused, because a mistyped ``--overwrite`` target must
+    never delete a user's files.
+    """

@@ -29,7 +29,6 @@ import ctypes
 import errno
 import functools
 import os
-import shutil
 import socket
 import sys
 import tempfile
@@ -43,8 +42,15 @@ import numpy as np
 
 from datumdb import __version__
 from datumdb.codec import as_chw, check_label, decode, encode_array, encode_image, encode_png_or_jpg
-from datumdb.errors import DatabaseError, DatabaseExistsError, DatumError, WriteError
-from datumdb.manifest import MANIFEST_FORMAT, RECORDS_PER_CHUNK, ContentDigest, file_sha256, write_manifest
+from datumdb.errors import DatabaseError, DatabaseExistsError, DatumError, UnsafeTargetError, WriteError
+from datumdb.manifest import (
+    MANIFEST_FORMAT,
+    MANIFEST_NAME,
+    RECORDS_PER_CHUNK,
+    ContentDigest,
+    file_sha256,
+    write_manifest,
+)
 
 __all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_MAP_SIZE", "DatabaseWriter", "Encoding"]
 
@@ -52,6 +58,9 @@ DEFAULT_BATCH_SIZE = 1000
 DEFAULT_MAP_SIZE = 64 << 20  # grows by doubling; on Linux an unused map costs nothing
 MAX_MAP_SIZE = 1 << 44  # 16 TiB: a runaway record fails instead of exhausting address space
 DATA_NAME = "data.mdb"
+LOCK_NAME = "lock.mdb"
+# Everything a datumdb database folder may hold: a folder with anything else is not ours to replace.
+DATABASE_FILES = frozenset({DATA_NAME, MANIFEST_NAME, LOCK_NAME})
 # Build folders are named after the host and PID that own them (no "-" or "." in the host part).
 _HOST = socket.gethostname().split(".")[0].replace("-", "_") or "host"
 
@@ -122,7 +131,7 @@ class DatabaseWriter:
                 max_dbs=0,
             )
         except lmdb.Error as exc:
-            shutil.rmtree(self._work, ignore_errors=True)
+            remove_database_folder(self._work)
             raise DatabaseError(f"{self._work}: cannot create LMDB environment: {exc}") from exc
         self._max_key = self._env.max_key_size()
         self._batch: list[tuple[bytes, bytes]] = []
@@ -237,7 +246,7 @@ class DatabaseWriter:
             with contextlib.suppress(lmdb.Error):
                 self._env.close()
             self._env = None
-        shutil.rmtree(self._work, ignore_errors=True)
+        remove_database_folder(self._work)
 
     def manifest(self) -> dict[str, Any]:
         """The manifest of what has been added so far (written beside data.mdb on close)."""
@@ -266,11 +275,37 @@ class DatabaseWriter:
     # ------------------------------------------------------------------ internals
 
     def _check_target(self) -> None:
-        if self.path.is_symlink() or (self.path.exists() and not self.path.is_dir()):
-            raise DatabaseExistsError(f"{self.path}: exists and is not a database folder")
-        if self.path.is_dir() and any(self.path.iterdir()) and not self.overwrite:
+        """Refuse any target that is not absent, an empty folder, or a folder of datumdb's own files.
+
+        Run before any work and again just before publishing: ``--overwrite`` must replace a
+        previous database, never a user's folder that was named by mistake (``.``, the working
+        directory, the folder holding the inputs).
+        """
+        path = self.path
+        if path.name in ("", ".", ".."):
+            raise UnsafeTargetError(f"{path}: not a database folder name; name a new folder, such as {path / 'db'}")
+        if path.is_symlink():
+            raise UnsafeTargetError(f"{path}: is a symlink; datumdb publishes only into a real folder")
+        if path.exists() and not path.is_dir():
+            raise UnsafeTargetError(f"{path}: exists and is not a database folder")
+        resolved, cwd = path.resolve(), Path.cwd().resolve()
+        if resolved == cwd or resolved in cwd.parents:
+            raise UnsafeTargetError(f"{path}: is the working directory or contains it; name a new folder")
+        if not path.is_dir():
+            return
+        foreign = foreign_entries(path)
+        if foreign:
+            shown = ", ".join(repr(name) for name in foreign[:5]) + (
+                f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+            )
+            raise UnsafeTargetError(
+                f"{path}: holds {shown}, which datumdb did not write; a database folder holds only "
+                f"{DATA_NAME}, {MANIFEST_NAME} and {LOCK_NAME}. Refusing to "
+                f"{'replace' if self.overwrite else 'publish into'} it: choose another folder or move them"
+            )
+        if not self.overwrite and any(path.iterdir()):
             raise DatabaseExistsError(
-                f"{self.path}: already holds files; pass overwrite=True (--overwrite) to replace it"
+                f"{path}: already holds a database; pass overwrite=True (--overwrite) to replace it"
             )
 
     def _key(self, key: bytes | str | None) -> bytes:
@@ -354,13 +389,13 @@ class DatabaseWriter:
             if not self.overwrite:  # another build published here since we checked
                 raise DatabaseExistsError(f"{target}: a database appeared here during the build") from None
             if _exchange(self._work, target):
-                shutil.rmtree(self._work)  # now holds the previous version
+                remove_database_folder(self._work)  # now holds the previous version
             else:  # no atomic exchange on this system: move the old version aside first
                 aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-{_HOST}-{os.getpid()}-", dir=target.parent))
                 os.rmdir(aside)
                 os.rename(target, aside)
                 os.rename(self._work, target)
-                shutil.rmtree(aside)
+                remove_database_folder(aside)
         _fsync_dir(target.parent)
 
 
@@ -422,21 +457,68 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-def _remove_stale_partials(target: Path) -> None:
-    """Delete build folders left by killed builds of ``target`` on this host (their process is gone).
+def foreign_entries(folder: Path) -> list[str]:
+    """Sorted names in ``folder`` that are not datumdb's own files (sub-folders end in ``/``).
+
+    datumdb's files are the regular files ``data.mdb``, ``datumdb.json`` and ``lock.mdb``; a
+    symlink or a folder under one of those names is foreign too.
+    """
+    names = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.name in DATABASE_FILES and entry.is_file(follow_symlinks=False):
+                continue
+            names.append(entry.name + ("/" if entry.is_dir(follow_symlinks=False) else ""))
+    return sorted(names)
+
+
+def remove_database_folder(folder: Path) -> bool:
+    """Remove a folder datumdb made: its own files, then the folder itself if that left it empty.
+
+    Never a recursive delete: anything else in the folder stays, and so does the folder (the
+    result is then False). The manifest goes first, so a removal cut short leaves a folder that
+    is visibly incomplete (and never restored as a previous version).
+    """
+    for name in (MANIFEST_NAME, DATA_NAME, LOCK_NAME):
+        file = folder / name
+        if file.is_file() and not file.is_symlink():
+            with contextlib.suppress(FileNotFoundError):
+                file.unlink()
+    try:
+        os.rmdir(folder)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def _dead_builds(target: Path) -> list[tuple[str, Path]]:
+    """``(kind, folder)`` of the build (``partial``) and aside (``old``) folders of ``target``
+    that this host's dead processes left.
 
     The folder names carry host and PID, so on a shared file system (a cluster) a live build on
     another node is never mistaken for a dead one here.
     """
     prefix = f".{target.name}."
-    for candidate in target.parent.iterdir():
-        if not candidate.name.startswith(prefix):
+    found = []
+    for candidate in sorted(target.parent.iterdir()):
+        if not candidate.name.startswith(prefix) or candidate.is_symlink() or not candidate.is_dir():
             continue
         kind, _, rest = candidate.name[len(prefix) :].partition("-")
         host, _, rest = rest.partition("-")
         pid_text = rest.split("-", 1)[0]
         if kind in ("partial", "old") and host == _HOST and pid_text.isdigit() and not _process_alive(int(pid_text)):
-            shutil.rmtree(candidate, ignore_errors=True)
+            found.append((kind, candidate))
+    return found
+
+
+def _remove_stale_partials(target: Path) -> None:
+    """Delete the folders killed builds of ``target`` left; one holding anything but datumdb's
+    files is left alone (it is no longer only ours)."""
+    for _, folder in _dead_builds(target):
+        if not foreign_entries(folder):
+            remove_database_folder(folder)
 
 
 def _current_umask() -> int:
