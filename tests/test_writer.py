@@ -537,3 +537,26 @@ def test_stale_build_folders_are_removed_only_when_dead_and_only_datumdb_files(t
     assert not stale.exists()
     assert (adopted / "mine.txt").read_text() == "keep" and (adopted / "data.mdb").exists()
     assert alive.exists() and other_host.exists() and unrelated.exists()
+
+
+def test_a_previous_version_left_aside_by_a_killed_publish_is_restored_never_deleted(tmp_path: Path) -> None:
+    host = socket.gethostname().split(".")[0].replace("-", "_")
+    target = tmp_path / "db"
+    _write(target, _images(3, seed=1))
+    before = folder_state(target)
+    aside = tmp_path / f".db.old-{host}-{_dead_pid()}-x"
+    target.rename(aside)  # what a kill -9 between the fallback's two renames leaves
+    broken = tmp_path / f".db.old-{host}-{_dead_pid()}-y"  # a removal cut short: no manifest
+    broken.mkdir()
+    (broken / "data.mdb").write_bytes(b"x")
+    live = tmp_path / f".db.old-{host}-{os.getpid()}-z"  # a live publish: not ours to touch
+    live.mkdir()
+    with pytest.raises(DatabaseExistsError, match="overwrite"):
+        DatabaseWriter(target)  # the previous version is back, and needs overwrite like any other
+    assert folder_state(target) == before and not aside.exists()
+    assert not broken.exists() and live.exists()  # an incomplete aside copy is removed, not restored
+
+    target.rename(aside)
+    _write(target, _images(5, seed=2), overwrite=True)
+    assert read_manifest(target)["count"] == 5
+    assert leftovers(target) == [live.name]

@@ -30,6 +30,7 @@ from datumdb.codec import datum_to_array, decode
 from datumdb.errors import DatabaseNotFoundError, DatumDBError
 from datumdb.manifest import MANIFEST_NAME, RECORDS_PER_CHUNK, ContentDigest, decode_mode, file_sha256, read_manifest
 from datumdb.reader import DATA_NAME, DatumReader
+from datumdb.writer import restore_interrupted_publish
 
 __all__ = ["content_digest", "verify_database"]
 
@@ -58,10 +59,21 @@ def verify_database(
     (default: 60 s plus 10 s per 100 MB of data.mdb).
     """
     path = Path(db_path)
+    # A rebuild killed between its two renames (file systems without an atomic exchange) leaves
+    # the target absent and the previous version complete beside it: put it back first.
+    restored = restore_interrupted_publish(path)
     if not (path / DATA_NAME).is_file():  # bad input, not a failed verification
         raise DatabaseNotFoundError(f"{path}: no {DATA_NAME} (not an LMDB database folder)")
     if isolate:
-        return _verify_in_child(path, progress, timeout)
+        report = _verify_in_child(path, progress, timeout)
+    else:
+        report = _verify_here(path, progress)
+    if restored is not None:
+        report["warnings"].insert(0, f"{path}: was missing after an interrupted rebuild; restored the previous version")
+    return report
+
+
+def _verify_here(path: Path, progress: bool | None) -> dict[str, Any]:
     problems: list[str] = []
     warnings: list[str] = []
     manifest: dict[str, Any] | None = None

@@ -11,7 +11,15 @@ What the copy-pasted scripts get wrong, and what this module does instead:
 * **Writing in place** leaves half a database when the build dies. We build in a private
   ``.<name>.partial-<pid>-<random>`` folder beside the target and rename it into place only
   after success; an existing database is swapped out atomically (``renameat2`` exchange on
-  Linux), so readers see the complete old or the complete new version, never a mix.
+  Linux), so readers see the complete old or the complete new version, never a mix. Where the
+  file system cannot exchange (NFS), the old version is renamed aside, the new one in, and the
+  old one removed only then; a kill between the two renames leaves the old version complete
+  aside, and the next build or verify renames it back. ``DATUMDB_NO_RENAME_EXCHANGE=1`` forces
+  that path (what the tests use to exercise it on any file system).
+* **Deleting what is not ours.** ``overwrite=True`` replaces only a folder holding nothing but
+  ``data.mdb``, ``datumdb.json`` and ``lock.mdb``; ``.``, ``..``, the working directory, a
+  symlink, or a folder with anything else in it is refused, and datumdb never deletes
+  recursively (it unlinks its own files, then removes the folder if that left it empty).
 * **Unstable bytes.** ``data.mdb`` depends on map size, commit boundaries and growth history.
   All three are fixed functions of the inputs and options here (no clocks, no random bytes:
   ``meminit`` stays on, no reader can pin pages in the private folder), so the same inputs and
@@ -29,10 +37,13 @@ import ctypes
 import errno
 import functools
 import os
+import signal
 import socket
 import sys
 import tempfile
+import threading
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
@@ -42,17 +53,25 @@ import numpy as np
 
 from datumdb import __version__
 from datumdb.codec import as_chw, check_label, decode, encode_array, encode_image, encode_png_or_jpg
-from datumdb.errors import DatabaseError, DatabaseExistsError, DatumError, UnsafeTargetError, WriteError
+from datumdb.errors import (
+    DatabaseError,
+    DatabaseExistsError,
+    DatumDBError,
+    DatumError,
+    UnsafeTargetError,
+    WriteError,
+)
 from datumdb.manifest import (
     MANIFEST_FORMAT,
     MANIFEST_NAME,
     RECORDS_PER_CHUNK,
     ContentDigest,
     file_sha256,
+    read_manifest,
     write_manifest,
 )
 
-__all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_MAP_SIZE", "DatabaseWriter", "Encoding"]
+__all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_MAP_SIZE", "DatabaseWriter", "Encoding", "restore_interrupted_publish"]
 
 DEFAULT_BATCH_SIZE = 1000
 DEFAULT_MAP_SIZE = 64 << 20  # grows by doubling; on Linux an unused map costs nothing
@@ -113,8 +132,12 @@ class DatabaseWriter:
         self.key_width = key_width
         self.metadata = dict(metadata or {})
         self._check_target()
+        if self.path.parent.is_dir():
+            restored = restore_interrupted_publish(self.path)  # before anything is removed
+            _remove_stale_partials(self.path)
+            if restored is not None:
+                self._check_target()  # the restored previous version needs overwrite=True like any other
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_partials(self.path)
         self._work = Path(
             tempfile.mkdtemp(prefix=f".{self.path.name}.partial-{_HOST}-{os.getpid()}-", dir=self.path.parent)
         )
@@ -378,25 +401,47 @@ class DatabaseWriter:
         self._batch.clear()
 
     def _publish(self) -> None:
+        """Move the finished build to ``path``; the previous version stays complete until then.
+
+        Three ways, best first: a plain rename (target absent or an empty folder); an atomic
+        ``renameat2`` exchange with the previous version; where that is missing (NFS, other
+        systems) the previous version is renamed aside, the new one in, and only then is the
+        aside copy removed. SIGINT and SIGTERM are held back across those renames, so a
+        scheduler's stop lands before or after them; a kill -9 between the two renames leaves
+        the target absent and the previous version complete aside, which the next build (or
+        verify) renames back (:func:`restore_interrupted_publish`).
+        """
         self._check_target()
         target = self.path
-        try:
-            # Atomic when the target is absent or an empty folder (Snakemake pre-creates one).
-            os.rename(self._work, target)
-        except OSError as exc:
-            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                raise
-            if not self.overwrite:  # another build published here since we checked
-                raise DatabaseExistsError(f"{target}: a database appeared here during the build") from None
-            if _exchange(self._work, target):
-                remove_database_folder(self._work)  # now holds the previous version
-            else:  # no atomic exchange on this system: move the old version aside first
-                aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-{_HOST}-{os.getpid()}-", dir=target.parent))
-                os.rmdir(aside)
-                os.rename(target, aside)
+        previous: Path | None = None
+        with _signals_held():
+            try:
+                # Atomic when the target is absent or an empty folder (Snakemake pre-creates one).
                 os.rename(self._work, target)
-                remove_database_folder(aside)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                if not self.overwrite:  # another build published here since we checked
+                    raise DatabaseExistsError(f"{target}: a database appeared here during the build") from None
+                if _exchange(self._work, target):
+                    previous = self._work  # now holds the previous version
+                else:
+                    previous = self._aside_and_rename(target)
         _fsync_dir(target.parent)
+        if previous is not None:
+            remove_database_folder(previous)
+
+    def _aside_and_rename(self, target: Path) -> Path:
+        """The fallback without an atomic exchange: previous version aside, new one in."""
+        aside = target.parent / f".{target.name}.old-{_HOST}-{os.getpid()}-{os.urandom(4).hex()}"
+        os.rename(target, aside)
+        try:
+            os.rename(self._work, target)
+        except BaseException:
+            with contextlib.suppress(OSError):  # fails only if another build published meanwhile
+                os.rename(aside, target)
+            raise
+        return aside
 
 
 @functools.lru_cache(maxsize=256)
@@ -440,9 +485,14 @@ _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 
 
+# Set to 1 to publish without renameat2's exchange, as on file systems that lack it (NFS): what
+# the tests use to exercise the fallback on any machine. Read here only.
+NO_EXCHANGE_VARIABLE = "DATUMDB_NO_RENAME_EXCHANGE"
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Atomically swap two folders (Linux renameat2); False where that is not available."""
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux") or os.environ.get(NO_EXCHANGE_VARIABLE, "") not in ("", "0"):
         return False
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -455,6 +505,73 @@ def _exchange(a: Path, b: Path) -> bool:
     if err in (22, 38, 95):  # EINVAL, ENOSYS, EOPNOTSUPP: filesystem or kernel cannot exchange
         return False
     raise OSError(err, os.strerror(err), str(b))
+
+
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back until the block ends, then deliver them.
+
+    Python runs signal handlers in the main thread only, so that is the thread to protect
+    (from another thread there is nothing to do). Masking signals is not enough: the kernel
+    hands a process-directed signal to any thread that does not block it (NumPy's BLAS threads,
+    say) and Python then runs the handler in the main thread anyway. So the handlers are
+    swapped for one that only records the signal, and the recorded signals are raised again,
+    with the previous handlers back in place, once the block is over.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous: dict[int, Any] = {}
+    for number in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(number)
+        if handler is None or handler == signal.SIG_IGN:  # set outside Python, or ignored anyway
+            continue
+        previous[number] = signal.signal(number, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        for number in dict.fromkeys(received):
+            signal.raise_signal(number)
+
+
+def restore_interrupted_publish(target: str | os.PathLike[str]) -> Path | None:
+    """Put back the previous version of ``target`` that a killed publish left aside.
+
+    Where no atomic exchange exists, a rebuild renames the previous version to
+    ``.NAME.old-HOST-PID-*`` before renaming the new one in; a kill -9 between the two leaves
+    ``target`` absent. If ``target`` is absent and such a folder of a dead process of this host
+    holds a complete database, it is renamed back (the newest, if several) and its path
+    returned. Builds call this first, and so does verify; it never deletes anything.
+    """
+    target = Path(target)
+    if os.path.lexists(target) or not target.parent.is_dir():
+        return None
+    candidates = [folder for kind, folder in _dead_builds(target) if kind == "old" and _complete_version(folder)]
+    candidates.sort(key=lambda folder: (folder / MANIFEST_NAME).stat().st_mtime_ns)
+    for folder in reversed(candidates):
+        try:
+            os.rename(folder, target)
+        except OSError:  # another process restored or published first
+            return None
+        _fsync_dir(target.parent)
+        return target
+    return None
+
+
+def _complete_version(folder: Path) -> bool:
+    """Whether ``folder`` holds a whole datumdb database: only its files, a manifest whose
+    checksum holds, and a data.mdb of the size that manifest recorded."""
+    try:
+        if foreign_entries(folder) or not (folder / DATA_NAME).is_file():
+            return False
+        manifest = read_manifest(folder)
+        expected = manifest.get("data_mdb", {}).get("bytes")
+        return expected is None or (folder / DATA_NAME).stat().st_size == expected
+    except (OSError, DatumDBError):
+        return False
 
 
 def foreign_entries(folder: Path) -> list[str]:
