@@ -89,6 +89,10 @@ def verify_database(
     restored = restore_interrupted_publish(path)
     if not (path / DATA_NAME).is_file():  # bad input, not a failed verification
         raise DatabaseNotFoundError(f"{path}: no {DATA_NAME} (not an LMDB database folder)")
+    for name in (DATA_NAME, MANIFEST_NAME):  # unreadable is bad input too (an OSError), in or out of a child
+        if (path / name).exists():
+            with open(path / name, "rb"):
+                pass
     options = _Options(strict=strict, allow_nonfinite=allow_nonfinite)
     if isolate:
         report = _verify_in_child(path, progress, stall_limit, options)
@@ -310,7 +314,7 @@ def child_command(module_code: str, *args: str) -> list[str]:
 
 def _verify_in_child(path: Path, progress: bool | None, stall_limit: float, options: _Options) -> dict[str, Any]:
     """Run the scan in a child; kill it if it reports no progress for ``stall_limit`` seconds."""
-    arguments = [str(path), f"--heartbeat={min(1.0, stall_limit / 4):.6f}"]
+    arguments = [str(path), f"--heartbeat={min(1.0, max(0.01, stall_limit / 4)):.6f}"]
     if progress is not None:
         arguments.append("--progress" if progress else "--no-progress")
     arguments += ["--strict"] * options.strict + ["--allow-nonfinite"] * options.allow_nonfinite
@@ -425,7 +429,7 @@ def _child_main(argv: list[str]) -> int:
     threading.Thread(target=heartbeat, daemon=True).start()
     try:
         report = _verify_here(path, progress, options, state)
-    except DatumDBError as exc:
+    except (DatumDBError, OSError) as exc:  # a file that vanished or became unreadable meanwhile
         report = _failed(path, str(exc))
     data = b"report " + json.dumps(report).encode() + b"\n"
     with lock:
