@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import FIXTURE_LMDBS, folder_state, read_lmdb_items
 
-from datumdb import DatabaseWriter
+from datumdb import DatabaseWriter, DatumReader
 from datumdb.cli import main
 from datumdb.codec import encode_array, encode_image, encode_png_or_jpg
 from datumdb.errors import DatabaseNotFoundError, InputError
@@ -369,3 +369,18 @@ def test_nonfinite_float_data_fails_unless_allowed(tmp_path: Path, bad: float, c
     assert main(["--no-progress", "verify", str(db)]) == 1
     assert "--allow-nonfinite" in capsys.readouterr().err
     assert main(["--no-progress", "verify", "--allow-nonfinite", str(db)]) == 0
+
+
+def test_a_b_tree_that_goes_round_in_circles_is_stopped(built: Path, monkeypatch) -> None:
+    """Without a total time limit, a scan that keeps yielding records must still end: damage
+    that makes LMDB revisit pages repeats keys, and the first repeated key stops the scan."""
+    records = read_lmdb_items(built)
+
+    def forever(self):  # what a cursor over a branch page pointing back at an earlier page yields
+        while True:
+            yield from records[:5]
+
+    monkeypatch.setattr(DatumReader, "items", forever)
+    report = verify_database(built)
+    assert not report["ok"]
+    assert any("key '00000000' comes after key '00000004': the B-tree is damaged" in p for p in report["problems"])
