@@ -557,6 +557,14 @@ def test_a_previous_version_left_aside_by_a_killed_publish_is_restored_never_del
     assert not broken.exists() and live.exists()  # an incomplete aside copy is removed, not restored
 
     target.rename(aside)
-    _write(target, _images(5, seed=2), overwrite=True)
+    target.mkdir()  # Snakemake creates the empty output folder before rerunning the job
+    _write(target, _images(5, seed=2), overwrite=True)  # restored first: never deleted as stale
     assert read_manifest(target)["count"] == 5
     assert leftovers(target) == [live.name]
+
+    target.rename(aside)  # a non-empty folder of someone else's is never replaced by a restore
+    target.mkdir()
+    (target / "mine.txt").write_text("keep")
+    with pytest.raises(UnsafeTargetError, match=r"'mine\.txt'"):
+        DatabaseWriter(target, overwrite=True)
+    assert sorted(p.name for p in target.iterdir()) == ["mine.txt"] and aside.is_dir()

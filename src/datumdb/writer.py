@@ -542,12 +542,15 @@ def restore_interrupted_publish(target: str | os.PathLike[str]) -> Path | None:
 
     Where no atomic exchange exists, a rebuild renames the previous version to
     ``.NAME.old-HOST-PID-*`` before renaming the new one in; a kill -9 between the two leaves
-    ``target`` absent. If ``target`` is absent and such a folder of a dead process of this host
-    holds a complete database, it is renamed back (the newest, if several) and its path
-    returned. Builds call this first, and so does verify; it never deletes anything.
+    ``target`` absent. If ``target`` is absent (or an empty folder: Snakemake creates one before
+    rerunning the job) and such a folder of a dead process of this host holds a complete
+    database, it is renamed back (the newest, if several) and its path returned. Builds call
+    this first, and so does verify; it never deletes anything.
     """
     target = Path(target)
-    if os.path.lexists(target) or not target.parent.is_dir():
+    if not target.parent.is_dir() or target.is_symlink():
+        return None
+    if target.exists() and not (target.is_dir() and next(target.iterdir(), None) is None):
         return None
     candidates = [folder for kind, folder in _dead_builds(target) if kind == "old" and _complete_version(folder)]
     candidates.sort(key=lambda folder: (folder / MANIFEST_NAME).stat().st_mtime_ns)
