@@ -9,13 +9,16 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import multiprocessing
+import os
 import random
 import resource
+import select
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import cv2
@@ -152,6 +155,119 @@ def test_kill_9_during_convert_imageset_never_leaves_a_partial_database(tmp_path
     stats = _kill_trials(command, target, trials=10, seed=10)
     assert stats["records_lost"] == 0
     assert stats["killed_mid_build"] >= 5, stats
+
+
+# The CLI in a child that reports each rename of the publish on stdout ("aside": the previous
+# version was moved aside, "in": the new one was moved in) and pauses after it, so that a kill
+# can be aimed at the moments between them. argv: TARGET PAUSE ARGS...
+_RENAME_REPORTER = """
+import os, sys, time
+from datumdb.cli import main
+target, pause = sys.argv[1], float(sys.argv[2])
+real_rename = os.rename
+def rename(src, dst, *args, **kwargs):
+    real_rename(src, dst, *args, **kwargs)
+    step = "aside" if os.fspath(src) == target else "in" if os.fspath(dst) == target else "other"
+    os.write(1, (step + "\\n").encode())
+    time.sleep(pause)
+os.rename = rename
+raise SystemExit(main(["--no-progress", *sys.argv[3:]]))
+"""
+
+
+def _wait_for_line(process: subprocess.Popen[bytes], wanted: str, deadline: float) -> bool:
+    """Read the child's stdout until the line ``wanted``; False if it ended or time ran out."""
+    assert process.stdout is not None
+    buffer = b""
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([process.stdout], [], [], 0.05)
+        if ready:
+            chunk = os.read(process.stdout.fileno(), 4096)
+            if not chunk:
+                return False
+            buffer += chunk
+            if wanted.encode() + b"\n" in buffer.split(b"\n") or f"{wanted}\n".encode() in buffer:
+                return True
+    return False
+
+
+def test_kills_during_a_rebuild_without_rename_exchange_never_lose_the_database(tmp_path: Path, record_property):
+    """The fallback publish (forced by DATUMDB_NO_RENAME_EXCHANGE=1, as on NFS): kill -9, SIGTERM or
+    SIGINT right after the previous version was moved aside, right after the new one was moved in, or at
+    a random moment. After each kill the target is the complete old or new version, or absent with
+    the old one complete aside, which the next verify or build restores; never neither."""
+    env = {**os.environ, "DATUMDB_NO_RENAME_EXCHANGE": "1"}
+    sources = [_arrays(tmp_path / name, 300, shape=(3, 16, 16), seed=i) for i, name in enumerate("ab")]
+    states, digests = [], []
+    started = time.monotonic()
+    for i, (images, labels) in enumerate(sources):
+        reference = tmp_path / f"ref{i}"
+        subprocess.run([*DATUMDB, "convert-arrays", str(images), str(labels), str(reference)], check=True, env=env)
+        states.append(_folder_state(reference))
+        digests.append(read_manifest(reference)["digest"])
+    duration = (time.monotonic() - started) / 2
+    target = tmp_path / "db"
+    subprocess.run([*DATUMDB, "convert-arrays", *map(str, sources[0]), str(target)], check=True, env=env)
+    current, pause, rng = 0, 0.15, random.Random(11)
+    stats = Counter()
+    trials = 45
+    stop_by = time.monotonic() + 300
+    for trial in range(trials):
+        assert time.monotonic() < stop_by, f"out of time after {trial} trials: {dict(stats)}"
+        new = 1 - current
+        phase = ("aside", "in", "random")[trial % 3]
+        sig = (signal.SIGKILL, signal.SIGTERM, signal.SIGINT)[(trial // 3) % 3]
+        build = subprocess.Popen(
+            [sys.executable, "-c", _RENAME_REPORTER, str(target), str(pause),
+             "convert-arrays", *map(str, sources[new]), str(target), "--overwrite"],
+            stdout=subprocess.PIPE, env=env,
+        )  # fmt: skip
+        try:
+            if phase == "random":
+                time.sleep(rng.uniform(0, duration))
+            else:
+                assert _wait_for_line(build, phase, time.monotonic() + 60), f"trial {trial}: no {phase!r} rename"
+                time.sleep(rng.uniform(0, pause * 0.8))
+            build.send_signal(sig)
+            code = build.wait(timeout=60)
+        finally:
+            build.kill()
+            build.wait()
+            assert build.stdout is not None
+            build.stdout.close()
+        after = _folder_state(target)
+        stats[f"{phase}/{signal.Signals(sig).name}/exit {'ok' if code == 0 else 'killed'}"] += 1
+        if after is None:
+            # Only a kill -9 between the two renames may leave this; SIGTERM and SIGINT are held.
+            assert sig == signal.SIGKILL and phase in ("aside", "random"), (trial, phase, sig)
+            stats["absent, then restored"] += 1
+            if stats["absent, then restored"] % 2:  # alternately the next verify and the next build
+                result = subprocess.run([*DATUMDB, "verify", str(target)], capture_output=True, text=True, env=env)
+                assert result.returncode == 0, result.stderr
+                assert "restored the previous version" in result.stderr
+                assert _folder_state(target) == states[current]
+                stats["restored by verify"] += 1
+            else:
+                rebuild = [*DATUMDB, "convert-arrays", *map(str, sources[new]), str(target), "--overwrite"]
+                subprocess.run(rebuild, check=True, env=env)
+                assert _folder_state(target) == states[new]
+                current = new
+                stats["restored by the next build"] += 1
+        else:
+            assert after in (states[current], states[new]), f"trial {trial}: target is neither version"
+            if phase == "aside" and sig != signal.SIGKILL:
+                assert after == states[new], "SIGTERM and SIGINT must wait until the new version is in place"
+            current = states.index(after)
+        stats["old" if current != new else "new"] += 1
+        report = verify_database(target, isolate=True)
+        assert report["ok"] and report["digest"] == digests[current], (trial, report["problems"])
+    subprocess.run([*DATUMDB, "convert-arrays", *map(str, sources[0]), str(target), "--overwrite"], check=True, env=env)
+    assert _leftovers(target) == [], "the next build must remove what the killed ones left"
+    assert verify_database(target)["ok"]
+    record_property("fallback_kill_trials", dict(stats))
+    print(f"fallback publish kill trials: {trials}, {dict(stats)}")
+    assert stats["absent, then restored"] >= 3, stats  # the dangerous moment was really hit
+    assert stats["restored by verify"] >= 1 and stats["restored by the next build"] >= 1, stats
 
 
 # --------------------------------------------------------------------------- resource limits

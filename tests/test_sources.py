@@ -435,6 +435,7 @@ def test_pipeline_arrays_source_refuses_what_convert_arrays_refuses(tmp_path: Pa
     images[3, 0, 1, 0] = 2**24 + 1
     np.save(tmp_path / "X.npy", images)
     np.save(tmp_path / "y.npy", np.zeros(5, np.int64))
+
     def dataset():
         params = {"dataset": {"source": "arrays", "input_dir": str(tmp_path), "arrays": {"layout": "chw"}}}
         return to_config(validate_params(params)).dataset

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
+import signal
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import lmdb
@@ -11,11 +15,12 @@ import numpy as np
 import pytest
 from conftest import FIXTURE_LMDBS, folder_state, read_lmdb_items
 
-from datumdb import DatabaseWriter
+from datumdb import DatabaseWriter, DatumReader
 from datumdb.cli import main
-from datumdb.codec import encode_array
-from datumdb.errors import DatabaseNotFoundError
+from datumdb.codec import encode_array, encode_image, encode_png_or_jpg
+from datumdb.errors import DatabaseNotFoundError, InputError
 from datumdb.manifest import MANIFEST_NAME, ContentDigest, digest_items, read_manifest, write_manifest
+from datumdb.proto.datum_pb2 import Datum
 from datumdb.verify import content_digest, verify_database
 
 
@@ -224,3 +229,158 @@ def test_read_commands_leave_the_folder_untouched(built: Path, caffe_dir: Path, 
         assert folder_state(db) == before
         assert not (db / "lock.mdb").exists()
     capsys.readouterr()
+
+
+# --------------------------------------------------------------------------- the isolated child
+
+
+HOSTILE_INIT = """
+import pathlib
+pathlib.Path({marker!r}).write_text("imported")
+"""
+HOSTILE_VERIFY = """
+import json, sys
+print("report " + json.dumps({{"ok": True, "problems": [], "warnings": [], "count": 1, "digest": "forged"}}))
+def _child_main(argv):
+    print("report " + json.dumps({{"ok": True, "problems": [], "warnings": [], "count": 1, "digest": "forged"}}))
+    return 0
+"""
+
+
+def test_the_isolated_child_never_imports_a_datumdb_from_the_working_directory(
+    built: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    hostile = tmp_path / "hostile"
+    (hostile / "datumdb").mkdir(parents=True)
+    marker = tmp_path / "imported.txt"
+    (hostile / "datumdb" / "__init__.py").write_text(HOSTILE_INIT.format(marker=str(marker)))
+    (hostile / "datumdb" / "verify.py").write_text(HOSTILE_VERIFY.format())
+    (hostile / "datumdb" / "cli.py").write_text(HOSTILE_VERIFY.format())
+    garbage = tmp_path / "garbage"
+    garbage.mkdir()
+    (garbage / "data.mdb").write_bytes(np.random.default_rng(0).integers(0, 256, 64 << 10, np.uint8).tobytes())
+    (garbage / MANIFEST_NAME).write_bytes((built / MANIFEST_NAME).read_bytes())
+    monkeypatch.chdir(hostile)
+    monkeypatch.setenv("PYTHONPATH", str(hostile))  # -I ignores it too
+    capsys.readouterr()
+    assert main(["--no-progress", "verify", str(garbage)]) == 1
+    assert "FAILED" in capsys.readouterr().err
+    assert main(["--no-progress", "verify", "--json", str(built)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["digest"] == read_manifest(built)["digest"] != "forged"
+    assert not marker.exists(), "the child imported the datumdb package of the working directory"
+
+
+@pytest.fixture(scope="module")
+def slow_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Twelve copies of a PNG of 5792x5792 (the decoder's pixel limit): each takes 0.2 s (on an
+    idle core) to 1 s (on a busy machine) to decode, which makes the scan last several seconds."""
+    path = tmp_path_factory.mktemp("slow") / "db"
+    side = 5792
+    rows, columns = (np.arange(side, dtype=np.uint16) * step % 251 for step in (13, 7))
+    png = encode_png_or_jpg(((rows[:, None] + columns[None, :]) % 251).astype(np.uint8)[None], "png")
+    with DatabaseWriter(path, encoding="png", batch_size=2, channel_order="gray") as writer:
+        for i in range(12):
+            writer.add_serialized(encode_image(png, i), shape=(1, side, side))
+    return path
+
+
+def test_a_slow_healthy_database_passes_with_a_tiny_stall_limit(slow_db: Path, capsys) -> None:
+    # The scan lasts many times the stall limit, and a record can take longer to decode than it:
+    # the old time limit failed such a database, the stall limit must not. (0.5 s, not less: on a
+    # shared, overloaded machine the child's heartbeat thread can wait 0.2 s to be scheduled.)
+    report = verify_database(slow_db, isolate=True, timeout=0.5)
+    assert report["ok"], report["problems"]
+    assert report["count"] == 12 and report["digest"] == read_manifest(slow_db)["digest"]
+    capsys.readouterr()
+    assert main(["--no-progress", "verify", "--timeout", "0.5", str(slow_db)]) == 0
+    assert "OK, 12 records" in capsys.readouterr().out
+
+
+def _children(marker: bytes) -> list[int]:
+    pids = []
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        for pid in (task / "children").read_text().split():
+            with contextlib.suppress(OSError):
+                if marker in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    pids.append(int(pid))
+    return pids
+
+
+def test_a_hung_child_is_killed_after_the_stall_limit(slow_db: Path) -> None:
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(verify_database, slow_db, isolate=True, timeout=0.5)
+        child = None
+        while child is None and not future.done():
+            for pid in _children(b"_child_main"):  # once it has opened data.mdb, it is in the scan
+                with contextlib.suppress(OSError):
+                    if any(os.readlink(fd).endswith("data.mdb") for fd in Path(f"/proc/{pid}/fd").iterdir()):
+                        child = pid
+        assert child is not None, "the verification ended before it could be stopped"
+        os.kill(child, signal.SIGSTOP)  # a hang: no progress at all from now on
+        try:
+            report = future.result(timeout=120)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
+    assert not report["ok"]
+    assert any("made no progress for 0.5 s" in problem for problem in report["problems"]), report["problems"]
+    assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "-1", "0"])
+def test_timeout_must_be_a_finite_positive_number(built: Path, value: str, capsys) -> None:
+    capsys.readouterr()
+    assert main(["--no-progress", "verify", f"--timeout={value}", str(built)]) == 2
+    err = capsys.readouterr().err
+    assert "--timeout" in err and "finite number of seconds greater than 0" in err and err.count("\n") == 1
+    with pytest.raises(InputError, match="timeout"):
+        verify_database(built, isolate=True, timeout=float(value))
+
+
+def test_strict_fails_a_database_without_manifest(caffe_dir: Path, capsys) -> None:
+    db = caffe_dir / "lmdb_raw"
+    capsys.readouterr()
+    assert main(["--no-progress", "verify", str(db)]) == 0
+    assert "no datumdb.json" in capsys.readouterr().err
+    assert main(["--no-progress", "verify", "--strict", str(db)]) == 1
+    assert "no datumdb.json (strict)" in capsys.readouterr().err
+    for isolate in (False, True):
+        report = verify_database(db, strict=True, isolate=isolate)
+        assert not report["ok"] and any("strict" in p for p in report["problems"])
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nonfinite_float_data_fails_unless_allowed(tmp_path: Path, bad: float, capsys) -> None:
+    db = tmp_path / "db"
+    with DatabaseWriter(db) as writer:  # the writer refuses NaN: made by another tool, say
+        writer.add(np.ones((1, 2, 2), np.float32), 0)
+        writer.add_serialized(
+            Datum(channels=1, height=2, width=2, float_data=[1, bad, 0, 2], label=1).SerializeToString()
+        )
+        writer.add(np.zeros((1, 2, 2), np.float32), 2)
+    for isolate in (False, True):
+        report = verify_database(db, isolate=isolate)
+        assert not report["ok"] and report["bad_records"] == 1
+        assert any("'00000001'" in p and "NaN or infinity" in p for p in report["problems"])
+        allowed = verify_database(db, isolate=isolate, allow_nonfinite=True)
+        assert allowed["ok"] and any("1 record(s) hold NaN" in w for w in allowed["warnings"])
+    capsys.readouterr()
+    assert main(["--no-progress", "verify", str(db)]) == 1
+    assert "--allow-nonfinite" in capsys.readouterr().err
+    assert main(["--no-progress", "verify", "--allow-nonfinite", str(db)]) == 0
+
+
+def test_a_b_tree_that_goes_round_in_circles_is_stopped(built: Path, monkeypatch) -> None:
+    """Without a total time limit, a scan that keeps yielding records must still end: damage
+    that makes LMDB revisit pages repeats keys, and the first repeated key stops the scan."""
+    records = read_lmdb_items(built)
+
+    def forever(self):  # what a cursor over a branch page pointing back at an earlier page yields
+        while True:
+            yield from records[:5]
+
+    monkeypatch.setattr(DatumReader, "items", forever)
+    report = verify_database(built)
+    assert not report["ok"]
+    assert any("key '00000000' comes after key '00000004': the B-tree is damaged" in p for p in report["problems"])

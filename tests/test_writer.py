@@ -19,7 +19,7 @@ from conftest import folder_state, leftovers, read_lmdb_items
 
 from datumdb import DatabaseWriter, DatumReader
 from datumdb.codec import datum_to_array, decode, encode_array, encode_image, encode_png_or_jpg
-from datumdb.errors import DatabaseExistsError, DatumError, WriteError
+from datumdb.errors import DatabaseExistsError, DatumError, UnsafeTargetError, WriteError
 from datumdb.manifest import digest_items, read_manifest
 
 # A build in a separate interpreter: argv = path count batch_size map_size seed delay overwrite.
@@ -376,3 +376,195 @@ def test_empty_images_are_refused(tmp_path: Path, shape: tuple[int, ...], dtype)
         writer.add(np.ones((1, 2, 2), np.uint8), 0)
         writer.add(np.zeros(shape, dtype), 0)
     assert not target.exists() and leftovers(target) == []
+
+
+# --------------------------------------------------------------------------- ownership of the target
+
+
+def _tree(folder: Path) -> dict[str, bytes | None]:
+    """relative path -> bytes (None for folders) of everything under ``folder``."""
+    return {str(p.relative_to(folder)): (None if p.is_dir() else p.read_bytes()) for p in sorted(folder.rglob("*"))}
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+@pytest.mark.parametrize(
+    ("setup", "named"),
+    [
+        (lambda d: (d / "notes.txt").write_text("mine"), ["'notes.txt'"]),
+        (lambda d: (d / "sub").mkdir(), ["'sub/'"]),
+        (lambda d: ((d / "data.mdb").write_bytes(b"x"), (d / "keep.py").write_text("")), ["'keep.py'"]),
+        (lambda d: (d / "data.mdb").mkdir(), ["'data.mdb/'"]),
+        (lambda d: (d / "datumdb.json").symlink_to(d.parent / "elsewhere.json"), ["'datumdb.json'"]),
+        (lambda d: [(d / f"f{i}").write_text("") for i in range(8)], ["'f0'", "'f4'", "and 3 more"]),
+    ],
+)
+@pytest.mark.parametrize("overwrite", [True, False])
+def test_a_folder_holding_anything_else_is_never_replaced(tmp_path: Path, setup, named, overwrite: bool) -> None:
+    (tmp_path / "elsewhere.json").write_text("{}")
+    target = tmp_path / "data"
+    target.mkdir()
+    setup(target)
+    before = _tree(tmp_path)
+    with pytest.raises(UnsafeTargetError) as info:
+        _write(target, _images(3), overwrite=overwrite)
+    for name in named:
+        assert name in str(info.value)
+    assert str(target) in str(info.value)
+    assert isinstance(info.value, DatabaseExistsError)
+    assert _tree(tmp_path) == before  # nothing removed, nothing left behind
+
+
+def test_a_file_appearing_during_the_build_stops_the_publish(tmp_path: Path) -> None:
+    target = tmp_path / "db"
+    _write(target, _images(3, seed=1))
+    with pytest.raises(UnsafeTargetError, match=r"'late\.txt'"), DatabaseWriter(target, overwrite=True) as writer:
+        writer.add(_images(1)[0], 0)
+        (target / "late.txt").write_text("a user's file")
+    assert (target / "late.txt").read_text() == "a user's file"
+    assert read_manifest(target)["count"] == 3 and leftovers(target) == []
+
+
+@pytest.mark.parametrize("name", [".", "..", "cwd", "cwd-parent", "cwd-relative-parent"])
+def test_dot_dotdot_and_the_working_directory_are_refused(tmp_path: Path, monkeypatch, name: str) -> None:
+    work = tmp_path / "project" / "work"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    target = {
+        ".": Path("."),
+        "..": Path(".."),
+        "cwd": work,  # an absolute path to the working folder
+        "cwd-parent": tmp_path / "project",
+        "cwd-relative-parent": Path("../../project"),
+    }[name]
+    before = _tree(tmp_path)
+    for overwrite in (False, True):
+        with pytest.raises(UnsafeTargetError, match=r"working directory|not a database folder name"):
+            _write(target, _images(2), overwrite=overwrite)
+    assert _tree(tmp_path) == before
+
+
+def test_symlink_and_file_targets_are_refused_even_with_overwrite(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    _write(real, _images(2))
+    link = tmp_path / "link"
+    link.symlink_to(real, target_is_directory=True)
+    before = _tree(tmp_path)
+    with pytest.raises(UnsafeTargetError, match="symlink"):
+        _write(link, _images(3), overwrite=True)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UnsafeTargetError, match="not a database folder"):
+        _write(tmp_path / "file", _images(3), overwrite=True)
+    assert _tree(tmp_path) == {**before, "file": b"x"}
+
+
+def test_a_database_folder_with_lock_mdb_can_be_replaced(tmp_path: Path) -> None:
+    target = tmp_path / "db"
+    _write(target, _images(2))
+    (target / "lock.mdb").write_bytes(b"\0" * 64)  # what Caffe or a locking reader leaves
+    _write(target, _images(4), overwrite=True)
+    assert read_manifest(target)["count"] == 4
+    assert sorted(p.name for p in target.iterdir()) == ["data.mdb", "datumdb.json"]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["{work}/project/data"],  # the issue's case: notes.txt and a sub-folder in the target
+        ["{work}"],  # the folder holding the inputs (and the working directory), absolute
+        ["."],
+        [".."],
+        ["{work}/inputs-here"],  # a folder holding the inputs themselves
+    ],
+)
+def test_cli_overwrite_refuses_folders_it_did_not_make(tmp_path: Path, monkeypatch, capsys, argv) -> None:
+    from datumdb.cli import main
+
+    work = tmp_path / "work"
+    (work / "project" / "data" / "sub").mkdir(parents=True)
+    (work / "project" / "data" / "notes.txt").write_text("notes")
+    (work / "inputs-here").mkdir()
+    np.save(work / "X.npy", _images(4))
+    np.save(work / "y.npy", np.arange(4))
+    np.save(work / "inputs-here" / "X.npy", _images(4))
+    monkeypatch.chdir(work)
+    target = argv[0].format(work=work)
+    images = "inputs-here/X.npy" if "inputs-here" in target else "X.npy"
+    before = _tree(tmp_path)
+    capsys.readouterr()
+    assert main(["--no-progress", "convert-arrays", images, "y.npy", target, "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and "error:" in err
+    assert _tree(tmp_path) == before
+    if "data" in target:
+        assert "'notes.txt'" in err and "'sub/'" in err
+    if "inputs-here" in target:
+        assert "'X.npy'" in err
+
+
+def test_empty_existing_folder_is_published_into_through_the_cli(tmp_path: Path, capsys) -> None:
+    from datumdb.cli import main
+
+    np.save(tmp_path / "X.npy", _images(4))
+    np.save(tmp_path / "y.npy", np.arange(4))
+    (tmp_path / "db").mkdir()  # what Snakemake does before the job
+    assert main(["--no-progress", "convert-arrays", str(tmp_path / "X.npy"), str(tmp_path / "y.npy"),
+                 str(tmp_path / "db")]) == 0  # fmt: skip
+    assert read_manifest(tmp_path / "db")["count"] == 4
+
+
+def test_stale_build_folders_are_removed_only_when_dead_and_only_datumdb_files(tmp_path: Path) -> None:
+    host = socket.gethostname().split(".")[0].replace("-", "_")
+    dead = _dead_pid()
+    stale = tmp_path / f".db.partial-{host}-{dead}-abc"
+    stale.mkdir()
+    (stale / "data.mdb").write_bytes(b"x")
+    adopted = tmp_path / f".db.partial-{host}-{dead}-def"  # a user put a file in it: not only ours any more
+    adopted.mkdir()
+    (adopted / "data.mdb").write_bytes(b"x")
+    (adopted / "mine.txt").write_text("keep")
+    alive = tmp_path / f".db.partial-{host}-{os.getpid()}-ghi"
+    alive.mkdir()
+    other_host = tmp_path / f".db.partial-otherhost-{dead}-jkl"
+    other_host.mkdir()
+    unrelated = tmp_path / f".dbx.partial-{host}-{dead}-mno"  # another target's folder
+    unrelated.mkdir()
+    _write(tmp_path / "db", _images(2))
+    assert not stale.exists()
+    assert (adopted / "mine.txt").read_text() == "keep" and (adopted / "data.mdb").exists()
+    assert alive.exists() and other_host.exists() and unrelated.exists()
+
+
+def test_a_previous_version_left_aside_by_a_killed_publish_is_restored_never_deleted(tmp_path: Path) -> None:
+    host = socket.gethostname().split(".")[0].replace("-", "_")
+    target = tmp_path / "db"
+    _write(target, _images(3, seed=1))
+    before = folder_state(target)
+    aside = tmp_path / f".db.old-{host}-{_dead_pid()}-x"
+    target.rename(aside)  # what a kill -9 between the fallback's two renames leaves
+    broken = tmp_path / f".db.old-{host}-{_dead_pid()}-y"  # a removal cut short: no manifest
+    broken.mkdir()
+    (broken / "data.mdb").write_bytes(b"x")
+    live = tmp_path / f".db.old-{host}-{os.getpid()}-z"  # a live publish: not ours to touch
+    live.mkdir()
+    with pytest.raises(DatabaseExistsError, match="overwrite"):
+        DatabaseWriter(target)  # the previous version is back, and needs overwrite like any other
+    assert folder_state(target) == before and not aside.exists()
+    assert not broken.exists() and live.exists()  # an incomplete aside copy is removed, not restored
+
+    target.rename(aside)
+    target.mkdir()  # Snakemake creates the empty output folder before rerunning the job
+    _write(target, _images(5, seed=2), overwrite=True)  # restored first: never deleted as stale
+    assert read_manifest(target)["count"] == 5
+    assert leftovers(target) == [live.name]
+
+    target.rename(aside)  # a non-empty folder of someone else's is never replaced by a restore
+    target.mkdir()
+    (target / "mine.txt").write_text("keep")
+    with pytest.raises(UnsafeTargetError, match=r"'mine\.txt'"):
+        DatabaseWriter(target, overwrite=True)
+    assert sorted(p.name for p in target.iterdir()) == ["mine.txt"] and aside.is_dir()

@@ -166,7 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         metavar="SECONDS",
-        help="time limit of the isolated scan (default: 60 s + 10 s per 100 MB)",
+        help="stall limit of the isolated scan: fail if it makes no progress for this long "
+        "(default 60; a slow but healthy database always passes)",
+    )
+    p.add_argument("--strict", action="store_true", help="fail a database without datumdb.json")
+    p.add_argument(
+        "--allow-nonfinite", action="store_true", help="accept NaN and infinity in float_data (default: a failure)"
     )
     p.add_argument(
         "--params",
@@ -369,7 +374,14 @@ def _compute_mean(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from datumdb.verify import verify_database
 
-    report = verify_database(args.db, progress=args.progress, isolate=not args.in_process, timeout=args.timeout)
+    report = verify_database(
+        args.db,
+        progress=args.progress,
+        isolate=not args.in_process,
+        timeout=args.timeout,
+        strict=args.strict,
+        allow_nonfinite=args.allow_nonfinite,
+    )
     if args.params is not None:
         from datumdb.pipeline.fingerprint import database_matches_params
 

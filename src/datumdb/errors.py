@@ -55,3 +55,13 @@ class UnsafeInputError(InputError):
 
 class OutputTooLargeError(DatumDBError, ValueError):
     """An output would exceed a documented size bound that the caller did not raise."""
+
+
+class UnsafeTargetError(DatabaseExistsError):
+    """The build target is not a folder datumdb may publish into or replace.
+
+    datumdb replaces only what it made itself: a folder holding ``data.mdb``, ``datumdb.json``
+    and optionally ``lock.mdb``. Anything else (other files, sub-folders, the working directory,
+    ``.``, ``..``, a symlink, a file) is refused, because a mistyped ``--overwrite`` target must
+    never delete a user's files.
+    """

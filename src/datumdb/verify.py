@@ -1,37 +1,54 @@
 """Verification: decode every record, recompute the content digest, compare with the manifest.
 
 A database passes only if every record parses and decodes (raw sizes consistent, encoded
-images decodable), and the count, content digest, label histogram and shapes recomputed from
+images decodable, float_data finite unless ``allow_nonfinite``), keys come in strictly
+increasing order, and the count, content digest, label histogram and shapes recomputed from
 the records, and the sha256 of ``data.mdb`` itself, equal what the writer recorded in
 ``datumdb.json`` (whose own checksum must hold too). The result is a report (a plain dict, ready
 for ``--json``) listing every problem found, each naming the key where there is one. A database
-without a manifest (made by Caffe, say) passes if every record decodes, with a warning.
+without a manifest (made by Caffe, say) passes if every record decodes, with a warning; with
+``strict=True`` it fails.
 
 LMDB trusts its file: a damaged B-tree can make it crash the process or loop. ``isolate=True``
-(what the CLI uses) runs the scan in a child process with a time limit, so a corrupt database
-is reported as such instead of taking the caller down or hanging it.
+(what the CLI uses) runs the scan in a child process that reports its progress (records read,
+bytes hashed) to the parent through a pipe; the parent kills it only when it *stalls*, i.e.
+reports no progress for ``timeout`` seconds, so a healthy database passes however slow it is to
+read, and a crash or a hang is reported as a failed verification instead of taking the caller
+down. (A B-tree whose damage makes LMDB go round in circles repeats keys, which the key-order
+check stops.) The child runs with ``python -I`` and imports exactly the datumdb package of the
+parent: nothing from the working directory, ``PYTHONPATH`` or the user's site-packages.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import math
 import os
+import select
 import subprocess
 import sys
+import threading
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lmdb
+import numpy as np
 
+import datumdb
 from datumdb._progress import progress as progress_bar
 from datumdb.codec import datum_to_array, decode
-from datumdb.errors import DatabaseNotFoundError, DatumDBError
-from datumdb.manifest import MANIFEST_NAME, RECORDS_PER_CHUNK, ContentDigest, decode_mode, file_sha256, read_manifest
+from datumdb.errors import DatabaseNotFoundError, DatumDBError, InputError
+from datumdb.manifest import MANIFEST_NAME, RECORDS_PER_CHUNK, ContentDigest, decode_mode, read_manifest
 from datumdb.reader import DATA_NAME, DatumReader
+from datumdb.writer import restore_interrupted_publish
 
-__all__ = ["content_digest", "verify_database"]
+__all__ = ["DEFAULT_STALL_LIMIT", "check_stall_limit", "child_command", "content_digest", "verify_database"]
 
 MAX_PROBLEMS = 20  # a badly broken database should not print a million lines
 
@@ -45,23 +62,83 @@ def content_digest(db_path: str | os.PathLike[str], *, progress: bool | None = N
         return digest.hexdigest
 
 
+DEFAULT_STALL_LIMIT = 60.0  # seconds without progress before an isolated scan is declared hung
+STARTUP_LIMIT = 60.0  # seconds the child may take to start Python and import datumdb
+
+
 def verify_database(
     db_path: str | os.PathLike[str],
     *,
     progress: bool | None = None,
     isolate: bool = False,
     timeout: float | None = None,
+    strict: bool = False,
+    allow_nonfinite: bool = False,
 ) -> dict[str, Any]:
     """Check a database against its manifest; returns a report with ``ok`` and ``problems``.
 
-    With ``isolate=True`` the scan runs in a child process, killed after ``timeout`` seconds
-    (default: 60 s plus 10 s per 100 MB of data.mdb).
+    With ``isolate=True`` the scan runs in a child process, killed only if it makes no progress
+    for ``timeout`` seconds (the stall limit, default 60; a finite positive number). ``strict``
+    fails a database without a manifest; ``allow_nonfinite`` accepts NaN and infinite values in
+    ``float_data`` (reported as a warning instead of a problem).
     """
+    stall_limit = check_stall_limit(DEFAULT_STALL_LIMIT if timeout is None else timeout)
     path = Path(db_path)
+    # A rebuild killed between its two renames (file systems without an atomic exchange) leaves
+    # the target absent and the previous version complete beside it: put it back first.
+    restored = restore_interrupted_publish(path)
     if not (path / DATA_NAME).is_file():  # bad input, not a failed verification
         raise DatabaseNotFoundError(f"{path}: no {DATA_NAME} (not an LMDB database folder)")
+    for name in (DATA_NAME, MANIFEST_NAME):  # unreadable is bad input too (an OSError), in or out of a child
+        if (path / name).exists():
+            with open(path / name, "rb"):
+                pass
+    options = _Options(strict=strict, allow_nonfinite=allow_nonfinite)
     if isolate:
-        return _verify_in_child(path, progress, timeout)
+        report = _verify_in_child(path, progress, stall_limit, options)
+    else:
+        report = _verify_here(path, progress, options, _Progress())
+    if restored is not None:
+        report["warnings"].insert(0, f"{path}: was missing after an interrupted rebuild; restored the previous version")
+    return report
+
+
+def check_stall_limit(seconds: object) -> float:
+    """The stall limit as a float, or an :class:`InputError`: it must be finite and positive
+    (NaN would never expire, infinity never detect a hang, zero fail every database)."""
+    try:
+        value = float(seconds)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise InputError(f"timeout (--timeout): {seconds!r} is not a number of seconds") from None
+    if not math.isfinite(value) or value <= 0:
+        raise InputError(f"timeout (--timeout): must be a finite number of seconds greater than 0, got {seconds!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class _Options:
+    strict: bool = False
+    allow_nonfinite: bool = False
+
+
+class _Progress:
+    """What a scan has done so far, read by the child's heartbeat thread.
+
+    ``busy`` is set while a record is being decoded by our own code (OpenCV included), whose
+    work is bounded by the checked image size: that counts as progress however long it takes,
+    while time spent inside LMDB with no new record does not.
+    """
+
+    def __init__(self) -> None:
+        self.digest: ContentDigest | None = None
+        self.bytes_hashed = 0
+        self.busy = False
+
+    def snapshot(self) -> tuple[int, int, bool]:
+        return (self.digest.count if self.digest is not None else 0), self.bytes_hashed, self.busy
+
+
+def _verify_here(path: Path, progress: bool | None, options: _Options, state: _Progress) -> dict[str, Any]:
     problems: list[str] = []
     warnings: list[str] = []
     manifest: dict[str, Any] | None = None
@@ -70,14 +147,18 @@ def verify_database(
             manifest = read_manifest(path)
         except DatumDBError as exc:
             problems.append(str(exc))
+    elif options.strict:
+        problems.append(f"{path}: no {MANIFEST_NAME} (strict): nothing to check the records against")
     else:  # a database made by Caffe or another tool: the records can still be checked
         warnings.append(f"{path}: no {MANIFEST_NAME}; checked that every record decodes, nothing to compare with")
 
     with ThreadPoolExecutor(1) as pool:  # hash the file on the other core while records are decoded
-        file_hash = pool.submit(file_sha256, path / DATA_NAME) if (path / DATA_NAME).is_file() else None
-        scan = _scan(path, manifest, progress, problems)
-        data_sha256 = file_hash.result() if file_hash is not None else None
+        file_hash = pool.submit(_file_sha256, path / DATA_NAME, state)
+        scan = _scan(path, manifest, progress, problems, options, state)
+        data_sha256 = file_hash.result()
 
+    if scan["nonfinite_records"] and options.allow_nonfinite:
+        warnings.append(f"{path}: {scan['nonfinite_records']} record(s) hold NaN or infinite float_data (allowed)")
     report: dict[str, Any] = {"path": str(path), **scan, "data_mdb_sha256": data_sha256}
     if manifest is not None:
         _compare(path, manifest, report, problems)
@@ -87,37 +168,73 @@ def verify_database(
     return report
 
 
-def _scan(path: Path, manifest: dict[str, Any] | None, progress: bool | None, problems: list[str]) -> dict[str, Any]:
+def _file_sha256(path: Path, state: _Progress, chunk_size: int = 1 << 20) -> str:
+    """:func:`datumdb.manifest.file_sha256`, counting the bytes read so the watchdog sees progress."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+            state.bytes_hashed += len(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
+def _scan(
+    path: Path,
+    manifest: dict[str, Any] | None,
+    progress: bool | None,
+    problems: list[str],
+    options: _Options,
+    state: _Progress,
+) -> dict[str, Any]:
     digest = ContentDigest()
+    state.digest = digest
     labels: Counter[int] = Counter()
     shapes: Counter[str] = Counter()
-    bad_records = 0
-    last_key: bytes | None = None
+    bad_records = nonfinite = 0
+    previous = b""  # the last key read; LMDB keys are never empty
+
+    def bad(message: str) -> None:
+        nonlocal bad_records
+        bad_records += 1
+        if len(problems) < MAX_PROBLEMS:
+            problems.append(message)
+
     try:
         with DatumReader(path, imread=decode_mode(manifest)) as reader:  # type: ignore[arg-type]
             items = progress_bar(reader.items(), enabled=progress, total=len(reader), desc="verify", unit="rec")
             layout = reader._raw_layout()  # uniform raw records: a full structural check, no parse
             layout_name = "x".join(map(str, layout.shape)) if layout is not None else ""
             for key, value in items:
-                last_key = key
+                if key <= previous:  # a damaged B-tree going round in circles repeats keys
+                    problems.append(
+                        f"{path}: key {_text(key)!r} comes after key {_text(previous)!r}: the B-tree is damaged"
+                    )
+                    break
+                previous = key
                 digest.update(key, value)
                 label = layout.label(value) if layout is not None else None
                 if label is not None:  # header, payload size, label and tail exactly as a raw Datum
                     labels[label] += 1
                     shapes[layout_name] += 1
                     continue
+                state.busy = True
                 try:
                     datum = decode(value, key)
                     array = datum_to_array(datum, imread=reader.decode_mode, key=key)
                 except DatumDBError as exc:
-                    bad_records += 1
-                    if len(problems) < MAX_PROBLEMS:
-                        problems.append(str(exc))
+                    bad(str(exc))
                     continue
+                finally:
+                    state.busy = False
+                if array.dtype.kind == "f" and not np.isfinite(array).all():
+                    nonfinite += 1
+                    if not options.allow_nonfinite:
+                        bad(f"key {_text(key)!r}: float_data holds NaN or infinity (allow with --allow-nonfinite)")
+                        continue
                 labels[datum.label] += 1
                 shapes["x".join(map(str, array.shape))] += 1
     except (DatumDBError, lmdb.Error) as exc:
-        where = "before the first record" if last_key is None else f"after key {last_key.decode('utf-8', 'replace')!r}"
+        where = f"after key {_text(previous)!r}" if previous else "before the first record"
         problems.append(f"{path}: LMDB cannot read the database {where}: {exc}")
     return {
         "count": digest.count,
@@ -125,9 +242,14 @@ def _scan(path: Path, manifest: dict[str, Any] | None, progress: bool | None, pr
         "chunk_digests": digest.chunk_digests,
         "chunk_first_keys": [key.decode("utf-8", "backslashreplace") for key in digest.chunk_first_keys],
         "bad_records": bad_records,
+        "nonfinite_records": nonfinite,
         "label_histogram": {str(k): labels[k] for k in sorted(labels)},
         "shapes": dict(sorted(shapes.items())),
     }
+
+
+def _text(key: bytes) -> str:
+    return key.decode("utf-8", "backslashreplace")
 
 
 def _compare(path: Path, manifest: dict[str, Any], report: dict[str, Any], problems: list[str]) -> None:
@@ -166,26 +288,91 @@ def _changed_chunks(path: Path, manifest: dict[str, Any], report: dict[str, Any]
     return problems
 
 
-def _verify_in_child(path: Path, progress: bool | None, timeout: float | None) -> dict[str, Any]:
-    if timeout is None:
-        size = (path / DATA_NAME).stat().st_size if (path / DATA_NAME).is_file() else 0
-        timeout = 60 + 10 * size / 100e6
-    command = [sys.executable, "-m", "datumdb.verify", str(path)]
+# The isolated child: ``python -I`` (no working directory, PYTHONPATH or user site on sys.path),
+# then exactly the parent's datumdb package first on sys.path. argv: PACKAGE_ROOT DB [OPTIONS].
+_CHILD_BOOTSTRAP = (
+    "import sys; sys.path.insert(0, sys.argv.pop(1)); "
+    "from datumdb.verify import _child_main; raise SystemExit(_child_main(sys.argv[1:]))"
+)
+
+
+def child_command(module_code: str, *args: str) -> list[str]:
+    """A command that runs ``module_code`` in an isolated interpreter importing this datumdb.
+
+    ``python -m datumdb...`` would put the working directory first on ``sys.path``, so a
+    ``datumdb/`` folder there would be imported and run instead. ``-I`` removes it (and
+    ``PYTHONPATH`` and the user's site-packages); the code then puts the folder holding this
+    very package (argv[1]) first, so the child runs the same datumdb as its parent.
+    """
+    package_root = str(Path(datumdb.__file__).resolve().parents[1])
+    return [sys.executable, "-I", "-c", module_code, package_root, *args]
+
+
+def _verify_in_child(path: Path, progress: bool | None, stall_limit: float, options: _Options) -> dict[str, Any]:
+    """Run the scan in a child; kill it if it reports no progress for ``stall_limit`` seconds."""
+    arguments = [str(path), f"--heartbeat={min(1.0, max(0.01, stall_limit / 4)):.6f}"]
     if progress is not None:
-        command.append("--progress" if progress else "--no-progress")
+        arguments.append("--progress" if progress else "--no-progress")
+    arguments += ["--strict"] * options.strict + ["--allow-nonfinite"] * options.allow_nonfinite
+    child = subprocess.Popen(
+        child_command(_CHILD_BOOTSTRAP, *arguments), stdout=subprocess.PIPE, stdin=subprocess.DEVNULL
+    )
+    assert child.stdout is not None
+    pending, report_text, seen, started = b"", None, (0, 0), False
+    last_progress = time.monotonic()
+    stalled = False
     try:
-        child = subprocess.run(command, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:
-        return _failed(path, f"{path}: reading the database did not finish in {timeout:.0f} s (a damaged B-tree?)")
+        while True:
+            # Until its first heartbeat the child is starting Python and importing (bounded work,
+            # slow on a busy machine): it gets at least STARTUP_LIMIT for that.
+            limit = stall_limit if started else max(stall_limit, STARTUP_LIMIT)
+            remaining = last_progress + limit - time.monotonic()
+            if remaining <= 0:
+                stalled = True
+                break
+            if not select.select([child.stdout], [], [], remaining)[0]:
+                continue
+            chunk = os.read(child.stdout.fileno(), 1 << 16)
+            if not chunk:
+                break  # the child is done (or dead)
+            *lines, pending = (pending + chunk).split(b"\n")
+            if lines and not started:
+                started, last_progress = True, time.monotonic()
+            for line in lines:
+                if line.startswith(b"report "):
+                    report_text = line[len(b"report ") :]
+                elif line.startswith(b"progress "):
+                    records, hashed, busy = (int(field) for field in line.split()[1:4])
+                    if (records, hashed) != seen or busy:
+                        seen, last_progress = (records, hashed), time.monotonic()
+            if pending.startswith(b"report "):  # a long report still arriving is progress too
+                last_progress = time.monotonic()
+        if not stalled:  # its output is closed: it is exiting (or has died)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(timeout=max(stall_limit, STARTUP_LIMIT))
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.wait()
+        child.stdout.close()
+    try:
+        report = json.loads(report_text) if report_text is not None else None
+    except json.JSONDecodeError:
+        report = None
+    if isinstance(report, dict):  # complete: how the child then exited does not matter
+        return report
+    if stalled:
+        return _failed(
+            path,
+            f"{path}: reading the database made no progress for {stall_limit:g} s (after {seen[0]} records): "
+            "LMDB hung on a damaged B-tree, or the disk stopped answering",
+        )
     if child.returncode < 0:
         return _failed(
             path,
             f"{path}: the LMDB library crashed reading the database (signal {-child.returncode}); data.mdb is corrupt",
         )
-    try:
-        return json.loads(child.stdout)
-    except json.JSONDecodeError:
-        return _failed(path, f"{path}: the verification process failed (exit {child.returncode})")
+    return _failed(path, f"{path}: the verification process failed (exit {child.returncode})")
 
 
 def _failed(path: Path, problem: str) -> dict[str, Any]:
@@ -197,6 +384,7 @@ def _failed(path: Path, problem: str) -> dict[str, Any]:
         "count": None,
         "digest": None,
         "bad_records": None,
+        "nonfinite_records": None,
         "label_histogram": {},
         "shapes": {},
         "data_mdb_sha256": None,
@@ -209,16 +397,39 @@ def _short(value: Any) -> str:
 
 
 def _child_main(argv: list[str]) -> int:
-    """``python -m datumdb.verify DB [--progress|--no-progress]``: the isolated scan; JSON on stdout."""
+    """The isolated scan (see :func:`child_command`): progress lines and one JSON report.
+
+    The protocol goes to the original stdout, and fd 1 is pointed at stderr, so that nothing
+    else printed in this process can be taken for a report. A heartbeat thread writes
+    ``progress RECORDS BYTES_HASHED BUSY`` every ``--heartbeat`` seconds; the last line is
+    ``report JSON``.
+    """
+    options = _Options(strict="--strict" in argv, allow_nonfinite="--allow-nonfinite" in argv)
     progress = True if "--progress" in argv else (False if "--no-progress" in argv else None)
-    path = next(arg for arg in argv if not arg.startswith("--"))
+    interval = next((float(arg.split("=", 1)[1]) for arg in argv if arg.startswith("--heartbeat=")), 1.0)
+    path = Path(next(arg for arg in argv if not arg.startswith("--")))
+    out = os.dup(1)
+    os.dup2(2, 1)
+    lock, done, state = threading.Lock(), threading.Event(), _Progress()
+
+    def heartbeat() -> None:  # the first line at once: it tells the parent the child has started
+        while True:
+            records, hashed, busy = state.snapshot()
+            with lock:
+                if done.is_set():
+                    return
+                os.write(out, b"progress %d %d %d\n" % (records, hashed, busy))
+            if done.wait(interval):
+                return
+
+    threading.Thread(target=heartbeat, daemon=True).start()
     try:
-        report = verify_database(path, progress=progress)
-    except DatumDBError as exc:
-        report = _failed(Path(path), str(exc))
-    print(json.dumps(report))
+        report = _verify_here(path, progress, options, state)
+    except (DatumDBError, OSError) as exc:  # a file that vanished or became unreadable meanwhile
+        report = _failed(path, str(exc))
+    data = b"report " + json.dumps(report).encode() + b"\n"
+    with lock:
+        done.set()
+        while data:
+            data = data[os.write(out, data) :]
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(_child_main(sys.argv[1:]))

@@ -11,7 +11,15 @@ What the copy-pasted scripts get wrong, and what this module does instead:
 * **Writing in place** leaves half a database when the build dies. We build in a private
   ``.<name>.partial-<pid>-<random>`` folder beside the target and rename it into place only
   after success; an existing database is swapped out atomically (``renameat2`` exchange on
-  Linux), so readers see the complete old or the complete new version, never a mix.
+  Linux), so readers see the complete old or the complete new version, never a mix. Where the
+  file system cannot exchange (NFS), the old version is renamed aside, the new one in, and the
+  old one removed only then; a kill between the two renames leaves the old version complete
+  aside, and the next build or verify renames it back. ``DATUMDB_NO_RENAME_EXCHANGE=1`` forces
+  that path (what the tests use to exercise it on any file system).
+* **Deleting what is not ours.** ``overwrite=True`` replaces only a folder holding nothing but
+  ``data.mdb``, ``datumdb.json`` and ``lock.mdb``; ``.``, ``..``, the working directory, a
+  symlink, or a folder with anything else in it is refused, and datumdb never deletes
+  recursively (it unlinks its own files, then removes the folder if that left it empty).
 * **Unstable bytes.** ``data.mdb`` depends on map size, commit boundaries and growth history.
   All three are fixed functions of the inputs and options here (no clocks, no random bytes:
   ``meminit`` stays on, no reader can pin pages in the private folder), so the same inputs and
@@ -29,11 +37,13 @@ import ctypes
 import errno
 import functools
 import os
-import shutil
+import signal
 import socket
 import sys
 import tempfile
+import threading
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
@@ -43,15 +53,33 @@ import numpy as np
 
 from datumdb import __version__
 from datumdb.codec import as_chw, check_label, decode, encode_sample, shape_name
-from datumdb.errors import DatabaseError, DatabaseExistsError, DatumError, WriteError
-from datumdb.manifest import MANIFEST_FORMAT, RECORDS_PER_CHUNK, ContentDigest, file_sha256, write_manifest
+from datumdb.errors import (
+    DatabaseError,
+    DatabaseExistsError,
+    DatumDBError,
+    DatumError,
+    UnsafeTargetError,
+    WriteError,
+)
+from datumdb.manifest import (
+    DATA_NAME,
+    MANIFEST_FORMAT,
+    MANIFEST_NAME,
+    RECORDS_PER_CHUNK,
+    ContentDigest,
+    file_sha256,
+    read_manifest,
+    write_manifest,
+)
 
-__all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_MAP_SIZE", "DatabaseWriter", "Encoding"]
+__all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_MAP_SIZE", "DatabaseWriter", "Encoding", "restore_interrupted_publish"]
 
 DEFAULT_BATCH_SIZE = 1000
 DEFAULT_MAP_SIZE = 64 << 20  # grows by doubling; on Linux an unused map costs nothing
 MAX_MAP_SIZE = 1 << 44  # 16 TiB: a runaway record fails instead of exhausting address space
-DATA_NAME = "data.mdb"
+LOCK_NAME = "lock.mdb"
+# Everything a datumdb database folder may hold: a folder with anything else is not ours to replace.
+DATABASE_FILES = frozenset({DATA_NAME, MANIFEST_NAME, LOCK_NAME})
 # Build folders are named after the host and PID that own them (no "-" or "." in the host part).
 _HOST = socket.gethostname().split(".")[0].replace("-", "_") or "host"
 
@@ -104,8 +132,12 @@ class DatabaseWriter:
         self.key_width = key_width
         self.metadata = dict(metadata or {})
         self._check_target()
+        if self.path.parent.is_dir():
+            restored = restore_interrupted_publish(self.path)  # before anything is removed
+            _remove_stale_partials(self.path)
+            if restored is not None:
+                self._check_target()  # the restored previous version needs overwrite=True like any other
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_partials(self.path)
         self._work = Path(
             tempfile.mkdtemp(prefix=f".{self.path.name}.partial-{_HOST}-{os.getpid()}-", dir=self.path.parent)
         )
@@ -122,7 +154,7 @@ class DatabaseWriter:
                 max_dbs=0,
             )
         except lmdb.Error as exc:
-            shutil.rmtree(self._work, ignore_errors=True)
+            remove_database_folder(self._work)
             raise DatabaseError(f"{self._work}: cannot create LMDB environment: {exc}") from exc
         self._max_key = self._env.max_key_size()
         self._batch: list[tuple[bytes, bytes]] = []
@@ -233,7 +265,7 @@ class DatabaseWriter:
             with contextlib.suppress(lmdb.Error):
                 self._env.close()
             self._env = None
-        shutil.rmtree(self._work, ignore_errors=True)
+        remove_database_folder(self._work)
 
     def manifest(self) -> dict[str, Any]:
         """The manifest of what has been added so far (written beside data.mdb on close)."""
@@ -262,11 +294,37 @@ class DatabaseWriter:
     # ------------------------------------------------------------------ internals
 
     def _check_target(self) -> None:
-        if self.path.is_symlink() or (self.path.exists() and not self.path.is_dir()):
-            raise DatabaseExistsError(f"{self.path}: exists and is not a database folder")
-        if self.path.is_dir() and any(self.path.iterdir()) and not self.overwrite:
+        """Refuse any target that is not absent, an empty folder, or a folder of datumdb's own files.
+
+        Run before any work and again just before publishing: ``--overwrite`` must replace a
+        previous database, never a user's folder that was named by mistake (``.``, the working
+        directory, the folder holding the inputs).
+        """
+        path = self.path
+        if path.name in ("", ".", ".."):
+            raise UnsafeTargetError(f"{path}: not a database folder name; name a new folder, such as {path / 'db'}")
+        if path.is_symlink():
+            raise UnsafeTargetError(f"{path}: is a symlink; datumdb publishes only into a real folder")
+        if path.exists() and not path.is_dir():
+            raise UnsafeTargetError(f"{path}: exists and is not a database folder")
+        resolved, cwd = path.resolve(), Path.cwd().resolve()
+        if resolved == cwd or resolved in cwd.parents:
+            raise UnsafeTargetError(f"{path}: is the working directory or contains it; name a new folder")
+        if not path.is_dir():
+            return
+        foreign = foreign_entries(path)
+        if foreign:
+            shown = ", ".join(repr(name) for name in foreign[:5]) + (
+                f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+            )
+            raise UnsafeTargetError(
+                f"{path}: holds {shown}, which datumdb did not write; a database folder holds only "
+                f"{DATA_NAME}, {MANIFEST_NAME} and {LOCK_NAME}. Refusing to "
+                f"{'replace' if self.overwrite else 'publish into'} it: choose another folder or move them"
+            )
+        if not self.overwrite and any(path.iterdir()):
             raise DatabaseExistsError(
-                f"{self.path}: already holds files; pass overwrite=True (--overwrite) to replace it"
+                f"{path}: already holds a database; pass overwrite=True (--overwrite) to replace it"
             )
 
     def _key(self, key: bytes | str | None) -> bytes:
@@ -339,25 +397,47 @@ class DatabaseWriter:
         self._batch.clear()
 
     def _publish(self) -> None:
+        """Move the finished build to ``path``; the previous version stays complete until then.
+
+        Three ways, best first: a plain rename (target absent or an empty folder); an atomic
+        ``renameat2`` exchange with the previous version; where that is missing (NFS, other
+        systems) the previous version is renamed aside, the new one in, and only then is the
+        aside copy removed. SIGINT and SIGTERM are held back across those renames, so a
+        scheduler's stop lands before or after them; a kill -9 between the two renames leaves
+        the target absent and the previous version complete aside, which the next build (or
+        verify) renames back (:func:`restore_interrupted_publish`).
+        """
         self._check_target()
         target = self.path
-        try:
-            # Atomic when the target is absent or an empty folder (Snakemake pre-creates one).
-            os.rename(self._work, target)
-        except OSError as exc:
-            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                raise
-            if not self.overwrite:  # another build published here since we checked
-                raise DatabaseExistsError(f"{target}: a database appeared here during the build") from None
-            if _exchange(self._work, target):
-                shutil.rmtree(self._work)  # now holds the previous version
-            else:  # no atomic exchange on this system: move the old version aside first
-                aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-{_HOST}-{os.getpid()}-", dir=target.parent))
-                os.rmdir(aside)
-                os.rename(target, aside)
+        previous: Path | None = None
+        with _signals_held():
+            try:
+                # Atomic when the target is absent or an empty folder (Snakemake pre-creates one).
                 os.rename(self._work, target)
-                shutil.rmtree(aside)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                if not self.overwrite:  # another build published here since we checked
+                    raise DatabaseExistsError(f"{target}: a database appeared here during the build") from None
+                if _exchange(self._work, target):
+                    previous = self._work  # now holds the previous version
+                else:
+                    previous = self._aside_and_rename(target)
         _fsync_dir(target.parent)
+        if previous is not None:
+            remove_database_folder(previous)
+
+    def _aside_and_rename(self, target: Path) -> Path:
+        """The fallback without an atomic exchange: previous version aside, new one in."""
+        aside = target.parent / f".{target.name}.old-{_HOST}-{os.getpid()}-{os.urandom(4).hex()}"
+        os.rename(target, aside)
+        try:
+            os.rename(self._work, target)
+        except BaseException:
+            with contextlib.suppress(OSError):  # fails only if another build published meanwhile
+                os.rename(aside, target)
+            raise
+        return aside
 
 
 _shape_name = functools.lru_cache(maxsize=256)(shape_name)
@@ -399,9 +479,14 @@ _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 
 
+# Set to 1 to publish without renameat2's exchange, as on file systems that lack it (NFS): what
+# the tests use to exercise the fallback on any machine. Read here only.
+NO_EXCHANGE_VARIABLE = "DATUMDB_NO_RENAME_EXCHANGE"
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Atomically swap two folders (Linux renameat2); False where that is not available."""
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux") or os.environ.get(NO_EXCHANGE_VARIABLE, "") not in ("", "0"):
         return False
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -416,21 +501,138 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(b))
 
 
-def _remove_stale_partials(target: Path) -> None:
-    """Delete build folders left by killed builds of ``target`` on this host (their process is gone).
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back until the block ends, then deliver them.
+
+    Python runs signal handlers in the main thread only, so that is the thread to protect
+    (from another thread there is nothing to do). Masking signals is not enough: the kernel
+    hands a process-directed signal to any thread that does not block it (NumPy's BLAS threads,
+    say) and Python then runs the handler in the main thread anyway. So the handlers are
+    swapped for one that only records the signal, and the recorded signals are raised again,
+    with the previous handlers back in place, once the block is over.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous: dict[int, Any] = {}
+    for number in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(number)
+        if handler is None or handler == signal.SIG_IGN:  # set outside Python, or ignored anyway
+            continue
+        previous[number] = signal.signal(number, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        for number in dict.fromkeys(received):
+            signal.raise_signal(number)
+
+
+def restore_interrupted_publish(target: str | os.PathLike[str]) -> Path | None:
+    """Put back the previous version of ``target`` that a killed publish left aside.
+
+    Where no atomic exchange exists, a rebuild renames the previous version to
+    ``.NAME.old-HOST-PID-*`` before renaming the new one in; a kill -9 between the two leaves
+    ``target`` absent. If ``target`` is absent (or an empty folder: Snakemake creates one before
+    rerunning the job) and such a folder of a dead process of this host holds a complete
+    database, it is renamed back (the newest, if several) and its path returned. Builds call
+    this first, and so does verify; it never deletes anything.
+    """
+    target = Path(target)
+    if not target.parent.is_dir() or target.is_symlink():
+        return None
+    if target.exists() and not (target.is_dir() and next(target.iterdir(), None) is None):
+        return None
+    candidates = [folder for kind, folder in _dead_builds(target) if kind == "old" and _complete_version(folder)]
+    candidates.sort(key=lambda folder: (folder / MANIFEST_NAME).stat().st_mtime_ns)
+    for folder in reversed(candidates):
+        try:
+            os.rename(folder, target)
+        except OSError:  # another process restored or published first
+            return None
+        _fsync_dir(target.parent)
+        return target
+    return None
+
+
+def _complete_version(folder: Path) -> bool:
+    """Whether ``folder`` holds a whole datumdb database: only its files, a manifest whose
+    checksum holds, and a data.mdb of the size that manifest recorded."""
+    try:
+        if foreign_entries(folder) or not (folder / DATA_NAME).is_file():
+            return False
+        manifest = read_manifest(folder)
+        expected = manifest.get("data_mdb", {}).get("bytes")
+        return expected is None or (folder / DATA_NAME).stat().st_size == expected
+    except (OSError, DatumDBError):
+        return False
+
+
+def foreign_entries(folder: Path) -> list[str]:
+    """Sorted names in ``folder`` that are not datumdb's own files (sub-folders end in ``/``).
+
+    datumdb's files are the regular files ``data.mdb``, ``datumdb.json`` and ``lock.mdb``; a
+    symlink or a folder under one of those names is foreign too.
+    """
+    names = []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.name in DATABASE_FILES and entry.is_file(follow_symlinks=False):
+                continue
+            names.append(entry.name + ("/" if entry.is_dir(follow_symlinks=False) else ""))
+    return sorted(names)
+
+
+def remove_database_folder(folder: Path) -> bool:
+    """Remove a folder datumdb made: its own files, then the folder itself if that left it empty.
+
+    Never a recursive delete: anything else in the folder stays, and so does the folder (the
+    result is then False). The manifest goes first, so a removal cut short leaves a folder that
+    is visibly incomplete (and never restored as a previous version).
+    """
+    for name in (MANIFEST_NAME, DATA_NAME, LOCK_NAME):
+        file = folder / name
+        if file.is_file() and not file.is_symlink():
+            with contextlib.suppress(FileNotFoundError):
+                file.unlink()
+    try:
+        os.rmdir(folder)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def _dead_builds(target: Path) -> list[tuple[str, Path]]:
+    """``(kind, folder)`` of the build (``partial``) and aside (``old``) folders of ``target``
+    that this host's dead processes left.
 
     The folder names carry host and PID, so on a shared file system (a cluster) a live build on
     another node is never mistaken for a dead one here.
     """
     prefix = f".{target.name}."
-    for candidate in target.parent.iterdir():
-        if not candidate.name.startswith(prefix):
+    found = []
+    for candidate in sorted(target.parent.iterdir()):
+        if not candidate.name.startswith(prefix) or candidate.is_symlink() or not candidate.is_dir():
             continue
         kind, _, rest = candidate.name[len(prefix) :].partition("-")
         host, _, rest = rest.partition("-")
         pid_text = rest.split("-", 1)[0]
         if kind in ("partial", "old") and host == _HOST and pid_text.isdigit() and not _process_alive(int(pid_text)):
-            shutil.rmtree(candidate, ignore_errors=True)
+            found.append((kind, candidate))
+    return found
+
+
+def _remove_stale_partials(target: Path) -> None:
+    """Delete the folders killed builds of ``target`` left; one holding anything but datumdb's
+    files is left alone (it is no longer only ours)."""
+    for _, folder in _dead_builds(target):
+        if not foreign_entries(folder):
+            remove_database_folder(folder)
 
 
 def _current_umask() -> int:
