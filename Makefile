@@ -53,7 +53,7 @@ $(TEST_DEPS): $(DATASET_DEPS) requirements-test.lock requirements-torch.lock
 # dvc.lock (unchanged when the bytes are identical), so `dvc status` is clean and `dvc push` works.
 dataset: $(DATASET_DEPS)
 	PATH="$(BIN):$$PATH" $(BIN)/snakemake --cores $(CORES)
-	PATH="$(BIN):$$PATH" $(BIN)/dvc commit --force --quiet
+	PATH="$(BIN):$$PATH" $(BIN)/dvc commit --force
 	PATH="$(BIN):$$PATH" $(BIN)/dvc status
 
 # The same pipeline through DVC (one stage at a time).
