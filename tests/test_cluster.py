@@ -91,12 +91,12 @@ def test_pipeline_runs_on_slurm_and_matches_a_local_run(cluster: LocalSlurmClust
     assert result.returncode == 0, log[-4000:]
 
     jobs = _job_ids(log)
-    assert len(jobs.get("generate", [])) == 2 and len(jobs.get("serialize", [])) == 2, jobs
+    assert len(jobs.get("records", [])) == 2, jobs
     assert len(jobs.get("build", [])) == 3, jobs
     times = {job_id: _job_times(cluster, job_id) for ids in jobs.values() for job_id in ids}
     assert {state for _, _, state in times.values()} == {"COMPLETED"}, times
     # The two shard jobs of a step ran side by side (SLURM reports whole seconds).
-    for rule in ("generate", "serialize"):
+    for rule in ("records",):
         (start_a, end_a, _), (start_b, end_b, _) = (times[i] for i in jobs[rule])
         assert start_a <= end_b and start_b <= end_a, (rule, times)
     assert not list((repo / "data" / "lmdb").rglob("lock.mdb"))
@@ -113,12 +113,12 @@ def test_a_job_failing_on_the_cluster_fails_the_run_and_the_rerun_resumes(
     cluster: LocalSlurmCluster, tmp_path: Path
 ) -> None:
     repo = _tiny_repo(tmp_path / "failing")
-    # A node-level fault: on the first run, `datumdb build-split` fails for the val split.
+    # A node-level fault: on the first run, `datumdb pipeline build` fails for the val split.
     shim = tmp_path / "faulty-bin"
     shim.mkdir()
     (shim / "datumdb").write_text(
         "#!/bin/sh\n"
-        'case "$*" in *"build-split"*"--split val"*) echo "simulated node fault: disk gone" >&2; exit 3;; esac\n'
+        'case "$*" in *"pipeline build "*"--split val"*) echo "simulated node fault: disk gone" >&2; exit 3;; esac\n'
         f'exec {BIN / "datumdb"} "$@"\n'
     )
     (shim / "datumdb").chmod(0o755)
@@ -128,13 +128,13 @@ def test_a_job_failing_on_the_cluster_fails_the_run_and_the_rerun_resumes(
     assert "Error in rule build" in first_log
     assert "simulated node fault: disk gone" in first_log  # the failed job's log, shown
     finished = _job_ids(first_log)
-    assert len(finished["generate"]) == 2 and len(finished["serialize"]) == 2
+    assert len(finished["records"]) == 2
 
     second = _on_cluster(repo, cluster)  # the fault is gone
     second_log = second.stdout + second.stderr
     assert second.returncode == 0, second_log[-4000:]
     resubmitted = _job_ids(second_log)
-    assert "generate" not in resubmitted and "serialize" not in resubmitted, resubmitted
+    assert "records" not in resubmitted, resubmitted  # the shards' record files were kept for val
     assert "build" in resubmitted
     dvc("commit", "--force", "--quiet", cwd=repo)
     assert status_clean(repo)
