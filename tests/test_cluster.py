@@ -28,6 +28,8 @@ from workflow_helpers import BIN, ENV, SPLITS, commit_all, copy_worktree, dvc, s
 
 from datumdb.manifest import read_manifest
 
+pytestmark = pytest.mark.cluster
+
 TEST_CLUSTER_FLAGS = [
     "--slurm-status-command", "squeue",
     "--slurm-init-seconds-before-status-checks", "1",

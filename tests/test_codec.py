@@ -38,6 +38,8 @@ from datumdb.limits import MAX_IMAGE_PIXELS
 from datumdb.proto import datum_pb2
 from datumdb.proto.regenerate import generate
 
+pytestmark = pytest.mark.unit
+
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
 labels = st.one_of(st.integers(INT32_MIN, INT32_MAX), st.sampled_from([INT32_MIN, INT32_MAX, -1, 0, 1]))

@@ -27,6 +27,8 @@ from datumdb.imageset import ImagesetOptions, ListEntry, convert_imageset, order
 from datumdb.manifest import digest_items, read_manifest
 from datumdb.verify import verify_database
 
+pytestmark = pytest.mark.unit
+
 
 def _convert(caffe_dir: Path, db: Path, *flags: str, list_file: Path | None = None) -> int:
     root = str(caffe_dir / "images") + "/"

@@ -22,6 +22,8 @@ from datumdb.errors import UnsafeInputError, VerificationError
 from datumdb.limits import MAX_MANIFEST_BYTES, read_regular_file
 from datumdb.manifest import MAX_MANIFEST_DEPTH, read_manifest, write_manifest
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture
 def db(tmp_path: Path) -> Path:

@@ -16,6 +16,8 @@ from datumdb.errors import DatumError, InputError
 from datumdb.mean import compute_mean, read_binaryproto, write_binaryproto
 from datumdb.proto.datum_pb2 import BlobProto
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize("kind", ["raw", "gray"])
 @pytest.mark.parametrize("source", ["caffe", "datumdb"])

@@ -33,6 +33,8 @@ from datumdb.errors import DatumError
 from datumdb.manifest import read_manifest
 from datumdb.verify import content_digest, verify_database
 
+pytestmark = pytest.mark.slow
+
 DATUMDB = [sys.executable, "-m", "datumdb.cli", "--no-progress"]
 
 

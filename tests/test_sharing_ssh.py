@@ -26,6 +26,8 @@ from workflow_helpers import BIN, ENV, SPLITS, clone, commit_all, copy_worktree,
 
 from datumdb.verify import content_digest
 
+pytestmark = pytest.mark.network
+
 SSHD = Path("/usr/sbin/sshd")
 
 

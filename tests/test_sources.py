@@ -22,6 +22,8 @@ from datumdb.pipeline.config import to_config, validate_params
 from datumdb.pipeline.sources import open_source
 from datumdb.sources import convert_arrays, iter_array_samples, load_labels
 
+pytestmark = pytest.mark.unit
+
 
 def _save(tmp_path: Path, images: np.ndarray, labels, name: str = "X") -> tuple[Path, Path]:
     x, y = tmp_path / f"{name}.npy", tmp_path / f"{name}_labels.npy"

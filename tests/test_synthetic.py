@@ -10,6 +10,8 @@ import pytest
 from datumdb.errors import InputError
 from datumdb.synthetic import class_patterns, generate, sample_label
 
+pytestmark = pytest.mark.unit
+
 
 def test_same_seed_same_samples_and_different_seed_differs() -> None:
     a_images, a_labels = generate(7, 0, 50, (3, 8, 8), 5)

@@ -23,6 +23,8 @@ from datumdb.manifest import MANIFEST_NAME, ContentDigest, digest_items, read_ma
 from datumdb.proto.datum_pb2 import Datum
 from datumdb.verify import content_digest, verify_database
 
+pytestmark = pytest.mark.unit
+
 
 def _build(path: Path, count: int = 30, seed: int = 0, **options) -> None:
     rng = np.random.default_rng(seed)

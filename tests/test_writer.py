@@ -22,6 +22,8 @@ from datumdb.codec import datum_to_array, decode, encode_array, encode_image, en
 from datumdb.errors import DatabaseExistsError, DatumError, UnsafeTargetError, WriteError
 from datumdb.manifest import digest_items, read_manifest
 
+pytestmark = pytest.mark.unit
+
 # A build in a separate interpreter: argv = path count batch_size map_size seed delay overwrite.
 BUILD_SCRIPT = """
 import sys, time
