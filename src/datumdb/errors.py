@@ -46,3 +46,13 @@ class WriteError(DatumDBError):
 
 class VerificationError(DatumDBError):
     """A database does not match its manifest, or a record does not decode."""
+
+
+class DatabaseChangedError(DatabaseError):
+    """The database at a reader's path is no longer the version the reader is pinned to.
+
+    A rebuild publishes a new ``data.mdb`` over the old one. A reader that has been used is
+    pinned to the file it first opened; when it has to open the path again (in a worker process
+    it was pickled or forked into, or after :meth:`~datumdb.reader.DatumReader.close`) and finds
+    another file there, it raises this instead of reading records of a second version.
+    """
