@@ -20,13 +20,13 @@
   is not pinned yet and pins to whatever it finds in the process that uses it first (call
   :meth:`DatumReader.pin` first to hand workers a definite version).
 * **Closing is thread-safe.** :meth:`DatumReader.close` only drops the reader's reference to its
-  pinned version. Reads and iterations running in other threads hold references of their own, so
-  the environment and its maps are closed when the last of them finishes (by CPython's reference
-  counting), never while a read is using them. Nothing is counted by hand, so concurrent first
-  use cannot leak an environment.
+  pinned version. Every read and iteration holds a reference of its own while it runs, so the
+  environment is closed (under the module lock, by a finalizer) when the last of them finishes,
+  never while a read is using it. Nothing is counted by hand, so concurrent first use cannot
+  leak an environment.
 * **One environment per file per process**, shared by all readers pinned to it, because py-lmdb
   refuses a second ``open`` of a file one process has open. An environment inherited across
-  ``fork`` is never used in the child: the child opens its own.
+  ``fork`` is never used in the child: the child closes its copy and opens its own.
 """
 
 from __future__ import annotations
@@ -172,23 +172,23 @@ class _Pin:
                 offsets = self._offsets
         return offsets  # type: ignore[return-value]
 
-    def forget(self) -> None:
-        """Close an environment inherited across fork (only the child's copy of the map goes)."""
-        self.env.close()
-
 
 # (device, inode) -> the open version of that file in this process. Weak: a version stays open
 # exactly as long as a reader (or a read in progress) holds it.
 _PINS: weakref.WeakValueDictionary[tuple[int, int], _Pin] = weakref.WeakValueDictionary()
+# (device, inode) -> its environment, until that is closed. Outlives the pin by a moment: the pin's
+# finalizer closes the environment, and until then py-lmdb refuses to open the file again.
+_OPEN: dict[tuple[int, int], lmdb.Environment] = {}
 _KEPT: dict[tuple[int, int], _Pin] = {}  # versions handed out by open_environment: kept for good
-_LOCK = threading.Lock()
+# Guards _PINS and _OPEN. Re-entrant: a pin may die, and its finalizer run, inside a locked section.
+_LOCK = threading.RLock()
 _PID = os.getpid()  # kept current by the fork hook: cheaper than a getpid() call per read
 
 
 def _after_fork_in_child() -> None:
     # A lock held by another thread of the parent at the fork would never be released here.
     global _LOCK, _PID
-    _LOCK = threading.Lock()
+    _LOCK = threading.RLock()
     _PID = os.getpid()
 
 
@@ -207,6 +207,14 @@ def open_environment(folder: str | os.PathLike[str]) -> lmdb.Environment:
         pin = _pin_version(Path(folder), None)
         _KEPT[(pin.version.device, pin.version.inode)] = pin
     return pin.env
+
+
+def _close_environment(key: tuple[int, int], env: lmdb.Environment) -> None:
+    """Finalizer of a pin: close its environment, now that no reader or read holds the pin."""
+    with _LOCK:
+        if _OPEN.get(key) is env:
+            del _OPEN[key]
+        env.close()  # again if _pin_version closed it first: a no-op
 
 
 def _identity(folder: Path) -> tuple[int, int] | None:
@@ -267,9 +275,12 @@ def _pin_version(folder: Path, expected: DatabaseVersion | None) -> _Pin:
         key = (version.device, version.inode)
         pin = _PINS.get(key)
         if pin is not None and pin.pid != _PID:
-            pin.forget()  # inherited across fork: py-lmdb would refuse to open the file again
-            pin = None
-        if pin is not None:
+            pin = None  # inherited across fork: never used here
+        if pin is None:
+            stale = _OPEN.pop(key, None)  # inherited, or its pin died and the finalizer waits for us
+            if stale is not None:
+                stale.close()  # no read holds it: each holds its pin
+        else:
             if pin.version != version:
                 raise DatabaseChangedError(
                     f"{folder / DATA_NAME}: modified in place while open in this process "
@@ -277,6 +288,8 @@ def _pin_version(folder: Path, expected: DatabaseVersion | None) -> _Pin:
                 )
             return pin
         pin = _PINS[key] = _Pin(folder, fd, version, manifest, manifest_error)
+        _OPEN[key] = pin.env
+        weakref.finalize(pin, _close_environment, key, pin.env)
         return pin
     finally:
         os.close(fd)  # the environment and the map hold descriptors of their own
@@ -465,12 +478,14 @@ class DatumReader(Sequence[tuple[np.ndarray, int]]):
 
     def datums(self) -> Iterator[tuple[bytes, Datum]]:
         """``(key, Datum)`` for every record in key order, streaming (no key list is built)."""
-        for key, value in self._pinned().txn.cursor():
+        pin = self._pinned()  # held by the generator: the environment stays open until it ends
+        for key, value in pin.txn.cursor():
             yield key, decode(value, key)
 
     def items(self) -> Iterator[tuple[bytes, bytes]]:
         """``(key, serialized value)`` for every record in key order."""
-        yield from self._pinned().txn.cursor()
+        pin = self._pinned()
+        yield from pin.txn.cursor()
 
     def read_batch(
         self, indices: Sequence[int] | np.ndarray, out: np.ndarray | None = None
