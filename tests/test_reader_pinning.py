@@ -21,7 +21,7 @@ import pytest
 
 from datumdb import DatabaseWriter, DatumReader
 from datumdb import reader as reader_module
-from datumdb.errors import DatabaseChangedError, DatumDBError
+from datumdb.errors import DatabaseChangedError, DatabaseNotFoundError, DatumDBError
 from datumdb.fastpath import _VALIDATED_SAMPLE
 
 SHAPE = (3, 4, 5)
@@ -156,6 +156,37 @@ def test_without_fd_paths_the_path_is_opened_and_checked(tmp_path: Path, monkeyp
         _assert_reads(reader, images, labels)
         _write(path, new_images, new_labels, overwrite=True)
         _assert_reads(reader, images, labels)
+
+
+def test_a_database_without_manifest_pins_by_file_and_reports_the_missing_manifest(caffe_dir: Path) -> None:
+    with DatumReader(caffe_dir / "lmdb_raw") as reader:
+        assert reader.version.digest is None and len(reader) == 12
+        for _ in range(2):  # the error seen at pin time, raised afresh on each request
+            with pytest.raises(DatabaseNotFoundError, match="no manifest"):
+                _ = reader.manifest
+        assert reader.decode_mode == "unchanged"
+
+
+def test_a_file_changed_in_place_under_an_open_version_is_refused(tmp_path: Path) -> None:
+    """Databases are replaced whole; an in-place change is not a version any reader can trust."""
+    images, labels = _versions(30)[0]
+    path = tmp_path / "db"
+    _write(path, images, labels)
+    with DatumReader(path) as reader:
+        pinned = reader.version
+        os.utime(path / "data.mdb", ns=(pinned.mtime_ns + 10**9, pinned.mtime_ns + 10**9))
+        with pytest.raises(DatabaseChangedError, match="modified in place"):
+            len(DatumReader(path))
+        assert reader[3][1] == labels[3] and reader.version == pinned
+
+
+def test_a_path_that_keeps_changing_while_opening_gives_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    images, labels = _versions(30)[0]
+    path = tmp_path / "db"
+    _write(path, images, labels)
+    monkeypatch.setattr(reader_module, "_identity", lambda folder: (0, 0))  # never the file just opened
+    with pytest.raises(DatabaseChangedError, match="replaced 5 times while being opened"):
+        len(DatumReader(path))
 
 
 # --------------------------------------------------------------------------- worker processes
