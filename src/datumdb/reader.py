@@ -81,8 +81,9 @@ class _Pin:
 
     Holds the environment, one long-lived read transaction (the file never changes, so one
     snapshot is correct and the cheapest way to read), a read-only map of the same file for the
-    offset index, the manifest read beside it, and what is computed once per version. Closed by
-    reference counting only: see the module docstring.
+    offset index, the manifest read beside it, and what is computed once per version. Every read
+    holds the pin while it runs; when the last reader and read let go, a finalizer closes the
+    environment (see :func:`_pin_version`), so nothing is closed under a running read.
     """
 
     __slots__ = (
@@ -94,7 +95,6 @@ class _Pin:
         "auto_mode",
         "data",
         "env",
-        "folder",
         "length",
         "manifest",
         "manifest_error",
@@ -111,7 +111,6 @@ class _Pin:
         manifest: dict[str, Any] | None,
         manifest_error: Exception | None,
     ) -> None:
-        self.folder = folder
         self.version = version
         self.manifest = manifest
         self.manifest_error = manifest_error
@@ -134,13 +133,17 @@ class _Pin:
             )
         except lmdb.Error as exc:
             raise DatabaseError(f"{folder}: cannot open LMDB database: {exc}") from exc
-        if _FD_DIR is None and _identity(folder) != (version.device, version.inode):
-            self.env.close()  # opened by path, and the path moved on: not the file we checked
-            raise DatabaseChangedError(f"{folder / DATA_NAME}: replaced while being opened; try again")
-        # The map for the offset index, of the pinned descriptor itself (mmap keeps its own dup).
-        self.data = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if version.size else None
-        self.txn = self.env.begin(buffers=False)
-        self.length = int(self.txn.stat()["entries"])
+        try:
+            if _FD_DIR is None and _identity(folder) != (version.device, version.inode):
+                # opened by path, and the path moved on: not the file we checked
+                raise DatabaseChangedError(f"{folder / DATA_NAME}: replaced while being opened; try again")
+            # The map for the offset index, of the pinned descriptor itself (mmap keeps its own dup).
+            self.data = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if version.size else None
+            self.txn = self.env.begin(buffers=False)
+            self.length = int(self.txn.stat()["entries"])
+        except BaseException:
+            self.env.close()  # not registered yet: closed here, or py-lmdb refuses the next open
+            raise
 
     def keys(self) -> tuple[bytes, ...]:
         keys = self._keys
