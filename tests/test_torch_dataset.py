@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from datumdb import DatabaseWriter, DatumReader
+from datumdb.errors import DatabaseChangedError
 from datumdb.torch_dataset import DatumDataset
 
 
@@ -55,3 +56,35 @@ def test_dataloader_with_two_workers(db, start_method: str) -> None:
     assert torch.allclose(torch.cat(seen_images), torch.from_numpy(images).float() / 255)
     assert torch.equal(torch.cat(seen_labels), torch.from_numpy(labels))
     assert sorted(p.name for p in path.iterdir()) == ["data.mdb", "datumdb.json"]
+
+
+def _write(path: Path, images: np.ndarray, *, overwrite: bool = False) -> None:
+    with DatabaseWriter(path, batch_size=16, overwrite=overwrite) as writer:
+        for i, image in enumerate(images):
+            writer.add(image, i)
+
+
+def _epoch(dataset: DatumDataset, **options) -> tuple[torch.Tensor, torch.Tensor]:
+    batches = list(DataLoader(dataset, batch_size=8, **options))
+    return torch.cat([b for b, _ in batches]), torch.cat([labels for _, labels in batches])
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_an_epoch_after_an_in_place_rebuild_fails_instead_of_mixing_versions(tmp_path: Path, start_method: str) -> None:
+    """The dataset is pinned when created: len and every worker read that version, or fail."""
+    rng = np.random.default_rng(12)
+    old, new = rng.integers(0, 256, (40, 3, 4, 4), dtype=np.uint8), rng.integers(0, 256, (56, 3, 4, 4), dtype=np.uint8)
+    path = tmp_path / "db"
+    _write(path, old)
+    dataset = DatumDataset(path)  # not used yet: pinned all the same
+    _write(path, new, overwrite=True)
+    assert len(dataset) == 40  # the sampler's length is the pinned version's, not the new 56
+    # One worker: with two, torch may tear down the failed epoch while the second spawned worker
+    # is still unpickling its queues, and report that worker's exit from a __del__ (a warning).
+    with pytest.raises(DatabaseChangedError, match="replaced after this reader pinned"):
+        _epoch(dataset, num_workers=1, multiprocessing_context=start_method)
+    images, labels = _epoch(dataset)  # in the main process: the pinned version, whole
+    assert torch.equal(images, torch.from_numpy(old)) and torch.equal(labels, torch.arange(40))
+    workers = {"num_workers": 2, "multiprocessing_context": start_method}
+    images, labels = _epoch(DatumDataset(path), **workers)  # a new dataset reads the new version
+    assert torch.equal(images, torch.from_numpy(new)) and torch.equal(labels, torch.arange(56))

@@ -64,4 +64,13 @@ class UnsafeTargetError(DatabaseExistsError):
     and optionally ``lock.mdb``. Anything else (other files, sub-folders, the working directory,
     ``.``, ``..``, a symlink, a file) is refused, because a mistyped ``--overwrite`` target must
     never delete a user's files.
+
+
+class DatabaseChangedError(DatabaseError):
+    """The database at a reader's path is no longer the version the reader is pinned to.
+
+    A rebuild publishes a new ``data.mdb`` over the old one. A reader that has been used is
+    pinned to the file it first opened; when it has to open the path again (in a worker process
+    it was pickled or forked into, or after :meth:`~datumdb.reader.DatumReader.close`) and finds
+    another file there, it raises this instead of reading records of a second version.
     """

@@ -9,15 +9,18 @@ and both fall back to the general path (:func:`datumdb.codec.decode`) for anythi
 * :class:`OffsetIndex` records, once per process, where each value's payload sits in
   ``data.mdb`` (from the address LMDB returns for it and the page number in the header of the
   page holding it), validates a sample of them against the file, and then gathers a batch with
-  one NumPy fancy index over an overlapping strided view of a read-only ``np.memmap``: the same
-  operation as a memmap gather of a ``.npy``.
+  one NumPy fancy index over an overlapping strided view of a read-only map of the file: the same
+  operation as a memmap gather of a ``.npy``. The map is handed in by the caller, made from the
+  very file the LMDB environment has open (:mod:`datumdb.reader` maps the descriptor it pinned),
+  never by opening ``data.mdb`` by path: after a rebuild the path names another file, and the
+  sample check could not see that one record differs.
 """
 
 from __future__ import annotations
 
 import ctypes
+import mmap
 import random
-from pathlib import Path
 
 import lmdb
 import numpy as np
@@ -27,6 +30,8 @@ from datumdb.codec import _read_varint, _varint, decode
 __all__ = ["OffsetIndex", "RawLayout"]
 
 _VALIDATED_SAMPLE = 64
+
+Buffer = bytes | memoryview | mmap.mmap  # anything NumPy can view as bytes without a copy
 
 
 class RawLayout:
@@ -79,11 +84,11 @@ class RawLayout:
 class OffsetIndex:
     """Payload offsets in ``data.mdb`` of every record (in key order), and their labels."""
 
-    def __init__(self, offsets: np.ndarray, labels: np.ndarray, layout: RawLayout, data_path: Path) -> None:
+    def __init__(self, offsets: np.ndarray, labels: np.ndarray, layout: RawLayout, data: Buffer) -> None:
         self.offsets = offsets
         self.labels = labels
         self.layout = layout
-        self._file = np.memmap(data_path, dtype=np.uint8, mode="r")
+        self._file = np.frombuffer(data, dtype=np.uint8)  # keeps ``data`` (the map) alive
         # Element r is the payload-sized byte string starting at byte r (a void scalar, copied
         # with one memcpy): a gather is one fancy index over this view, as for a .npy memmap.
         self._record = np.dtype((np.void, layout.size))
@@ -91,9 +96,13 @@ class OffsetIndex:
         self._rows = np.ndarray((rows,), dtype=self._record, buffer=self._file, offset=0, strides=(1,))
 
     @classmethod
-    def build(cls, env: lmdb.Environment, data_path: Path, layout: RawLayout) -> OffsetIndex | None:
-        """Scan once with buffers; None unless every record has ``layout`` and the offsets check out."""
-        file_size = data_path.stat().st_size
+    def build(cls, env: lmdb.Environment, data: Buffer, layout: RawLayout) -> OffsetIndex | None:
+        """Scan once with buffers; None unless every record has ``layout`` and the offsets check out.
+
+        ``data`` is a read-only map (e.g. :class:`mmap.mmap`) of the whole file ``env`` has open:
+        the same file, not merely the same path, or the index gathers another version's pixels.
+        """
+        file_size = len(data)
         with env.begin(buffers=True) as txn:  # values as views of the map: their addresses are what we want
             page_size = int(txn.stat()["psize"])
             addresses, labels = [], []
@@ -111,7 +120,7 @@ class OffsetIndex:
             if base is None or min(addresses) < 0 or max(addresses) + layout.tail_start > file_size:
                 return None
             offsets = np.asarray(addresses, dtype=np.int64) + len(layout.header)
-            index = cls(offsets, np.asarray(labels, dtype=np.int64), layout, data_path)
+            index = cls(offsets, np.asarray(labels, dtype=np.int64), layout, data)
             return index if index._agrees_with(txn) else None
 
     def _agrees_with(self, txn: lmdb.Transaction) -> bool:

@@ -1,114 +1,305 @@
-"""Read a Datum LMDB without ever touching its folder: read-only, lock-free, fork and spawn safe.
+"""Read a Datum LMDB without ever touching its folder: read-only, lock-free, pinned to one version.
 
 * ``readonly=True, lock=False``: a locking reader creates or rewrites ``lock.mdb``, which makes
   ``dvc status`` report the dataset modified and fails on a read-only folder. Our databases are
   immutable once published (the writer swaps whole folders), so no lock is needed.
-* **Lazy, per process.** Nothing is opened in ``__init__``; the environment is opened on first
-  use and re-opened after a fork (the inherited one is closed in the child, never used), and a
-  pickled reader carries only its path and options. So a reader can be handed to
-  ``multiprocessing`` or PyTorch ``DataLoader`` workers with either start method.
-* **One environment per path per process**, shared by all readers of that path, because
-  py-lmdb refuses a second ``open`` of the same path in one process.
+* **Pinned to one version.** Nothing is opened in ``__init__``. On first use the reader opens
+  ``data.mdb`` once and records what it opened (:class:`DatabaseVersion`: device, inode, size,
+  mtime and the manifest's content digest). The LMDB environment is opened through that file
+  descriptor (``/proc/self/fd/N`` on Linux), and the offset-index fast path maps the same
+  descriptor, so single reads, batches, the fast paths, iteration, ``len``, keys and the manifest
+  all come from that one file. A rebuild publishes a new folder over the old one (rename or
+  exchange): the path then names a new file, but a pinned reader keeps reading the old one (its
+  disk space is freed when the last reader of it closes); only new readers see the new version.
+* **Other processes: the same version or** :class:`~datumdb.errors.DatabaseChangedError`. A
+  pickled reader carries its path, options and pinned version; a forked one keeps it in memory.
+  In the new process it opens the path again and, if the file there is not its version, raises
+  ``DatabaseChangedError`` on first use. We chose raising over passing the old file on, which
+  only ``fork`` could do (``spawn`` workers and other hosts cannot inherit a descriptor): one
+  rule for every start method, and never a mix of versions. A reader never used before pickling
+  is not pinned yet and pins to whatever it finds in the process that uses it first (call
+  :meth:`DatumReader.pin` first to hand workers a definite version).
+* **Closing is thread-safe.** :meth:`DatumReader.close` only drops the reader's reference to its
+  pinned version. Every read and iteration holds a reference of its own while it runs, so the
+  environment is closed (under the module lock, by a finalizer) when the last of them finishes,
+  never while a read is using it. Nothing is counted by hand, so concurrent first use cannot
+  leak an environment.
+* **One environment per file per process**, shared by all readers pinned to it, because py-lmdb
+  refuses a second ``open`` of a file one process has open. An environment inherited across
+  ``fork`` is never used in the child: the child closes its copy and opens its own.
 """
 
 from __future__ import annotations
 
-import contextlib
+import copy
+import mmap
+import operator
 import os
 import threading
+import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal, overload
+from typing import Any, Literal, NamedTuple, overload
 
 import lmdb
 import numpy as np
 
 from datumdb.codec import Datum, ImreadMode, datum_to_array, decode
-from datumdb.errors import DatabaseError, DatabaseNotFoundError, DatumDBError, DatumError
+from datumdb.errors import DatabaseChangedError, DatabaseError, DatabaseNotFoundError, DatumDBError, DatumError
 from datumdb.fastpath import OffsetIndex, RawLayout
 from datumdb.manifest import decode_mode, read_manifest
 
-__all__ = ["DatumReader", "open_environment"]
+__all__ = ["DatabaseVersion", "DatumReader", "open_environment"]
 
 DATA_NAME = "data.mdb"
 _MAX_KEY_SIZE = 511  # LMDB's compiled-in limit: no longer key can be stored, so none is found
+_OPEN_ATTEMPTS = 5  # data.mdb replaced between our open and our check this often: give up
+# Where a process can re-open its own file descriptors by name; None: open by path and check.
+_FD_DIR = next((d for d in ("/proc/self/fd", "/dev/fd") if os.path.isdir(d)), None)
 
 
-class _SharedEnvironment:
-    __slots__ = ("env", "pid", "users")
+class DatabaseVersion(NamedTuple):
+    """The version a reader is pinned to: one ``data.mdb`` file, and its manifest's digest.
 
-    def __init__(self, env: lmdb.Environment) -> None:
-        self.env = env
-        self.pid = os.getpid()
-        self.users = 0
+    (device, inode) name the file while anything holds it open; size and mtime catch an inode
+    number reused after the old file was deleted; the digest (None without a manifest) is the
+    manifest's own word on the content.
+    """
+
+    device: int
+    inode: int
+    size: int
+    mtime_ns: int
+    digest: str | None
+
+    def __str__(self) -> str:
+        return f"inode {self.inode} on device {self.device}, {self.size} bytes, digest {self.digest or 'none'}"
 
 
-_ENVIRONMENTS: dict[tuple[int, int], _SharedEnvironment] = {}
-_ENV_LOCK = threading.Lock()
+class _Pin:
+    """One open version of a database in this process, shared by every reader pinned to it.
+
+    Holds the environment, one long-lived read transaction (the file never changes, so one
+    snapshot is correct and the cheapest way to read), a read-only map of the same file for the
+    offset index, the manifest read beside it, and what is computed once per version. Every read
+    holds the pin while it runs; when the last reader and read let go, a finalizer closes the
+    environment (see :func:`_pin_version`), so nothing is closed under a running read.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_keys",
+        "_layout",
+        "_lock",
+        "_offsets",
+        "auto_mode",
+        "data",
+        "env",
+        "length",
+        "manifest",
+        "manifest_error",
+        "pid",
+        "txn",
+        "version",
+    )
+
+    def __init__(
+        self,
+        folder: Path,
+        fd: int,
+        version: DatabaseVersion,
+        manifest: dict[str, Any] | None,
+        manifest_error: Exception | None,
+    ) -> None:
+        self.version = version
+        self.manifest = manifest
+        self.manifest_error = manifest_error
+        self.auto_mode: ImreadMode = decode_mode(manifest)  # type: ignore[assignment]
+        self.pid = _PID
+        self._lock = threading.Lock()  # made in this process: a pin never crosses a fork in use
+        self._keys: tuple[bytes, ...] | None = None
+        self._layout: RawLayout | bool | None = False  # False: not looked at yet
+        self._offsets: OffsetIndex | bool | None = False
+        name = f"{_FD_DIR}/{fd}" if _FD_DIR is not None else str(folder / DATA_NAME)
+        try:
+            self.env = lmdb.open(
+                name,
+                subdir=False,
+                readonly=True,
+                lock=False,
+                readahead=False,  # random access is the common case; readahead thrashes the cache
+                max_readers=1,
+                max_dbs=0,
+            )
+        except lmdb.Error as exc:
+            raise DatabaseError(f"{folder}: cannot open LMDB database: {exc}") from exc
+        try:
+            if _FD_DIR is None and _identity(folder) != (version.device, version.inode):
+                # opened by path, and the path moved on: not the file we checked
+                raise DatabaseChangedError(f"{folder / DATA_NAME}: replaced while being opened; try again")
+            # The map for the offset index, of the pinned descriptor itself (mmap keeps its own dup).
+            self.data = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if version.size else None
+            self.txn = self.env.begin(buffers=False)
+            self.length = int(self.txn.stat()["entries"])
+        except BaseException:
+            self.env.close()  # not registered yet: closed here, or py-lmdb refuses the next open
+            raise
+
+    def keys(self) -> tuple[bytes, ...]:
+        keys = self._keys
+        if keys is None:
+            with self._lock:
+                if self._keys is None:
+                    self._keys = tuple(self.txn.cursor().iternext(keys=True, values=False))
+                keys = self._keys
+        return keys
+
+    def raw_layout(self) -> RawLayout | None:
+        layout = self._layout
+        if layout is False:
+            with self._lock:
+                if self._layout is False:
+                    first = next(iter(self.txn.cursor()), None)
+                    self._layout = RawLayout.of(first[1]) if first is not None else None
+                layout = self._layout
+        return layout  # type: ignore[return-value]
+
+    def offset_index(self) -> OffsetIndex | None:
+        offsets = self._offsets
+        if offsets is False:
+            layout = self.raw_layout()
+            with self._lock:
+                if self._offsets is False:
+                    usable = layout is not None and self.data is not None
+                    self._offsets = OffsetIndex.build(self.env, self.data, layout) if usable else None  # type: ignore[arg-type]
+                offsets = self._offsets
+        return offsets  # type: ignore[return-value]
+
+
+# (device, inode) -> the open version of that file in this process. Weak: a version stays open
+# exactly as long as a reader (or a read in progress) holds it.
+_PINS: weakref.WeakValueDictionary[tuple[int, int], _Pin] = weakref.WeakValueDictionary()
+# (device, inode) -> its environment, until that is closed. Outlives the pin by a moment: the pin's
+# finalizer closes the environment, and until then py-lmdb refuses to open the file again.
+_OPEN: dict[tuple[int, int], lmdb.Environment] = {}
+_KEPT: dict[tuple[int, int], _Pin] = {}  # versions handed out by open_environment: kept for good
+# Guards _PINS and _OPEN. Re-entrant: a pin may die, and its finalizer run, inside a locked section.
+_LOCK = threading.RLock()
+_PID = os.getpid()  # kept current by the fork hook: cheaper than a getpid() call per read
+
+
+def _after_fork_in_child() -> None:
+    # A lock held by another thread of the parent at the fork would never be released here.
+    global _LOCK, _PID
+    _LOCK = threading.RLock()
+    _PID = os.getpid()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def open_environment(folder: str | os.PathLike[str]) -> lmdb.Environment:
     """The process's shared read-only, lock-free environment for a database folder.
 
     Prefer :class:`DatumReader`; this is for callers that need raw LMDB access with the same
-    guarantees (no file in the folder is created or modified).
+    guarantees (no file in the folder is created or modified). The environment is pinned to the
+    file found now and stays open until the process ends.
     """
-    return _acquire(Path(folder))[1]
+    with _LOCK:
+        pin = _pin_version(Path(folder), None)
+        _KEPT[(pin.version.device, pin.version.inode)] = pin
+    return pin.env
 
 
-def _file_identity(folder: Path) -> tuple[int, int]:
-    """(device, inode) of ``data.mdb``: what py-lmdb means by "the same environment".
+def _close_environment(key: tuple[int, int], env: lmdb.Environment) -> None:
+    """Finalizer of a pin: close its environment, now that no reader or read holds the pin."""
+    with _LOCK:
+        if _OPEN.get(key) is env:
+            del _OPEN[key]
+        env.close()  # again if _pin_version closed it first: a no-op
 
-    A rebuild publishes a new ``data.mdb`` (a new inode) at the same path, so keying on the
-    path would hand new readers the replaced version's environment.
-    """
+
+def _identity(folder: Path) -> tuple[int, int] | None:
     try:
-        stat = (folder / DATA_NAME).stat()
+        stat = os.stat(folder / DATA_NAME)
     except FileNotFoundError:
-        raise DatabaseNotFoundError(f"{folder}: no {DATA_NAME} (not an LMDB database folder)") from None
+        return None
     return (stat.st_dev, stat.st_ino)
 
 
-def _acquire(folder: Path) -> tuple[tuple[int, int], lmdb.Environment]:
-    identity = _file_identity(folder)
-    with _ENV_LOCK:
-        shared = _ENVIRONMENTS.get(identity)
-        if shared is not None and shared.pid != os.getpid():
-            # Inherited across fork: the parent's handle must not be used here. Closing the
-            # child's copy only unmaps it in this process (lock-free: no shared lock table).
-            shared.env.close()
-            shared = None
-        if shared is None:
+def _open_file(folder: Path) -> tuple[int, os.stat_result, dict[str, Any] | None, Exception | None]:
+    """Open ``data.mdb`` and read the manifest beside it, both of one version.
+
+    The manifest is read by path, so ``data.mdb`` must still be the file we opened afterwards
+    (a rebuild between the two would pair one version's data with the other's manifest).
+    """
+    data_path = folder / DATA_NAME
+    for _ in range(_OPEN_ATTEMPTS):
+        try:
+            fd = os.open(data_path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            raise DatabaseNotFoundError(f"{folder}: no {DATA_NAME} (not an LMDB database folder)") from None
+        except OSError as exc:
+            raise DatabaseError(f"{data_path}: cannot open: {exc}") from exc
+        try:
+            stat = os.fstat(fd)
             try:
-                env = lmdb.open(
-                    str(folder),
-                    readonly=True,
-                    lock=False,
-                    subdir=True,
-                    readahead=False,  # random access is the common case; readahead thrashes the cache
-                    max_readers=1,
-                    max_dbs=0,
+                manifest: dict[str, Any] | None = read_manifest(folder)
+                error: Exception | None = None
+            except (DatumDBError, OSError) as exc:  # absent or damaged: readable, decoded as Caffe would
+                manifest, error = None, exc
+            if _identity(folder) == (stat.st_dev, stat.st_ino):
+                return fd, stat, manifest, error
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    raise DatabaseChangedError(f"{data_path}: replaced {_OPEN_ATTEMPTS} times while being opened; try again")
+
+
+def _pin_version(folder: Path, expected: DatabaseVersion | None) -> _Pin:
+    """The open version of ``folder`` in this process, opening it if needed (call under _LOCK).
+
+    With ``expected``, the file found must be that version, or DatabaseChangedError.
+    """
+    fd, stat, manifest, manifest_error = _open_file(folder)
+    try:
+        digest = manifest.get("digest") if manifest is not None else None
+        version = DatabaseVersion(
+            stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, digest if isinstance(digest, str) else None
+        )
+        if expected is not None and version != expected:
+            raise DatabaseChangedError(
+                f"{folder / DATA_NAME}: the database was replaced after this reader pinned its version "
+                f"(pinned: {expected}; now: {version}). A reader never mixes versions: "
+                "create a new DatumReader to read the new one"
+            )
+        key = (version.device, version.inode)
+        pin = _PINS.get(key)
+        if pin is not None and pin.pid != _PID:
+            pin = None  # inherited across fork: never used here
+        if pin is None:
+            stale = _OPEN.pop(key, None)  # inherited, or its pin died and the finalizer waits for us
+            if stale is not None:
+                stale.close()  # no read holds it: each holds its pin
+        else:
+            if pin.version != version:
+                raise DatabaseChangedError(
+                    f"{folder / DATA_NAME}: modified in place while open in this process "
+                    f"(open: {pin.version}; now: {version}); databases must be replaced whole"
                 )
-            except lmdb.Error as exc:
-                raise DatabaseError(f"{folder}: cannot open LMDB database: {exc}") from exc
-            shared = _ENVIRONMENTS[identity] = _SharedEnvironment(env)
-        shared.users += 1
-        return identity, shared.env
-
-
-def _release(identity: tuple[int, int]) -> None:
-    with _ENV_LOCK:
-        shared = _ENVIRONMENTS.get(identity)
-        if shared is None or shared.pid != os.getpid():
-            return
-        shared.users -= 1
-        if shared.users <= 0:
-            shared.env.close()
-            del _ENVIRONMENTS[identity]
+            return pin
+        pin = _PINS[key] = _Pin(folder, fd, version, manifest, manifest_error)
+        _OPEN[key] = pin.env
+        weakref.finalize(pin, _close_environment, key, pin.env)
+        return pin
+    finally:
+        os.close(fd)  # the environment and the map hold descriptors of their own
 
 
 class DatumReader(Sequence[tuple[np.ndarray, int]]):
-    """A database as a sequence of ``(array, label)`` in key order.
+    """A database as a sequence of ``(array, label)`` in key order, pinned to one version.
 
     ``reader[i]`` gives a (C, H, W) array (uint8 for raw and encoded Datums, float32 for
     ``float_data``) and the int label. Raw arrays are read-only views of the record's bytes
@@ -117,8 +308,17 @@ class DatumReader(Sequence[tuple[np.ndarray, int]]):
     ``DecodeDatumNative``; "auto" (default) follows the manifest's channel order, so arrays have
     the shapes the manifest lists (and is "unchanged" for databases without one).
 
-    The reader is cheap to create and to pickle; call :meth:`close` (or use ``with``) to release
-    the environment early, otherwise it lives until the process ends.
+    Indices are integers (``int``, NumPy integers, anything with ``__index__``), negative ones
+    counting from the end. Anything else raises TypeError rather than being rounded or parsed:
+    ``reader["00000020"]`` is a lookup by key (use :meth:`get`), ``reader[2.9]`` a bug. Booleans
+    are refused too, although Python counts them as integers: ``reader[mask_value]`` reading
+    record 0 or 1 would hide the mistake.
+
+    The first use pins the reader to the file it finds (see the module docstring); every later
+    read, in this process or another it is pickled or forked into, comes from that version or
+    raises :class:`~datumdb.errors.DatabaseChangedError`. The reader is cheap to create and to
+    pickle; :meth:`close` (or ``with``) releases the environment early, otherwise it lives
+    until the reader is garbage collected.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, imread: ImreadMode | Literal["auto"] = "auto") -> None:
@@ -128,52 +328,59 @@ class DatumReader(Sequence[tuple[np.ndarray, int]]):
         self.imread: ImreadMode | Literal["auto"] = imread
         if not (self.path / DATA_NAME).is_file():
             raise DatabaseNotFoundError(f"{self.path}: no {DATA_NAME} (not an LMDB database folder)")
-        self._reset()
+        self._version: DatabaseVersion | None = None
+        self._pin: _Pin | None = None
 
-    def _reset(self) -> None:
-        self._env: lmdb.Environment | None = None
-        self._identity: tuple[int, int] = (0, 0)
-        self._txn: lmdb.Transaction | None = None
-        self._pid: int | None = None
-        self._keys: tuple[bytes, ...] | None = None
-        self._length: int | None = None
-        self._decode_mode: ImreadMode | None = None
-        self._layout: RawLayout | bool | None = False  # False: not looked at yet in this process
-        self._offsets: OffsetIndex | bool | None = False
-
-    # -------------------------------------------------------------- process-local state
+    # -------------------------------------------------------------- the pinned version
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path, "imread": self.imread}
+        version = None if self._version is None else tuple(self._version)
+        return {"path": self.path, "imread": self.imread, "version": version}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.path = state["path"]
         self.imread = state["imread"]
-        self._reset()
+        version = state.get("version")
+        self._version = None if version is None else DatabaseVersion(*version)
+        self._pin = None
 
-    def _transaction(self) -> lmdb.Transaction:
-        pid = os.getpid()
-        if self._txn is None or self._pid != pid:
-            if self._pid is not None and self._pid != pid:
-                self._reset()  # forked: drop the parent's handles without touching them
-            self._identity, self._env = _acquire(self.path)
-            self._pid = pid
-            # The database never changes under us (the writer swaps whole folders), so one
-            # long-lived read transaction is both correct and the cheapest way to read.
-            self._txn = self._env.begin(buffers=False)
-        return self._txn
+    def _pinned(self) -> _Pin:
+        pin = self._pin
+        if pin is None or pin.pid != _PID:
+            pin = self._open()
+        return pin
+
+    def _open(self) -> _Pin:
+        with _LOCK:  # so that threads using a fresh reader together pin it once, to one version
+            pin = self._pin
+            if pin is None or pin.pid != _PID:
+                pin = _pin_version(self.path, self._version)
+                self._version = pin.version
+                self._pin = pin
+            return pin
+
+    def pin(self) -> DatumReader:
+        """Pin to the version at the path now (the first use does it otherwise); returns self.
+
+        Call it before handing the reader to worker processes that should all read the same
+        version: an unpinned reader pins in each process on its first use there.
+        """
+        self._pinned()
+        return self
+
+    @property
+    def version(self) -> DatabaseVersion:
+        """The version this reader reads (pinning it now if it is not pinned yet)."""
+        return self._pinned().version
 
     def close(self) -> None:
-        """Release this reader's hold on the environment (it reopens if used again)."""
-        if self._txn is not None and self._pid == os.getpid():
-            self._txn.abort()
-            _release(self._identity)
-        self._reset()
+        """Release this reader's hold on the environment; safe while other threads read.
 
-    def __del__(self) -> None:
-        # A forgotten reader must not pin the environment (and block lmdb.open of the path).
-        with contextlib.suppress(Exception):
-            self.close()
+        Reads and iterations already running keep their own reference and finish on the same
+        version; the environment is closed when the last reference goes. Using the reader again
+        re-opens its pinned version, or raises DatabaseChangedError if it was replaced since.
+        """
+        self._pin = None
 
     def __enter__(self) -> DatumReader:
         return self
@@ -184,86 +391,104 @@ class DatumReader(Sequence[tuple[np.ndarray, int]]):
     # -------------------------------------------------------------- sequence protocol
 
     def __len__(self) -> int:
-        if self._length is None or self._pid != os.getpid():
-            self._length = int(self._transaction().stat()["entries"])
-        return self._length
+        return self._pinned().length
 
     def keys(self) -> tuple[bytes, ...]:
-        """All keys in order (loaded once per process, on first indexed access)."""
-        txn = self._transaction()
-        if self._keys is None:
-            self._keys = tuple(txn.cursor().iternext(keys=True, values=False))
-        return self._keys
+        """All keys in order (loaded once per process and version, on first indexed access)."""
+        return self._pinned().keys()
+
+    def _position(self, index: Any) -> int:
+        if type(index) is int:
+            return index
+        if isinstance(index, (bool, np.bool_)):
+            raise TypeError(f"{self.path}: record indices must be integers, not {type(index).__name__}")
+        try:
+            return operator.index(index)
+        except TypeError:
+            hint = " (look a record up by key with get())" if isinstance(index, (str, bytes)) else ""
+            raise TypeError(f"{self.path}: record indices must be integers, not {type(index).__name__}{hint}") from None
+
+    def _key_at(self, pin: _Pin, index: Any) -> bytes:
+        position = self._position(index)
+        keys = pin.keys()
+        try:
+            return keys[position]
+        except IndexError:
+            raise IndexError(f"{self.path}: index {position} out of range for {len(keys)} records") from None
 
     def key(self, index: int) -> bytes:
-        keys = self.keys()
-        try:
-            return keys[index]
-        except IndexError:
-            raise IndexError(f"{self.path}: index {index} out of range for {len(keys)} records") from None
-        except TypeError:
-            raise TypeError(f"indices must be integers, not {type(index).__name__}") from None
+        """The key of the record at ``index``."""
+        return self._key_at(self._pinned(), index)
 
     @overload
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]: ...
     @overload
     def __getitem__(self, index: slice) -> list[tuple[np.ndarray, int]]: ...
     def __getitem__(self, index: int | slice) -> tuple[np.ndarray, int] | list[tuple[np.ndarray, int]]:
+        pin = self._pinned()
         if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        return self.get(self.key(int(index)))
+            keys = pin.keys()
+            return [self._read(pin, keys[i]) for i in range(*index.indices(pin.length))]
+        return self._read(pin, self._key_at(pin, index))
 
     def datum(self, key_or_index: bytes | str | int) -> Datum:
         """The parsed Datum of a record, by key or index."""
-        key = self._as_key(key_or_index)
-        return decode(self.value(key), key)
+        pin = self._pinned()
+        if isinstance(key_or_index, (bytes, str)):
+            key = _as_bytes(key_or_index)
+        else:
+            key = self._key_at(pin, key_or_index)
+        return decode(self._value(pin, key), key)
 
     def value(self, key: bytes | str) -> bytes:
         """The serialized Datum stored under ``key``."""
-        key = key.encode("utf-8") if isinstance(key, str) else key
-        value = self._transaction().get(key) if 0 < len(key) <= _MAX_KEY_SIZE else None
+        return self._value(self._pinned(), _as_bytes(key))
+
+    def _value(self, pin: _Pin, key: bytes) -> bytes:
+        value = pin.txn.get(key) if 0 < len(key) <= _MAX_KEY_SIZE else None
         if value is None:
             raise KeyError(f"{self.path}: no record with key {key.decode('utf-8', 'backslashreplace')!r}")
         return value
 
     def get(self, key: bytes | str) -> tuple[np.ndarray, int]:
         """``(array, label)`` of the record stored under ``key``."""
-        key = key.encode("utf-8") if isinstance(key, str) else key
-        value = self.value(key)
-        layout = self._raw_layout()
+        return self._read(self._pinned(), _as_bytes(key))
+
+    def _read(self, pin: _Pin, key: bytes) -> tuple[np.ndarray, int]:
+        value = self._value(pin, key)
+        layout = pin.raw_layout()
         if layout is not None:  # the common raw layout: two byte comparisons instead of a parse
             label = layout.label(value)
             if label is not None:
                 return layout.array(value), label
         datum = decode(value, key)
-        return datum_to_array(datum, imread=self.decode_mode, key=key), datum.label
+        return datum_to_array(datum, imread=self._mode(pin), key=key), datum.label
 
     def _raw_layout(self) -> RawLayout | None:
-        if self._layout is False or self._pid != os.getpid():
-            first = next(iter(self.items()), None)
-            self._layout = RawLayout.of(first[1]) if first is not None else None
-        return self._layout  # type: ignore[return-value]
+        """The layout every record has if the database is uniform raw (checked on the first)."""
+        return self._pinned().raw_layout()
 
     def _offset_index(self) -> OffsetIndex | None:
         """Payload offsets for a vectorized gather; None unless every record is raw and uniform."""
-        layout = self._raw_layout()
-        if self._offsets is False:
-            self._transaction()  # opens the environment in this process
-            self._offsets = None if layout is None else OffsetIndex.build(self._env, self.path / DATA_NAME, layout)
-        return self._offsets  # type: ignore[return-value]
+        return self._pinned().offset_index()
 
     def __iter__(self) -> Iterator[tuple[np.ndarray, int]]:
-        for key, datum in self.datums():
-            yield datum_to_array(datum, imread=self.decode_mode, key=key), datum.label
+        pin = self._pinned()
+        mode = self._mode(pin)
+        for key, value in pin.txn.cursor():
+            datum = decode(value, key)
+            yield datum_to_array(datum, imread=mode, key=key), datum.label
 
     def datums(self) -> Iterator[tuple[bytes, Datum]]:
         """``(key, Datum)`` for every record in key order, streaming (no key list is built)."""
-        for key, value in self._transaction().cursor():
+        pin = self._pinned()  # held by the generator: the environment stays open until it ends
+        for key, value in pin.txn.cursor():
             yield key, decode(value, key)
 
     def items(self) -> Iterator[tuple[bytes, bytes]]:
         """``(key, serialized value)`` for every record in key order."""
-        yield from self._transaction().cursor()
+        pin = self._pinned()
+        yield from pin.txn.cursor()
 
     def read_batch(
         self, indices: Sequence[int] | np.ndarray, out: np.ndarray | None = None
@@ -271,16 +496,22 @@ class DatumReader(Sequence[tuple[np.ndarray, int]]):
         """Gather many records into one preallocated ``(N, C, H, W)`` array and an int64 label array.
 
         All records must decode to one shape; ``out`` (optional) must have that shape and the
-        records' dtype. Works for raw, float and encoded Datums.
+        records' dtype. Works for raw, float and encoded Datums. Indices must be integers
+        (TypeError for floats, strings or booleans, as for ``reader[i]``).
         """
-        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
-        if out is not None and len(out) != len(indices):
-            raise ValueError(f"out holds {len(out)} records but {len(indices)} indices were given")
-        count = len(self)
-        if len(indices) and (indices.min() < -count or indices.max() >= count):
-            bad = indices[(indices < -count) | (indices >= count)][0]
+        pin = self._pinned()
+        given = np.asarray(indices)
+        if given.size and given.dtype.kind not in "iu":
+            raise TypeError(f"{self.path}: record indices must be integers, not {given.dtype} values")
+        given = given.reshape(-1)
+        if out is not None and len(out) != len(given):
+            raise ValueError(f"out holds {len(out)} records but {len(given)} indices were given")
+        count = pin.length
+        if len(given) and (given.min() < -count or given.max() >= count):  # before int64 wraps a uint64
+            bad = given[(given < -count) | (given >= count)][0]
             raise IndexError(f"{self.path}: index {bad} out of range for {count} records")
-        index = self._offset_index() if len(indices) else None
+        indices = given.astype(np.int64)
+        index = pin.offset_index() if len(indices) else None
         if index is not None:
             shape = index.layout.shape
             if out is None:
@@ -288,14 +519,12 @@ class DatumReader(Sequence[tuple[np.ndarray, int]]):
             if out.shape[1:] == shape and out.dtype == np.uint8 and out.flags.c_contiguous:
                 return out, index.gather(indices % count, out)
         labels = np.empty(len(indices), dtype=np.int64)
-        keys = self.keys()
-        for j, index in enumerate(indices):
-            try:
-                key = keys[index]
-            except IndexError:
-                raise IndexError(f"{self.path}: index {index} out of range for {len(keys)} records") from None
-            datum = decode(self.value(key), key)
-            array = datum_to_array(datum, imread=self.decode_mode, key=key)
+        keys = pin.keys()
+        mode = self._mode(pin)
+        for j, position in enumerate(indices):
+            key = keys[position]
+            datum = decode(self._value(pin, key), key)
+            array = datum_to_array(datum, imread=mode, key=key)
             if out is None:
                 out = np.empty((len(indices), *array.shape), dtype=array.dtype)
             if array.shape != out.shape[1:] or array.dtype != out.dtype:
@@ -306,28 +535,29 @@ class DatumReader(Sequence[tuple[np.ndarray, int]]):
             raise ValueError("read_batch needs at least one index (or a preallocated out array)")
         return out, labels
 
+    def _mode(self, pin: _Pin) -> ImreadMode:
+        return pin.auto_mode if self.imread == "auto" else self.imread
+
     @property
     def decode_mode(self) -> ImreadMode:
         """The OpenCV mode encoded images are decoded with (``imread`` with "auto" resolved)."""
-        if self.imread != "auto":
-            return self.imread
-        if self._decode_mode is None:
-            try:
-                manifest: dict[str, Any] | None = read_manifest(self.path)
-            except DatumDBError:  # absent or damaged: decode as Caffe would
-                manifest = None
-            self._decode_mode = decode_mode(manifest)  # type: ignore[assignment]
-        return self._decode_mode  # type: ignore[return-value]
+        return self.imread if self.imread != "auto" else self._pinned().auto_mode
 
     @property
     def manifest(self) -> dict[str, Any]:
-        """The ``datumdb.json`` written beside ``data.mdb`` (DatabaseNotFoundError if absent)."""
-        return read_manifest(self.path)
+        """The ``datumdb.json`` of the pinned version (DatabaseNotFoundError if it had none).
 
-    def _as_key(self, key_or_index: bytes | str | int) -> bytes:
-        if isinstance(key_or_index, (int, np.integer)):
-            return self.key(int(key_or_index))
-        return key_or_index.encode("utf-8") if isinstance(key_or_index, str) else key_or_index
+        Read once, when the version was pinned, so it describes the records this reader reads
+        even after a rebuild has put another manifest at the path.
+        """
+        pin = self._pinned()
+        if pin.manifest is None:
+            raise copy.copy(pin.manifest_error)  # type: ignore[misc]
+        return copy.deepcopy(pin.manifest)
 
     def __repr__(self) -> str:
         return f"DatumReader({str(self.path)!r})"
+
+
+def _as_bytes(key: bytes | str) -> bytes:
+    return key.encode("utf-8") if isinstance(key, str) else key

@@ -1,8 +1,15 @@
 """PyTorch adapter (the optional extra ``datumdb[torch]``): a Dataset over a Datum LMDB.
 
-The dataset holds only a :class:`~datumdb.reader.DatumReader`, which opens nothing until it is
-used and re-opens in each process, so a ``DataLoader`` may use any number of workers with the
-``fork`` or ``spawn`` start method: each worker opens its own read-only, lock-free environment.
+The dataset holds only a :class:`~datumdb.reader.DatumReader`, so a ``DataLoader`` may use any
+number of workers with the ``fork`` or ``spawn`` start method: each worker opens its own
+read-only, lock-free environment.
+
+The reader is pinned when the dataset is created (not on first use), so the length the sampler
+sees in the main process and every record every worker reads come from one version of the
+database. If the database is rebuilt in place afterwards, workers started later (each epoch,
+unless ``persistent_workers``) raise :class:`~datumdb.errors.DatabaseChangedError` instead of
+reading the new version: an epoch never mixes two versions, and ``len`` never goes stale.
+Create a new dataset to train on the new version.
 """
 
 from __future__ import annotations
@@ -34,7 +41,8 @@ class DatumDataset(Dataset):
         target_transform: Callable[[int], Any] | None = None,
         imread: ImreadMode | str = "auto",
     ) -> None:
-        self.reader = DatumReader(path, imread=imread)  # type: ignore[arg-type]
+        # Pinned now: left unpinned, forked workers would each pin whatever version they found.
+        self.reader = DatumReader(path, imread=imread).pin()  # type: ignore[arg-type]
         self.transform = transform
         self.target_transform = target_transform
 
