@@ -13,6 +13,7 @@ except PackageNotFoundError:  # running from a source tree that was not installe
     __version__ = "0+unknown"
 
 from datumdb.errors import (
+    DatabaseChangedError,
     DatabaseError,
     DatabaseExistsError,
     DatabaseNotFoundError,
@@ -26,6 +27,7 @@ from datumdb.reader import DatumReader
 from datumdb.writer import DatabaseWriter
 
 __all__ = [
+    "DatabaseChangedError",
     "DatabaseError",
     "DatabaseExistsError",
     "DatabaseNotFoundError",

@@ -64,6 +64,7 @@ class UnsafeTargetError(DatabaseExistsError):
     and optionally ``lock.mdb``. Anything else (other files, sub-folders, the working directory,
     ``.``, ``..``, a symlink, a file) is refused, because a mistyped ``--overwrite`` target must
     never delete a user's files.
+    """
 
 
 class DatabaseChangedError(DatabaseError):
