@@ -9,8 +9,7 @@ import pytest
 from conftest import read_lmdb_items
 
 from datumdb import DatabaseWriter, DatumReader
-from datumdb.codec import datum_to_array, decode, encode_array
-from datumdb.fastpath import RawLayout
+from datumdb.codec import RawLayout, datum_to_array, decode, encode_array
 
 LABELS = [0, 1, 127, 128, 300, 2**31 - 1, -1, -(2**31), 5]  # 1-, 2-, 5- and 10-byte varints
 

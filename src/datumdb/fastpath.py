@@ -4,8 +4,8 @@ Almost every training database is uniform: every value is a raw uint8 Datum of o
 every value is ``header + payload + label tail`` with the same header. Two shortcuts follow,
 and both fall back to the general path (:func:`datumdb.codec.decode`) for anything else:
 
-* :class:`RawLayout` checks a value against the expected header and tail with two byte
-  comparisons and slices the payload, instead of parsing field by field.
+* :class:`datumdb.codec.RawLayout` checks a value against the expected header and tail with two
+  byte comparisons and slices the payload, instead of parsing field by field.
 * :class:`OffsetIndex` records, once per process, where each value's payload sits in
   ``data.mdb`` (from the address LMDB returns for it and the page number in the header of the
   page holding it), validates a sample of them against the file, and then gathers a batch with
@@ -25,60 +25,13 @@ import random
 import lmdb
 import numpy as np
 
-from datumdb.codec import _read_varint, _varint, decode
+from datumdb.codec import RawLayout
 
-__all__ = ["OffsetIndex", "RawLayout"]
+__all__ = ["OffsetIndex"]
 
 _VALIDATED_SAMPLE = 64
 
 Buffer = bytes | memoryview | mmap.mmap  # anything NumPy can view as bytes without a copy
-
-
-class RawLayout:
-    """The byte layout shared by raw uint8 Datums of one shape (Caffe's CVMatToDatum output)."""
-
-    __slots__ = ("header", "shape", "size", "tail_start")
-
-    def __init__(self, shape: tuple[int, int, int]) -> None:
-        self.shape = shape
-        self.size = shape[0] * shape[1] * shape[2]
-        fields = b"".join(bytes([tag]) + _varint(value) for tag, value in zip((0x08, 0x10, 0x18), shape, strict=True))
-        self.header = fields + b"\x22" + _varint(self.size)
-        self.tail_start = len(self.header) + self.size
-
-    @classmethod
-    def of(cls, value: bytes | memoryview) -> RawLayout | None:
-        """The layout of ``value`` if it is a raw uint8 Datum in Caffe's field order, else None."""
-        try:
-            datum = decode(value)
-        except ValueError:
-            return None
-        if datum.encoded or datum.float_data.size or not datum.channels * datum.height * datum.width:
-            return None
-        layout = cls(datum.shape)
-        return layout if layout.label(value) is not None else None
-
-    def label(self, value: bytes | memoryview) -> int | None:
-        """The label if ``value`` has exactly this layout (header, payload, label, encoded=false)."""
-        end = len(value)
-        start = self.tail_start
-        if end < start + 4 or value[start] != 0x28 or value[end - 2] != 0x38 or value[end - 1] != 0:
-            return None
-        if value[: len(self.header)] != self.header:
-            return None
-        if end == start + 4:  # the usual one-byte label 0..127
-            return value[start + 1] if value[start + 1] < 0x80 else None
-        try:
-            raw, position = _read_varint(memoryview(value), start + 1, end, None)
-        except ValueError:
-            return None
-        if position != end - 2:
-            return None
-        raw &= 0xFFFFFFFF
-        return raw - (1 << 32) if raw & 0x80000000 else raw
-
-    def array(self, value: bytes | memoryview) -> np.ndarray:
-        return np.frombuffer(value, dtype=np.uint8, count=self.size, offset=len(self.header)).reshape(self.shape)
 
 
 class OffsetIndex:

@@ -38,8 +38,9 @@ import cv2
 import numpy as np
 
 from datumdb._progress import progress as progress_bar
-from datumdb.codec import INT32_MAX, INT32_MIN, encode_array, encode_image, imdecode, imencode, resize
+from datumdb.codec import INT32_MAX, INT32_MIN, encode_array, encode_image, hwc_to_chw, imdecode, imencode, resize
 from datumdb.errors import DatumError, InputError, UnsafeInputError
+from datumdb.keys import MAX_KEY_BYTES, imageset_key
 from datumdb.limits import read_regular_file
 from datumdb.writer import DEFAULT_BATCH_SIZE, DEFAULT_MAP_SIZE, DatabaseWriter
 
@@ -227,7 +228,7 @@ def _serialize(
     image_path: Path, entry: ListEntry, options: ImagesetOptions, list_file: Path
 ) -> tuple[bytes, tuple[int, int, int]]:
     image, raw = load_image(image_path, entry, options, list_file)
-    chw = image[np.newaxis] if image.ndim == 2 else image.transpose(2, 0, 1)
+    chw = hwc_to_chw(image)
     key = entry.path
     if not options.is_encoded:
         return encode_array(chw, entry.label, key=key), chw.shape
@@ -306,10 +307,10 @@ def convert_imageset(
                         f"{list_file}:{entry.line}: {entry.path} has {size} values, the first image had "
                         f"{expected_size} (--check-size)"
                     )
-            key = b"%08d_" % line_id + entry.path.encode("utf-8")
-            if len(key) > 511:
+            key = imageset_key(line_id, entry.path)
+            if len(key) > MAX_KEY_BYTES:
                 raise InputError(
-                    f"{list_file}:{entry.line}: key for {entry.path!r} is {len(key)} bytes; LMDB allows 511"
+                    f"{list_file}:{entry.line}: key for {entry.path!r} is {len(key)} bytes; LMDB allows {MAX_KEY_BYTES}"
                 )
             writer.add_serialized(value, key, shape=shape)
     return Path(db_path)

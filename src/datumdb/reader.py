@@ -44,15 +44,14 @@ from typing import Any, Literal, NamedTuple, overload
 import lmdb
 import numpy as np
 
-from datumdb.codec import Datum, ImreadMode, datum_to_array, decode
+from datumdb.codec import Datum, ImreadMode, RawLayout, datum_to_array, decode
 from datumdb.errors import DatabaseChangedError, DatabaseError, DatabaseNotFoundError, DatumDBError, DatumError
-from datumdb.fastpath import OffsetIndex, RawLayout
-from datumdb.manifest import decode_mode, read_manifest
+from datumdb.fastpath import OffsetIndex
+from datumdb.keys import MAX_KEY_BYTES
+from datumdb.manifest import DATA_NAME, decode_mode, read_manifest
 
 __all__ = ["DatabaseVersion", "DatumReader", "open_environment"]
 
-DATA_NAME = "data.mdb"
-_MAX_KEY_SIZE = 511  # LMDB's compiled-in limit: no longer key can be stored, so none is found
 _OPEN_ATTEMPTS = 5  # data.mdb replaced between our open and our check this often: give up
 # Where a process can re-open its own file descriptors by name; None: open by path and check.
 _FD_DIR = next((d for d in ("/proc/self/fd", "/dev/fd") if os.path.isdir(d)), None)
@@ -445,7 +444,7 @@ class DatumReader(Sequence[tuple[np.ndarray, int]]):
         return self._value(self._pinned(), _as_bytes(key))
 
     def _value(self, pin: _Pin, key: bytes) -> bytes:
-        value = pin.txn.get(key) if 0 < len(key) <= _MAX_KEY_SIZE else None
+        value = pin.txn.get(key) if 0 < len(key) <= MAX_KEY_BYTES else None
         if value is None:
             raise KeyError(f"{self.path}: no record with key {key.decode('utf-8', 'backslashreplace')!r}")
         return value

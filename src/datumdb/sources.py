@@ -31,7 +31,7 @@ from typing import Literal
 import numpy as np
 
 from datumdb._progress import progress as progress_bar
-from datumdb.codec import INT32_MAX, INT32_MIN
+from datumdb.codec import INT32_MAX, INT32_MIN, hwc_to_chw
 from datumdb.errors import InputError
 from datumdb.limits import open_regular_file
 from datumdb.writer import DEFAULT_BATCH_SIZE, DatabaseWriter, Encoding
@@ -162,7 +162,7 @@ def _samples(path: Path, images: np.ndarray, layout: Layout, bgr_from_rgb: bool)
             if sample.ndim == 2:
                 sample = sample[np.newaxis]
             elif layout == "hwc":
-                sample = sample.transpose(2, 0, 1)
+                sample = hwc_to_chw(sample)
             if bgr_from_rgb:
                 sample = sample[::-1]
             yield sample

@@ -42,10 +42,10 @@ import numpy as np
 
 import datumdb
 from datumdb._progress import progress as progress_bar
-from datumdb.codec import datum_to_array, decode
+from datumdb.codec import datum_to_array, decode, shape_name
 from datumdb.errors import DatabaseNotFoundError, DatumDBError, InputError
-from datumdb.manifest import MANIFEST_NAME, RECORDS_PER_CHUNK, ContentDigest, decode_mode, read_manifest
-from datumdb.reader import DATA_NAME, DatumReader
+from datumdb.manifest import DATA_NAME, MANIFEST_NAME, RECORDS_PER_CHUNK, ContentDigest, decode_mode, read_manifest
+from datumdb.reader import DatumReader
 from datumdb.writer import restore_interrupted_publish
 
 __all__ = ["DEFAULT_STALL_LIMIT", "check_stall_limit", "child_command", "content_digest", "verify_database"]
@@ -203,7 +203,7 @@ def _scan(
         with DatumReader(path, imread=decode_mode(manifest)) as reader:  # type: ignore[arg-type]
             items = progress_bar(reader.items(), enabled=progress, total=len(reader), desc="verify", unit="rec")
             layout = reader._raw_layout()  # uniform raw records: a full structural check, no parse
-            layout_name = "x".join(map(str, layout.shape)) if layout is not None else ""
+            layout_name = shape_name(layout.shape) if layout is not None else ""
             for key, value in items:
                 if key <= previous:  # a damaged B-tree going round in circles repeats keys
                     problems.append(
@@ -232,7 +232,7 @@ def _scan(
                         bad(f"key {_text(key)!r}: float_data holds NaN or infinity (allow with --allow-nonfinite)")
                         continue
                 labels[datum.label] += 1
-                shapes["x".join(map(str, array.shape))] += 1
+                shapes[shape_name(array.shape)] += 1
     except (DatumDBError, lmdb.Error) as exc:
         where = f"after key {_text(previous)!r}" if previous else "before the first record"
         problems.append(f"{path}: LMDB cannot read the database {where}: {exc}")

@@ -28,6 +28,7 @@ from typing import Any
 import yaml
 
 from datumdb.errors import InputError
+from datumdb.pipeline.splits import SPLITS
 
 __all__ = [
     "MAX_PARAMS_BYTES",
@@ -314,7 +315,7 @@ def _check_beyond_schema(params: dict[str, Any], where: str) -> None:
     dataset = params["dataset"]
     if dataset["source"] == "synthetic":
         count = dataset["count"]
-        for name in ("train", "val", "test"):
+        for name in SPLITS:
             if round(count * split[name]) < 1:
                 raise InputError(f"{where}: split.{name}={split[name]} of dataset.count={count} is empty")
     if not 0 <= params["seed"] < 2**32:

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from datumdb.manifest import MANIFEST_NAME
 from datumdb.pipeline.config import PipelineConfig
 from datumdb.pipeline.fingerprint import (
     build_record,
@@ -86,8 +87,8 @@ def stale_outputs(config: PipelineConfig, root: str | Path = ".", *, inputs: str
     inputs = inputs if inputs is not None else input_digest(config)
     expected: dict[str, tuple[Path, dict[str, Any], tuple[str, ...]]] = {}
     for split in SPLITS:
-        expected[f"{database(split)}/datumdb.json"] = (
-            root / database(split) / "datumdb.json",
+        expected[f"{database(split)}/{MANIFEST_NAME}"] = (
+            root / database(split) / MANIFEST_NAME,
             build_record(config, split, inputs),
             ("metadata", "pipeline"),
         )
