@@ -26,6 +26,8 @@ results go to stdout.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import math
 import os
@@ -228,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", type=_path, metavar="OUT.binaryproto")
     p.add_argument("--npy", type=_path, metavar="OUT.npy", help="also write the mean as a float32 (C,H,W) .npy")
     p.add_argument("--json", type=_path, metavar="OUT.json", help="also write per-channel means as JSON")
-    p.set_defaults(func=_compute_mean)
+    p.set_defaults(func=_compute_mean, isolate=True)
 
     p = commands.add_parser(
         "verify",
@@ -255,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("digest", help="print the content digest (sha256 over keys and values in order)")
     p.add_argument("db", type=_path, metavar="DB")
-    p.set_defaults(func=_digest)
+    p.set_defaults(func=_digest, isolate=True)
 
     p = commands.add_parser("inspect", help="summarise a database and show its first records")
     p.add_argument("db", type=_path, metavar="DB")
@@ -263,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--records", type=_non_negative, default=5, metavar="N", help="records to list (default %(default)s)"
     )
     p.add_argument("--json", action="store_true", help="print as JSON")
-    p.set_defaults(func=_inspect)
+    p.set_defaults(func=_inspect, isolate=True)
 
     p = commands.add_parser(
         "export",
@@ -272,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("db", type=_path, metavar="DB")
     p.add_argument("output", type=_path, metavar="OUT.npz")
-    p.set_defaults(func=_export)
+    p.set_defaults(func=_export, isolate=True)
     _add_pipeline_commands(commands)
     return parser
 
@@ -391,6 +393,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
     try:
+        if getattr(args, "isolate", False) and hasattr(os, "fork"):
+            return _run_in_child(args)
+        return _run(args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the command; bad input becomes one line and exit 2, a bug one line and exit 3."""
+    command = f"datumdb {args.command}"
+    try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print(f"{command}: interrupted; nothing was published", file=sys.stderr)
@@ -406,9 +420,66 @@ def main(argv: Sequence[str] | None = None) -> int:
             code = EXIT_USAGE
         print(f"{command}: error: {_printable(message)}", file=sys.stderr)
         return code
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+
+
+def _run_in_child(args: argparse.Namespace) -> int:
+    """Run a command that reads a database in a forked child, and report the child's death.
+
+    LMDB trusts ``data.mdb``: a damaged page can make it read past the end of the file, which
+    kills the process (SIGBUS, SIGSEGV) instead of raising. In a child, that becomes exit 2
+    naming the database. The child prints directly when stdout and stderr are real files
+    (progress bars stay live); otherwise (``main`` called with redirected streams) it sends its
+    output back through a pipe and the parent prints it.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    direct = _is_real_file(sys.stdout) and _is_real_file(sys.stderr)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never return into the caller's stack
+        try:
+            os.close(read_end)
+            out, err = (sys.stdout, sys.stderr) if direct else (io.StringIO(), io.StringIO())
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                code = _run(args)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            captured = ["", ""] if direct else [out.getvalue(), err.getvalue()]  # type: ignore[attr-defined]
+            with os.fdopen(write_end, "wb") as pipe:
+                pipe.write(json.dumps([code, *captured]).encode("ascii"))
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    try:
+        with os.fdopen(read_end, "rb") as pipe:
+            payload = pipe.read()
+        _, status = os.waitpid(pid, 0)
+    except KeyboardInterrupt:
+        os.kill(pid, signal.SIGTERM)
+        os.waitpid(pid, 0)
+        print(f"datumdb {args.command}: interrupted; nothing was published", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if os.WIFSIGNALED(status):
+        name = signal.Signals(os.WTERMSIG(status)).name
+        message = f"{args.db}: damaged or not an LMDB database: reading it crashed LMDB ({name})"
+        print(f"datumdb {args.command}: error: {_printable(message)}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        code, out, err = json.loads(payload)
+    except ValueError:
+        print(f"datumdb {args.command}: error: internal error, please report: the worker process died", file=sys.stderr)
+        return EXIT_INTERNAL
+    sys.stdout.write(out)
+    sys.stderr.write(err)
+    return int(code)
+
+
+def _is_real_file(stream: Any) -> bool:
+    try:
+        stream.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError
+        return False
+    return True
 
 
 def _check_combination(args: argparse.Namespace) -> str | None:
@@ -610,13 +681,17 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from datumdb.errors import DatabaseError
     from datumdb.reader import DatumReader
 
     with DatumReader(args.db) as reader:
         count = len(reader)
         if count == 0:
             raise DatumDBError(f"{args.db}: the database is empty; nothing to export")
-        images, labels = reader.read_batch(np.arange(count))
+        try:
+            images, labels = reader.read_batch(np.arange(count))
+        except KeyError as exc:  # the cursor listed a key that a lookup cannot find: a damaged B-tree
+            raise DatabaseError(f"{args.db}: damaged: {exc.args[0] if exc.args else exc}") from None
         keys = np.array(reader.keys())
     np.savez(args.output, images=images, labels=labels, keys=keys)
     print(_printable(f"{args.output}: images {images.dtype} {images.shape}, {count} labels"))

@@ -91,9 +91,20 @@ def _acquire(folder: Path) -> tuple[tuple[int, int], lmdb.Environment]:
                 )
             except lmdb.Error as exc:
                 raise DatabaseError(f"{folder}: cannot open LMDB database: {exc}") from exc
+            _check_not_truncated(env, folder)
             shared = _ENVIRONMENTS[identity] = _SharedEnvironment(env)
         shared.users += 1
         return identity, shared.env
+
+
+def _check_not_truncated(env: lmdb.Environment, folder: Path) -> None:
+    """Refuse a ``data.mdb`` shorter than its last page: reading that page through the map would
+    kill the process with SIGBUS instead of raising an error."""
+    needed = (int(env.info()["last_pgno"]) + 1) * int(env.stat()["psize"])
+    size = (folder / DATA_NAME).stat().st_size
+    if size < needed:
+        env.close()
+        raise DatabaseError(f"{folder}: {DATA_NAME} is truncated ({size} bytes, its pages need {needed})")
 
 
 def _release(identity: tuple[int, int]) -> None:
