@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from datumdb import __version__
-from datumdb.errors import DatumDBError
+from datumdb.errors import DatumDBError, DatumError
 from datumdb.writer import DEFAULT_BATCH_SIZE, DEFAULT_MAP_SIZE, MAX_MAP_SIZE
 
 __all__ = ["EXIT_FAILED", "EXIT_INTERNAL", "EXIT_OK", "EXIT_USAGE", "MAX_RESIZE", "MAX_RESIZE_PIXELS", "main"]
@@ -504,6 +504,8 @@ def _input_problem(exc: Exception, args: argparse.Namespace) -> str | None:
     import lmdb
 
     db = getattr(args, "db", None)
+    if isinstance(exc, DatumError) and db is not None and str(db) not in str(exc):
+        return f"{db}: {exc}"  # a record that does not parse names its key; say which database
     if isinstance(exc, DatumDBError):
         return str(exc)
     if isinstance(exc, OSError):  # disk full, permission denied...: the message names the file

@@ -102,6 +102,8 @@ def read_list_file(list_file: str | os.PathLike[str]) -> list[ListEntry]:
         path, space, label_text = line.rpartition(" ")
         if not space or not path:
             raise InputError(f"{list_file}:{number}: expected '<path> <label>', got {line!r}")
+        if "\0" in path:
+            raise InputError(f"{list_file}:{number}: path {path!r} contains a NUL byte")
         # ASCII digits only: Python's int() also takes "1_000", " 3" and non-ASCII digits, which
         # Caffe's atoi reads differently (1, 3, 0); a label the two tools disagree on is an error.
         if not _LABEL.fullmatch(label_text):
@@ -205,7 +207,8 @@ def convert_imageset(
     paths = [resolve_path(root, entry, list_file, options.allow_outside_root) for entry in entries]
     metadata = {
         "source": "imageset",
-        "list_file": list_file.name,
+        # A name that is not UTF-8 (surrogate escapes) is kept as \\xNN: the manifest is UTF-8 JSON.
+        "list_file": os.fsencode(list_file.name).decode("utf-8", "backslashreplace"),
         "options": {k: v for k, v in vars(options).items() if k != "allow_outside_root"},
     }
     channel_order = "gray" if options.gray else "BGR"

@@ -152,7 +152,7 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         raise DatabaseNotFoundError(f"{path}: no manifest (was this database written by datumdb?)") from None
     try:
         manifest = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # also a 5000-digit number, or nesting 1000 deep
         raise VerificationError(f"{path}: manifest is not valid JSON ({exc})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise VerificationError(f"{path}: not a {MANIFEST_FORMAT} manifest")

@@ -81,7 +81,7 @@ def _acquire(folder: Path) -> tuple[tuple[int, int], lmdb.Environment]:
         if shared is None:
             try:
                 env = lmdb.open(
-                    str(folder),
+                    os.fsencode(folder),  # bytes: py-lmdb encodes a str as strict UTF-8
                     readonly=True,
                     lock=False,
                     subdir=True,

@@ -46,11 +46,12 @@ CHUNK_BYTES = 32 << 20
 
 def _load(path: Path, what: str) -> np.ndarray:
     try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
+        with np.errstate(over="ignore"):  # a huge shape in the header: a ValueError, no warning first
+            return np.load(path, mmap_mode="r", allow_pickle=False)
     except FileNotFoundError:
         raise InputError(f"{path}: {what} file not found") from None
-    except (ValueError, OSError) as exc:
-        raise InputError(f"{path}: not a readable .npy {what} file ({exc})") from None
+    except (ValueError, OSError, EOFError) as exc:  # EOFError: an empty or cut header
+        raise InputError(f"{path}: not a readable .npy {what} file ({exc or type(exc).__name__})") from None
 
 
 def load_labels(path: str | os.PathLike[str], count: int | None = None) -> np.ndarray:
