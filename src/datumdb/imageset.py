@@ -107,10 +107,11 @@ def read_list_file(list_file: str | os.PathLike[str]) -> list[ListEntry]:
         # ASCII digits only: Python's int() also takes "1_000", " 3" and non-ASCII digits, which
         # Caffe's atoi reads differently (1, 3, 0); a label the two tools disagree on is an error.
         if not _LABEL.fullmatch(label_text):
-            raise InputError(f"{list_file}:{number}: label {label_text!r} is not an integer")
+            raise InputError(f"{list_file}:{number}: label {label_text[:40]!r} is not an integer")
+        # More than 10 significant digits is outside int32 (and int() refuses over 4300 digits).
+        if len(label_text.lstrip("+-").lstrip("0")) > 10 or not INT32_MIN <= int(label_text) <= INT32_MAX:
+            raise InputError(f"{list_file}:{number}: label {label_text[:40]} is outside int32")
         label = int(label_text)
-        if not INT32_MIN <= label <= INT32_MAX:
-            raise InputError(f"{list_file}:{number}: label {label} is outside int32")
         entries.append(ListEntry(path, label, number))
     if not entries:
         raise InputError(f"{list_file}: no images listed")

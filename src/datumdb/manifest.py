@@ -158,4 +158,52 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         raise VerificationError(f"{path}: not a {MANIFEST_FORMAT} manifest")
     if manifest.get("checksum") != _checksum(manifest) or text != _render(manifest):
         raise VerificationError(f"{path}: manifest was modified or damaged (its checksum or layout does not match)")
+    _check_field_types(path, manifest)
     return manifest
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_counter(value: Any) -> bool:
+    return isinstance(value, dict) and all(_is_count(v) for v in value.values())
+
+
+def _is_text_or_none(value: Any) -> bool:
+    return value is None or isinstance(value, str)
+
+
+def _is_chunks(value: Any) -> bool:
+    return (
+        isinstance(value, dict)
+        and _is_count(value.get("records_per_chunk")) and value["records_per_chunk"] > 0
+        and isinstance(value.get("sha256"), list) and all(isinstance(v, str) for v in value["sha256"])
+    )  # fmt: skip
+
+
+def _is_file_record(value: Any) -> bool:
+    return isinstance(value, dict) and _is_text_or_none(value.get("sha256"))
+
+
+# The fields that readers of a manifest rely on, and the type each must have when present: a
+# manifest with a valid checksum can still be hand-made, and must fail here, not deep inside.
+_FIELD_TYPES = {
+    "count": (_is_count, "an integer >= 0"),
+    "digest": (lambda v: isinstance(v, str), "a string"),
+    "shapes": (_is_counter, "an object of counts"),
+    "label_histogram": (_is_counter, "an object of counts"),
+    "dtype": (_is_text_or_none, "a string or null"),
+    "encoding": (_is_text_or_none, "a string or null"),
+    "channel_order": (_is_text_or_none, "a string or null"),
+    "chunk_digests": (_is_chunks, "an object with records_per_chunk >= 1 and a list of sha256 strings"),
+    "data_mdb": (_is_file_record, "an object with a sha256 string"),
+}
+
+
+def _check_field_types(path: Path, manifest: dict[str, Any]) -> None:
+    for name, (is_valid, kind) in _FIELD_TYPES.items():
+        if name in manifest and not is_valid(manifest[name]):
+            shown = json.dumps(manifest[name])
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            raise VerificationError(f"{path}: manifest field {name!r} must be {kind}, got {shown}")

@@ -50,7 +50,7 @@ def _load(path: Path, what: str) -> np.ndarray:
             return np.load(path, mmap_mode="r", allow_pickle=False)
     except FileNotFoundError:
         raise InputError(f"{path}: {what} file not found") from None
-    except (ValueError, OSError, EOFError) as exc:  # EOFError: an empty or cut header
+    except (ValueError, OSError, EOFError, OverflowError) as exc:  # EOFError: an empty header
         raise InputError(f"{path}: not a readable .npy {what} file ({exc or type(exc).__name__})") from None
 
 
