@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import io
 import json
 import math
 import os
 import signal
 import sys
+import tempfile
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -425,52 +427,64 @@ def _run(args: argparse.Namespace) -> int:
 def _run_in_child(args: argparse.Namespace) -> int:
     """Run a command that reads a database in a forked child, and report the child's death.
 
-    LMDB trusts ``data.mdb``: a damaged page can make it read past the end of the file, which
-    kills the process (SIGBUS, SIGSEGV) instead of raising. In a child, that becomes exit 2
-    naming the database. The child prints directly when stdout and stderr are real files
-    (progress bars stay live); otherwise (``main`` called with redirected streams) it sends its
-    output back through a pipe and the parent prints it.
+    LMDB trusts ``data.mdb``: a damaged page can make it read past the end of the file or fail
+    one of its assertions, which kills the process (SIGBUS, SIGSEGV, SIGABRT) instead of
+    raising. In a child, that becomes exit 2 naming the database (and LMDB's own last words,
+    which the child's file descriptor 2 collects instead of the terminal). Python's output is
+    unchanged: printed directly when stdout and stderr are real files (progress bars stay live),
+    otherwise (``main`` called with redirected streams) sent back through a pipe.
     """
     sys.stdout.flush()
     sys.stderr.flush()
     direct = _is_real_file(sys.stdout) and _is_real_file(sys.stderr)
+    # Closed by `with crash_log` below (the child leaves by os._exit).
+    crash_log = tempfile.TemporaryFile()  # noqa: SIM115
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: never return into the caller's stack
         try:
             os.close(read_end)
-            out, err = (sys.stdout, sys.stderr) if direct else (io.StringIO(), io.StringIO())
+            err: Any = io.StringIO()
+            if direct:
+                err = open(os.dup(2), "w", encoding="utf-8", errors="backslashreplace", buffering=1)  # noqa: SIM115
+            os.dup2(crash_log.fileno(), 2)  # what C code writes to fd 2 (LMDB's assertions)
+            faulthandler.disable()  # a crash here is reported by the parent, not dumped
+            out: Any = sys.stdout if direct else io.StringIO()
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
                 code = _run(args)
-            sys.stdout.flush()
-            sys.stderr.flush()
-            captured = ["", ""] if direct else [out.getvalue(), err.getvalue()]  # type: ignore[attr-defined]
+            out.flush()
+            err.flush()
+            captured = ["", ""] if direct else [out.getvalue(), err.getvalue()]
             with os.fdopen(write_end, "wb") as pipe:
                 pipe.write(json.dumps([code, *captured]).encode("ascii"))
         finally:
             os._exit(0)
     os.close(write_end)
-    try:
-        with os.fdopen(read_end, "rb") as pipe:
-            payload = pipe.read()
-        _, status = os.waitpid(pid, 0)
-    except KeyboardInterrupt:
-        os.kill(pid, signal.SIGTERM)
-        os.waitpid(pid, 0)
-        print(f"datumdb {args.command}: interrupted; nothing was published", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    with crash_log:
+        try:
+            with os.fdopen(read_end, "rb") as pipe:
+                payload = pipe.read()
+            _, status = os.waitpid(pid, 0)
+        except KeyboardInterrupt:
+            os.kill(pid, signal.SIGTERM)
+            os.waitpid(pid, 0)
+            print(f"datumdb {args.command}: interrupted; nothing was published", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        crash_log.seek(0)
+        last_words = crash_log.read(1 << 16).decode("utf-8", "replace").strip().splitlines()
     if os.WIFSIGNALED(status):
         name = signal.Signals(os.WTERMSIG(status)).name
-        message = f"{args.db}: damaged or not an LMDB database: reading it crashed LMDB ({name})"
+        detail = f": {last_words[-1]}" if last_words else ""
+        message = f"{args.db}: damaged or not an LMDB database: reading it crashed LMDB ({name}{detail})"
         print(f"datumdb {args.command}: error: {_printable(message)}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        code, out, err = json.loads(payload)
+        code, out_text, err_text = json.loads(payload)
     except ValueError:
         print(f"datumdb {args.command}: error: internal error, please report: the worker process died", file=sys.stderr)
         return EXIT_INTERNAL
-    sys.stdout.write(out)
-    sys.stderr.write(err)
+    sys.stdout.write(out_text)
+    sys.stderr.write(err_text)
     return int(code)
 
 
