@@ -468,3 +468,88 @@ def test_a_page_that_makes_lmdb_abort_is_one_line_naming_the_database(inputs: Pa
             check_outcome(argv, code, err)
         assert code == 2, err
         assert err.startswith(f"datumdb digest: error: {out / 'db'}: damaged or not an LMDB database: "), err
+
+
+# ------------------------------------------------------------------------ hostile records
+
+
+@st.composite
+def hostile_value(draw: st.DrawFn) -> bytes:
+    """A serialized Datum with any field values (or random bytes): what a foreign tool could store."""
+    from datumdb.proto.datum_pb2 import Datum
+
+    if draw(st.integers(0, 4)) == 0:
+        return draw(st.binary(max_size=40))
+    dims = st.one_of(st.integers(0, 4), st.sampled_from([-1, 2**31 - 1, -(2**31)]))
+    datum = Datum()
+    for name in ("channels", "height", "width"):
+        if draw(st.booleans()):
+            setattr(datum, name, draw(dims))
+    datum.label = draw(st.integers(-(2**31), 2**31 - 1))
+    kind = draw(st.sampled_from(["data", "float", "encoded", "empty"]))
+    if kind == "data":
+        datum.data = draw(st.binary(max_size=64))
+    elif kind == "float":
+        datum.float_data.extend(draw(st.lists(st.floats(width=32), max_size=64)))
+    if kind in ("data", "float") and draw(st.booleans()):  # a consistent shape: the values get used
+        datum.channels, datum.height, datum.width = 1, 1, max(len(datum.data), len(datum.float_data))
+    elif kind == "encoded":
+        datum.encoded = True
+        datum.data = draw(
+            st.sampled_from([b"", b"\x89PNG\r\n\x1a\n", cv2.imencode(".png", np.zeros((2, 3), np.uint8))[1].tobytes()])
+        )
+    return datum.SerializeToString()
+
+
+@fuzz_settings(60)
+@given(
+    records=st.lists(st.tuples(st.binary(min_size=1, max_size=16), hostile_value()), min_size=1, max_size=5),
+    uniform=st.integers(0, 3),
+    verb=st.sampled_from(READING_VERBS),
+)
+def test_hostile_records(inputs: Path, records: list[tuple[bytes, bytes]], uniform: int, verb: str) -> None:
+    """A valid LMDB (no manifest) whose records are anything: bad input or a failed verify."""
+    import lmdb
+
+    rng = np.random.default_rng(uniform)
+    from datumdb.codec import encode_array
+
+    good = [(b"%08d" % i, encode_array(rng.integers(0, 256, (3, 2, 2), dtype=np.uint8), i)) for i in range(uniform)]
+    with scratch(inputs) as out:
+        env = lmdb.open(str(out / "db"), map_size=1 << 22, subdir=True, lock=False)
+        with env.begin(write=True) as txn:
+            for key, value in [*good, *records]:
+                txn.put(key, value)
+        env.close()
+        argv = ["--no-progress", verb, str(out / "db")]
+        if verb in ("export", "compute-mean"):
+            argv.append(str(out / "result"))
+        if verb == "verify":
+            argv.append("--in-process")
+        run_checked(argv)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [(3e38, "key '00000001': the float32 running sum overflows"), (np.inf, "key '00000000': float_data holds NaN")],
+)
+def test_compute_mean_refuses_an_infinite_mean(inputs: Path, value: float, message: str) -> None:
+    """Caffe would write inf or NaN means; datumdb names the record instead."""
+    with scratch(inputs) as out:
+        with DatabaseWriter(out / "db") as writer:
+            for _ in range(3):
+                writer.add(np.full((1, 2, 2), 3e38, np.float32), 0)
+        if value == np.inf:  # the writer refuses non-finite floats: store one as a foreign tool would
+            import lmdb
+
+            from datumdb.proto.datum_pb2 import Datum
+
+            env = lmdb.open(str(out / "db"), subdir=True, lock=False)
+            with env.begin(write=True) as txn:
+                datum = Datum(channels=1, height=2, width=2, label=0)
+                datum.float_data.extend([1.0, value, 2.0, 3.0])
+                txn.put(b"00000000", datum.SerializeToString())
+            env.close()
+        code, _, err = run_checked(["--no-progress", "compute-mean", str(out / "db"), str(out / "m.bp")])
+        assert code == 2 and message in err, err
+        assert not (out / "m.bp").exists()
