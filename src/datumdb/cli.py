@@ -449,6 +449,9 @@ def _run_in_child(args: argparse.Namespace) -> int:
                 err = open(os.dup(2), "w", encoding="utf-8", errors="backslashreplace", buffering=1)  # noqa: SIM115
             os.dup2(crash_log.fileno(), 2)  # what C code writes to fd 2 (LMDB's assertions)
             faulthandler.disable()  # a crash here is reported by the parent, not dumped
+            with contextlib.suppress(ValueError):  # the parent alone reports an interruption
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
             out: Any = sys.stdout if direct else io.StringIO()
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
                 code = _run(args)
