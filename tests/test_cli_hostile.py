@@ -89,7 +89,7 @@ def scratch(inputs: Path) -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def run_main(argv: list[str]) -> tuple[int, str, str]:
+def run_main(argv: list[str | bytes]) -> tuple[int, str, str]:
     """main(argv) with strict UTF-8 stdout/stderr; returns (exit code, stdout, stderr)."""
     out, err = io.BytesIO(), io.BytesIO()
     out_text = io.TextIOWrapper(out, encoding="utf-8", errors="strict", write_through=True)
@@ -99,9 +99,9 @@ def run_main(argv: list[str]) -> tuple[int, str, str]:
     return code, out.getvalue().decode("utf-8"), err.getvalue().decode("utf-8")
 
 
-def check_outcome(argv: list[str], code: int, err: str, out: str = "") -> None:
+def check_outcome(argv: list[str | bytes], code: int, err: str, out: str = "") -> None:
     """The exact contract of every exit."""
-    verb = next((a for a in argv if not a.startswith("-")), None)
+    verb = next((a for a in map(os.fsdecode, argv) if not a.startswith("-")), None)
     assert "Traceback" not in err, (argv, err)
     if code == 2:
         assert err.endswith("\n") and err.count("\n") == 1, (argv, err)
@@ -114,7 +114,7 @@ def check_outcome(argv: list[str], code: int, err: str, out: str = "") -> None:
         assert code == 0, (argv, code, err)
 
 
-def run_checked(argv: list[str]) -> tuple[int, str, str]:
+def run_checked(argv: list[str | bytes]) -> tuple[int, str, str]:
     code, out, err = run_main(argv)
     check_outcome(argv, code, err, out)
     return code, out, err
@@ -416,6 +416,7 @@ def damaged_copy(source: Path, target: Path, kind: str, edits: list[tuple[float,
     (target / "data.mdb").write_bytes(bytes(data))
 
 
+@pytest.mark.slow
 @fuzz_settings(30)
 @given(damaged=damage(), verb=st.sampled_from(READING_VERBS))
 def test_damaged_databases_are_bad_input_not_crashes(inputs: Path, damaged: tuple[str, list], verb: str) -> None:
@@ -553,3 +554,56 @@ def test_compute_mean_refuses_an_infinite_mean(inputs: Path, value: float, messa
         code, _, err = run_checked(["--no-progress", "compute-mean", str(out / "db"), str(out / "m.bp")])
         assert code == 2 and message in err, err
         assert not (out / "m.bp").exists()
+
+
+def test_main_takes_bytes_arguments(inputs: Path) -> None:
+    """As the OS gives them: b"db\\xff" names the same folder as Python's "db\\udcff"."""
+    with scratch(inputs) as out:
+        shutil.copytree(inputs / "small", os.fsdecode(os.fsencode(out) + b"/db\xff"))
+        code, text, _ = run_checked([b"--no-progress", b"inspect", os.fsencode(out) + b"/db\xff"])
+        assert code == 0 and "db\\xff: 10 records" in text
+
+
+def _manifest_with(db: Path, **fields: object) -> None:
+    write_manifest(db, {**read_manifest(db), **fields})
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("nul-in-list", "list.txt:2: path 'a\\x00.png' contains a NUL byte"),
+        ("label-5000-digits", "list.txt:1: label 9999999999"),
+        ("manifest-5000-digits", "manifest is not valid JSON"),
+        ("manifest-wrong-type", "manifest field 'shapes' must be an object of counts, got null"),
+        ("manifest-count-text", "manifest field 'count' must be an integer >= 0, got \"x\""),
+        ("empty-npy", "X.npy: not a readable .npy images file"),
+        ("huge-npy-shape", "X.npy: not a readable .npy images file"),
+    ],
+)
+def test_what_fuzzing_found(inputs: Path, case: str, message: str) -> None:
+    """Each a traceback, or several lines, before; now exit 2 (or a failed verify) with one line."""
+    with scratch(inputs) as out:
+        images, db = str(inputs / "images"), out / "db"
+        if case == "nul-in-list":
+            (out / "list.txt").write_bytes(b"a.png 0\na\x00.png 1\n")
+            argv = ["convert-imageset", images, str(out / "list.txt"), str(db)]
+        elif case == "label-5000-digits":
+            (out / "list.txt").write_text("a.png " + "9" * 5000 + "\n")
+            argv = ["convert-imageset", images, str(out / "list.txt"), str(db)]
+        elif case.startswith("manifest"):
+            shutil.copytree(inputs / "small", db)
+            if case == "manifest-5000-digits":
+                (db / "datumdb.json").write_text('{"count": 1' + "0" * 5000 + "}")
+            else:
+                _manifest_with(db, **({"shapes": None} if case == "manifest-wrong-type" else {"count": "x"}))
+            argv = ["verify", "--in-process", str(db)]
+        else:
+            header = "{'descr': '<f4', 'fortran_order': False, 'shape': (4611686018427387904,)}".ljust(118) + "\n"
+            npy = b"" if case == "empty-npy" else b"\x93NUMPY\x01\x00w\x00" + header.encode()
+            (out / "X.npy").write_bytes(npy)
+            argv = ["convert-arrays", str(out / "X.npy"), str(inputs / "y.npy"), str(db)]
+        code, _, err = run_checked(["--no-progress", *argv])
+        assert code == (1 if argv[0] == "verify" else 2), err
+        assert message in err, err
+        for verb in ("inspect", "digest") if case.startswith("manifest") else ():
+            assert run_checked(["--no-progress", verb, str(db)])[0] == 0  # the records are fine

@@ -378,9 +378,15 @@ def _add_split_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test", type=float, default=0.1, help="fraction of samples in test")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command; returns the exit code (see the module docstring), never raises."""
+def main(argv: Sequence[str | bytes] | None = None) -> int:
+    """Run one command; returns the exit code (see the module docstring), never raises.
+
+    Arguments may be bytes (file names that are not UTF-8): they are decoded as Python decodes
+    ``sys.argv`` (``os.fsdecode``), so they name the same files.
+    """
     parser = build_parser()
+    if argv is not None:
+        argv = [os.fsdecode(arg) if isinstance(arg, bytes) else arg for arg in argv]
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version (0) or a usage error (2, already printed)
