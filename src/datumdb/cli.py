@@ -8,8 +8,10 @@ Exit codes (``main`` returns them; it never lets ``SystemExit`` or a traceback o
   the option, file, line or key. Option values are checked when the command line is parsed
   (ranges below), so a bad value never reaches the library. Input errors are datumdb's own
   :class:`~datumdb.errors.DatumDBError`, an ``OSError``, a name that is not UTF-8, a damaged
-  LMDB file (``<DB>: damaged or not an LMDB database: ...``) or input too large for memory;
-* 3 an internal error (a bug): one line ``datumdb <verb>: internal error, please report: ...``;
+  LMDB file (``<DB>: damaged or not an LMDB database: ...``) or input too large for memory.
+  A usage error is the same one line, ending ``(see 'datumdb <verb> --help')``;
+* 3 an internal error (a bug): one line
+  ``datumdb <verb>: error: internal error, please report: <exception type>: <message>``;
   set ``DATUMDB_TRACEBACK=1`` to see the traceback instead;
 * 130 interrupted (Ctrl-C or SIGTERM); nothing was published.
 
@@ -18,6 +20,12 @@ Option ranges: ``--seed`` 0..2**32-1 (numpy's seeds); ``--resize-height``/``--re
 ``--batch-size`` 1..2**31-1; ``--map-size`` 1..2**44 (the writer's largest map); ``--workers``
 1..256; ``--records`` 0..2**31-1; ``--timeout`` a finite number of seconds in (0, 10**6].
 Paths may not contain NUL bytes.
+
+LMDB trusts ``data.mdb``: a damaged page can make it read past the end of the file or fail an
+assertion, killing the process. So ``digest``, ``inspect``, ``export`` and ``compute-mean`` read
+the database in a forked child, and a crash there is exit 2, ``<DB>: damaged or not an LMDB
+database: reading it crashed LMDB (SIGBUS...)``; ``verify`` runs its scan in a child process of
+its own, with a time limit. (A hang in the child is not limited: only ``verify`` has a timeout.)
 
 Progress bars go to stderr and only on a terminal (``--progress``/``--no-progress`` to force);
 results go to stdout.
@@ -401,7 +409,9 @@ def main(argv: Sequence[str | bytes] | None = None) -> int:
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
     try:
-        if getattr(args, "isolate", False) and hasattr(os, "fork"):
+        # Forking a process with other threads can deadlock the child (a lock held at the fork):
+        # there, a caller of main() gets the plain in-process run.
+        if getattr(args, "isolate", False) and hasattr(os, "fork") and threading.active_count() == 1:
             return _run_in_child(args)
         return _run(args)
     finally:
