@@ -26,6 +26,8 @@ assertion, killing the process. So ``digest``, ``inspect``, ``export`` and ``com
 the database in a forked child, and a crash there is exit 2, ``<DB>: damaged or not an LMDB
 database: reading it crashed LMDB (SIGBUS...)``; ``verify`` runs its scan in a child process of
 its own, with a time limit. (A hang in the child is not limited: only ``verify`` has a timeout.)
+The command line runs single-threaded; a program that calls ``main`` from a threaded process
+should know these verbs fork.
 
 Progress bars go to stderr and only on a terminal (``--progress``/``--no-progress`` to force);
 results go to stdout.
@@ -44,6 +46,7 @@ import signal
 import sys
 import tempfile
 import threading
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -409,9 +412,7 @@ def main(argv: Sequence[str | bytes] | None = None) -> int:
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
     try:
-        # Forking a process with other threads can deadlock the child (a lock held at the fork):
-        # there, a caller of main() gets the plain in-process run.
-        if getattr(args, "isolate", False) and hasattr(os, "fork") and threading.active_count() == 1:
+        if getattr(args, "isolate", False) and hasattr(os, "fork"):
             return _run_in_child(args)
         return _run(args)
     finally:
@@ -456,7 +457,9 @@ def _run_in_child(args: argparse.Namespace) -> int:
     # Closed by `with crash_log` below (the child leaves by os._exit).
     crash_log = tempfile.TemporaryFile()  # noqa: SIM115
     read_end, write_end = os.pipe()
-    pid = os.fork()
+    with warnings.catch_warnings():  # Python 3.12+ warns when other threads exist (tqdm's monitor)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
     if pid == 0:  # the child: never return into the caller's stack
         try:
             os.close(read_end)
