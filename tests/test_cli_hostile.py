@@ -607,3 +607,16 @@ def test_what_fuzzing_found(inputs: Path, case: str, message: str) -> None:
         assert message in err, err
         for verb in ("inspect", "digest") if case.startswith("manifest") else ():
             assert run_checked(["--no-progress", verb, str(db)])[0] == 0  # the records are fine
+
+
+def test_opencv_warnings_do_not_add_lines(inputs: Path) -> None:
+    """A truncated PNG made OpenCV print '[ WARN:0@...] ... PNG input buffer is incomplete'."""
+    with scratch(inputs) as out:
+        png = cv2.imencode(".png", np.zeros((4, 4, 3), np.uint8))[1].tobytes()
+        (out / "images").mkdir()
+        (out / "images" / "cut.png").write_bytes(png[: len(png) // 2])
+        (out / "list.txt").write_text("cut.png 1\n")
+        argv = ["--no-progress", "convert-imageset", str(out / "images"), str(out / "list.txt"), str(out / "db")]
+        child = subprocess.run([sys.executable, "-m", "datumdb.cli", *argv], capture_output=True, check=False)
+        check_outcome(argv, child.returncode, child.stderr.decode("utf-8"))
+        assert child.returncode == 2 and b"cut.png: not an image" in child.stderr

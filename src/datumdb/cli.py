@@ -403,6 +403,7 @@ def main(argv: Sequence[str | bytes] | None = None) -> int:
     except SystemExit as exc:  # --help, --version (0) or a usage error (2, already printed)
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     command = f"datumdb {args.command}"
+    _quiet_opencv()
     problem = _check_combination(args)
     if problem:
         print(f"{command}: error: {problem} (see '{command} --help')", file=sys.stderr)
@@ -516,6 +517,14 @@ def _is_real_file(stream: Any) -> bool:
     except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError
         return False
     return True
+
+
+def _quiet_opencv() -> None:
+    """OpenCV prints its own warnings about damaged images ("[ WARN:0] ... PNG input buffer is
+    incomplete") to stderr; datumdb reports the image as an error in one line instead."""
+    import cv2
+
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
 
 
 def _check_combination(args: argparse.Namespace) -> str | None:
