@@ -1,18 +1,52 @@
 """The ``datumdb`` command line: one subcommand per verb, ``main(argv) -> exit code``.
 
-Exit codes: 0 success; 1 a database failed verification; 2 bad usage or bad input (the message
-names the file, line, key or option). Progress bars go to stderr and only on a terminal
-(``--progress``/``--no-progress`` to force); results go to stdout.
+Exit codes (``main`` returns them; it never lets ``SystemExit`` or a traceback out):
+
+* 0 success (also ``--help`` and ``--version``);
+* 1 a database failed verification (``verify``, ``verify-split``, ``report``) and nothing else;
+* 2 bad usage or bad input: exactly one line on stderr, ``datumdb <verb>: error: ...``, naming
+  the option, file, line or key. Option values are checked when the command line is parsed
+  (ranges below), so a bad value never reaches the library. Input errors are datumdb's own
+  :class:`~datumdb.errors.DatumDBError`, an ``OSError``, a name that is not UTF-8, a damaged
+  LMDB file (``<DB>: damaged or not an LMDB database: ...``) or input too large for memory.
+  A usage error is the same one line, ending ``(see 'datumdb <verb> --help')``;
+* 3 an internal error (a bug): one line
+  ``datumdb <verb>: error: internal error, please report: <exception type>: <message>``;
+  set ``DATUMDB_TRACEBACK=1`` to see the traceback instead;
+* 130 interrupted (Ctrl-C or SIGTERM); nothing was published.
+
+Option ranges: ``--seed`` 0..2**32-1 (numpy's seeds); ``--resize-height``/``--resize-width``
+0..65535 (:data:`MAX_RESIZE`) and at most :data:`MAX_RESIZE_PIXELS` pixels per image;
+``--batch-size`` 1..2**31-1; ``--map-size`` 1..2**44 (the writer's largest map); ``--workers``
+1..256; ``--records`` 0..2**31-1; ``--timeout`` a finite number of seconds in (0, 10**6].
+Paths may not contain NUL bytes.
+
+LMDB trusts ``data.mdb``: a damaged page can make it read past the end of the file or fail an
+assertion, killing the process. So ``digest``, ``inspect``, ``export`` and ``compute-mean`` read
+the database in a forked child, and a crash there is exit 2, ``<DB>: damaged or not an LMDB
+database: reading it crashed LMDB (SIGBUS...)``; ``verify`` runs its scan in a child process of
+its own, with a time limit. (A hang in the child is not limited: only ``verify`` has a timeout.)
+The command line runs single-threaded; a program that calls ``main`` from a threaded process
+should know these verbs fork.
+
+Progress bars go to stderr and only on a terminal (``--progress``/``--no-progress`` to force);
+results go to stdout.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import faulthandler
+import io
 import json
+import math
 import os
 import signal
 import sys
+import tempfile
 import threading
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,12 +54,25 @@ from typing import Any
 import numpy as np
 
 from datumdb import __version__
-from datumdb.errors import DatumDBError, OutputTooLargeError
+from datumdb.errors import DatumDBError, DatumError, OutputTooLargeError
 from datumdb.limits import DEFAULT_MAX_EXPORT_BYTES
 from datumdb.pipeline.splits import SPLITS
-from datumdb.writer import DEFAULT_BATCH_SIZE, DEFAULT_MAP_SIZE
+from datumdb.writer import DEFAULT_BATCH_SIZE, DEFAULT_MAP_SIZE, MAX_MAP_SIZE
 
-__all__ = ["main"]
+__all__ = ["EXIT_FAILED", "EXIT_INTERNAL", "EXIT_OK", "EXIT_USAGE", "MAX_RESIZE", "MAX_RESIZE_PIXELS", "main"]
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # a database failed verification
+EXIT_USAGE = 2  # bad usage or bad input
+EXIT_INTERNAL = 3  # a bug in datumdb
+EXIT_INTERRUPTED = 130
+
+SEED_MAX = 2**32 - 1  # numpy's legacy seeds; default_rng takes these too
+MAX_RESIZE = 65535  # per side (OpenCV's JPEG encoder stops at 65500; PNG and raw at 2**31)
+MAX_RESIZE_PIXELS = 1 << 26  # height * width of a resized image: 8192 x 8192, 192 MiB in colour
+INT31_MAX = 2**31 - 1
+MAX_WORKERS = 256
+MAX_TIMEOUT = 1e6  # seconds (11.5 days): beyond it a time limit is a typo
 
 
 def _add_build_options(parser: argparse.ArgumentParser) -> None:
@@ -40,31 +87,90 @@ def _add_build_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--map-size",
-        type=_positive,
+        type=_map_size,
         default=DEFAULT_MAP_SIZE,
         metavar="BYTES",
         help="initial LMDB map size; it doubles as needed (default %(default)s)",
     )
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+def _int_in(low: int, high: int) -> Any:
+    """An argparse type: a decimal integer in [low, high], else a usage error naming the bound."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 10)
+        except ValueError:  # also a number too long to convert (over 4300 digits)
+            raise argparse.ArgumentTypeError(f"expected an integer, got {_shown(text)}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {_shown(text)}")
+        if value > high:
+            raise argparse.ArgumentTypeError(f"must be <= {high}, got {_shown(text)}")
+        return value
+
+    parse.__name__ = f"integer in [{low}, {high}]"
+    return parse
+
+
+_positive = _int_in(1, INT31_MAX)
+_non_negative = _int_in(0, INT31_MAX)
+_seed = _int_in(0, SEED_MAX)
+_resize = _int_in(0, MAX_RESIZE)
+_map_size = _int_in(1, MAX_MAP_SIZE)
+_workers = _int_in(1, MAX_WORKERS)
+
+
+def _seconds(text: str) -> float:
+    """A finite time limit in (0, MAX_TIMEOUT] seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {_shown(text)}") from None
+    if not (math.isfinite(value) and 0 < value <= MAX_TIMEOUT):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds in (0, {MAX_TIMEOUT:g}], got {_shown(text)}")
     return value
 
 
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+def _path(text: str) -> Path:
+    """A file or folder name; NUL bytes cannot be in one (names that are not UTF-8 are fine)."""
+    if "\0" in text:
+        raise argparse.ArgumentTypeError(f"a path cannot contain a NUL byte: {_shown(text)}")
+    if not text:
+        raise argparse.ArgumentTypeError("empty path")
+    return Path(text)
+
+
+def _shown(text: str, limit: int = 60) -> str:
+    """A user-given value quoted for a one-line message: escaped, and shortened if long."""
+    shown = repr(text if len(text) <= limit else text[:limit] + "...")
+    return _printable(shown)
+
+
+def _printable(text: str) -> str:
+    """``text`` as one line that any UTF-8 stream can print.
+
+    Undecodable bytes of file names (surrogate escapes) are shown as ``\\xNN``, line breaks as
+    ``\\n``, so that an error is always exactly one line.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        try:
+            text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:  # a lone surrogate that is not an escaped byte
+            text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors as one line: ``datumdb <verb>: error: ... (see --help)``."""
+
+    def error(self, message: str) -> Any:  # argparse's signature says NoReturn
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {_printable(message)} (see '{self.prog} --help')\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="datumdb", description="Reproducible, Caffe-exact LMDB datasets of Datum records."
-    )
+    parser = _Parser(prog="datumdb", description="Reproducible, Caffe-exact LMDB datasets of Datum records.")
     parser.add_argument("--version", action="version", version=f"datumdb {__version__}")
     progress = parser.add_mutually_exclusive_group()
     progress.add_argument(
@@ -85,14 +191,14 @@ def build_parser() -> argparse.ArgumentParser:
         "when both sizes are given. Unlike Caffe, --shuffle is seeded (--seed, default "
         "0) so the result is reproducible, and unreadable images are errors.",
     )
-    p.add_argument("root", type=Path, metavar="ROOT/", help="folder the list's paths are relative to")
-    p.add_argument("list_file", type=Path, metavar="LISTFILE", help="text file of '<path> <label>' lines")
-    p.add_argument("db", type=Path, metavar="DB", help="database folder to create")
+    p.add_argument("root", type=_path, metavar="ROOT/", help="folder the list's paths are relative to")
+    p.add_argument("list_file", type=_path, metavar="LISTFILE", help="text file of '<path> <label>' lines")
+    p.add_argument("db", type=_path, metavar="DB", help="database folder to create")
     p.add_argument("--gray", action="store_true", help="load images as grayscale (1 channel)")
     p.add_argument("--shuffle", action="store_true", help="shuffle the list (seeded) before writing")
-    p.add_argument("--seed", type=int, default=0, help="seed of --shuffle (default %(default)s)")
-    p.add_argument("--resize-height", type=_non_negative, default=0, metavar="H")
-    p.add_argument("--resize-width", type=_non_negative, default=0, metavar="W")
+    p.add_argument("--seed", type=_seed, default=0, help=f"seed of --shuffle, 0..{SEED_MAX} (default %(default)s)")
+    p.add_argument("--resize-height", type=_resize, default=0, metavar="H", help=f"0 (no resize) .. {MAX_RESIZE}")
+    p.add_argument("--resize-width", type=_resize, default=0, metavar="W", help=f"0 (no resize) .. {MAX_RESIZE}")
     p.add_argument("--check-size", action="store_true", help="fail unless all images have the same size")
     p.add_argument("--encoded", action="store_true", help="store encoded images (original bytes where possible)")
     p.add_argument(
@@ -104,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--allow-outside-root", action="store_true", help="accept absolute paths and paths with '..' in the list file"
     )
-    p.add_argument("--workers", type=_positive, default=None, metavar="N", help="image decoding threads")
+    p.add_argument("--workers", type=_workers, default=None, metavar="N", help="image decoding threads")
     _add_build_options(p)
     p.set_defaults(func=_convert_imageset)
 
@@ -115,9 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
         "labels .npy into a database. Memory stays bounded whatever the file size. "
         "uint8 images become raw Datums; other types float_data.",
     )
-    p.add_argument("images", type=Path, metavar="IMAGES.npy")
-    p.add_argument("labels", type=Path, metavar="LABELS.npy")
-    p.add_argument("db", type=Path, metavar="DB")
+    p.add_argument("images", type=_path, metavar="IMAGES.npy")
+    p.add_argument("labels", type=_path, metavar="LABELS.npy")
+    p.add_argument("db", type=_path, metavar="DB")
     p.add_argument(
         "--layout",
         choices=("chw", "hwc"),
@@ -141,11 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Float32 running sum in key order, divided by the count; encoded Datums are "
         "decoded. Writes a Caffe BlobProto; prints per-channel means.",
     )
-    p.add_argument("db", type=Path, metavar="DB")
-    p.add_argument("output", type=Path, metavar="OUT.binaryproto")
-    p.add_argument("--npy", type=Path, metavar="OUT.npy", help="also write the mean as a float32 (C,H,W) .npy")
-    p.add_argument("--json", type=Path, metavar="OUT.json", help="also write per-channel means as JSON")
-    p.set_defaults(func=_compute_mean)
+    p.add_argument("db", type=_path, metavar="DB")
+    p.add_argument("output", type=_path, metavar="OUT.binaryproto")
+    p.add_argument("--npy", type=_path, metavar="OUT.npy", help="also write the mean as a float32 (C,H,W) .npy")
+    p.add_argument("--json", type=_path, metavar="OUT.json", help="also write per-channel means as JSON")
+    p.set_defaults(func=_compute_mean, isolate=True)
 
     p = commands.add_parser(
         "verify",
@@ -153,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Exit 0 only if every record decodes and count, digest, label histogram and "
         "shapes match datumdb.json.",
     )
-    p.add_argument("db", type=Path, metavar="DB")
+    p.add_argument("db", type=_path, metavar="DB")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument(
         "--in-process",
@@ -163,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--timeout",
-        type=float,
+        type=_seconds,
         default=None,
         metavar="SECONDS",
         help="stall limit of the isolated scan: fail if it makes no progress for this long "
@@ -184,16 +290,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_verify)
 
     p = commands.add_parser("digest", help="print the content digest (sha256 over keys and values in order)")
-    p.add_argument("db", type=Path, metavar="DB")
-    p.set_defaults(func=_digest)
+    p.add_argument("db", type=_path, metavar="DB")
+    p.set_defaults(func=_digest, isolate=True)
 
     p = commands.add_parser("inspect", help="summarise a database and show its first records")
-    p.add_argument("db", type=Path, metavar="DB")
+    p.add_argument("db", type=_path, metavar="DB")
     p.add_argument(
         "--records", type=_non_negative, default=5, metavar="N", help="records to list (default %(default)s)"
     )
     p.add_argument("--json", action="store_true", help="print as JSON")
-    p.set_defaults(func=_inspect)
+    p.set_defaults(func=_inspect, isolate=True)
 
     p = commands.add_parser(
         "export",
@@ -202,8 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
         "an export over --max-bytes of decoded pixels is refused before anything is written. The "
         ".npz appears whole or not at all (written under a temporary name, then renamed).",
     )
-    p.add_argument("db", type=Path, metavar="DB")
-    p.add_argument("output", type=Path, metavar="OUT.npz")
+    p.add_argument("db", type=_path, metavar="DB")
+    p.add_argument("output", type=_path, metavar="OUT.npz")
     p.add_argument(
         "--max-bytes",
         type=_non_negative,
@@ -211,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="BYTES",
         help="refuse to export more decoded pixel bytes than this (default %(default)s = 4 GiB; 0: no bound)",
     )
-    p.set_defaults(func=_export)
+    p.set_defaults(func=_export, isolate=True)
     _add_pipeline_commands(commands)
     return parser
 
@@ -269,27 +375,181 @@ def _add_pipeline_commands(commands: Any) -> None:
     p.add_argument("--output", type=Path, required=True, metavar="OUT.md")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str | bytes] | None = None) -> int:
+    """Run one command; returns the exit code (see the module docstring), never raises.
+
+    Arguments may be bytes (file names that are not UTF-8): they are decoded as Python decodes
+    ``sys.argv`` (``os.fsdecode``), so they name the same files.
+    """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    if argv is not None:
+        argv = [os.fsdecode(arg) if isinstance(arg, bytes) else arg for arg in argv]
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version (0) or a usage error (2, already printed)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    command = f"datumdb {args.command}"
+    _quiet_opencv()
+    problem = _check_combination(args)
+    if problem:
+        print(f"{command}: error: {problem} (see '{command} --help')", file=sys.stderr)
+        return EXIT_USAGE
     # Schedulers (Snakemake, SLURM, DVC) stop jobs with SIGTERM; turning it into
     # KeyboardInterrupt unwinds the writer's `with` block, which removes its build folder.
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
     try:
-        return int(args.func(args) or 0)
-    except DatumDBError as exc:
-        print(f"datumdb {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # disk full, permission denied...: say which file, skip the traceback
-        print(f"datumdb {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"datumdb {args.command}: interrupted; nothing was published", file=sys.stderr)
-        return 130
+        if getattr(args, "isolate", False) and hasattr(os, "fork"):
+            return _run_in_child(args)
+        return _run(args)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the command; bad input becomes one line and exit 2, a bug one line and exit 3."""
+    command = f"datumdb {args.command}"
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"{command}: interrupted; nothing was published", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        message = _input_problem(exc, args)
+        if message is None:
+            if os.environ.get("DATUMDB_TRACEBACK"):
+                raise
+            message = f"internal error, please report: {type(exc).__name__}: {exc}"
+            code = EXIT_INTERNAL
+        else:
+            code = EXIT_USAGE
+        print(f"{command}: error: {_printable(message)}", file=sys.stderr)
+        return code
+
+
+def _run_in_child(args: argparse.Namespace) -> int:
+    """Run a command that reads a database in a forked child, and report the child's death.
+
+    LMDB trusts ``data.mdb``: a damaged page can make it read past the end of the file or fail
+    one of its assertions, which kills the process (SIGBUS, SIGSEGV, SIGABRT) instead of
+    raising. In a child, that becomes exit 2 naming the database (and LMDB's own last words,
+    which the child's file descriptor 2 collects instead of the terminal). Python's output is
+    unchanged: printed directly when stdout and stderr are real files (progress bars stay live),
+    otherwise (``main`` called with redirected streams) sent back through a pipe.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    direct = _is_real_file(sys.stdout) and _is_real_file(sys.stderr)
+    # Closed by `with crash_log` below (the child leaves by os._exit).
+    crash_log = tempfile.TemporaryFile()  # noqa: SIM115
+    read_end, write_end = os.pipe()
+    with warnings.catch_warnings():  # Python 3.12+ warns when other threads exist (tqdm's monitor)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # the child: never return into the caller's stack
+        try:
+            os.close(read_end)
+            err: Any = io.StringIO()
+            if direct:
+                err = open(os.dup(2), "w", encoding="utf-8", errors="backslashreplace", buffering=1)  # noqa: SIM115
+            os.dup2(crash_log.fileno(), 2)  # what C code writes to fd 2 (LMDB's assertions)
+            faulthandler.disable()  # a crash here is reported by the parent, not dumped
+            with contextlib.suppress(ValueError):  # the parent alone reports an interruption
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            out: Any = sys.stdout if direct else io.StringIO()
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                code = _run(args)
+            out.flush()
+            err.flush()
+            captured = ["", ""] if direct else [out.getvalue(), err.getvalue()]
+            with os.fdopen(write_end, "wb") as pipe:
+                pipe.write(json.dumps([code, *captured]).encode("ascii"))
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with crash_log:
+        try:
+            with os.fdopen(read_end, "rb") as pipe:
+                payload = pipe.read()
+            _, status = os.waitpid(pid, 0)
+        except KeyboardInterrupt:
+            os.kill(pid, signal.SIGTERM)
+            os.waitpid(pid, 0)
+            print(f"datumdb {args.command}: interrupted; nothing was published", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        crash_log.seek(0)
+        last_words = crash_log.read(1 << 16).decode("utf-8", "replace").strip().splitlines()
+    if os.WIFSIGNALED(status):
+        name = signal.Signals(os.WTERMSIG(status)).name
+        detail = f": {last_words[-1]}" if last_words else ""
+        message = f"{args.db}: damaged or not an LMDB database: reading it crashed LMDB ({name}{detail})"
+        print(f"datumdb {args.command}: error: {_printable(message)}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        code, out_text, err_text = json.loads(payload)
+    except ValueError:
+        print(f"datumdb {args.command}: error: internal error, please report: the worker process died", file=sys.stderr)
+        return EXIT_INTERNAL
+    sys.stdout.write(out_text)
+    sys.stderr.write(err_text)
+    return int(code)
+
+
+def _is_real_file(stream: Any) -> bool:
+    try:
+        stream.fileno()
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError
+        return False
+    return True
+
+
+def _quiet_opencv() -> None:
+    """OpenCV prints its own warnings about damaged images ("[ WARN:0] ... PNG input buffer is
+    incomplete") to stderr; datumdb reports the image as an error in one line instead."""
+    import cv2
+
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+
+
+def _check_combination(args: argparse.Namespace) -> str | None:
+    """Limits that involve several options (each option's own range is checked by its type)."""
+    if args.command == "convert-imageset" and args.resize_height > 0 and args.resize_width > 0:
+        pixels = args.resize_height * args.resize_width
+        if pixels > MAX_RESIZE_PIXELS:
+            return (
+                f"argument --resize-height/--resize-width: {args.resize_height} x {args.resize_width} is {pixels} "
+                f"pixels per image; the limit is {MAX_RESIZE_PIXELS}"
+            )
+    return None
+
+
+def _input_problem(exc: Exception, args: argparse.Namespace) -> str | None:
+    """The one-line message of an exception caused by bad input, or None for a bug.
+
+    datumdb raises its own errors where it reads input; this is the boundary for what the
+    libraries underneath raise about the user's files: the OS (missing file, no permission,
+    disk full), names that are not UTF-8, LMDB on a damaged file, and input too big to load.
+    """
+    import lmdb
+
+    db = getattr(args, "db", None)
+    if isinstance(exc, DatumError) and db is not None and str(db) not in str(exc):
+        return f"{db}: {exc}"  # a record that does not parse names its key; say which database
+    if isinstance(exc, DatumDBError):
+        return str(exc)
+    if isinstance(exc, OSError):  # disk full, permission denied...: the message names the file
+        return str(exc)
+    if isinstance(exc, lmdb.Error):  # py-lmdb's own errors are not OSErrors
+        return f"{db}: damaged or not an LMDB database: {exc}"
+    if isinstance(exc, UnicodeError):  # a file name or text that is not UTF-8
+        return f"a file name or text is not valid UTF-8: {exc}"
+    if isinstance(exc, MemoryError):
+        return f"out of memory (is an input, or an option such as a resize, too large?) {exc}".rstrip()
+    if isinstance(exc, RecursionError):
+        return f"input nested too deeply: {exc}"
+    return None
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -349,7 +609,7 @@ def _report_built(db: Path) -> int:
     from datumdb.manifest import read_manifest
 
     manifest = read_manifest(db)
-    print(f"{db}: {manifest['count']} records, {manifest['digest']}")
+    print(_printable(f"{db}: {manifest['count']} records, {manifest['digest']}"))
     return 0
 
 
@@ -392,13 +652,15 @@ def _verify(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
     elif report["ok"]:
         for warning in report["warnings"]:
-            print(f"datumdb verify: warning: {warning}", file=sys.stderr)
-        print(f"{args.db}: OK, {report['count']} records, {report['digest']}")
+            print(_printable(f"datumdb verify: warning: {warning}"), file=sys.stderr)
+        print(_printable(f"{args.db}: OK, {report['count']} records, {report['digest']}"))
     else:
         for problem in report["problems"]:
-            print(f"datumdb verify: {problem}", file=sys.stderr)
+            print(_printable(f"datumdb verify: {problem}"), file=sys.stderr)
         print(
-            f"{args.db}: FAILED ({len(report['problems'])} problem(s), {report['bad_records']} bad record(s))",
+            _printable(
+                f"{args.db}: FAILED ({len(report['problems'])} problem(s), {report['bad_records']} bad record(s))"
+            ),
             file=sys.stderr,
         )
     return 0 if report["ok"] else 1
@@ -451,16 +713,16 @@ def _inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
-    print(f"{args.db}: {summary['count']} records")
+    print(_printable(f"{args.db}: {summary['count']} records"))
     if manifest is not None:
         for field in ("digest", "shapes", "dtype", "encoding", "channel_order", "label_histogram"):
-            print(f"  {field}: {manifest.get(field)}")
+            print(_printable(f"  {field}: {manifest.get(field)}"))
     elif manifest_problem and "no manifest" not in manifest_problem:
-        print(f"  manifest damaged: {manifest_problem}")
+        print(_printable(f"  manifest damaged: {manifest_problem}"))
     else:
         print("  no datumdb.json manifest (not written by datumdb)")
     for record in records:
-        print("  " + "  ".join(f"{k}={v}" for k, v in record.items()))
+        print(_printable("  " + "  ".join(f"{k}={v}" for k, v in record.items())))
     return 0
 
 
@@ -473,6 +735,7 @@ def _export(args: argparse.Namespace) -> int:
     each) cannot fill memory and disk. The .npz is written to a hidden temporary name in the
     target folder and renamed over ``OUT`` only when complete.
     """
+    from datumdb.errors import DatabaseError
     from datumdb.reader import DatumReader
 
     output: Path = args.output
@@ -491,7 +754,10 @@ def _export(args: argparse.Namespace) -> int:
             )
         images = np.empty((count, *first.shape), dtype=first.dtype)
         del first
-        images, labels = reader.read_batch(np.arange(count), out=images)
+        try:
+            images, labels = reader.read_batch(np.arange(count), out=images)
+        except KeyError as exc:  # the cursor listed a key that a lookup cannot find: a damaged B-tree
+            raise DatabaseError(f"{args.db}: damaged: {exc.args[0] if exc.args else exc}") from None
         keys = np.array(reader.keys())
     partial = output.with_name(f".{output.name}.{os.getpid()}.partial")
     try:
@@ -502,7 +768,7 @@ def _export(args: argparse.Namespace) -> int:
         os.replace(partial, output)
     finally:
         partial.unlink(missing_ok=True)
-    print(f"{output}: images {images.dtype} {images.shape}, {count} labels")
+    print(_printable(f"{output}: images {images.dtype} {images.shape}, {count} labels"))
     return 0
 
 

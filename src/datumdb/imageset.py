@@ -113,13 +113,16 @@ def read_list_file(list_file: str | os.PathLike[str]) -> list[ListEntry]:
         path, space, label_text = line.rpartition(" ")
         if not space or not path:
             raise InputError(f"{list_file}:{number}: expected '<path> <label>', got {line!r}")
+        if "\0" in path:
+            raise InputError(f"{list_file}:{number}: path {path!r} contains a NUL byte")
         # ASCII digits only: Python's int() also takes "1_000", " 3" and non-ASCII digits, which
         # Caffe's atoi reads differently (1, 3, 0); a label the two tools disagree on is an error.
         if not _LABEL.fullmatch(label_text):
-            raise InputError(f"{list_file}:{number}: label {label_text!r} is not an integer")
+            raise InputError(f"{list_file}:{number}: label {label_text[:40]!r} is not an integer")
+        # More than 10 significant digits is outside int32 (and int() refuses over 4300 digits).
+        if len(label_text.lstrip("+-").lstrip("0")) > 10 or not INT32_MIN <= int(label_text) <= INT32_MAX:
+            raise InputError(f"{list_file}:{number}: label {label_text[:40]} is outside int32")
         label = int(label_text)
-        if not INT32_MIN <= label <= INT32_MAX:
-            raise InputError(f"{list_file}:{number}: label {label} is outside int32")
         entries.append(ListEntry(path, label, number))
     if not entries:
         raise InputError(f"{list_file}: no images listed")
@@ -275,7 +278,8 @@ def convert_imageset(
     paths = [resolve_path(root, entry, list_file, options.allow_outside_root, real_root=real_root) for entry in entries]
     metadata = {
         "source": "imageset",
-        "list_file": list_file.name,
+        # A name that is not UTF-8 (surrogate escapes) is kept as \\xNN: the manifest is UTF-8 JSON.
+        "list_file": os.fsencode(list_file.name).decode("utf-8", "backslashreplace"),
         "options": {k: v for k, v in vars(options).items() if k != "allow_outside_root"},
     }
     channel_order = "gray" if options.gray else "BGR"

@@ -3,7 +3,9 @@
 Caffe sums in float32 (a ``BlobProto`` float field), one record at a time in key order, then
 divides by the count in float32. Float addition is not associative, so we do exactly the same:
 a float32 accumulator updated record by record (vectorised over pixels, which does not change
-any single pixel's sequence of additions). Encoded Datums are decoded as Caffe's
+any single pixel's sequence of additions). Where Caffe would silently write an infinite or NaN
+mean (a float_data record holding NaN or infinity, or a sum past float32's range), this is an
+error naming the record. Encoded Datums are decoded as Caffe's
 ``DecodeDatumNative`` does (OpenCV ``IMREAD_UNCHANGED``). The result is written as a Caffe
 ``BlobProto`` (num=1, channels, height, width, packed data), byte-identical to Caffe's file.
 """
@@ -31,14 +33,22 @@ def compute_mean(db_path: str | os.PathLike[str], *, progress: bool | None = Non
     count = 0
     try:
         records = progress_bar(reader.datums(), enabled=progress, total=len(reader), desc="compute-mean", unit="rec")
-        for key, datum in records:
-            array = datum_to_array(datum, imread="unchanged", key=key)  # Caffe's DecodeDatumNative
-            if total is None:
-                total = np.zeros(array.shape, dtype=np.float32)
-            elif array.shape != total.shape:
-                raise DatumError(f"shape {array.shape} differs from the first record's {total.shape}", key)
-            total += array  # float32 += uint8/float32: the same single-precision adds as Caffe
-            count += 1
+        with np.errstate(over="raise"):  # Caffe would silently write an infinite mean
+            for key, datum in records:
+                array = datum_to_array(datum, imread="unchanged", key=key)  # Caffe's DecodeDatumNative
+                if total is None:
+                    total = np.zeros(array.shape, dtype=np.float32)
+                elif array.shape != total.shape:
+                    raise DatumError(f"shape {array.shape} differs from the first record's {total.shape}", key)
+                if array.dtype.kind == "f" and not np.isfinite(array).all():
+                    raise DatumError("float_data holds NaN or infinity, so would the mean", key)
+                try:
+                    total += array  # float32 += uint8/float32: the same single-precision adds as Caffe
+                except FloatingPointError:
+                    raise DatumError(
+                        "the float32 running sum overflows here (the mean would be infinite)", key
+                    ) from None
+                count += 1
     finally:
         reader.close()
     if total is None:

@@ -119,7 +119,8 @@ class _Pin:
         self._keys: tuple[bytes, ...] | None = None
         self._layout: RawLayout | bool | None = False  # False: not looked at yet
         self._offsets: OffsetIndex | bool | None = False
-        name = f"{_FD_DIR}/{fd}" if _FD_DIR is not None else str(folder / DATA_NAME)
+        # bytes: py-lmdb encodes a str path as strict UTF-8, which a non-UTF-8 folder name is not
+        name = os.fsencode(f"{_FD_DIR}/{fd}" if _FD_DIR is not None else folder / DATA_NAME)
         try:
             self.env = lmdb.open(
                 name,
@@ -136,6 +137,13 @@ class _Pin:
             if _FD_DIR is None and _identity(folder) != (version.device, version.inode):
                 # opened by path, and the path moved on: not the file we checked
                 raise DatabaseChangedError(f"{folder / DATA_NAME}: replaced while being opened; try again")
+            # A data.mdb shorter than its last page would kill the process with SIGBUS when that
+            # page is read through the map: refuse it as damaged instead.
+            needed = (int(self.env.info()["last_pgno"]) + 1) * int(self.env.stat()["psize"])
+            if version.size < needed:
+                raise DatabaseError(
+                    f"{folder}: {DATA_NAME} is truncated ({version.size} bytes, its pages need {needed})"
+                )
             # The map for the offset index, of the pinned descriptor itself (mmap keeps its own dup).
             self.data = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if version.size else None
             self.txn = self.env.begin(buffers=False)

@@ -22,6 +22,7 @@ float32 ``float_data`` cannot hold exactly, are refused naming the image.
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 from collections.abc import Iterator
@@ -74,17 +75,22 @@ def load_npy(path: Path, what: str) -> np.ndarray:
                 shape, fortran, dtype = np.lib.format.read_array_header_2_0(handle)
             else:
                 raise ValueError(f".npy format version {version[0]}.{version[1]} is not supported")
-        except (ValueError, OSError, EOFError) as exc:
-            raise InputError(f"{path}: not a readable .npy {what} file ({exc})") from None
+        except Exception as exc:  # numpy parses a hostile header with ast/tokenize: any error is bad input
+            raise InputError(f"{path}: not a readable .npy {what} file ({type(exc).__name__}: {exc})") from None
         if dtype.hasobject:
             raise InputError(f"{path}: the {what} array holds Python objects; datumdb reads only numbers")
         offset = handle.tell()
-        needed = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        needed = offset + math.prod(shape) * dtype.itemsize  # exact: a hostile shape cannot wrap around
         size = os.fstat(handle.fileno()).st_size
         if size < needed:
             raise InputError(f"{path}: {size} bytes, but its header ({dtype} {shape}) needs {needed}")
         if needed == offset:  # nothing to map (mmap refuses zero bytes)
-            return np.empty(shape, dtype=dtype, order="F" if fortran else "C")
+            try:
+                return np.empty(shape, dtype=dtype, order="F" if fortran else "C")
+            except ValueError as exc:  # (0, 2**62): empty, yet more elements per row than numpy allows
+                raise InputError(
+                    f"{path}: the {what} array's shape {shape} is not one numpy can hold ({exc})"
+                ) from None
         return np.memmap(handle, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
 
 

@@ -90,9 +90,8 @@ def verify_database(
     if not (path / DATA_NAME).is_file():  # bad input, not a failed verification
         raise DatabaseNotFoundError(f"{path}: no {DATA_NAME} (not an LMDB database folder)")
     for name in (DATA_NAME, MANIFEST_NAME):  # unreadable is bad input too (an OSError), in or out of a child
-        if (path / name).exists():
-            with open(path / name, "rb"):
-                pass
+        if (path / name).exists():  # O_NONBLOCK: a FIFO in its place must not block the open
+            os.close(os.open(path / name, os.O_RDONLY | os.O_NONBLOCK))
     options = _Options(strict=strict, allow_nonfinite=allow_nonfinite)
     if isolate:
         report = _verify_in_child(path, progress, stall_limit, options)

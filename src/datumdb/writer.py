@@ -144,7 +144,7 @@ class DatabaseWriter:
         os.chmod(self._work, 0o777 & ~_current_umask())  # mkdtemp's 0700 would be published as is
         try:
             self._env: lmdb.Environment | None = lmdb.open(
-                str(self._work),
+                os.fsencode(self._work),  # bytes: py-lmdb encodes a str as strict UTF-8
                 map_size=map_size,
                 subdir=True,
                 lock=False,  # private folder: no other reader or writer, and no lock.mdb
