@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 from pathlib import Path
@@ -33,6 +34,21 @@ settings.register_profile(
 )
 settings.register_profile("dev", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+
+def optional_import(name: str) -> Any:
+    """Import an optional test dependency (torch: its own tier), at collection.
+
+    Where it is missing the module's tests are skipped with the reason, so `pytest` works in the
+    dataset environment; under CI (``CI`` set), which installs every tier (`make test`), a missing
+    one is a collection error instead: a skip must never hide a feature CI did not test.
+    """
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"{name} is not installed (the test tier `make test` installs it)", allow_module_level=True)
 
 
 def read_lmdb_items(path: str | os.PathLike[str]) -> list[tuple[bytes, bytes]]:

@@ -30,7 +30,10 @@ def forged_png(width: int = 60000, height: int = 60000) -> bytes:
     return bytes(data)
 
 
-def _varint(value: int) -> bytes:
+def varint(value: int) -> bytes:
+    """Protobuf's base-128 varint, written independently of datumdb.codec (negatives as 64-bit)."""
+    if value < 0:
+        value += 1 << 64
     out = bytearray()
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)
@@ -45,7 +48,7 @@ def alternating_float_datum(count: int) -> bytes:
     Valid protobuf (every parser must accept it), but each float is its own run: the shape that
     made the old decoder spend ~37x the value's size and seconds per megabyte.
     """
-    head = b"\x08\x01\x10\x01\x18" + _varint(count) + b"\x28\x07"
+    head = b"\x08\x01\x10\x01\x18" + varint(count) + b"\x28\x07"
     floats = np.arange(count, dtype="<f4")
     units = np.empty((count, 7), dtype=np.uint8)
     units[:, 0] = 0x35  # field 6, fixed32

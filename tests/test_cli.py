@@ -242,6 +242,20 @@ def test_sigterm_interrupts_a_build_and_publishes_nothing(tmp_path: Path) -> Non
     build.send_signal(signal.SIGTERM)
     _, err = build.communicate(timeout=60)
     assert build.returncode == 130, err
-    assert "interrupted; nothing was published" in err
+    assert "interrupted (a database is only ever published whole)" in err
     assert not target.exists()
     assert leftovers(target) == []
+
+
+def test_python_dash_m_datumdb_is_the_same_command_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "datumdb", "--version"], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert result.returncode == 0 and result.stdout.startswith("datumdb ")
+    bad = subprocess.run(
+        [sys.executable, "-m", "datumdb", "verify", str(tmp_path / "none")], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and bad.stderr.startswith("datumdb verify: error: ") and "Traceback" not in bad.stderr

@@ -15,6 +15,7 @@ import pytest
 from conftest import FIXTURE_LMDBS
 from google.protobuf.message import DecodeError
 from hostile_inputs import alternating_float_datum, forged_jpeg, forged_png
+from hostile_inputs import varint as _varint
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -45,17 +46,6 @@ INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 labels = st.one_of(st.integers(INT32_MIN, INT32_MAX), st.sampled_from([INT32_MIN, INT32_MAX, -1, 0, 1]))
 shapes = st.tuples(st.integers(1, 4), st.integers(1, 8), st.integers(1, 8))
 dtypes = st.sampled_from(["uint8", "int16", "int32", "float32", "float64"])
-
-
-def _varint(value: int) -> bytes:
-    if value < 0:
-        value += 1 << 64
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 def _wire_fields(value: bytes) -> list[tuple[int, int]]:

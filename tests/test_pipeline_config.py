@@ -246,7 +246,7 @@ def test_a_fifo_is_refused_without_waiting_for_a_writer(tmp_path: Path) -> None:
     code = "from datumdb.cli import main; raise SystemExit(main(['pipeline', 'check', '--params', 'params.yaml']))"
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
-    assert "params.yaml: the params file is not a regular file" in result.stderr
+    assert "params.yaml: params file is a FIFO (named pipe), not a regular file" in result.stderr
     with pytest.raises(InputError, match="not a regular file"):
         read_params(fifo)  # stat only: returns at once in this process too
 
@@ -259,7 +259,9 @@ def test_a_file_over_the_size_limit_is_refused(tmp_path: Path) -> None:
     assert read_params(at_limit) == {"seed": 1}
     too_large = tmp_path / "too_large.yaml"
     too_large.write_bytes(at_limit.read_bytes() + b"\n")
-    with pytest.raises(InputError, match=rf"{MAX_PARAMS_BYTES + 1} bytes; a params file is at most {MAX_PARAMS_BYTES}"):
+    with pytest.raises(
+        InputError, match=rf"params file is {MAX_PARAMS_BYTES + 1} bytes, over the bound of {MAX_PARAMS_BYTES}"
+    ):
         read_params(too_large)
 
 

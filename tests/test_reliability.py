@@ -575,7 +575,9 @@ def test_atheris_fuzzing_of_the_decoder_finds_no_crash(tmp_path: Path) -> None:
                 (corpus / f"{name}-{index}").write_bytes(value)
     result = subprocess.run(
         [sys.executable, str(Path(__file__).parent / "fuzz" / "fuzz_codec.py"), "-runs=200000", "-max_len=8192",
-         "-rss_limit_mb=1024", "-timeout=20", f"-artifact_prefix={tmp_path}/", str(corpus)],
+         # 2 GB: one encoded image may legitimately decode to 3 bytes x the pixel bound (2^27 pixels,
+         # ~400 MB, so a 100-megapixel photo passes) plus OpenCV's working memory, whatever its size
+         "-rss_limit_mb=2048", "-timeout=20", f"-artifact_prefix={tmp_path}/", str(corpus)],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]

@@ -6,12 +6,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from torch.utils.data import DataLoader
+from conftest import optional_import
 
 from datumdb import DatabaseWriter, DatumReader
 from datumdb.errors import DatabaseChangedError
-from datumdb.torch_dataset import DatumDataset
+
+torch = optional_import("torch")
+DataLoader = torch.utils.data.DataLoader
+from datumdb.torch_dataset import DatumDataset  # noqa: E402  (needs torch)
+
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,7 @@ from workflow_helpers import (
     run,
     snakemake,
     status_clean,
+    tiny_built_repo,
 )
 
 from datumdb import DatumReader
@@ -72,17 +73,8 @@ def set_params(repo: Path, **changes: object) -> None:
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A copy of the repo on .test/params.yaml, built by Snakemake and committed to DVC and git."""
-    repo = tmp_path_factory.mktemp("tiny")
-    copy_worktree(repo)
-    shutil.copy(repo / ".test" / "params.yaml", repo / "params.yaml")
-    (repo / "dvc.lock").unlink(missing_ok=True)
-    shutil.rmtree(repo / "reports", ignore_errors=True)
-    remote = tmp_path_factory.mktemp("remote")
-    dvc("remote", "modify", "--local", "storage", "url", str(remote), cwd=repo)
-    build = snakemake("--cores", "2", cwd=repo)
-    assert "Execute 2 jobs" in build.stderr + build.stdout  # the two shards were encoded concurrently
-    dvc("commit", "--force", cwd=repo)
-    commit_all(repo)
+    repo, log = tiny_built_repo(tmp_path_factory.mktemp("tiny"), tmp_path_factory.mktemp("remote"))
+    assert "Execute 2 jobs" in log  # the two shards were encoded concurrently
     yield repo
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from workflow_helpers import BIN, ENV, SPLITS, clone, commit_all, copy_worktree, dvc, run, snakemake, status_clean
+from workflow_helpers import BIN, ENV, SPLITS, clone, commit_all, dvc, run, snakemake, status_clean, tiny_built_repo
 
 from datumdb.manifest import read_manifest
 from datumdb.verify import content_digest
@@ -59,16 +59,7 @@ def run_with(env: dict[str, str], args: list[str], cwd: Path) -> subprocess.Comp
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A repo copy on .test/params.yaml, built by Snakemake, committed to DVC and git, pushed."""
-    repo = tmp_path_factory.mktemp("built")
-    copy_worktree(repo)
-    shutil.copy(repo / ".test" / "params.yaml", repo / "params.yaml")
-    (repo / "dvc.lock").unlink(missing_ok=True)
-    shutil.rmtree(repo / "reports", ignore_errors=True)
-    remote = tmp_path_factory.mktemp("remote")
-    dvc("remote", "modify", "--local", "storage", "url", str(remote), cwd=repo)
-    snakemake("--cores", "2", cwd=repo)
-    dvc("commit", "--force", cwd=repo)
-    commit_all(repo)
+    repo, _ = tiny_built_repo(tmp_path_factory.mktemp("built"), tmp_path_factory.mktemp("remote"))
     dvc("push", cwd=repo)
     return repo
 

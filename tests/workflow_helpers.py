@@ -60,3 +60,17 @@ def clone(source: Path, target: Path) -> Path:
 
 def status_clean(repo: Path) -> bool:
     return "Data and pipelines are up to date" in dvc("status", cwd=repo).stdout
+
+
+def tiny_built_repo(folder: Path, remote: Path) -> tuple[Path, str]:
+    """A repo copy on .test/params.yaml with a local remote, built by Snakemake, committed to DVC
+    and git; also the build's log (stdout + stderr)."""
+    repo = copy_worktree(folder)
+    shutil.copy(repo / ".test" / "params.yaml", repo / "params.yaml")
+    (repo / "dvc.lock").unlink(missing_ok=True)
+    shutil.rmtree(repo / "reports", ignore_errors=True)
+    dvc("remote", "modify", "--local", "storage", "url", str(remote), cwd=repo)
+    build = snakemake("--cores", "2", cwd=repo)
+    dvc("commit", "--force", cwd=repo)
+    commit_all(repo)
+    return repo, build.stdout + build.stderr

@@ -13,7 +13,7 @@ Exit codes (``main`` returns them; it never lets ``SystemExit`` or a traceback o
 * 3 an internal error (a bug): one line
   ``datumdb <verb>: error: internal error, please report: <exception type>: <message>``;
   set ``DATUMDB_TRACEBACK=1`` to see the traceback instead;
-* 130 interrupted (Ctrl-C or SIGTERM); nothing was published.
+* 130 interrupted (Ctrl-C or SIGTERM); the target holds the old or the new version, never a part.
 
 Option ranges: ``--seed`` 0..2**32-1 (numpy's seeds); ``--resize-height``/``--resize-width``
 0..65535 (:data:`MAX_RESIZE`) and at most :data:`MAX_RESIZE_PIXELS` pixels per image;
@@ -337,42 +337,42 @@ def _add_pipeline_commands(commands: Any) -> None:
 
     def step(name: str, func: Any, help: str) -> argparse.ArgumentParser:
         p = steps.add_parser(name, help=help, description=help)
-        p.add_argument("--params", type=Path, default=Path("params.yaml"), metavar="PARAMS.yaml")
+        p.add_argument("--params", type=_path, default=Path("params.yaml"), metavar="PARAMS.yaml")
         p.set_defaults(func=func)
         return p
 
     step("check", _pipeline_check, "check the params file (schema; YAML 1.1 = 1.2) and print it resolved as JSON")
     p = step("stale", _pipeline_stale, "list outputs whose recorded fingerprint does not match the params")
-    p.add_argument("--root", type=Path, default=Path("."), help="folder the outputs are under")
+    p.add_argument("--root", type=_path, default=Path("."), help="folder the outputs are under")
     p = step("records", _pipeline_records, "encode one shard's samples into record files (one per split)")
     p.add_argument("--shard", type=_non_negative, required=True)
     p.add_argument(
-        "records", type=Path, metavar="RECORDS/", help="folder of the record files (RECORDS/<shard>/<split>.rec)"
+        "records", type=_path, metavar="RECORDS/", help="folder of the record files (RECORDS/<shard>/<split>.rec)"
     )
     p = step("build", _pipeline_build, "build one split's LMDB from the shards' record files (single writer)")
     p.add_argument("--split", choices=SPLITS, required=True)
-    p.add_argument("records", type=Path, metavar="RECORDS/")
-    p.add_argument("db", type=Path, metavar="DB")
+    p.add_argument("records", type=_path, metavar="RECORDS/")
+    p.add_argument("db", type=_path, metavar="DB")
     p = step("build-all", _pipeline_build_all, "build every split's LMDB, the shards in parallel processes (DVC)")
-    p.add_argument("databases", type=Path, metavar="DATABASES/", help="the databases go to DATABASES/<split>")
+    p.add_argument("databases", type=_path, metavar="DATABASES/", help="the databases go to DATABASES/<split>")
     p.add_argument("--jobs", type=_positive, default=None, help="processes (default: the CPU count)")
     p = step("verify", _pipeline_verify, "verify a split against its source; write its reports (exit 1 on mismatch)")
     p.add_argument("--split", choices=SPLITS, required=True)
-    p.add_argument("db", type=Path, metavar="DB")
-    p.add_argument("--train-db", type=Path, required=True, metavar="DB", help="the train split (class means)")
-    p.add_argument("--details", type=Path, required=True, metavar="OUT.json", help="the full report")
-    p.add_argument("--metrics", type=Path, required=True, metavar="OUT.json", help="a few numbers (DVC metrics)")
-    p.add_argument("--histogram", type=Path, required=True, metavar="OUT.csv", help="label histogram (DVC plots)")
-    p.add_argument("--sheet", type=Path, required=True, metavar="OUT.png", help="contact sheet")
+    p.add_argument("db", type=_path, metavar="DB")
+    p.add_argument("--train-db", type=_path, required=True, metavar="DB", help="the train split (class means)")
+    p.add_argument("--details", type=_path, required=True, metavar="OUT.json", help="the full report")
+    p.add_argument("--metrics", type=_path, required=True, metavar="OUT.json", help="a few numbers (DVC metrics)")
+    p.add_argument("--histogram", type=_path, required=True, metavar="OUT.csv", help="label histogram (DVC plots)")
+    p.add_argument("--sheet", type=_path, required=True, metavar="OUT.png", help="contact sheet")
     p = step("mean", _pipeline_mean, "the train split's mean image (Caffe BlobProto, .npy, per-channel JSON)")
-    p.add_argument("db", type=Path, metavar="DB")
-    p.add_argument("--binaryproto", type=Path, required=True, metavar="OUT.binaryproto")
-    p.add_argument("--npy", type=Path, required=True, metavar="OUT.npy")
-    p.add_argument("--json", type=Path, required=True, metavar="OUT.json")
+    p.add_argument("db", type=_path, metavar="DB")
+    p.add_argument("--binaryproto", type=_path, required=True, metavar="OUT.binaryproto")
+    p.add_argument("--npy", type=_path, required=True, metavar="OUT.npy")
+    p.add_argument("--json", type=_path, required=True, metavar="OUT.json")
     p = step("report", _pipeline_report, "summarise the verify reports and the mean as Markdown")
-    p.add_argument("details", type=Path, nargs="+", metavar="VERIFY.json")
-    p.add_argument("--mean", type=Path, required=True, metavar="MEAN.json")
-    p.add_argument("--output", type=Path, required=True, metavar="OUT.md")
+    p.add_argument("details", type=_path, nargs="+", metavar="VERIFY.json")
+    p.add_argument("--mean", type=_path, required=True, metavar="MEAN.json")
+    p.add_argument("--output", type=_path, required=True, metavar="OUT.md")
 
 
 def main(argv: Sequence[str | bytes] | None = None) -> int:
@@ -413,7 +413,10 @@ def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print(f"{command}: interrupted; nothing was published", file=sys.stderr)
+        print(
+            f"{command}: interrupted (a database is only ever published whole)",
+            file=sys.stderr,
+        )
         return EXIT_INTERRUPTED
     except Exception as exc:
         message = _input_problem(exc, args)
@@ -477,7 +480,10 @@ def _run_in_child(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             os.kill(pid, signal.SIGTERM)
             os.waitpid(pid, 0)
-            print(f"datumdb {args.command}: interrupted; nothing was published", file=sys.stderr)
+            print(
+                f"datumdb {args.command}: interrupted (a database is only ever published whole)",
+                file=sys.stderr,
+            )
             return EXIT_INTERRUPTED
         crash_log.seek(0)
         last_words = crash_log.read(1 << 16).decode("utf-8", "replace").strip().splitlines()

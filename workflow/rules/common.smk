@@ -75,9 +75,10 @@ def mark_stale_outputs(config_, inputs):
         if path in stale:
             print(f"datumdb: {path} is stale ({stale[path][0]}); it will be remade", file=sys.stderr)
             stamp.write_text(f"{time.time_ns()} {'; '.join(stale[path])}\n")
-        elif not stamp.exists():
-            stamp.write_text("fresh\n")
-            os.utime(stamp, ns=(0, 0))  # older than any output: triggers nothing
+        else:  # fresh (again): a stamp older than any output triggers nothing
+            if not stamp.exists() or stamp.read_text() != "fresh\n":
+                stamp.write_text("fresh\n")
+            os.utime(stamp, ns=(0, 0))
     return stale
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from typing import Any
 import yaml
 
 from datumdb.errors import InputError
+from datumdb.limits import read_regular_file
 from datumdb.pipeline.splits import SPLITS
 
 __all__ = [
@@ -180,17 +180,13 @@ def read_params(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def _read_text(path: Path) -> str:
     try:
-        info = path.stat()
+        raw = read_regular_file(path, "params file", MAX_PARAMS_BYTES)  # no FIFO, device or huge file
     except FileNotFoundError:
         raise InputError(f"{path}: params file not found") from None
     except OSError as exc:
-        raise InputError(f"{path}: cannot read the params file: {exc.strerror}") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise InputError(f"{path}: the params file is not a regular file")
-    if info.st_size > MAX_PARAMS_BYTES:
-        raise InputError(f"{path}: {info.st_size} bytes; a params file is at most {MAX_PARAMS_BYTES}")
+        raise InputError(f"{path}: cannot read the params file: {exc.strerror or exc}") from None
     try:
-        return path.read_bytes().decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InputError(f"{path}: not UTF-8 text (byte {exc.start})") from None
 

@@ -24,12 +24,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import stat
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from datumdb.errors import InputError
+from datumdb.limits import open_regular_file
 from datumdb.pipeline.config import PipelineConfig
 from datumdb.pipeline.splits import SPLITS
 
@@ -157,19 +157,18 @@ def input_digest(config: PipelineConfig, cache: dict[str, Any] | None = None) ->
 
 def _file_sha256(path: Path, cache: dict[str, Any] | None) -> str:
     try:
-        info = path.stat()
+        handle = open_regular_file(path, "input file", limit=1 << 62)  # any size: hashed in chunks
     except FileNotFoundError:
         raise InputError(f"{path}: input file not found") from None
     except OSError as exc:
-        raise InputError(f"{path}: cannot read the input file: {exc.strerror}") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise InputError(f"{path}: an input must be a regular file")
-    identity = [info.st_size, info.st_mtime_ns, info.st_ino]
-    key = os.fspath(path.absolute())
-    if cache is not None and cache.get(key, [None])[:3] == identity:
-        return cache[key][3]
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+        raise InputError(f"{path}: cannot read the input file: {exc.strerror or exc}") from None
+    with handle:
+        info = os.fstat(handle.fileno())
+        identity = [info.st_size, info.st_mtime_ns, info.st_ino]
+        key = os.fspath(path.absolute())
+        if cache is not None and cache.get(key, [None])[:3] == identity:
+            return cache[key][3]
+        digest = hashlib.sha256()
         while chunk := handle.read(_CHUNK):
             digest.update(chunk)
     value = digest.hexdigest()

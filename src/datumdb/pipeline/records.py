@@ -10,13 +10,14 @@ Everything is written to a temporary name and renamed, so a killed job leaves no
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from datumdb.errors import InputError
 
@@ -27,20 +28,27 @@ _MAGIC = b"DATUMREC"
 _FRAME = struct.Struct("<IQ")  # key length, value length
 
 
-def atomic_write(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and a rename."""
+@contextlib.contextmanager
+def _replacing(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
+    """A file handle on a temporary name beside ``path``, renamed over it only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
+            yield handle
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+
+
+def atomic_write(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` via a temporary file in the same folder and a rename."""
+    with _replacing(path) as handle:
+        handle.write(data)
+    return Path(path)
 
 
 def write_records(path: str | os.PathLike[str], header: dict[str, Any], items: Iterable[tuple[bytes, bytes]]) -> Path:
@@ -49,26 +57,17 @@ def write_records(path: str | os.PathLike[str], header: dict[str, Any], items: I
     Streams to a temporary file in the same folder and renames it, so memory stays at one
     record and a killed job leaves no half file under the final name.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     head = json.dumps({"format": RECORDS_FORMAT, **header}, sort_keys=True).encode("utf-8")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(_MAGIC + struct.pack("<I", len(head)) + head)
-            count = 0
-            for key, value in items:
-                handle.write(_FRAME.pack(len(key), len(value)))
-                handle.write(key)
-                handle.write(value)
-                count += 1
-            handle.write(_FRAME.pack(0, count))  # trailer: an empty key and the record count
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with _replacing(path) as handle:
+        handle.write(_MAGIC + struct.pack("<I", len(head)) + head)
+        count = 0
+        for key, value in items:
+            handle.write(_FRAME.pack(len(key), len(value)))
+            handle.write(key)
+            handle.write(value)
+            count += 1
+        handle.write(_FRAME.pack(0, count))  # trailer: an empty key and the record count
+    return Path(path)
 
 
 def read_records(path: str | os.PathLike[str]) -> tuple[dict[str, Any], Iterator[tuple[bytes, bytes]]]:
