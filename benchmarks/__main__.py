@@ -321,8 +321,9 @@ def pipeline_row(table: Table, work: Path, *, quick: bool) -> None:
     (repo / "params.yaml").write_text(params)
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
 
-    def build(cores: int) -> None:
-        shutil.rmtree(repo / "data", ignore_errors=True)
+    def build(cores: int) -> None:  # every output removed: each run does all the work
+        for folder in ("data", "reports", ".snakemake"):
+            shutil.rmtree(repo / folder, ignore_errors=True)
         subprocess.run([str(BIN / "snakemake"), "--cores", str(cores), "--quiet", "all"], cwd=repo, env=env, check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
 
