@@ -259,3 +259,21 @@ def test_python_dash_m_datumdb_is_the_same_command_line(tmp_path: Path) -> None:
         [sys.executable, "-m", "datumdb", "verify", str(tmp_path / "none")], capture_output=True, text=True
     )
     assert bad.returncode == 2 and bad.stderr.startswith("datumdb verify: error: ") and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("verb", ["compute-mean", "export"])
+def test_outputs_that_exist_are_replaced_only_with_overwrite(tmp_path: Path, verb: str, capsys) -> None:
+    db = tmp_path / "db"
+    with DatabaseWriter(db) as writer:
+        for label in range(3):
+            writer.add(np.full((1, 2, 2), label, np.uint8), label)
+    output = tmp_path / ("mean.binaryproto" if verb == "compute-mean" else "all.npz")
+    output.write_bytes(b"the user's own file")
+    capsys.readouterr()
+    assert main(["--no-progress", verb, str(db), str(output)]) == 2
+    err = capsys.readouterr().err
+    assert f"{output}: exists; pass --overwrite to replace it" in err and err.count("\n") == 1
+    assert output.read_bytes() == b"the user's own file"
+    assert main(["--no-progress", verb, str(db), str(output), "--overwrite"]) == 0
+    assert output.read_bytes() != b"the user's own file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["db", output.name])  # no temporary left

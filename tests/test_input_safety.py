@@ -235,7 +235,7 @@ def test_a_failed_export_leaves_the_previous_file_whole(db: Path, tmp_path: Path
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(np, "savez", disk_full)
-    assert main(["--no-progress", "export", str(db), str(out)]) == 2
+    assert main(["--no-progress", "export", "--overwrite", str(db), str(out)]) == 2
     assert "No space left on device" in capsys.readouterr().err
     assert out.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["all.npz", "db"]

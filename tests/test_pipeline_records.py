@@ -12,7 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from datumdb.errors import InputError
-from datumdb.pipeline.records import RECORDS_FORMAT, atomic_write, read_records, write_records
+from datumdb.files import atomic_write
+from datumdb.pipeline.records import RECORDS_FORMAT, read_records, write_records
 
 pytestmark = pytest.mark.unit
 

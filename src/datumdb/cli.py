@@ -251,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", type=_path, metavar="OUT.binaryproto")
     p.add_argument("--npy", type=_path, metavar="OUT.npy", help="also write the mean as a float32 (C,H,W) .npy")
     p.add_argument("--json", type=_path, metavar="OUT.json", help="also write per-channel means as JSON")
+    p.add_argument("--overwrite", action="store_true", help="replace output files that already exist")
     p.set_defaults(func=_compute_mean, isolate=True)
 
     p = commands.add_parser(
@@ -317,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="BYTES",
         help="refuse to export more decoded pixel bytes than this (default %(default)s = 4 GiB; 0: no bound)",
     )
+    p.add_argument("--overwrite", action="store_true", help="replace OUT.npz if it already exists")
     p.set_defaults(func=_export, isolate=True)
     _add_pipeline_commands(commands)
     return parser
@@ -620,19 +622,16 @@ def _report_built(db: Path) -> int:
 
 
 def _compute_mean(args: argparse.Namespace) -> int:
-    from datumdb.mean import compute_mean, write_binaryproto
+    from datumdb.files import atomic_write, check_new_outputs
+    from datumdb.mean import compute_mean, mean_files
 
-    mean = compute_mean(args.db, progress=args.progress)
-    for path in (args.output, args.npy, args.json):  # DVC, unlike Snakemake, does not create them
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-    write_binaryproto(mean, args.output)
-    if args.npy:
-        np.save(args.npy, mean)
-    channel_means = [float(v) for v in mean.reshape(mean.shape[0], -1).astype(np.float64).mean(axis=1)]
-    if args.json:
-        args.json.write_text(json.dumps({"shape": list(mean.shape), "channel_means": channel_means}, indent=2) + "\n")
-    for channel, value in enumerate(channel_means):
+    outputs = (args.output, args.npy, args.json)
+    check_new_outputs(outputs, overwrite=args.overwrite)
+    proto, npy_bytes, summary = mean_files(compute_mean(args.db, progress=args.progress))
+    for path, data in zip(outputs, (proto, npy_bytes, (json.dumps(summary, indent=2) + "\n").encode()), strict=True):
+        if path is not None:  # each written whole, under a temporary name first
+            atomic_write(path, data)
+    for channel, value in enumerate(summary["channel_means"]):
         print(f"mean_value channel [{channel}]: {value:.6f}")
     return 0
 
@@ -742,11 +741,13 @@ def _export(args: argparse.Namespace) -> int:
     target folder and renamed over ``OUT`` only when complete.
     """
     from datumdb.errors import DatabaseError
+    from datumdb.files import check_new_outputs
     from datumdb.reader import DatumReader
 
     output: Path = args.output
     if not output.name.endswith(".npz"):  # what np.savez(path) would have written
         output = output.with_name(output.name + ".npz")
+    check_new_outputs([output], overwrite=args.overwrite)
     with DatumReader(args.db) as reader:
         count = len(reader)
         if count == 0:

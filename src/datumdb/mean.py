@@ -12,8 +12,10 @@ error naming the record. Encoded Datums are decoded as Caffe's
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -64,6 +66,15 @@ def binaryproto_bytes(mean: np.ndarray) -> bytes:
     blob = BlobProto(num=1, channels=mean.shape[0], height=mean.shape[1], width=mean.shape[2])
     blob.data.extend(mean.reshape(-1).tolist())
     return blob.SerializeToString()
+
+
+def mean_files(mean: np.ndarray) -> tuple[bytes, bytes, dict[str, Any]]:
+    """What the mean is written as: Caffe's BlobProto, a float32 ``.npy``, and a JSON summary
+    (shape and per-channel means), the same for ``compute-mean`` and the pipeline's mean step."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(mean, dtype=np.float32), allow_pickle=False)
+    channel_means = [float(v) for v in mean.reshape(mean.shape[0], -1).astype(np.float64).mean(axis=1)]
+    return binaryproto_bytes(mean), buffer.getvalue(), {"shape": list(mean.shape), "channel_means": channel_means}
 
 
 def write_binaryproto(mean: np.ndarray, path: str | os.PathLike[str]) -> Path:

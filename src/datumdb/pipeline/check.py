@@ -186,8 +186,8 @@ def verify_step(
     numbers ``dvc metrics show`` prints (count, accuracy, a digest prefix); ``histogram`` the
     label counts as CSV (``dvc plots``); ``sheet`` the contact sheet PNG.
     """
+    from datumdb.files import atomic_write
     from datumdb.pipeline.fingerprint import input_digest, verify_record
-    from datumdb.pipeline.records import atomic_write
     from datumdb.pipeline.summary import histogram_csv, json_bytes
 
     report, problems, png = check_split(config, split, db, train_db)

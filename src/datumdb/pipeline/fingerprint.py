@@ -55,6 +55,7 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1]  # src/datumdb
 _COMMON = (
     "__init__.py",  # the version, recorded in every manifest
     "errors.py",
+    "files.py",
     "pipeline/__init__.py",
     "pipeline/config.py",
     "pipeline/params.schema.yaml",

@@ -10,45 +10,21 @@ Everything is written to a temporary name and renamed, so a killed job leaves no
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import struct
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from datumdb.errors import InputError
+from datumdb.files import replacing
 
-__all__ = ["RECORDS_FORMAT", "atomic_write", "read_records", "write_records"]
+__all__ = ["RECORDS_FORMAT", "read_records", "write_records"]
 
 RECORDS_FORMAT = "datumdb-records/1"
 _MAGIC = b"DATUMREC"
 _FRAME = struct.Struct("<IQ")  # key length, value length
-
-
-@contextlib.contextmanager
-def _replacing(path: str | os.PathLike[str]) -> Iterator[BinaryIO]:
-    """A file handle on a temporary name beside ``path``, renamed over it only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            yield handle
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and a rename."""
-    with _replacing(path) as handle:
-        handle.write(data)
-    return Path(path)
 
 
 def write_records(path: str | os.PathLike[str], header: dict[str, Any], items: Iterable[tuple[bytes, bytes]]) -> Path:
@@ -58,7 +34,7 @@ def write_records(path: str | os.PathLike[str], header: dict[str, Any], items: I
     record and a killed job leaves no half file under the final name.
     """
     head = json.dumps({"format": RECORDS_FORMAT, **header}, sort_keys=True).encode("utf-8")
-    with _replacing(path) as handle:
+    with replacing(path) as handle:
         handle.write(_MAGIC + struct.pack("<I", len(head)) + head)
         count = 0
         for key, value in items:

@@ -63,8 +63,8 @@ def report_step(
     config: Any, details: Sequence[str | os.PathLike[str]], mean: str | os.PathLike[str], output: str | os.PathLike[str]
 ) -> tuple[str, bool]:
     """Write the summary of the verify reports and the mean; returns (text, all splits ok)."""
+    from datumdb.files import atomic_write
     from datumdb.pipeline.fingerprint import input_digest, report_record
-    from datumdb.pipeline.records import atomic_write
 
     reports = [load_json(path) for path in details]
     record = report_record(config, input_digest(config))
