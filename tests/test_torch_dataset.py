@@ -92,3 +92,55 @@ def test_an_epoch_after_an_in_place_rebuild_fails_instead_of_mixing_versions(tmp
     workers = {"num_workers": 2, "multiprocessing_context": start_method}
     images, labels = _epoch(DatumDataset(path), **workers)  # a new dataset reads the new version
     assert torch.equal(images, torch.from_numpy(new)) and torch.equal(labels, torch.arange(56))
+
+
+def _mixed_and_encoded(folder: Path) -> dict[str, Path]:
+    """Databases the batch path must handle or leave to the record path: PNG, float, mixed shapes."""
+    rng = np.random.default_rng(5)
+    made = {}
+    for name, encoding, dtype in (("png", "png", np.uint8), ("float", "none", np.float32)):
+        made[name] = folder / name
+        with DatabaseWriter(made[name], encoding=encoding) as writer:
+            for label in range(20):
+                writer.add((rng.random((3, 5, 4)) * 255).astype(dtype), label)
+    made["mixed"] = folder / "mixed"
+    with DatabaseWriter(made["mixed"]) as writer:
+        for label in range(20):
+            writer.add(rng.integers(0, 256, (1, 3 + label % 2, 4), dtype=np.uint8), label)
+    return made
+
+
+def test_getitems_returns_the_samples_getitem_returns(db, tmp_path: Path) -> None:
+    """What a DataLoader gets in one batch call equals record-by-record reads, for every kind."""
+    paths = {"raw": db[0], **_mixed_and_encoded(tmp_path)}
+    rng = np.random.default_rng(0)
+    for kind, path in paths.items():
+        dataset = DatumDataset(path, target_transform=lambda label: label * 10)
+        indices = [*rng.integers(0, len(dataset), 17).tolist(), 0, 0, len(dataset) - 1, -1]
+        batch = dataset.__getitems__(indices)
+        assert len(batch) == len(indices), kind
+        for index, (image, label) in zip(indices, batch, strict=True):
+            expected_image, expected_label = dataset[index]
+            assert image.dtype == expected_image.dtype and torch.equal(image, expected_image), (kind, index)
+            assert label == expected_label and isinstance(label, int), (kind, index)
+    uniform = DatumDataset(paths["raw"]).__getitems__([3, 9])
+    assert uniform[0][0].untyped_storage().data_ptr() == uniform[1][0].untyped_storage().data_ptr()  # one batch
+    uniform[0][0][0, 0, 0] = 7  # writable, and the database is untouched
+    assert DatumDataset(paths["raw"])[3][0][0, 0, 0] == int(db[1][3, 0, 0, 0])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_shuffled_epoch_of_batches_holds_every_record_once(db, workers: int) -> None:
+    path, images, labels = db
+    loader = DataLoader(
+        DatumDataset(path), batch_size=16, shuffle=True, num_workers=workers, generator=torch.Generator().manual_seed(3)
+    )
+    seen_images, seen_labels = [], []
+    for batch, batch_labels in loader:
+        assert batch.is_contiguous() and batch.dtype == torch.uint8
+        seen_images.append(batch)
+        seen_labels.append(batch_labels)
+    all_images, all_labels = torch.cat(seen_images).numpy(), torch.cat(seen_labels).numpy()
+    seen = sorted(zip([image.tobytes() for image in all_images], all_labels.tolist(), strict=True))
+    assert seen == sorted(zip([image.tobytes() for image in images], labels.tolist(), strict=True))
+    assert not np.array_equal(all_labels, labels)  # shuffled
