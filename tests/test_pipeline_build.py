@@ -20,7 +20,7 @@ from datumdb.cli import main
 from datumdb.codec import decode, encode_sample
 from datumdb.manifest import read_manifest
 from datumdb.pipeline.config import load_config
-from datumdb.pipeline.fingerprint import input_digest, mean_record, verify_record
+from datumdb.pipeline.fingerprint import build_fingerprints, input_digest, mean_record, verify_record
 from datumdb.pipeline.splits import SPLITS, assign_splits
 from datumdb.synthetic import generate
 
@@ -180,7 +180,8 @@ def test_verify_passes_and_writes_its_four_outputs(tmp_path: Path, encoding: str
         assert main(_verify_argv(params, lmdb, split, out)) == 0
         details = json.loads((out / f"{split}.json").read_text())
         assert details["ok"] and details["encoding"] == encoding and details["sampled"] == 6
-        assert details["pipeline"]["fingerprint"] == verify_record(config, split, input_digest(config))["fingerprint"]
+        builds = build_fingerprints(config, input_digest(config))
+        assert details["pipeline"]["fingerprint"] == verify_record(config, split, builds)["fingerprint"]
         assert details["ncm_accuracy"] > 0.8 > details["chance_accuracy"] == round(1 / CLASSES, 6)
         metrics = json.loads((out / "metrics" / f"{split}.json").read_text())
         assert set(metrics) == {"count", "ncm_accuracy", "chance_accuracy", "digest"}
@@ -285,7 +286,8 @@ def test_pipeline_mean_equals_compute_mean(tmp_path: Path, built: tuple[Path, Pa
     assert (a / "m.npy").read_bytes() == (b / "m.npy").read_bytes()
     ours, theirs = json.loads((a / "m.json").read_text()), json.loads((b / "m.json").read_text())
     config = load_config(params)
-    assert ours.pop("pipeline")["fingerprint"] == mean_record(config, input_digest(config))["fingerprint"]
+    train = build_fingerprints(config, input_digest(config))["train"]
+    assert ours.pop("pipeline")["fingerprint"] == mean_record(train)["fingerprint"]
     assert ours == theirs and ours["shape"] == list(SHAPE)
 
 

@@ -815,7 +815,7 @@ def _pipeline_records(args: argparse.Namespace) -> int:
 def _pipeline_build(args: argparse.Namespace) -> int:
     from datumdb.pipeline.build import build_split
 
-    build_split(_config(args), args.split, args.records, args.db, progress=args.progress)
+    build_split(_config(args), args.split, args.records, args.db)
     return _report_built(args.db)
 
 
@@ -856,7 +856,8 @@ def _pipeline_verify(args: argparse.Namespace) -> int:
 def _pipeline_mean(args: argparse.Namespace) -> int:
     from datumdb.pipeline.mean import mean_step
 
-    result = mean_step(_config(args), args.db, binaryproto=args.binaryproto, npy=args.npy, summary=args.json)
+    _config(args)  # refuses a params file the orchestrators would read differently, before any work
+    result = mean_step(args.db, binaryproto=args.binaryproto, npy=args.npy, summary=args.json)
     for channel, value in enumerate(result["channel_means"]):
         print(f"mean_value channel [{channel}]: {value:.6f}")
     return 0
@@ -865,7 +866,8 @@ def _pipeline_mean(args: argparse.Namespace) -> int:
 def _pipeline_report(args: argparse.Namespace) -> int:
     from datumdb.pipeline.summary import report_step
 
-    text, ok = report_step(_config(args), args.details, args.mean, args.output)
+    _config(args)  # refuses a params file the orchestrators would read differently, before any work
+    text, ok = report_step(args.details, args.mean, args.output)
     print(text, end="")
     return 0 if ok else 1
 

@@ -14,7 +14,7 @@ from datumdb.manifest import DATA_NAME, MANIFEST_NAME
 from datumdb.pipeline import outputs
 from datumdb.pipeline.build import READ_CHUNK, records_path
 from datumdb.pipeline.config import SCHEMA_PATH, read_params, to_config, validate_params
-from datumdb.pipeline.fingerprint import build_record, input_digest, verify_record
+from datumdb.pipeline.fingerprint import build_fingerprints, input_digest, verify_record
 from datumdb.pipeline.outputs import MEAN_BINARYPROTO, MEAN_JSON, MEAN_NPY, RECORDS, SUMMARY, stale_outputs
 from datumdb.pipeline.splits import SPLITS
 
@@ -147,6 +147,6 @@ FINGERPRINTED = [
 ]
 SHARDS = list(range(CONFIG.partition.count))
 INPUTS = hash_inputs(CONFIG)
-BUILD_FINGERPRINT = {split: build_record(CONFIG, split, INPUTS)["fingerprint"] for split in SPLITS}
-VERIFY_FINGERPRINT = {split: verify_record(CONFIG, split, INPUTS)["fingerprint"] for split in SPLITS}
+BUILD_FINGERPRINT = build_fingerprints(CONFIG, INPUTS)
+VERIFY_FINGERPRINT = {split: verify_record(CONFIG, split, BUILD_FINGERPRINT)["fingerprint"] for split in SPLITS}
 STALE = mark_stale_outputs(CONFIG, INPUTS)

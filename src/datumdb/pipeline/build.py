@@ -11,11 +11,11 @@ precede shard ``s+1``'s.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from datumdb.keys import index_key
 from datumdb.manifest import read_manifest
 from datumdb.pipeline.config import PipelineConfig
 from datumdb.pipeline.fingerprint import build_params, build_record, input_digest
-from datumdb.pipeline.records import read_records, write_records
+from datumdb.pipeline.records import RecordWriter, read_records
 from datumdb.pipeline.sources import open_source
 from datumdb.pipeline.splits import SPLITS, assign_splits, positions_in_split, shard_range
 from datumdb.writer import DatabaseWriter
@@ -53,29 +53,26 @@ def make_records(config: PipelineConfig, shard: int, records: str | os.PathLike[
     if config.encoding != "none" and source.read(start, min(start + 1, stop))[0].dtype != np.uint8:
         raise InputError(f"encoding {config.encoding!r} needs uint8 images; dataset.source gives float data")
 
-    def records_of(split: int) -> Iterator[tuple[bytes, bytes]]:
-        for chunk_start in range(start, stop, READ_CHUNK):
-            chunk_stop = min(chunk_start + READ_CHUNK, stop)
-            members = np.flatnonzero(assignment[chunk_start:chunk_stop] == split)
-            if not len(members):
-                continue
-            images, labels = source.read(chunk_start, chunk_stop)
-            for offset in members.tolist():
-                index = chunk_start + offset
-                key = index_key(int(positions[index]), int(sizes[split]))
-                yield key, encode_sample(images[offset], int(labels[offset]), config.encoding, key)  # type: ignore[arg-type]
-
     header = {
         "shard": shard,
         "shards": config.partition.count,
         "params": build_params(config),
         "channel_order": source.channel_order,
     }
-    counts = {}
-    for split, name in enumerate(SPLITS):
-        write_records(records_path(records, shard, name), {**header, "split": name}, records_of(split))
-        counts[name] = int(np.count_nonzero(assignment[start:stop] == split))
-    return counts
+    with contextlib.ExitStack() as stack:  # all three files renamed into place only if every record was written
+        writers = [
+            stack.enter_context(RecordWriter(records_path(records, shard, name), {**header, "split": name}))
+            for name in SPLITS
+        ]
+        for chunk_start in range(start, stop, READ_CHUNK):  # each sample read (or generated) once
+            chunk_stop = min(chunk_start + READ_CHUNK, stop)
+            images, labels = source.read(chunk_start, chunk_stop)
+            for offset, label in enumerate(labels.tolist()):
+                index = chunk_start + offset
+                split = int(assignment[index])
+                key = index_key(int(positions[index]), int(sizes[split]))
+                writers[split].add(key, encode_sample(images[offset], label, config.encoding, key))  # type: ignore[arg-type]
+    return {name: writer.count for name, writer in zip(SPLITS, writers, strict=True)}
 
 
 def build_split(
@@ -85,7 +82,6 @@ def build_split(
     db: str | os.PathLike[str],
     *,
     inputs: str | None = None,
-    progress: bool | None = None,
 ) -> dict[str, Any]:
     """Append the shards' record files of ``split``, in shard order, into the database ``db``.
 

@@ -187,13 +187,14 @@ def verify_step(
     label counts as CSV (``dvc plots``); ``sheet`` the contact sheet PNG.
     """
     from datumdb.files import atomic_write
-    from datumdb.pipeline.fingerprint import input_digest, verify_record
+    from datumdb.pipeline.fingerprint import recorded_build_fingerprint, verify_record
     from datumdb.pipeline.summary import histogram_csv, json_bytes
 
     report, problems, png = check_split(config, split, db, train_db)
     if problems:
         return report, problems
-    report["pipeline"] = verify_record(config, split, input_digest(config))
+    databases = {split: recorded_build_fingerprint(db), "train": recorded_build_fingerprint(train_db)}
+    report["pipeline"] = verify_record(config, split, databases)
     small = {
         "count": report["count"],
         "ncm_accuracy": report["ncm_accuracy"],

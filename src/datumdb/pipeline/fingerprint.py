@@ -21,6 +21,7 @@ stages list the same parameters and code files (a test checks ``dvc.yaml`` again
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -36,6 +37,7 @@ from datumdb.pipeline.splits import SPLITS
 __all__ = [
     "PACKAGE_DIR",
     "STEP_CODE",
+    "build_fingerprints",
     "build_record",
     "code_digest",
     "database_matches_params",
@@ -44,6 +46,7 @@ __all__ = [
     "input_digest",
     "input_files",
     "mean_record",
+    "recorded_build_fingerprint",
     "report_record",
     "verify_record",
 ]
@@ -107,8 +110,10 @@ def fingerprint(what: Mapping[str, Any]) -> str:
     return "sha256:" + hashlib.sha256(text.encode("ascii")).hexdigest()
 
 
+@functools.cache
 def code_digest(step: str) -> str:
-    """sha256 over the names and bytes of the files a step runs."""
+    """sha256 over the names and bytes of the files a step runs (read once per process: every
+    record of a verify, mean or report output embeds the build's, so it is asked for often)."""
     digest = hashlib.sha256()
     for name in STEP_CODE[step]:
         data = (PACKAGE_DIR / name).read_bytes()
@@ -205,38 +210,47 @@ def build_record(config: PipelineConfig, split: str, inputs: str) -> dict[str, A
     return {**what, "fingerprint": fingerprint(what)}
 
 
-def verify_record(config: PipelineConfig, split: str, inputs: str) -> dict[str, Any]:
-    """What a split's verify report records: the verify options, the databases it read, its code."""
+def verify_record(config: PipelineConfig, split: str, databases: Mapping[str, str]) -> dict[str, Any]:
+    """What a split's verify report records: the verify options, the databases it read (their
+    build fingerprints, ``{split: ..., "train": ...}``) and its code."""
     what = {
         "step": "verify",
         "split": split,
         "params": {"verify": {"sample": config.verify.sample}},
-        "databases": {
-            split: build_record(config, split, inputs)["fingerprint"],
-            "train": build_record(config, "train", inputs)["fingerprint"],
-        },
+        "databases": {split: databases[split], "train": databases["train"]},
         "code": code_digest("verify"),
     }
     return {**what, "fingerprint": fingerprint(what)}
 
 
-def mean_record(config: PipelineConfig, inputs: str) -> dict[str, Any]:
-    what = {
-        "step": "mean",
-        "databases": {"train": build_record(config, "train", inputs)["fingerprint"]},
-        "code": code_digest("mean"),
-    }
+def mean_record(train: str) -> dict[str, Any]:
+    """What the mean records: the build fingerprint of the train database it read, and its code."""
+    what = {"step": "mean", "databases": {"train": train}, "code": code_digest("mean")}
     return {**what, "fingerprint": fingerprint(what)}
 
 
-def report_record(config: PipelineConfig, inputs: str) -> dict[str, Any]:
-    what = {
-        "step": "report",
-        "verify": {s: verify_record(config, s, inputs)["fingerprint"] for s in SPLITS},
-        "mean": mean_record(config, inputs)["fingerprint"],
-        "code": code_digest("report"),
-    }
+def report_record(verify: Mapping[str, str], mean: str) -> dict[str, Any]:
+    """What the summary records: the fingerprints of the reports it summarises, and its code."""
+    what = {"step": "report", "verify": dict(verify), "mean": mean, "code": code_digest("report")}
     return {**what, "fingerprint": fingerprint(what)}
+
+
+def build_fingerprints(config: PipelineConfig, inputs: str) -> dict[str, str]:
+    """The build fingerprint each split's database should record, per the params and inputs."""
+    return {split: build_record(config, split, inputs)["fingerprint"] for split in SPLITS}
+
+
+def recorded_build_fingerprint(db: str | os.PathLike[str]) -> str:
+    """The build fingerprint a database records: what the steps that read it record in turn, so
+    they need not hash the inputs again (the database already stands for them)."""
+    from datumdb.manifest import read_manifest
+
+    metadata = read_manifest(Path(db)).get("metadata")
+    pipeline = metadata.get("pipeline") if isinstance(metadata, dict) else None
+    value = pipeline.get("fingerprint") if isinstance(pipeline, dict) else None
+    if not isinstance(value, str):
+        raise InputError(f"{db}: not built by the datumdb pipeline (its manifest records no build fingerprint)")
+    return value
 
 
 def _check_split(split: str) -> None:

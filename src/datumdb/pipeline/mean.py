@@ -11,15 +11,13 @@ from typing import Any
 
 from datumdb.files import atomic_write
 from datumdb.mean import compute_mean, mean_files
-from datumdb.pipeline.config import PipelineConfig
-from datumdb.pipeline.fingerprint import input_digest, mean_record
+from datumdb.pipeline.fingerprint import mean_record, recorded_build_fingerprint
 from datumdb.pipeline.summary import json_bytes
 
 __all__ = ["mean_step"]
 
 
 def mean_step(
-    config: PipelineConfig,
     train_db: str | os.PathLike[str],
     *,
     binaryproto: str | os.PathLike[str],
@@ -29,7 +27,7 @@ def mean_step(
     """Compute the mean of ``train_db`` and write the three files; returns the JSON summary."""
     mean = compute_mean(train_db, progress=False)
     proto, npy_bytes, result = mean_files(mean)
-    result["pipeline"] = mean_record(config, input_digest(config))
+    result["pipeline"] = mean_record(recorded_build_fingerprint(train_db))
     atomic_write(binaryproto, proto)
     atomic_write(npy, npy_bytes)
     atomic_write(summary, json_bytes(result))

@@ -16,6 +16,7 @@ from typing import Any
 from datumdb.manifest import MANIFEST_NAME
 from datumdb.pipeline.config import PipelineConfig
 from datumdb.pipeline.fingerprint import (
+    build_fingerprints,
     build_record,
     describe_difference,
     input_digest,
@@ -85,6 +86,7 @@ def stale_outputs(config: PipelineConfig, root: str | Path = ".", *, inputs: str
     """
     root = Path(root)
     inputs = inputs if inputs is not None else input_digest(config)
+    builds = build_fingerprints(config, inputs)
     expected: dict[str, tuple[Path, dict[str, Any], tuple[str, ...]]] = {}
     for split in SPLITS:
         expected[f"{database(split)}/{MANIFEST_NAME}"] = (
@@ -94,10 +96,10 @@ def stale_outputs(config: PipelineConfig, root: str | Path = ".", *, inputs: str
         )
         expected[verify_details(split)] = (
             root / verify_details(split),
-            verify_record(config, split, inputs),
+            verify_record(config, split, builds),
             ("pipeline",),
         )
-    expected[MEAN_JSON] = (root / MEAN_JSON, mean_record(config, inputs), ("pipeline",))
+    expected[MEAN_JSON] = (root / MEAN_JSON, mean_record(builds["train"]), ("pipeline",))
     stale = {}
     for name, (path, record, keys) in expected.items():
         if not path.exists():

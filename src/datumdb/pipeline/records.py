@@ -10,39 +10,64 @@ Everything is written to a temporary name and renamed, so a killed job leaves no
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from datumdb.errors import InputError
 from datumdb.files import replacing
 
-__all__ = ["RECORDS_FORMAT", "read_records", "write_records"]
+__all__ = ["RECORDS_FORMAT", "RecordWriter", "read_records", "write_records"]
 
 RECORDS_FORMAT = "datumdb-records/1"
 _MAGIC = b"DATUMREC"
 _FRAME = struct.Struct("<IQ")  # key length, value length
 
 
-def write_records(path: str | os.PathLike[str], header: dict[str, Any], items: Iterable[tuple[bytes, bytes]]) -> Path:
-    """Write a record file: magic, JSON header, length-framed (key, value) pairs, a trailer.
+class RecordWriter:
+    """Write one record file, record by record; use as a context manager.
 
-    Streams to a temporary file in the same folder and renames it, so memory stays at one
-    record and a killed job leaves no half file under the final name.
+    Streams to a temporary file in the same folder, renamed over ``path`` only when the block
+    ends without an error, so memory stays at one record and a killed job leaves no half file
+    under the final name. Several may be open at once (one per split of a shard).
     """
-    head = json.dumps({"format": RECORDS_FORMAT, **header}, sort_keys=True).encode("utf-8")
-    with replacing(path) as handle:
-        handle.write(_MAGIC + struct.pack("<I", len(head)) + head)
-        count = 0
+
+    def __init__(self, path: str | os.PathLike[str], header: dict[str, Any]) -> None:
+        self.path = Path(path)
+        self._head = json.dumps({"format": RECORDS_FORMAT, **header}, sort_keys=True).encode("utf-8")
+        self._file: contextlib.AbstractContextManager[BinaryIO] | None = None
+        self._handle: BinaryIO | None = None
+        self.count = 0
+
+    def __enter__(self) -> RecordWriter:
+        self._file = replacing(self.path)
+        self._handle = self._file.__enter__()
+        self._handle.write(_MAGIC + struct.pack("<I", len(self._head)) + self._head)
+        return self
+
+    def add(self, key: bytes, value: bytes) -> None:
+        assert self._handle is not None, "RecordWriter.add outside its with block"
+        self._handle.write(_FRAME.pack(len(key), len(value)))
+        self._handle.write(key)
+        self._handle.write(value)
+        self.count += 1
+
+    def __exit__(self, *exc_info: Any) -> None:
+        assert self._file is not None and self._handle is not None
+        if exc_info[0] is None:
+            self._handle.write(_FRAME.pack(0, self.count))  # trailer: an empty key and the record count
+        self._file.__exit__(*exc_info)
+
+
+def write_records(path: str | os.PathLike[str], header: dict[str, Any], items: Iterable[tuple[bytes, bytes]]) -> Path:
+    """Write a record file: magic, JSON header, length-framed (key, value) pairs, a trailer."""
+    with RecordWriter(path, header) as writer:
         for key, value in items:
-            handle.write(_FRAME.pack(len(key), len(value)))
-            handle.write(key)
-            handle.write(value)
-            count += 1
-        handle.write(_FRAME.pack(0, count))  # trailer: an empty key and the record count
+            writer.add(key, value)
     return Path(path)
 
 

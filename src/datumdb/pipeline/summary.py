@@ -60,14 +60,29 @@ def load_json(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def report_step(
-    config: Any, details: Sequence[str | os.PathLike[str]], mean: str | os.PathLike[str], output: str | os.PathLike[str]
+    details: Sequence[str | os.PathLike[str]], mean: str | os.PathLike[str], output: str | os.PathLike[str]
 ) -> tuple[str, bool]:
-    """Write the summary of the verify reports and the mean; returns (text, all splits ok)."""
+    """Write the summary of the verify reports and the mean; returns (text, all splits ok).
+
+    The summary's fingerprint is made of the fingerprints those files record.
+    """
     from datumdb.files import atomic_write
-    from datumdb.pipeline.fingerprint import input_digest, report_record
+    from datumdb.pipeline.fingerprint import report_record
 
     reports = [load_json(path) for path in details]
-    record = report_record(config, input_digest(config))
-    text = summary_markdown(reports, load_json(mean), record["fingerprint"])
+    mean_report = load_json(mean)
+    record = report_record(
+        {str(report.get("split")): _fingerprint(report, path) for report, path in zip(reports, details, strict=True)},
+        _fingerprint(mean_report, mean),
+    )
+    text = summary_markdown(reports, mean_report, record["fingerprint"])
     atomic_write(output, text.encode("utf-8"))
     return text, all(r.get("ok") for r in reports)
+
+
+def _fingerprint(report: dict[str, Any], path: str | os.PathLike[str]) -> str:
+    pipeline = report.get("pipeline")
+    value = pipeline.get("fingerprint") if isinstance(pipeline, dict) else None
+    if not isinstance(value, str):
+        raise InputError(f"{path}: records no pipeline fingerprint (not written by the datumdb pipeline)")
+    return value
