@@ -337,3 +337,85 @@ def _serialized(
                 yield pending.pop(0).result()
         for future in pending:
             yield future.result()
+
+
+# ----------------------------------------------------------------------------- class folders
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+"""What counts as an image in a class folder: torchvision's ``IMG_EXTENSIONS`` (any case)."""
+
+
+def read_class_folders(root: str | os.PathLike[str]) -> tuple[list[ListEntry], list[str]]:
+    """The images of ``root/<class>/...`` as list entries, and the class names (label = index).
+
+    torchvision's ``ImageFolder`` convention, in its order, so a model trained on either sees the
+    same labels: the classes are the sub-folders of ``root`` sorted by name (labels 0..n-1);
+    each class's files are found recursively (``sorted(os.walk(...))``, then sorted names),
+    those with an :data:`IMAGE_EXTENSIONS` extension kept. Paths are relative to ``root`` with
+    ``/``, as a list file would give them; ``line`` is the 1-based position in this listing.
+    A class folder without images is an error, as in torchvision; hidden folders are classes
+    too, as in torchvision (so the labels agree with a model trained through ``ImageFolder``).
+    """
+    root = Path(root)
+    try:
+        classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    except FileNotFoundError:
+        raise InputError(f"{root}: ROOT folder not found") from None
+    except NotADirectoryError:
+        raise InputError(f"{root}: ROOT is not a folder") from None
+    if not classes:
+        raise InputError(f"{root}: no class folders (expected ROOT/<class>/<image>)")
+    entries: list[ListEntry] = []
+    for label, name in enumerate(classes):
+        found = 0
+        for folder, _, names in sorted(os.walk(root / name, followlinks=True)):
+            relative = Path(folder).relative_to(root).as_posix()
+            for file_name in sorted(names):
+                if file_name.lower().endswith(IMAGE_EXTENSIONS):
+                    entries.append(ListEntry(f"{relative}/{file_name}", label, len(entries) + 1))
+                    found += 1
+        if not found:
+            raise InputError(f"{root / name}: class folder {name!r} holds no image ({', '.join(IMAGE_EXTENSIONS)})")
+    return entries, classes
+
+
+# ----------------------------------------------------------------------------- unreadable images
+
+
+@dataclass(frozen=True)
+class ImageFailure:
+    """A listed image that could not be read, decoded or encoded, and why (for ``on_error: skip``)."""
+
+    entry: ListEntry
+    reason: str
+
+
+def serialize_images(
+    paths: list[Path],
+    entries: list[ListEntry],
+    options: ImagesetOptions,
+    list_file: Path,
+    *,
+    skip_errors: bool = False,
+    timeout: float | None = None,
+) -> Iterator[tuple[bytes, tuple[int, int, int]] | ImageFailure]:
+    """Each entry's serialized Datum and decoded shape, in order; or its :class:`ImageFailure`.
+
+    Without ``skip_errors`` the first unreadable image raises its :class:`InputError` (naming
+    the list file, line and path); with it, the failure takes the image's place in the stream.
+    """
+    for path, entry in zip(paths, entries, strict=True):
+        try:
+            yield _serialize(path, entry, options, list_file)
+        except InputError as exc:
+            if not skip_errors:
+                raise
+            yield ImageFailure(entry, _reason(exc, list_file, entry))
+
+
+def _reason(exc: InputError, list_file: Path, entry: ListEntry) -> str:
+    """The error without its ``list:line: path:`` prefix (the report has columns for those)."""
+    text = str(exc)
+    for prefix in (f"{list_file}:{entry.line}: ", f"{entry.path}: "):
+        text = text.removeprefix(prefix)
+    return text.split(": ", 1)[1] if text.startswith("/") and ": " in text else text
