@@ -525,7 +525,7 @@ def imdecode(data: bytes | memoryview, flag: int, key: bytes | str | None = None
     if not len(data):
         raise DatumError("the encoded image is empty", key)
     if is_png and flag == cv2.IMREAD_GRAYSCALE:
-        conversion = pnggray.gray_conversion(data, key)
+        conversion = pnggray.gray_conversion(data)
         if conversion is not None:
             return conversion.apply(_opencv_imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH, key), key)
     return _opencv_imdecode(data, flag, key)

@@ -258,7 +258,7 @@ def _xy_from_xyz(xyz: tuple[int, ...]) -> tuple[int, ...] | None:
 
 
 def _check_xy(xy: tuple[int, ...]) -> int:
-    """``png_colorspace_check_xy``: 0 valid, 1 invalid, 2 libpng's internal error (``png_error``)."""
+    """``png_colorspace_check_xy``: 0 valid, 1 invalid, 2 overflow (libpng's ``png_error``)."""
     xyz = _xyz_from_xy(xy)
     if isinstance(xyz, int):
         return xyz
@@ -326,19 +326,15 @@ class _Colorspace:
         self.gamma = _GAMMA_sRGB_INVERSE
         self.have_gamma = self.have_intent = self.from_srgb = True
 
-    def chrm(self, xy: tuple[int, ...], key: bytes | str | None) -> None:
+    def chrm(self, xy: tuple[int, ...]) -> None:
         if any(v > 0x7FFFFFFF for v in xy) or self.invalid:  # "invalid values": chunk ignored
             return
         if self.from_chrm:  # "duplicate"
             self.invalid = True
             return
         self.from_chrm = True
-        check = _check_xy(xy)
-        if check == 2:
-            raise DatumError(
-                "libpng 1.6.39 rejects this PNG's cHRM chunk (internal error checking chromaticities)", key
-            )
-        if check == 1 or (self.endpoints is not None and not _endpoints_match(xy, self.endpoints, 100)):
+        # _check_xy's 2 (libpng's png_error) needs an overflow that the range checks exclude.
+        if _check_xy(xy) != 0 or (self.endpoints is not None and not _endpoints_match(xy, self.endpoints, 100)):
             self.invalid = True
             return
         self.endpoints = xy
@@ -514,7 +510,7 @@ def _crc_ok(view: memoryview, pos: int, length: int) -> bool:
     return zlib.crc32(view[pos + 4 : pos + 8 + length]) == stored
 
 
-def gray_conversion(data: bytes | memoryview, key: bytes | str | None = None) -> GrayConversion | None:
+def gray_conversion(data: bytes | memoryview) -> GrayConversion | None:
     """How Caffe's libpng turns this PNG grey, when OpenCV's own ``IMREAD_GRAYSCALE`` may not match.
 
     None for anything that is not a colour PNG (types 2, 3, 6) with a colour-space chunk (gAMA,
@@ -550,7 +546,7 @@ def gray_conversion(data: bytes | memoryview, key: bytes | str | None = None) ->
         elif kind == b"sRGB" and length == 1:
             colorspace.srgb_chunk(body[0])
         elif kind == b"cHRM" and length == 32:
-            colorspace.chrm(struct.unpack(">8I", body), key)
+            colorspace.chrm(struct.unpack(">8I", body))
         elif kind == b"sBIT" and not have_sbit and length == (3 if color_type == 3 else channels):
             depth = 8 if color_type == 3 else bit_depth
             if all(0 < bits <= depth for bits in body):
