@@ -453,11 +453,16 @@ class GrayConversion:
     @property
     def uses_gamma(self) -> bool:
         """Whether libpng builds gamma tables, i.e. converts in linear light (pngrtran.c:1574)."""
-        return _significant(self.gamma) or _significant(self._screen_gamma)
+        return _significant(self._file_gamma) or _significant(self._screen_gamma)
+
+    @property
+    def _file_gamma(self) -> int:
+        # png_init_read_transformations (pngrtran.c:1316-1343): no gamma at all means 1.0 ...
+        return self.gamma or _FP_1
 
     @property
     def _screen_gamma(self) -> int:
-        # png_init_read_transformations (pngrtran.c:1316-1343): OpenCV sets no screen gamma.
+        # ... and OpenCV sets no screen gamma, so it is the file gamma's reciprocal.
         return _reciprocal(self.gamma) if self.gamma else _FP_1
 
     def apply(self, bgr: np.ndarray, key: bytes | str | None = None) -> np.ndarray:
@@ -480,9 +485,9 @@ class GrayConversion:
         if not self.uses_gamma:  # the historical path: truncate (pngrtran.c:3067-3082)
             mixed = rc * r.astype(np.uint32) + gc * g.astype(np.uint32) + bc * b.astype(np.uint32)
             return (mixed >> 15).astype(np.uint8)
-        to_linear = _table8(_reciprocal(self.gamma)).astype(np.uint32)
+        to_linear = _table8(_reciprocal(self._file_gamma)).astype(np.uint32)
         from_linear = _table8(_reciprocal(self._screen_gamma))
-        same = _table8(_reciprocal2(self.gamma, self._screen_gamma))
+        same = _table8(_reciprocal2(self._file_gamma, self._screen_gamma))
         linear = (rc * to_linear[r] + gc * to_linear[g] + bc * to_linear[b] + 16384) >> 15
         grey = (r == g) & (r == b)
         return np.where(grey, same[r], from_linear[linear])
@@ -495,9 +500,9 @@ class GrayConversion:
         # png_build_gamma_table's 16-bit branch (png.c:4236-4322) with OpenCV's png_set_strip_16.
         shift = 16 - self.significant_bits if 0 < self.significant_bits < 16 else 0
         shift = min(max(shift, 16 - _MAX_GAMMA_8), 8)
-        to_linear = _table16(shift, _reciprocal(self.gamma)).astype(np.uint32)
+        to_linear = _table16(shift, _reciprocal(self._file_gamma)).astype(np.uint32)
         from_linear = _table16(shift, _reciprocal(self._screen_gamma))
-        same = _table16to8(shift, _product2(self.gamma, self._screen_gamma))
+        same = _table16to8(shift, _product2(self._file_gamma, self._screen_gamma))
         linear = (rc * to_linear[r >> shift] + gc * to_linear[g >> shift] + bc * to_linear[b >> shift] + 16384) >> 15
         grey = (r == g) & (r == b)
         wide = np.where(grey, same[r >> shift], from_linear[linear >> shift])
