@@ -32,7 +32,7 @@ from typing import Literal
 
 import numpy as np
 
-from datumdb import limits
+from datumdb import limits, pnggray
 from datumdb.errors import DatumError
 
 # Before cv2 is imported: OpenCV reads OPENCV_IO_MAX_IMAGE_PIXELS once, at import. The bound
@@ -470,7 +470,7 @@ def _run_view(buf: memoryview, start: int, count: int) -> np.ndarray:
     return np.ndarray((count,), dtype="<f4", buffer=buf, offset=start, strides=(5,))
 
 
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_SIGNATURE = pnggray.PNG_SIGNATURE
 
 
 def _check_png_chunks(data: bytes | memoryview, key: bytes | str | None) -> None:
@@ -514,11 +514,25 @@ def imdecode(data: bytes | memoryview, flag: int, key: bytes | str | None = None
     OpenCV raises ``cv2.error`` for a header over its size bound and returns None for bytes it
     cannot read; both become a DatumError naming ``key``. PNG chunk lengths are checked first
     (see :func:`_check_png_chunks`). Every OpenCV decode in datumdb goes through here.
+
+    ``IMREAD_GRAYSCALE`` of a colour PNG with colour-space chunks is decoded in colour and made
+    grey by :mod:`datumdb.pnggray`, as Caffe's libpng 1.6.39 does it (pip's OpenCV bundles a
+    libpng that ignores sRGB ICC profiles, and would differ by up to ~35 grey levels).
     """
-    if bytes(data[:8]) == _PNG_SIGNATURE:
+    is_png = bytes(data[:8]) == _PNG_SIGNATURE
+    if is_png:
         _check_png_chunks(data, key)
     if not len(data):
         raise DatumError("the encoded image is empty", key)
+    if is_png and flag == cv2.IMREAD_GRAYSCALE:
+        conversion = pnggray.gray_conversion(data)
+        if conversion is not None:
+            return conversion.apply(_opencv_imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH, key), key)
+    return _opencv_imdecode(data, flag, key)
+
+
+def _opencv_imdecode(data: bytes | memoryview, flag: int, key: bytes | str | None) -> np.ndarray:
+    """``cv2.imdecode`` with its exception and its None turned into :class:`DatumError`."""
     try:
         image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flag)
     except cv2.error as exc:
