@@ -30,7 +30,7 @@ KEY = re.compile(rb"(\d{8})_(.+)", re.DOTALL)
 
 
 def _photos(folder: Path, count: int = 24, classes: int = 3) -> list[tuple[str, int]]:
-    """``count`` images of varied sizes under ``folder/c<k>/`` (labels k), PNG and JPEG mixed."""
+    """``count`` images of varied sizes under ``folder/c<k>/`` (labels k), PNG and JPEG, colour and grey."""
     sources = sorted(p for p in FIXTURE_IMAGES.rglob("*") if p.suffix in (".png", ".jpg"))
     assert sources, "the Caffe fixture images are missing"
     rng = np.random.default_rng(7)
@@ -40,6 +40,8 @@ def _photos(folder: Path, count: int = 24, classes: int = 3) -> list[tuple[str, 
         height, width = int(rng.integers(9, 40)), int(rng.integers(9, 40))
         image = cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
         image = np.clip(image.astype(np.int16) + i * 7 % 50, 0, 255).astype(np.uint8)  # all files differ
+        if i % 5 == 4:  # some grey photos among the colour ones (Caffe reads them as 3 channels)
+            image = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
         label = i % classes
         name = f"c{label}/img {i:02d}.{'png' if i % 3 else 'jpg'}"  # a space: paths are taken as listed
         (folder / name).parent.mkdir(parents=True, exist_ok=True)

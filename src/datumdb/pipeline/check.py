@@ -48,8 +48,8 @@ NCM_MAX_RECORDS = 20_000
 """At most this many records (a seeded sample) enter the class means, and as many are scored."""
 
 
-def _features(datum: Datum, key: bytes, mixed: bool) -> np.ndarray:
-    array = datum_to_array(datum, key=key)
+def _features(datum: Datum, key: bytes, mixed: bool, imread: ImreadMode) -> np.ndarray:
+    array = datum_to_array(datum, imread=imread, key=key)
     if mixed:  # one feature length for every size: channels kept, area resize of each plane
         hwc = np.ascontiguousarray(array.transpose(1, 2, 0))
         small = cv2.resize(hwc, (NCM_SIDE, NCM_SIDE), interpolation=cv2.INTER_AREA).reshape(NCM_SIDE, NCM_SIDE, -1)
@@ -68,13 +68,13 @@ def _datums(reader: DatumReader, seed: int) -> Iterator[tuple[bytes, Datum]]:
         yield key, reader.datum(key)
 
 
-def _class_means(db: Path, mixed: bool, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _class_means(db: Path, mixed: bool, seed: int, imread: ImreadMode) -> tuple[np.ndarray, np.ndarray]:
     """Mean image per label of a database (labels sorted), in float64."""
     sums: dict[int, np.ndarray] = {}
     counts: Counter[int] = Counter()
     with DatumReader(db) as reader:
         for key, datum in _datums(reader, seed):
-            array = _features(datum, key, mixed)
+            array = _features(datum, key, mixed, imread)
             if datum.label in sums:
                 sums[datum.label] += array
             else:
@@ -85,21 +85,27 @@ def _class_means(db: Path, mixed: bool, seed: int) -> tuple[np.ndarray, np.ndarr
 
 
 def nearest_class_mean(
-    train_db: str | os.PathLike[str], db: str | os.PathLike[str], *, mixed: bool = False, seed: int = 0
+    train_db: str | os.PathLike[str],
+    db: str | os.PathLike[str],
+    *,
+    mixed: bool = False,
+    seed: int = 0,
+    imread: ImreadMode = "unchanged",
 ) -> dict[str, Any]:
     """Accuracy on ``db`` of the classifier 'label of the nearest train class mean' (and chance).
 
     ``mixed``: the images have varying sizes, compared at NCM_SIDE x NCM_SIDE. Databases over
     NCM_MAX_RECORDS records are judged on a seeded sample (decoding a million photos to check
-    that labels travelled with their images would cost as much as the build).
+    that labels travelled with their images would cost as much as the build). ``imread`` decodes
+    encoded images ("color" turns a grey JPEG among colour ones into three channels, as Caffe).
     """
-    classes, means = _class_means(Path(train_db), mixed, seed)
+    classes, means = _class_means(Path(train_db), mixed, seed, imread)
     if not len(classes):
         raise InputError(f"{train_db}: the train split is empty; no class means")
     correct = total = 0
     with DatumReader(db) as reader:
         for key, datum in _datums(reader, seed):
-            x = _features(datum, key, mixed)
+            x = _features(datum, key, mixed, imread)
             if x.size != means.shape[1]:
                 raise InputError(f"{db}: record {key!r} has {x.size} values, train images {means.shape[1]}")
             predicted = classes[int(np.argmin(((means - x) ** 2).sum(axis=1)))]
@@ -185,7 +191,8 @@ def check_split(
                 sheet_labels.append(datum.label)
                 sheet_keys.append(name)
     mixed = source.shape is None
-    ncm = nearest_class_mean(train_db, db, mixed=mixed, seed=config.seed)
+    imread: ImreadMode = "unchanged" if files is None else ("gray" if files.options.gray else "color")
+    ncm = nearest_class_mean(train_db, db, mixed=mixed, seed=config.seed, imread=imread)
     details = {
         "split": split,
         "ok": not problems,
