@@ -191,6 +191,11 @@ class _Pin:
         if parent._offsets is not False:
             self._offsets = parent._offsets
 
+    def built_offset_index(self) -> OffsetIndex | None:
+        """The offset index if it was built already (None: not built yet, or not uniform raw)."""
+        offsets = self._offsets
+        return None if offsets is False else offsets  # type: ignore[return-value]
+
     def index_for_single_reads(self) -> OffsetIndex | None:
         """The offset index if built, or built now that enough single reads went without it."""
         offsets = self._offsets
