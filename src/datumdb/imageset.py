@@ -72,10 +72,14 @@ _LABEL = re.compile(r"[+-]?[0-9]+", re.ASCII)
 
 # A task for a decoding worker is a run of consecutive list entries ("chunk") whose records add
 # up to about CHUNK_BYTES: enough images that the per-task IPC (~0.2 ms) is noise next to the
-# decoding, few enough that the records in flight stay small and the last chunk does not leave
-# the other workers idle for long. At most WINDOW_PER_WORKER chunks per worker are outstanding.
+# decoding, few enough that the last chunk does not leave the other workers idle for long.
+# Chunks are submitted ahead while the records in flight are estimated under WINDOW_BYTES, and
+# always WINDOW_PER_WORKER per worker: the window lets the workers go on decoding while this
+# process commits a batch to LMDB (about 0.2 s per 1000 records of 256x256), and bounds memory
+# (a record larger than CHUNK_BYTES, an unresized photo, goes alone: 2 per worker in flight).
 CHUNK_BYTES = 4 << 20
 MAX_CHUNK_IMAGES = 32
+WINDOW_BYTES = 64 << 20
 WINDOW_PER_WORKER = 2
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h: the signal a process gets when its parent dies
 
@@ -384,15 +388,18 @@ class _Job:
                 return records, exc
         return records, None
 
-    def first_chunk_size(self) -> int:
-        """Images in the first chunks, before any record size has been seen."""
+    def known_record_bytes(self) -> int | None:
+        """The size of every record, where the options fix it (resized raw Datums), else None."""
         options = self.options
-        if options.resizes and not options.is_encoded:  # raw Datums of a known size
-            return _chunk_size(options.resize_height * options.resize_width * (1 if options.gray else 3))
-        return 1  # unknown: one image each, until the first records tell their size
+        if options.resizes and not options.is_encoded:
+            return options.resize_height * options.resize_width * (1 if options.gray else 3)
+        return None
 
 
-def _chunk_size(record_bytes: int) -> int:
+def _chunk_size(record_bytes: int | None) -> int:
+    """Images per chunk for records of about ``record_bytes`` (unknown: one, until some are seen)."""
+    if record_bytes is None:
+        return 1
     return max(1, min(MAX_CHUNK_IMAGES, CHUNK_BYTES // max(1, record_bytes)))
 
 
@@ -428,18 +435,24 @@ def _in_order(pool: ProcessPoolExecutor, job: _Job, workers: int) -> Iterator[tu
     """Submit chunks ahead (a bounded window) and yield their records in list order."""
     count = len(job.entries)
     window: deque[tuple[int, int, Future[tuple[list[tuple[bytes, Shape]], DatumDBError | None]]]] = deque()
-    submitted = made = made_bytes = 0
+    submitted = in_flight = made = made_bytes = 0
+    known = job.known_record_bytes()
     while window or submitted < count:
-        while submitted < count and len(window) < WINDOW_PER_WORKER * workers:
-            size = _chunk_size(made_bytes // made) if made else job.first_chunk_size()
-            stop = min(count, submitted + size)
+        record_bytes = known or (made_bytes // made if made else None)
+        while submitted < count and (
+            len(window) < WINDOW_PER_WORKER * workers
+            or (record_bytes is not None and in_flight * record_bytes < WINDOW_BYTES)
+        ):
+            stop = min(count, submitted + _chunk_size(record_bytes))
             window.append((submitted, stop, _submit(pool, job, submitted, stop)))
+            in_flight += stop - submitted
             submitted = stop
         start, stop, future = window.popleft()
         try:
             records, error = future.result()
         except BrokenProcessPool:
             raise _worker_died(job, start, submitted) from None
+        in_flight -= stop - start
         made += len(records)
         made_bytes += sum(len(value) for value, _ in records)
         yield from records
