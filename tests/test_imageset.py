@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import cv2
@@ -153,6 +156,76 @@ def test_a_worker_that_dies_is_an_error_naming_the_list_line(
     )
     err = capsys.readouterr().err
     assert "worker process died" in err and len(err.strip().splitlines()) == 1
+
+
+def _live_processes_in_group(group: int) -> list[int]:
+    """Processes of a process group that are not zombies (Linux /proc)."""
+    found = []
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat_file.read_text().rpartition(")")[2].split()
+        except OSError:  # it exited meanwhile
+            continue
+        if int(fields[2]) == group and fields[0] != "Z":
+            found.append(int(stat_file.parent.name))
+    return found
+
+
+def _wait_until(condition, timeout: float = 30) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="reads /proc; the workers' parent-death signal is Linux's"
+)
+@pytest.mark.parametrize("how", ["SIGINT to the group", "SIGTERM", "SIGKILL"])
+def test_an_interrupted_build_leaves_no_worker_behind(tmp_path: Path, how: str) -> None:
+    """Ctrl-C (SIGINT to the whole process group) and SIGTERM stop the build (exit 130, nothing
+    published, no build folder); even SIGKILL of the parent takes its workers with it."""
+    root = tmp_path / "images"
+    root.mkdir()
+    gradient = np.linspace(0, 255, 1500, dtype=np.float32)
+    noise = np.random.default_rng(0).integers(0, 40, (1500, 1500, 3), dtype=np.uint8)
+    photo = (gradient[:, None, None] + gradient[None, :, None] / 2 + noise).astype(np.uint8)
+    assert cv2.imwrite(str(root / "big.jpg"), photo)
+    list_file = tmp_path / "list.txt"
+    list_file.write_text("big.jpg 0\n" * 5000)  # a minute of decoding: it is stopped long before
+    db = tmp_path / "db"
+    argv = ["convert-imageset", "--resize-height", "64", "--resize-width", "64", "--workers", "2"]
+    command = [sys.executable, "-m", "datumdb.cli", "--no-progress", *argv, str(root), str(list_file), str(db)]
+    # start_new_session: its own process group, as a shell gives a job; stderr to a file, which
+    # orphaned workers could not hold open the way they would a pipe
+    with (
+        (tmp_path / "stderr").open("w+") as err,
+        subprocess.Popen(command, stderr=err, start_new_session=True) as child,
+    ):
+        try:
+            # The build folder appears once the workers run; then the parent and 2 workers are live.
+            assert _wait_until(lambda: leftovers(db) != [] and len(_live_processes_in_group(child.pid)) == 3)
+            time.sleep(0.3)  # mid-build: chunks in flight, records being written
+            if how == "SIGINT to the group":
+                os.killpg(child.pid, signal.SIGINT)
+            else:
+                os.kill(child.pid, getattr(signal, how))
+            code = child.wait(timeout=60)
+            orphans_gone = _wait_until(lambda: _live_processes_in_group(child.pid) == [], timeout=10)
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # whatever failed, leave nothing running
+                os.killpg(child.pid, signal.SIGKILL)
+    stderr = (tmp_path / "stderr").read_text()
+    assert orphans_gone, "orphaned workers"
+    assert not db.exists()
+    if how == "SIGKILL":
+        assert code == -signal.SIGKILL  # nothing can clean up after kill -9; the next build removes the folder
+        return
+    assert code == 130, stderr
+    assert stderr.strip() == "datumdb convert-imageset: interrupted (a database is only ever published whole)"
+    assert leftovers(db) == []
 
 
 # --------------------------------------------------------------------------- list files

@@ -82,6 +82,8 @@ MAX_CHUNK_IMAGES = 32
 WINDOW_BYTES = 64 << 20
 WINDOW_PER_WORKER = 2
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h: the signal a process gets when its parent dies
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+_CAN_MASK = hasattr(signal, "pthread_sigmask")
 
 Shape = tuple[int, int, int]
 
@@ -417,8 +419,16 @@ def _serialized(job: _Job, workers: int) -> Iterator[Iterator[tuple[bytes, Shape
         initargs=(job, os.getpid(), cv2.utils.logging.getLogLevel()),
     )
     try:
-        # With fork, the first task forks every worker: now, before the caller opens LMDB.
-        pool.submit(os.getpid).result()
+        # With fork, the first task forks every worker: now, before the caller opens LMDB, and
+        # with SIGINT and SIGTERM held so that none reaches a worker before _start_worker has
+        # set its own handlers (the parent's, inherited, would swallow or misread it).
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS) if _CAN_MASK else None
+        try:
+            started = pool.submit(os.getpid)
+        finally:
+            if held is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        started.result()
         yield _in_order(pool, job, workers)
     except BaseException:
         _stop(pool)
@@ -482,16 +492,18 @@ def _worker_died(job: _Job, start: int, stop: int) -> DecodeWorkerError:
 def _stop(pool: ProcessPoolExecutor) -> None:
     """Stop the workers now, mid-image: an error or Ctrl-C must not wait for the chunks in flight.
 
-    ``shutdown`` alone lets each worker finish its current task; Python 3.14 has
-    ``terminate_workers`` for this, before it the executor's own process table is the only
-    exact list of its workers.
+    ``shutdown`` alone lets each worker finish its current task. SIGKILL, because a worker has
+    nothing to clean up (the database is this process's) and no signal must be lost: a worker
+    killed while it waits for a task holds the task queue's lock, so one that survived would
+    wait for that lock forever and ``shutdown`` with it. Python 3.14 has ``kill_workers`` for
+    this; before it the executor's own process table is the only exact list of its workers.
     """
     processes = list((getattr(pool, "_processes", None) or {}).values())
     for process in processes:
-        process.terminate()
-    pool.shutdown(wait=True, cancel_futures=True)
+        process.kill()
     for process in processes:
         process.join()
+    pool.shutdown(wait=True, cancel_futures=True)
 
 
 # Set in each worker by _start_worker: the job whose chunks it serializes.
@@ -502,13 +514,15 @@ def _start_worker(job: _Job, parent: int, log_level: int) -> None:
     """Make a worker process: one OpenCV thread, the parent's signals are the parent's business.
 
     Ctrl-C reaches the whole process group; the parent turns it into an orderly stop and
-    terminates the workers, so they ignore SIGINT and take SIGTERM's default (the CLI's
-    SIGTERM handler, inherited through fork, would raise KeyboardInterrupt here). On Linux a
+    kills the workers, so they ignore SIGINT and take SIGTERM's default (the CLI's SIGTERM
+    handler, inherited through fork, would raise KeyboardInterrupt here). On Linux a
     worker also gets SIGKILL when its parent dies, so even ``kill -9`` leaves no orphans.
     """
     global _WORKER_JOB
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if _CAN_MASK:  # held by the parent while it forked
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
