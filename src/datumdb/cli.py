@@ -210,7 +210,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--allow-outside-root", action="store_true", help="accept absolute paths and paths with '..' in the list file"
     )
-    p.add_argument("--workers", type=_workers, default=None, metavar="N", help="image decoding threads")
+    p.add_argument(
+        "--workers",
+        type=_workers,
+        default=None,
+        metavar="N",
+        help="image decoding processes (default: every usable core; 1 decodes in this process); "
+        "the database is the same for any N",
+    )
     _add_build_options(p)
     p.set_defaults(func=_convert_imageset)
 
