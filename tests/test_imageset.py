@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import cv2
@@ -19,10 +22,10 @@ from hostile_inputs import forged_jpeg, forged_png
 from hypothesis import given
 from hypothesis import strategies as st
 
-from datumdb import DatumReader
+from datumdb import DatumReader, imageset
 from datumdb.cli import main
 from datumdb.codec import decode
-from datumdb.errors import InputError, UnsafeInputError
+from datumdb.errors import DecodeWorkerError, InputError, UnsafeInputError
 from datumdb.imageset import ImagesetOptions, ListEntry, convert_imageset, ordered_entries, read_list_file
 from datumdb.manifest import digest_items, read_manifest
 from datumdb.verify import verify_database
@@ -64,11 +67,170 @@ def test_encoded_without_type_keeps_the_original_png_bytes(caffe_dir: Path, tmp_
     assert manifest["shapes"]["3x16x20"] == 1  # the decoded shape is recorded even though the Datum omits it
 
 
-def test_result_does_not_depend_on_workers(caffe_dir: Path, tmp_path: Path) -> None:
-    for workers in (1, 3):
-        assert _convert(caffe_dir, tmp_path / f"w{workers}", "--gray", "--workers", str(workers)) == 0
-    assert read_lmdb_items(tmp_path / "w1") == read_lmdb_items(tmp_path / "w3")
-    assert (tmp_path / "w1" / "data.mdb").read_bytes() == (tmp_path / "w3" / "data.mdb").read_bytes()
+@pytest.mark.parametrize("name", [*FIXTURE_LMDBS, "unresized shuffled"])
+def test_every_worker_count_writes_caffe_bytes_over_many_chunks(caffe_dir: Path, tmp_path: Path, name: str) -> None:
+    """The fixture list 10 times over (120 images): several chunks per worker, sizes known
+    (resized raw), learnt (encoded) or varying (unresized); every record must be Caffe's and
+    data.mdb the same file for 1, 2 and 3 worker processes."""
+    lines = (caffe_dir / "list.txt").read_text().splitlines()
+    list_file = tmp_path / "list.txt"
+    list_file.write_text("".join(f"{line}\n" for line in lines * 10))
+    flags = FIXTURE_FLAGS.get(name, ["--shuffle", "--seed", "7"])
+    for workers in (1, 2, 3):
+        db = tmp_path / f"w{workers}"
+        assert _convert(caffe_dir, db, *flags, "--workers", str(workers), list_file=list_file) == 0
+    data = {(tmp_path / f"w{w}" / "data.mdb").read_bytes() for w in (1, 2, 3)}
+    assert len(data) == 1
+    items = read_lmdb_items(tmp_path / "w2")
+    assert len(items) == 120
+    if name in FIXTURE_LMDBS:
+        reference = read_lmdb_items(caffe_dir / name)
+        for index, (key, value) in enumerate(items):
+            ref_key, ref_value = reference[index % 12]
+            assert key == b"%08d" % index + ref_key[8:]
+            assert value == ref_value, key
+    else:
+        assert [k[9:].decode() for k, _ in items] != [line.rpartition(" ")[0] for line in lines * 10]
+
+
+def _repeated_list(caffe_dir: Path, tmp_path: Path, count: int, replace: dict[int, str] | None = None) -> Path:
+    """A list of ``count`` lines cycling through the fixture images, line N replaced by ``replace[N]``."""
+    lines = (caffe_dir / "list.txt").read_text().splitlines()
+    chosen = [(replace or {}).get(n, lines[(n - 1) % 12]) for n in range(1, count + 1)]
+    list_file = tmp_path / "list.txt"
+    list_file.write_text("".join(f"{line}\n" for line in chosen))
+    return list_file
+
+
+def test_bad_image_in_a_worker_names_file_and_line(caffe_dir: Path, tmp_path: Path, capsys) -> None:
+    root = tmp_path / "images"
+    shutil.copytree(caffe_dir / "images", root)
+    (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    list_file = _repeated_list(caffe_dir, tmp_path, 100, {70: "broken.png 1", 90: "missing.png 1"})
+    options = ImagesetOptions(resize_height=8, resize_width=8)
+    with pytest.raises(InputError, match=r"list\.txt:70: .*broken\.png.*not an image OpenCV can decode"):
+        convert_imageset(root, list_file, tmp_path / "db", options, workers=2, progress=False)
+    assert not (tmp_path / "db").exists() and leftovers(tmp_path / "db") == []
+    argv = ["--no-progress", "convert-imageset", f"{root}/", str(list_file), str(tmp_path / "db"), "--workers", "3"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"datumdb convert-imageset: error: \S*list\.txt:70: .*broken\.png.*\n", err), err
+    assert not (tmp_path / "db").exists() and leftovers(tmp_path / "db") == []
+
+
+def test_first_error_in_list_order_wins_across_workers(caffe_dir: Path, tmp_path: Path) -> None:
+    """A key error this process finds at line 3 comes before a decoding error a worker found at
+    line 5 of the same chunk, as it would in one process."""
+    root = tmp_path / "images"
+    shutil.copytree(caffe_dir / "images", root)
+    long_name = f"{'/'.join(['d' * 60] * 8)}/{'b' * 20}.png"  # "00000002_" + 512 bytes: over LMDB's 511
+    (root / long_name).parent.mkdir(parents=True)
+    shutil.copy(root / "img_02.png", root / long_name)
+    list_file = _repeated_list(caffe_dir, tmp_path, 40, {3: f"{long_name} 2", 5: "missing.png 0"})
+    options = ImagesetOptions(resize_height=8, resize_width=8)
+    for workers in (1, 2):
+        with pytest.raises(InputError, match=r"list\.txt:3: key for .* LMDB allows 511"):
+            convert_imageset(root, list_file, tmp_path / "db", options, workers=workers, progress=False)
+        assert not (tmp_path / "db").exists() and leftovers(tmp_path / "db") == []
+
+
+def test_a_worker_that_dies_is_an_error_naming_the_image(
+    caffe_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """A worker killed mid-image (the OOM killer, a crash in a decoder) fails the build cleanly,
+    and the image it died on is named: every worker marks its current image in shared memory."""
+    real = imageset._serialize
+
+    def crash_on_img_05(image_path: Path, *args: object) -> object:
+        if image_path.name == "img_05.png":
+            os._exit(9)  # what SIGKILL or a segfault looks like to the pool
+        return real(image_path, *args)
+
+    monkeypatch.setattr(imageset, "_serialize", crash_on_img_05)  # inherited by the forked workers
+    lines = (caffe_dir / "list.txt").read_text().splitlines()
+    others = [line for line in lines if not line.startswith("img_05.png")]
+    chosen = [*others[:5], next(line for line in lines if line.startswith("img_05.png")), *(others * 3)[5:29]]
+    list_file = tmp_path / "list.txt"
+    list_file.write_text("".join(f"{line}\n" for line in chosen))
+    with pytest.raises(DecodeWorkerError, match=r"list\.txt:6: img_05\.png: the decoder crashed"):
+        convert_imageset(caffe_dir / "images", list_file, tmp_path / "db", workers=2, progress=False)
+    assert not (tmp_path / "db").exists() and leftovers(tmp_path / "db") == []
+    assert (
+        main(["--no-progress", "convert-imageset", str(caffe_dir / "images"), str(list_file), str(tmp_path / "db")])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "img_05.png: the decoder crashed" in err and len(err.strip().splitlines()) == 1
+
+
+def _live_processes_in_group(group: int) -> list[int]:
+    """Processes of a process group that are not zombies (Linux /proc)."""
+    found = []
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat_file.read_text().rpartition(")")[2].split()
+        except OSError:  # it exited meanwhile
+            continue
+        if int(fields[2]) == group and fields[0] != "Z":
+            found.append(int(stat_file.parent.name))
+    return found
+
+
+def _wait_until(condition, timeout: float = 30) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="reads /proc; the workers' parent-death signal is Linux's"
+)
+@pytest.mark.parametrize("how", ["SIGINT to the group", "SIGTERM", "SIGKILL"])
+def test_an_interrupted_build_leaves_no_worker_behind(tmp_path: Path, how: str) -> None:
+    """Ctrl-C (SIGINT to the whole process group) and SIGTERM stop the build (exit 130, nothing
+    published, no build folder); even SIGKILL of the parent takes its workers with it."""
+    root = tmp_path / "images"
+    root.mkdir()
+    gradient = np.linspace(0, 255, 1500, dtype=np.float32)
+    noise = np.random.default_rng(0).integers(0, 40, (1500, 1500, 3), dtype=np.uint8)
+    photo = (gradient[:, None, None] + gradient[None, :, None] / 2 + noise).astype(np.uint8)
+    assert cv2.imwrite(str(root / "big.jpg"), photo)
+    list_file = tmp_path / "list.txt"
+    list_file.write_text("big.jpg 0\n" * 5000)  # a minute of decoding: it is stopped long before
+    db = tmp_path / "db"
+    argv = ["convert-imageset", "--resize-height", "64", "--resize-width", "64", "--workers", "2"]
+    command = [sys.executable, "-m", "datumdb.cli", "--no-progress", *argv, str(root), str(list_file), str(db)]
+    # start_new_session: its own process group, as a shell gives a job; stderr to a file, which
+    # orphaned workers could not hold open the way they would a pipe
+    with (
+        (tmp_path / "stderr").open("w+") as err,
+        subprocess.Popen(command, stderr=err, start_new_session=True) as child,
+    ):
+        try:
+            # The build folder appears once the workers run; then the parent and 2 workers are live.
+            assert _wait_until(lambda: leftovers(db) != [] and len(_live_processes_in_group(child.pid)) == 3)
+            time.sleep(0.3)  # mid-build: chunks in flight, records being written
+            if how == "SIGINT to the group":
+                os.killpg(child.pid, signal.SIGINT)
+            else:
+                os.kill(child.pid, getattr(signal, how))
+            code = child.wait(timeout=60)
+            orphans_gone = _wait_until(lambda: _live_processes_in_group(child.pid) == [], timeout=10)
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # whatever failed, leave nothing running
+                os.killpg(child.pid, signal.SIGKILL)
+    stderr = (tmp_path / "stderr").read_text()
+    assert orphans_gone, "orphaned workers"
+    assert not db.exists()
+    if how == "SIGKILL":
+        assert code == -signal.SIGKILL  # nothing can clean up after kill -9; the next build removes the folder
+        return
+    assert code == 130, stderr
+    assert stderr.strip() == "datumdb convert-imageset: interrupted (a database is only ever published whole)"
+    assert leftovers(db) == []
 
 
 # --------------------------------------------------------------------------- list files
@@ -433,3 +595,129 @@ def test_a_real_6000x8000_photo_is_resized(tmp_path: Path) -> None:
         image, label = reader[0]
     assert label == 3
     np.testing.assert_array_equal(image, expected.transpose(2, 0, 1))
+
+
+# ----------------------------------------------------------------------------- bad files, Caffe's way or ours
+
+
+@pytest.fixture(scope="module")
+def slow_png(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A valid 8000x8000 PNG: about half a second to decode, 100 times a fixture image's time."""
+    y, x = np.mgrid[0:8000, 0:8000]
+    plane = ((x // 7 + y // 5) % 256).astype(np.uint8)
+    path = tmp_path_factory.mktemp("slow") / "slow.png"
+    assert cv2.imwrite(str(path), cv2.merge([plane, 255 - plane, plane // 2]))
+    return path
+
+
+def _images_with(caffe_dir: Path, tmp_path: Path, extra: dict[str, bytes | Path]) -> tuple[Path, Path, list[str]]:
+    """A copy of the fixture images plus ``extra`` files, and a list of all (extras at lines 3, 7, ...)."""
+    root = tmp_path / "images"
+    shutil.copytree(caffe_dir / "images", root)
+    for name, content in extra.items():
+        if isinstance(content, Path):
+            shutil.copy(content, root / name)
+        else:
+            (root / name).write_bytes(content)
+    lines = (caffe_dir / "list.txt").read_text().splitlines()
+    for position, name in enumerate(extra):
+        lines.insert(2 + 4 * position, f"{name} {position}")
+    list_file = tmp_path / "list.txt"
+    list_file.write_text("".join(f"{line}\n" for line in lines))
+    return root, list_file, lines
+
+
+def test_skip_leaves_out_bad_images_lists_them_and_keeps_caffes_keys(caffe_dir: Path, tmp_path: Path) -> None:
+    broken = {"broken.png": b"\x89PNG\r\n\x1a\n not really", "empty.jpg": b"", "text.jpg": b"hello"}
+    root, list_file, lines = _images_with(caffe_dir, tmp_path, broken)
+    for workers in (1, 2):
+        db = tmp_path / f"db{workers}"
+        convert_imageset(root, list_file, db, workers=workers, progress=False, on_error="skip")
+        skipped = read_manifest(db)["metadata"]["skipped"]
+        assert [(s["path"], s["line"]) for s in skipped] == [("broken.png", 3), ("empty.jpg", 7), ("text.jpg", 11)]
+        assert all(s["reason"] and "list.txt" not in s["reason"] for s in skipped)
+        items = read_lmdb_items(db)
+        expected_keys = [b"%08d_" % i + line.rpartition(" ")[0].encode() for i, line in enumerate(lines)]
+        assert [k for k, _ in items] == [k for k in expected_keys if k.split(b"_", 1)[1].decode() not in broken]
+    assert (tmp_path / "db1" / "data.mdb").read_bytes() == (tmp_path / "db2" / "data.mdb").read_bytes()
+    with pytest.raises(InputError, match=r"list\.txt:3: .*broken\.png: not an image"):
+        convert_imageset(root, list_file, tmp_path / "stop", workers=2, progress=False)
+    assert not (tmp_path / "stop").exists()
+
+
+def test_a_decode_over_the_time_bound_stops_or_is_skipped(caffe_dir: Path, tmp_path: Path, slow_png: Path) -> None:
+    root, list_file, lines = _images_with(caffe_dir, tmp_path, {"slow.png": slow_png})
+    for workers in (1, 2):
+        with pytest.raises(InputError, match=r"list\.txt:3: slow\.png: decoding took longer than 0\.1 s"):
+            convert_imageset(root, list_file, tmp_path / "db", workers=workers, progress=False, decode_timeout=0.1)
+        assert not (tmp_path / "db").exists() and leftovers(tmp_path / "db") == []
+    db = tmp_path / "skipped"
+    convert_imageset(root, list_file, db, workers=2, progress=False, on_error="skip", decode_timeout=0.1)
+    skipped = read_manifest(db)["metadata"]["skipped"]
+    assert [(s["path"], s["line"]) for s in skipped] == [("slow.png", 3)] and "longer than 0.1 s" in skipped[0][
+        "reason"
+    ]
+    keys = [k for k, _ in read_lmdb_items(db)]
+    assert len(keys) == len(lines) - 1 and b"00000002_slow.png" not in keys and keys[2].startswith(b"00000003_")
+    # the same images without a bound: every one, the slow one too
+    convert_imageset(root, list_file, tmp_path / "unbounded", workers=2, progress=False, on_error="skip")
+    assert len(read_lmdb_items(tmp_path / "unbounded")) == len(lines)
+
+
+def test_skip_names_an_image_a_worker_died_on(caffe_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker dies (a crash in a decoder); with skip the image is listed and the rest is built
+    by a new pool, whose workers are spawned (this process may hold an LMDB environment by then)."""
+    real = imageset._serialize
+
+    def crash_on_img_05(image_path: Path, *args: object) -> object:
+        if image_path.name == "img_05.png":
+            os._exit(9)
+        return real(image_path, *args)
+
+    monkeypatch.setattr(imageset, "_serialize", crash_on_img_05)  # inherited by the forked workers only
+    list_file = caffe_dir / "list.txt"
+    db = tmp_path / "db"
+    options = ImagesetOptions(resize_height=32, resize_width=32)  # lmdb_raw's flags (FIXTURE_FLAGS)
+    convert_imageset(caffe_dir / "images", list_file, db, options, workers=2, progress=False, on_error="skip")
+    skipped = read_manifest(db)["metadata"]["skipped"]
+    assert [(s["path"], s["line"]) for s in skipped] == [("img_05.png", 6)] and "crashed" in skipped[0]["reason"]
+    expected = [(k, v) for k, v in read_lmdb_items(caffe_dir / "lmdb_raw") if not k.endswith(b"img_05.png")]
+    assert read_lmdb_items(db) == expected  # the rest exactly as Caffe made it
+
+
+def test_class_folders_are_labelled_by_sorted_name(caffe_dir: Path, tmp_path: Path) -> None:
+    root = tmp_path / "classes"
+    sources = sorted((caffe_dir / "images").rglob("*.png"), key=lambda p: p.name)
+    layout = {"zebra": sources[:3], "ant": sources[3:6], ".hidden": sources[6:7], "cat": sources[7:9]}
+    for name, files in layout.items():
+        (root / name / "deeper").mkdir(parents=True)
+        for index, source in enumerate(files):
+            shutil.copy(source, root / name / ("deeper" if index == 0 else ".") / source.name)
+        (root / name / "notes.txt").write_text("not an image")  # skipped by extension, as in torchvision
+    (root / "README.md").write_text("files at the top level are not classes")
+    entries, classes = imageset.read_class_folders(root)
+    assert classes == [".hidden", "ant", "cat", "zebra"]  # torchvision: every folder, sorted
+    expected = []
+    for name in classes:  # sorted(os.walk(...)): the class folder's own files, then deeper/'s
+        files = layout[name]
+        expected += [(f"{name}/{f.name}", classes.index(name)) for f in sorted(files[1:], key=lambda f: f.name)]
+        expected.append((f"{name}/deeper/{files[0].name}", classes.index(name)))
+    assert [(e.path, e.label) for e in entries] == expected
+    db = tmp_path / "db"
+    assert main(["--no-progress", "convert-imageset", "--folders", str(root), str(db)]) == 0
+    manifest = read_manifest(db)
+    assert manifest["metadata"]["classes"] == classes and manifest["metadata"]["list_file"] is None
+    assert [k.split(b"_", 1)[1].decode() for k, _ in read_lmdb_items(db)] == [e.path for e in entries]
+    (root / "empty").mkdir()
+    assert main(["--no-progress", "convert-imageset", "--folders", str(root), str(tmp_path / "db2")]) == 2
+
+
+def test_cli_on_error_and_decode_timeout(caffe_dir: Path, tmp_path: Path, slow_png: Path, capsys) -> None:
+    root, list_file, _ = _images_with(caffe_dir, tmp_path, {"slow.png": slow_png, "bad.jpg": b"nope"})
+    argv = ["--no-progress", "convert-imageset", str(root), str(list_file)]
+    assert main([*argv, str(tmp_path / "a"), "--decode-timeout", "0.1"]) == 2
+    assert "list.txt:3: slow.png: decoding took longer than 0.1 s" in capsys.readouterr().err
+    assert main([*argv, str(tmp_path / "b"), "--decode-timeout", "0.1", "--on-error", "skip"]) == 0
+    assert "skipped 2 images" in capsys.readouterr().err
+    assert len(read_manifest(tmp_path / "b")["metadata"]["skipped"]) == 2
+    assert main([*argv, str(tmp_path / "c"), "--on-error", "sometimes"]) == 2

@@ -74,7 +74,7 @@ def _inputs(root: Path, count: int = 24) -> list[tuple[str, int]]:
 
 
 def _build(params: Path, out: Path) -> Path:
-    assert main(["--no-progress", "pipeline", "build-all", "--params", str(params), str(out), "--jobs", "1"]) == 0
+    assert main(["--no-progress", "pipeline", "build-all", "--params", str(params), str(out), "--jobs", "2"]) == 0
     return out
 
 
@@ -240,3 +240,19 @@ def test_class_folders_give_sorted_labels_and_the_manifest_names_the_classes(tmp
             path = KEY.fullmatch(key).group(2).decode()  # type: ignore[union-attr]
             assert decode(value).label == int(path.split("/")[0][1:]) == dict(listed)[path]
     _check_and_report(params, lmdb, tmp_path / "reports")
+
+
+def test_an_image_over_the_decode_time_bound_is_skipped_and_named(tmp_path: Path) -> None:
+    listed = _inputs(tmp_path, count=9)
+    y, x = np.mgrid[0:8000, 0:8000]
+    plane = ((x // 7 + y // 5) % 256).astype(np.uint8)  # about half a second to decode
+    slow = listed[4][0]
+    assert slow.endswith(".png")  # replaced by a large PNG of the same name
+    assert cv2.imwrite(str(tmp_path / "inputs" / "images" / slow), cv2.merge([plane, 255 - plane, plane]))
+    params = _params(tmp_path, imageset={"on_error": "skip", "decode_timeout": 0.1})
+    lmdb = _build(params, tmp_path / "lmdb")
+    skipped = [s for split in SPLITS for s in read_manifest(lmdb / split)["metadata"]["skipped"]]
+    assert [(s["path"], s["line"]) for s in skipped] == [(slow, 5)]
+    assert "decoding took longer than 0.1 s" in skipped[0]["reason"]
+    text, _ = _check_and_report(params, lmdb, tmp_path / "reports")
+    assert f"| {slow} | 5 |" in text

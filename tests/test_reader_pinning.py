@@ -84,7 +84,7 @@ def _assert_reads(reader: DatumReader, images: np.ndarray, labels: np.ndarray) -
 # --------------------------------------------------------------------------- one process
 
 
-@pytest.mark.parametrize("first_use", ["len", "item", "batch", "iterate", "manifest"])
+@pytest.mark.parametrize("first_use", ["len", "item", "batch", "iterate", "manifest", "index"])
 def test_reads_after_an_in_place_rebuild_all_come_from_the_pinned_version(tmp_path: Path, first_use: str) -> None:
     (images, labels), (new_images, new_labels), changed = _versions()
     path = tmp_path / "db"
@@ -98,6 +98,9 @@ def test_reads_after_an_in_place_rebuild_all_come_from_the_pinned_version(tmp_pa
         reader.read_batch([changed, 0])
     elif first_use == "iterate":
         next(iter(reader))
+    elif first_use == "index":  # single reads through the offset index before the rebuild
+        assert reader.build_index()
+        assert reader[changed][1] == labels[changed]
     else:
         assert reader.manifest["count"] == COUNT
     pinned = reader.version
@@ -112,18 +115,26 @@ def test_reads_after_an_in_place_rebuild_all_come_from_the_pinned_version(tmp_pa
     reader.close()
 
 
-def test_a_closed_reader_reopens_its_version_or_raises(tmp_path: Path) -> None:
+@pytest.mark.parametrize("indexed", [False, True])
+def test_a_closed_reader_reopens_its_version_or_raises(tmp_path: Path, indexed: bool) -> None:
     (images, labels), (new_images, new_labels), changed = _versions()
     path = tmp_path / "db"
     _write(path, images, labels)
     reader = DatumReader(path).pin()
+    if indexed:  # single reads on the fast path: closing must end it too
+        assert reader.build_index() and reader[changed][1] == labels[changed]
     reader.close()
     assert reader[changed][1] == labels[changed]  # nothing changed: reopens the same file
+    if indexed:
+        assert reader.build_index()
+        kept, _ = reader[changed]
     reader.close()
     _write(path, new_images, new_labels, overwrite=True)
     for use in (len, lambda r: r[0], lambda r: r.read_batch([0]), list, lambda r: r.manifest):
         with pytest.raises(DatabaseChangedError, match=f"{path}.*replaced after this reader pinned"):
             use(reader)
+    if indexed:  # an array read before the close is a view of the old version's map, still valid
+        assert np.array_equal(kept, images[changed])
 
 
 def test_the_replaced_version_is_released_when_its_last_reader_closes(tmp_path: Path) -> None:
@@ -230,12 +241,18 @@ def _inherited(reader: DatumReader, results: multiprocessing.queues.Queue) -> No
 
 
 @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
-def test_a_forked_child_that_inherits_a_pinned_reader_raises_after_a_rebuild(tmp_path: Path) -> None:
-    """fork passes Process arguments by memory, not by pickle: the same rule must hold."""
+@pytest.mark.parametrize("indexed", [False, True])
+def test_a_forked_child_that_inherits_a_pinned_reader_raises_after_a_rebuild(tmp_path: Path, indexed: bool) -> None:
+    """fork passes Process arguments by memory, not by pickle: the same rule must hold.
+
+    Also when the parent built the offset index, which the child inherits with the map.
+    """
     (images, labels), (new_images, new_labels), _ = _versions(30)
     path = tmp_path / "db"
     _write(path, images, labels)
     reader = DatumReader(path).pin()
+    if indexed:
+        assert reader.build_index()
     context = multiprocessing.get_context("fork")
     results = context.Queue()
     outcomes = []
@@ -359,11 +376,16 @@ def test_concurrent_first_use_from_eight_threads_leaves_nothing_open(tmp_path: P
 # --------------------------------------------------------------------------- index types
 
 
-def test_indices_must_be_integers(tmp_path: Path) -> None:
+@pytest.mark.parametrize("indexed", [False, True])
+def test_indices_must_be_integers(tmp_path: Path, indexed: bool) -> None:
     images, labels = _versions(30)[0]
     path = tmp_path / "db"
     _write(path, images, labels)
     with DatumReader(path) as reader:
+        assert not indexed or reader.build_index()  # the single-read fast path, or not
+        for bad in (30, -31, 2**64, np.int64(30), np.uint64(2**64 - 1)):
+            with pytest.raises(IndexError, match=f"{path}: index {bad} out of range for 30 records"):
+                reader[bad]
         for good in (2, np.int8(2), np.uint16(2), np.int64(2), np.array(2), -28):
             array, label = reader[good]
             assert np.array_equal(array, images[2]) and label == labels[2], repr(good)

@@ -13,6 +13,8 @@ from datumdb.errors import DatabaseChangedError
 
 torch = optional_import("torch")
 DataLoader = torch.utils.data.DataLoader
+BatchSampler, RandomSampler = torch.utils.data.BatchSampler, torch.utils.data.RandomSampler
+default_collate = torch.utils.data.default_collate
 from datumdb.torch_dataset import DatumDataset  # noqa: E402  (needs torch)
 
 pytestmark = pytest.mark.integration
@@ -140,6 +142,59 @@ def test_a_shuffled_epoch_of_batches_holds_every_record_once(db, workers: int) -
         assert batch.is_contiguous() and batch.dtype == torch.uint8
         seen_images.append(batch)
         seen_labels.append(batch_labels)
+    all_images, all_labels = torch.cat(seen_images).numpy(), torch.cat(seen_labels).numpy()
+    seen = sorted(zip([image.tobytes() for image in all_images], all_labels.tolist(), strict=True))
+    assert seen == sorted(zip([image.tobytes() for image in images], labels.tolist(), strict=True))
+    assert not np.array_equal(all_labels, labels)  # shuffled
+
+
+def test_a_uniform_raw_dataset_builds_its_index_when_created(db, tmp_path: Path) -> None:
+    """Built in the main process, so that forked workers inherit it instead of scanning the file."""
+    assert DatumDataset(db[0]).reader._pinned().built_offset_index() is not None
+    for path in _mixed_and_encoded(tmp_path).values():  # no index to build (or nothing built)
+        assert DatumDataset(path).reader._pinned().built_offset_index() is None
+
+
+def test_a_batch_of_indices_is_what_default_collate_makes_of_getitems(db, tmp_path: Path) -> None:
+    paths = {"raw": db[0], **_mixed_and_encoded(tmp_path)}
+    rng = np.random.default_rng(1)
+    for kind, path in paths.items():
+        for options in ({}, {"transform": _to_unit_float, "target_transform": int}):
+            dataset = DatumDataset(path, **options)
+            indices = [*rng.integers(-len(dataset), len(dataset), 9).tolist(), 0, 0]
+            for given in (indices, tuple(indices), np.array(indices), torch.tensor(indices)):
+                if kind == "mixed":  # two shapes: no batch tensor, either way
+                    with pytest.raises(RuntimeError):
+                        default_collate(dataset.__getitems__(indices))
+                    with pytest.raises(RuntimeError):
+                        dataset[given]
+                    continue
+                images, labels = dataset[given]
+                expected_images, expected_labels = default_collate(dataset.__getitems__(indices))
+                assert images.dtype == expected_images.dtype and torch.equal(images, expected_images), kind
+                assert labels.dtype == expected_labels.dtype and torch.equal(labels, expected_labels), kind
+                assert images.is_contiguous()
+    dataset = DatumDataset(paths["raw"])
+    assert torch.equal(dataset[np.array(3)][0], dataset[3][0])  # a 0-d index is one sample
+    with pytest.raises(IndexError, match="out of range"):
+        dataset[[0, 50]]
+    with pytest.raises(TypeError, match="record indices must be integers"):
+        dataset[[0.5]]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_batch_sampler_recipe_gives_one_tensor_per_batch_for_a_whole_epoch(db, workers: int) -> None:
+    path, images, labels = db
+    dataset = DatumDataset(path)
+    sampler = BatchSampler(RandomSampler(dataset, generator=torch.Generator().manual_seed(4)), 16, drop_last=False)
+    loader = DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=workers)
+    seen_images, seen_labels = [], []
+    for batch, batch_labels in loader:
+        assert batch.is_contiguous() and batch.dtype == torch.uint8 and tuple(batch.shape[1:]) == (3, 8, 6)
+        assert batch_labels.dtype == torch.int64 and len(batch_labels) == len(batch)
+        seen_images.append(batch)
+        seen_labels.append(batch_labels)
+    assert [len(b) for b in seen_images] == [16, 16, 16, 2]
     all_images, all_labels = torch.cat(seen_images).numpy(), torch.cat(seen_labels).numpy()
     seen = sorted(zip([image.tobytes() for image in all_images], all_labels.tolist(), strict=True))
     assert seen == sorted(zip([image.tobytes() for image in images], labels.tolist(), strict=True))

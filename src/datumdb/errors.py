@@ -75,3 +75,11 @@ class DatabaseChangedError(DatabaseError):
     it was pickled or forked into, or after :meth:`~datumdb.reader.DatumReader.close`) and finds
     another file there, it raises this instead of reading records of a second version.
     """
+
+
+class DecodeWorkerError(DatumDBError, RuntimeError):
+    """A process decoding images died (killed, out of memory, a crash in a decoder) mid-build.
+
+    The message names the first list line of the images it may have been reading; nothing is
+    published, as for any other failed build.
+    """

@@ -1,4 +1,4 @@
-"""Fast reads of uniform raw databases: a fixed-layout decoder and an offset-index gather.
+"""Fast reads of uniform raw databases: a fixed-layout decoder and an offset index.
 
 Almost every training database is uniform: every value is a raw uint8 Datum of one shape, so
 every value is ``header + payload + label tail`` with the same header. Two shortcuts follow,
@@ -8,19 +8,22 @@ and both fall back to the general path (:func:`datumdb.codec.decode`) for anythi
   byte comparisons and slices the payload, instead of parsing field by field.
 * :class:`OffsetIndex` records, once per process, where each value's payload sits in
   ``data.mdb`` (from the address LMDB returns for it and the page number in the header of the
-  page holding it), validates a sample of them against the file, and then gathers a batch with
-  one NumPy fancy index over an overlapping strided view of a read-only map of the file: the same
-  operation as a memmap gather of a ``.npy``. The map is handed in by the caller, made from the
-  very file the LMDB environment has open (:mod:`datumdb.reader` maps the descriptor it pinned),
-  never by opening ``data.mdb`` by path: after a rebuild the path names another file, and the
-  sample check could not see that one record differs.
+  page holding it), checks every record's header and label tail in the file, compares a sample
+  of payloads with what LMDB returns, and then reads through an overlapping strided view of a
+  read-only map of the file: a batch is one NumPy fancy index and a single record one integer
+  index, the same operations as on a ``.npy`` memmap. The map is handed in by the caller, made
+  from the very file the LMDB environment has open (:mod:`datumdb.reader` maps the descriptor it
+  pinned), never by opening ``data.mdb`` by path: after a rebuild the path names another file,
+  and the sample check could not see that one record differs.
 """
 
 from __future__ import annotations
 
+import array
 import ctypes
 import mmap
 import random
+import sys
 
 import lmdb
 import numpy as np
@@ -29,68 +32,154 @@ from datumdb.codec import RawLayout
 
 __all__ = ["OffsetIndex"]
 
-_VALIDATED_SAMPLE = 64
+_VALIDATED_SAMPLE = 64  # payloads compared byte for byte with LMDB's own answer
+_CHECK_CHUNK = 1 << 16  # records whose headers and tails are checked in one vectorised step
 
 Buffer = bytes | memoryview | mmap.mmap  # anything NumPy can view as bytes without a copy
 
 
-class OffsetIndex:
-    """Payload offsets in ``data.mdb`` of every record (in key order), and their labels."""
+def _numpy_address(view: memoryview) -> int:
+    return np.frombuffer(view, dtype=np.uint8).ctypes.data
 
-    def __init__(self, offsets: np.ndarray, labels: np.ndarray, layout: RawLayout, data: Buffer) -> None:
-        self.offsets = offsets
-        self.labels = labels
+
+def _find_buffer_field() -> int | None:
+    """Where CPython keeps a memoryview's buffer pointer inside the object, if we can tell.
+
+    Asking NumPy for the address of each value costs ~1.5 µs (a ctypes object per call), most of
+    an index build. CPython stores the ``Py_buffer`` inline in the memoryview, so its ``buf``
+    pointer is a word at a fixed offset: found here by matching NumPy's answer on several
+    buffers, and used only when exactly one offset matches them all (else None: NumPy is asked).
+    Reading that word never leaves the object, and every offset it yields is checked against
+    the file before use (:meth:`OffsetIndex.build`), so a wrong guess fails the build, never a read.
+    """
+    if sys.implementation.name != "cpython":
+        return None
+    buffers = [bytes(range(n % 256)) * 3 + b"x" for n in (5, 77, 200)]
+    views = [memoryview(b)[i:] for i, b in enumerate(buffers)]
+    size = sys.getsizeof(views[0])
+    word = ctypes.sizeof(ctypes.c_void_p)
+    found = [
+        offset
+        for offset in range(0, size - word + 1, word)
+        if all(ctypes.c_void_p.from_address(id(v) + offset).value == _numpy_address(v) for v in views)
+    ]
+    return found[0] if len(found) == 1 else None
+
+
+_BUFFER_FIELD = _find_buffer_field()
+
+
+class OffsetIndex:
+    """Payload offsets in ``data.mdb`` of every record (in key order), and their labels.
+
+    ``offsets`` and ``labels`` are int64 arrays for batch gathers; ``record_offsets`` and
+    ``record_labels`` are the same memory as :class:`array.array`, whose items are Python ints
+    without a NumPy scalar in between (a single read is two such lookups and one view).
+    """
+
+    def __init__(self, offsets: array.array, labels: array.array, layout: RawLayout, data: Buffer) -> None:
+        self.record_offsets = offsets
+        self.record_labels = labels
+        self.offsets = np.frombuffer(offsets, dtype=np.int64)
+        self.labels = np.frombuffer(labels, dtype=np.int64)
         self.layout = layout
         self._file = np.frombuffer(data, dtype=np.uint8)  # keeps ``data`` (the map) alive
+        rows = len(self._file) - layout.size + 1
         # Element r is the payload-sized byte string starting at byte r (a void scalar, copied
         # with one memcpy): a gather is one fancy index over this view, as for a .npy memmap.
         self._record = np.dtype((np.void, layout.size))
-        rows = len(self._file) - layout.size + 1
         self._rows = np.ndarray((rows,), dtype=self._record, buffer=self._file, offset=0, strides=(1,))
+        # Element r is the (C, H, W) image starting at byte r: a single read is one integer index.
+        _channels, height, width = layout.shape
+        self.images = np.lib.stride_tricks.as_strided(
+            self._file, (rows, *layout.shape), (1, height * width, width, 1), writeable=False
+        )
 
     @classmethod
     def build(cls, env: lmdb.Environment, data: Buffer, layout: RawLayout) -> OffsetIndex | None:
-        """Scan once with buffers; None unless every record has ``layout`` and the offsets check out.
+        """Scan once; None unless every record has ``layout`` and the offsets check out.
 
         ``data`` is a read-only map (e.g. :class:`mmap.mmap`) of the whole file ``env`` has open:
-        the same file, not merely the same path, or the index gathers another version's pixels.
+        the same file, not merely the same path, or the index reads another version's pixels.
+        The scan only asks LMDB where each value is (its pages are not read); the headers and
+        label tails are then checked in the file, a chunk of records at a time.
         """
-        file_size = len(data)
+        field = _BUFFER_FIELD
+        file = np.frombuffer(data, dtype=np.uint8)
         with env.begin(buffers=True) as txn:  # values as views of the map: their addresses are what we want
             page_size = int(txn.stat()["psize"])
-            addresses, labels = [], []
-            base = None
-            for _, value in txn.cursor().iternext(keys=True, values=True):
-                label = layout.label(value)
-                if label is None:
-                    return None
-                address = np.frombuffer(value, dtype=np.uint8).ctypes.data
-                if base is None:  # the map's start, from the page number in this page's header
-                    page_start = address - address % page_size
-                    base = page_start - ctypes.c_uint64.from_address(page_start).value * page_size
-                addresses.append(address - base)
-                labels.append(label)
-            if base is None or min(addresses) < 0 or max(addresses) + layout.tail_start > file_size:
+            count = int(txn.stat()["entries"])
+            picked = set(random.Random(count).sample(range(count), min(count, _VALIDATED_SAMPLE))) | {0, count - 1}
+            addresses, lengths, sample = array.array("q"), array.array("q"), {}
+            first = None
+            from_address = ctypes.c_void_p.from_address
+            for position, value in enumerate(txn.cursor().iternext(keys=False, values=True)):
+                addresses.append(from_address(id(value) + field).value if field is not None else _numpy_address(value))
+                lengths.append(len(value))
+                if position in picked:
+                    sample[position] = bytes(value)
+                    if position == 0:  # the map's start, from the page number in this page's header
+                        first = _numpy_address(value)
+                        page_start = first - first % page_size
+                        base = page_start - ctypes.c_uint64.from_address(page_start).value * page_size
+            if first is None:
                 return None
-            offsets = np.asarray(addresses, dtype=np.int64) + len(layout.header)
-            index = cls(offsets, np.asarray(labels, dtype=np.int64), layout, data)
-            return index if index._agrees_with(txn) else None
+        starts = np.frombuffer(addresses, dtype=np.int64) - base
+        ends = starts + np.frombuffer(lengths, dtype=np.int64)
+        if first - base != starts[0] or starts.min() < 0 or ends.max() > len(file):
+            return None
+        labels = _checked_labels(file, starts, ends, layout)
+        if labels is None:
+            return None
+        offsets = array.array("q")
+        offsets.frombytes((starts + len(layout.header)).tobytes())
+        index = cls(offsets, labels, layout, data)
+        return index if index._agrees_with(sample) else None
 
-    def _agrees_with(self, txn: lmdb.Transaction) -> bool:
-        """Compare a sample of gathered payloads (first, last, random) with what LMDB returns."""
-        count = len(self.offsets)
-        sample = sorted({0, count - 1, *random.Random(count).sample(range(count), min(count, _VALIDATED_SAMPLE))})
-        position = 0
-        with txn.cursor() as cursor:
-            for index, (_, value) in enumerate(cursor.iternext(keys=True, values=True)):
-                if position < len(sample) and index == sample[position]:
-                    if self._rows[self.offsets[index]].tobytes() != self.layout.array(value).tobytes():
-                        return False
-                    position += 1
-        return position == len(sample)
+    def _agrees_with(self, sample: dict[int, bytes]) -> bool:
+        """Compare a sample of values (first, last, random) as read through the index and by LMDB."""
+        for position, value in sample.items():
+            image, label = self.record(position)
+            if label != self.layout.label(value) or image.tobytes() != self.layout.array(value).tobytes():
+                return False
+        return True
+
+    def record(self, position: int) -> tuple[np.ndarray, int]:
+        """The (C, H, W) read-only view of one record's payload in the map, and its label."""
+        return self.images[self.record_offsets[position]], self.record_labels[position]
 
     def gather(self, indices: np.ndarray, out: np.ndarray) -> np.ndarray:
         # Advanced indexing walks the overlapping view as is (np.take would first copy all of it
         # into a contiguous array: hundreds of gigabytes).
         out.reshape(len(indices), -1).view(self._record).reshape(len(indices))[...] = self._rows[self.offsets[indices]]
         return self.labels[indices]
+
+
+def _checked_labels(file: np.ndarray, starts: np.ndarray, ends: np.ndarray, layout: RawLayout) -> array.array | None:
+    """Every record's label if each value in ``file[start:end]`` has ``layout``, else None.
+
+    The same test as :meth:`RawLayout.label`, vectorised for the usual one-byte label (0..127);
+    other lengths (multi-byte labels, or not the layout at all) are handed to it one by one.
+    """
+    header = np.frombuffer(layout.header, dtype=np.uint8)
+    short = layout.tail_start + 4  # header, payload, 0x28 label 0x38 0x00
+    labels = array.array("q", bytes(8 * len(starts)))
+    out = np.frombuffer(labels, dtype=np.int64)
+    view = memoryview(file)
+    for begin in range(0, len(starts), _CHECK_CHUNK):
+        start, end = starts[begin : begin + _CHECK_CHUNK], ends[begin : begin + _CHECK_CHUNK]
+        if not (file[start[:, None] + np.arange(len(header))] == header).all():
+            return None
+        usual = end - start == short
+        tail = start[usual] + layout.tail_start
+        codes = file[tail[:, None] + np.arange(4)]
+        if not ((codes[:, 0] == 0x28) & (codes[:, 1] < 0x80) & (codes[:, 2] == 0x38) & (codes[:, 3] == 0)).all():
+            return None
+        chunk = out[begin : begin + len(start)]
+        chunk[usual] = codes[:, 1]
+        for row in np.flatnonzero(~usual).tolist():
+            label = layout.label(view[int(start[row]) : int(end[row])])
+            if label is None:
+                return None
+            chunk[row] = label
+    return labels

@@ -13,7 +13,8 @@ tests/fixtures/caffe):
 
 Where Caffe is lax we are strict, because a silent skip is a dataset bug found weeks later: an
 unreadable image, a bad label or a path escaping ROOT is an error naming the list file and line
-(Caffe logs and skips, or parses "cat" as label 0). Caffe's ``--shuffle`` is unseeded; ours
+(Caffe logs and skips, or parses "cat" as label 0). Skipping unreadable images, Caffe's way, is
+``on_error="skip"``, and then every skipped image is listed in the manifest. Caffe's ``--shuffle`` is unseeded; ours
 takes ``seed`` (default 0) so a shuffled database is reproducible.
 
 Inputs are files, and bounded (:mod:`datumdb.limits`): the list file and every image must be
@@ -21,6 +22,11 @@ regular files of at most ``max_input_bytes()`` (2 GiB), so a FIFO in the list ca
 build nor a link to ``/dev/zero`` exhaust memory; symlinks are resolved before the ROOT check, so
 a link inside ROOT cannot lead outside it unless ``allow_outside_root``; and no OpenCV failure
 (a forged header over the pixel bound, say) escapes as anything but an :class:`InputError`.
+
+Decoding is the cost (a JPEG photo takes milliseconds, writing its record microseconds), so it
+runs in ``workers`` processes (all usable cores by default; :mod:`datumdb.decodepool`), with
+an optional time bound per image. Images can also come as ``root/<class>/<image>`` folders
+(:func:`read_class_folders`, torchvision's ``ImageFolder`` convention).
 """
 
 from __future__ import annotations
@@ -29,16 +35,16 @@ import os
 import re
 import stat
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import cv2
 import numpy as np
 
 from datumdb._progress import progress as progress_bar
 from datumdb.codec import INT32_MAX, INT32_MIN, encode_array, encode_image, hwc_to_chw, imdecode, imencode, resize
+from datumdb.decodepool import Failure, ordered_results, usable_cores
 from datumdb.errors import DatumError, InputError, UnsafeInputError
 from datumdb.keys import MAX_KEY_BYTES, imageset_key
 from datumdb.limits import read_regular_file
@@ -52,10 +58,13 @@ __all__ = [
     "ordered_entries",
     "read_list_file",
     "resolve_path",
+    "usable_cores",
 ]
 
 
 _LABEL = re.compile(r"[+-]?[0-9]+", re.ASCII)
+
+Shape = tuple[int, int, int]
 
 
 @dataclass(frozen=True)
@@ -227,9 +236,7 @@ def load_image(
     return image, raw
 
 
-def _serialize(
-    image_path: Path, entry: ListEntry, options: ImagesetOptions, list_file: Path
-) -> tuple[bytes, tuple[int, int, int]]:
+def _serialize(image_path: Path, entry: ListEntry, options: ImagesetOptions, list_file: Path) -> tuple[bytes, Shape]:
     image, raw = load_image(image_path, entry, options, list_file)
     chw = hwc_to_chw(image)
     key = entry.path
@@ -255,7 +262,7 @@ def ordered_entries(entries: list[ListEntry], options: ImagesetOptions) -> list[
 
 def convert_imageset(
     root: str | os.PathLike[str],
-    list_file: str | os.PathLike[str],
+    list_file: str | os.PathLike[str] | None,
     db_path: str | os.PathLike[str],
     options: ImagesetOptions = ImagesetOptions(),
     *,
@@ -264,36 +271,62 @@ def convert_imageset(
     map_size: int = DEFAULT_MAP_SIZE,
     workers: int | None = None,
     progress: bool | None = None,
+    on_error: Literal["stop", "skip"] = "stop",
+    decode_timeout: float | None = None,
 ) -> Path:
     """Build ``db_path`` from the images under ``root`` listed in ``list_file``.
 
-    Images are decoded on ``workers`` threads (OpenCV releases the GIL); records are still
-    appended by one writer in list order, so the result does not depend on ``workers``.
+    ``list_file`` None reads ``root/<class>/<image>`` instead (:func:`read_class_folders`); the
+    manifest then names the classes. Images are decoded, resized and serialized in ``workers``
+    processes (default :func:`usable_cores`; 1 with no ``decode_timeout`` decodes in this
+    process), in runs of consecutive entries; this process takes the runs in list order and is
+    the only writer, so records, keys, commit boundaries and hence ``data.mdb`` do not depend on
+    ``workers``, and the error reported is the one a single process would meet first (see
+    :mod:`datumdb.decodepool`). ``on_error="skip"`` leaves out an image that cannot be read,
+    decoded or encoded (or takes over ``decode_timeout`` seconds), as Caffe does, but records its
+    path, list line and reason in the manifest (``metadata.skipped``); keys keep the line's
+    index, so the numbers of the others do not move.
     """
-    root, list_file = Path(root), Path(list_file)
+    root = Path(root)
     if not root.is_dir():
         raise InputError(f"{root}: ROOT folder not found")
-    entries = ordered_entries(read_list_file(list_file), options)
+    classes = None
+    if list_file is None:
+        listed, classes = read_class_folders(root)
+        where = root
+    else:
+        where = Path(list_file)
+        listed = read_list_file(where)
+    entries = ordered_entries(listed, options)
     real_root = os.path.realpath(root)
-    paths = [resolve_path(root, entry, list_file, options.allow_outside_root, real_root=real_root) for entry in entries]
-    metadata = {
+    paths = [resolve_path(root, entry, where, options.allow_outside_root, real_root=real_root) for entry in entries]
+    metadata: dict[str, Any] = {
         "source": "imageset",
         # A name that is not UTF-8 (surrogate escapes) is kept as \\xNN: the manifest is UTF-8 JSON.
-        "list_file": os.fsencode(list_file.name).decode("utf-8", "backslashreplace"),
+        "list_file": None if list_file is None else os.fsencode(where.name).decode("utf-8", "backslashreplace"),
         "options": {k: v for k, v in vars(options).items() if k != "allow_outside_root"},
     }
+    if classes is not None:
+        metadata["classes"] = classes
+    if on_error == "skip":
+        metadata["skipped"] = []  # (present and empty: nothing was left out)
     channel_order = "gray" if options.gray else "BGR"
-    with DatabaseWriter(
-        db_path,
-        overwrite=overwrite,
-        batch_size=batch_size,
-        map_size=map_size,
-        channel_order=channel_order,
-        metadata=metadata,
-    ) as writer:
+    job = _Job(paths, entries, options, where)
+    with (
+        ordered_results(
+            job, workers or usable_cores(), skip_errors=on_error == "skip", timeout=decode_timeout
+        ) as records,
+        DatabaseWriter(
+            db_path,
+            overwrite=overwrite,
+            batch_size=batch_size,
+            map_size=map_size,
+            channel_order=channel_order,
+            metadata=metadata,
+        ) as writer,
+    ):
         expected_size = None
-        records = _serialized(paths, entries, options, list_file, workers)
-        for line_id, (entry, (value, shape)) in enumerate(
+        for line_id, (entry, record) in enumerate(
             progress_bar(
                 zip(entries, records, strict=True),
                 enabled=progress,
@@ -302,41 +335,62 @@ def convert_imageset(
                 unit="img",
             )
         ):
+            if isinstance(record, Failure):
+                writer.metadata["skipped"].append({"path": entry.path, "line": entry.line, "reason": record.reason})
+                continue
+            value, shape = record
             if options.check_size:
                 size = shape[0] * shape[1] * shape[2]
                 if expected_size is None:
                     expected_size = size
                 elif size != expected_size:
                     raise InputError(
-                        f"{list_file}:{entry.line}: {entry.path} has {size} values, the first image had "
+                        f"{where}:{entry.line}: {entry.path} has {size} values, the first image had "
                         f"{expected_size} (--check-size)"
                     )
             key = imageset_key(line_id, entry.path)
             if len(key) > MAX_KEY_BYTES:
                 raise InputError(
-                    f"{list_file}:{entry.line}: key for {entry.path!r} is {len(key)} bytes; LMDB allows {MAX_KEY_BYTES}"
+                    f"{where}:{entry.line}: key for {entry.path!r} is {len(key)} bytes; LMDB allows {MAX_KEY_BYTES}"
                 )
             writer.add_serialized(value, key, shape=shape)
     return Path(db_path)
 
 
-def _serialized(
-    paths: list[Path], entries: list[ListEntry], options: ImagesetOptions, list_file: Path, workers: int | None
-) -> Iterator[tuple[bytes, tuple[int, int, int]]]:
-    workers = workers or min(8, os.cpu_count() or 1)
-    if workers <= 1:
-        for path, entry in zip(paths, entries, strict=True):
-            yield _serialize(path, entry, options, list_file)
-        return
-    window = workers * 4  # bounded read-ahead: memory stays flat however long the list is
-    with ThreadPoolExecutor(workers) as pool:
-        pending = []
-        for path, entry in zip(paths, entries, strict=True):
-            pending.append(pool.submit(_serialize, path, entry, options, list_file))
-            if len(pending) >= window:
-                yield pending.pop(0).result()
-        for future in pending:
-            yield future.result()
+# --------------------------------------------------------------------------- decoding
+
+
+@dataclass(frozen=True)
+class _Job:
+    """What the decoding workers make: each listed image's record (:class:`~datumdb.decodepool.DecodeTask`)."""
+
+    paths: list[Path]
+    entries: list[ListEntry]
+    options: ImagesetOptions
+    list_file: Path
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def run(self, index: int) -> tuple[bytes, Shape]:
+        return _serialize(self.paths[index], self.entries[index], self.options, self.list_file)
+
+    def where(self, index: int) -> str:
+        entry = self.entries[index]
+        return f"{self.list_file}:{entry.line}: {entry.path}"
+
+    def reason(self, exc: InputError, index: int) -> str:
+        """The error without its ``list:line: [path:] file:`` prefix (a report has columns for those)."""
+        entry = self.entries[index]
+        text = str(exc).removeprefix(f"{self.list_file}:{entry.line}: ").removeprefix(f"{entry.path}: ")
+        return text.removeprefix(f"{self.paths[index]}: ")
+
+    def record_bytes(self) -> int | None:
+        """The size of every record, where the options fix it (resized raw Datums), else None."""
+        options = self.options
+        if options.resizes and not options.is_encoded:
+            return options.resize_height * options.resize_width * (1 if options.gray else 3)
+        return None
 
 
 # ----------------------------------------------------------------------------- class folders
@@ -379,15 +433,7 @@ def read_class_folders(root: str | os.PathLike[str]) -> tuple[list[ListEntry], l
     return entries, classes
 
 
-# ----------------------------------------------------------------------------- unreadable images
-
-
-@dataclass(frozen=True)
-class ImageFailure:
-    """A listed image that could not be read, decoded or encoded, and why (for ``on_error: skip``)."""
-
-    entry: ListEntry
-    reason: str
+# ----------------------------------------------------------------------------- for the pipeline
 
 
 def serialize_images(
@@ -398,24 +444,26 @@ def serialize_images(
     *,
     skip_errors: bool = False,
     timeout: float | None = None,
-) -> Iterator[tuple[bytes, tuple[int, int, int]] | ImageFailure]:
-    """Each entry's serialized Datum and decoded shape, in order; or its :class:`ImageFailure`.
+    workers: int = 1,
+) -> Iterator[tuple[bytes, Shape] | ImageFailure]:
+    """Each entry's serialized Datum and decoded shape, in order; or, with ``skip_errors``, its
+    :class:`ImageFailure` (unreadable, undecodable, or over ``timeout`` seconds to decode).
 
-    Without ``skip_errors`` the first unreadable image raises its :class:`InputError` (naming
-    the list file, line and path); with it, the failure takes the image's place in the stream.
+    With a ``timeout`` the images are decoded in ``workers`` processes (at least one), whose
+    watchdogs end a decode stuck in a broken file; otherwise in this process when ``workers`` is 1.
     """
-    for path, entry in zip(paths, entries, strict=True):
-        try:
-            yield _serialize(path, entry, options, list_file)
-        except InputError as exc:
-            if not skip_errors:
-                raise
-            yield ImageFailure(entry, _reason(exc, list_file, entry))
+    job = _Job(paths, entries, options, list_file)
+    with ordered_results(job, workers, skip_errors=skip_errors, timeout=timeout) as results:
+        for result in results:
+            if isinstance(result, Failure):
+                yield ImageFailure(entries[result.index], result.reason)
+            else:
+                yield result
 
 
-def _reason(exc: InputError, list_file: Path, entry: ListEntry) -> str:
-    """The error without its ``list:line: path:`` prefix (the report has columns for those)."""
-    text = str(exc)
-    for prefix in (f"{list_file}:{entry.line}: ", f"{entry.path}: "):
-        text = text.removeprefix(prefix)
-    return text.split(": ", 1)[1] if text.startswith("/") and ": " in text else text
+@dataclass(frozen=True)
+class ImageFailure:
+    """A listed image that could not be read, decoded or encoded in time, and why."""
+
+    entry: ListEntry
+    reason: str

@@ -20,6 +20,18 @@ Python call per record. Nothing to configure::
                         num_workers=4, pin_memory=True)
 
 The default collate then stacks the batch into one contiguous tensor (what ``pin_memory`` wants).
+
+For a uniform raw database the dataset builds the reader's offset index when it is created (one
+scan of the file), so ``fork`` workers inherit it and read from their first batch on, every
+epoch, without scanning the file again (``spawn`` workers build their own: about 0.6 µs a record).
+
+``dataset[indices]`` with a list, tuple, array or tensor of indices is a whole batch: exactly
+what the default collate makes of ``__getitems__(indices)``, ``(images, labels)``, but gathered
+straight into one contiguous tensor (in shared memory inside a worker, so nothing is copied to
+send it to the main process). Hand a DataLoader whole batches of indices to use it::
+
+    sampler = BatchSampler(RandomSampler(dataset), batch_size=256, drop_last=False)
+    loader = DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=4, pin_memory=True)
 """
 
 from __future__ import annotations
@@ -30,7 +42,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate, get_worker_info
 
 from datumdb.codec import ImreadMode
 from datumdb.errors import DatumDBError
@@ -42,7 +54,8 @@ __all__ = ["DatumDataset"]
 class DatumDataset(Dataset):
     """``dataset[i]`` is ``(tensor, label)``: a (C, H, W) tensor (uint8, or float32 for
     ``float_data``) that owns its memory, and the int label. ``transform`` is applied to the
-    tensor, ``target_transform`` to the label."""
+    tensor, ``target_transform`` to the label. ``dataset[indices]`` (a list, tuple, array or
+    tensor of indices) is a whole collated batch (see the module docstring)."""
 
     def __init__(
         self,
@@ -56,11 +69,16 @@ class DatumDataset(Dataset):
         self.reader = DatumReader(path, imread=imread).pin()  # type: ignore[arg-type]
         self.transform = transform
         self.target_transform = target_transform
+        self._uniform = _one_shape(self.reader)
+        if self._uniform:  # built here, in the main process: fork workers inherit it
+            self.reader.build_index()
 
     def __len__(self) -> int:
         return len(self.reader)
 
-    def __getitem__(self, index: int) -> tuple[Any, Any]:
+    def __getitem__(self, index: int | Sequence[int] | np.ndarray | torch.Tensor) -> tuple[Any, Any]:
+        if isinstance(index, (list, tuple)) or (isinstance(index, (np.ndarray, torch.Tensor)) and index.ndim):
+            return self._batch(index)
         array, label = self.reader[index]
         # The reader returns a read-only view of the record; torch wants memory it may write.
         return self._sample(torch.from_numpy(np.array(array)), label)
@@ -72,7 +90,7 @@ class DatumDataset(Dataset):
         records do not all have one shape (per its manifest) is read record by record, as the
         gather needs one shape.
         """
-        if not self._uniform():
+        if not self._uniform:
             return [self[index] for index in indices]
         images, labels = self.reader.read_batch(np.fromiter(indices, dtype=np.int64, count=len(indices)))
         batch = torch.from_numpy(images)  # read_batch's array is new and writable: no copy
@@ -82,10 +100,23 @@ class DatumDataset(Dataset):
         image = self.transform(tensor) if self.transform is not None else tensor
         return image, self.target_transform(label) if self.target_transform is not None else label
 
-    def _uniform(self) -> bool:
-        """One shape for every record, per the pinned version's manifest (none: not known)."""
-        try:
-            shapes = self.reader.manifest.get("shapes")
-        except DatumDBError:  # no manifest: read record by record
-            return False
-        return isinstance(shapes, dict) and len(shapes) == 1 and "unknown" not in shapes
+    def _batch(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> tuple[Any, Any]:
+        """``default_collate(self.__getitems__(indices))``, gathered into one tensor when it can be."""
+        given = np.asarray(indices)
+        if not self._uniform or self.transform is not None or self.target_transform is not None or not given.size:
+            return default_collate(self.__getitems__(given.tolist()))
+        first, _ = self.reader[given.reshape(-1)[0]]  # the records' shape and dtype (one per database)
+        images = torch.empty((given.size, *first.shape), dtype=torch.from_numpy(np.empty(0, first.dtype)).dtype)
+        if get_worker_info() is not None:  # what default_collate does in a worker: no copy to send it
+            images.share_memory_()
+        _, labels = self.reader.read_batch(given, out=images.numpy())
+        return images, torch.from_numpy(labels)
+
+
+def _one_shape(reader: DatumReader) -> bool:
+    """One shape for every record, per the pinned version's manifest (none: not known)."""
+    try:
+        shapes = reader.manifest.get("shapes")
+    except DatumDBError:  # no manifest: read record by record
+        return False
+    return isinstance(shapes, dict) and len(shapes) == 1 and "unknown" not in shapes
