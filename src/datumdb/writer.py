@@ -239,7 +239,8 @@ class DatabaseWriter:
             return
         chunk = images[:, np.newaxis] if images.ndim == 3 else images
         if not self._batchable(chunk, label_array):
-            for image, label in zip(images, label_array.tolist(), strict=True):
+            given = label_array.tolist() if isinstance(labels, np.ndarray) else list(labels)  # 1.5 stays 1.5
+            for image, label in zip(images, given, strict=True):
                 self.add(image, label)
             return
         step = max(1, FRAME_BYTES // chunk[0].nbytes)
