@@ -150,3 +150,18 @@ def test_raw_layout_labels_reads_overlong_and_overflowing_varints_as_label_does(
         framed = frame_items([b"k"], [value])
         found = layout.labels(framed.buffer, framed.value_starts, framed.value_ends)
         assert (found is None) if label is None else (found is not None and found.tolist() == [label])
+
+
+@given(st.lists(st.tuples(st.binary(min_size=1, max_size=12), st.binary(max_size=40)), max_size=30))
+def test_frame_items_gives_back_its_pairs_whatever_the_keys(pairs) -> None:
+    """Keys of one length or of many, with NUL bytes at either end: items() returns them as given."""
+    framed = frame_items([k for k, _ in pairs], [v for _, v in pairs])
+    assert _records(framed) == pairs and len(framed) == len(pairs)
+    assert [bytes(framed.buffer[a:b]) for a, b in zip(framed.value_starts, framed.value_ends, strict=True)] == [
+        v for _, v in pairs
+    ]
+
+
+def test_frame_items_with_uniform_keys_keeps_nul_bytes() -> None:
+    pairs = [(b"\x00a\x00", b"x"), (b"b\x00\x00", b""), (b"\x00\x00\x00", b"yz")]
+    assert _records(frame_items([k for k, _ in pairs], [v for _, v in pairs])) == pairs

@@ -689,6 +689,9 @@ class RawLayout:
         tag = starts + self.tail_start
         if (buffer[tag] != _TAG_LABEL).any() or (buffer[ends - 2] != _TAG_ENCODED).any() or buffer[ends - 1].any():
             return None
+        if varint_length.max() == 1:  # labels 0..127, the usual case: one byte without a continuation bit
+            labels = buffer[tag + 1]
+            return None if (labels >= 0x80).any() else labels.astype(np.int64)
         position = np.arange(_MAX_VARINT)
         inside = position < varint_length[:, np.newaxis]
         raw = np.where(inside, buffer[np.minimum(tag[:, np.newaxis] + 1 + position, len(buffer) - 1)], 0)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -54,12 +55,19 @@ class FramedRecords:
     def value_ends(self) -> np.ndarray:
         return self.bounds[1:]
 
-    def items(self) -> list[tuple[memoryview, memoryview]]:
-        """``(key, value)`` views into the buffer, for ``putmulti``: no bytes copied."""
+    def items(self) -> list[tuple[bytes | memoryview, memoryview]]:
+        """``(key, value)`` pairs for ``putmulti``: values are views into the buffer (no copy);
+        keys of one length are gathered by one NumPy index into small bytes (cheaper than views)."""
         view = memoryview(self.buffer)
-        key_starts = (self.bounds[:-1] + RECORD_FRAME.size).tolist()
+        key_starts = self.bounds[:-1] + RECORD_FRAME.size
         value_starts = self.value_starts.tolist()
-        keys = map(view.__getitem__, map(slice, key_starts, value_starts))
+        keys: Iterable[bytes | memoryview]
+        if len(self) and self.key_lengths.min() == self.key_lengths.max():
+            width = int(self.key_lengths[0])
+            gathered = self.buffer[key_starts[:, np.newaxis] + np.arange(width)]
+            keys = gathered.view(np.dtype((np.void, width))).ravel().tolist()  # bytes, NULs kept
+        else:
+            keys = map(view.__getitem__, map(slice, key_starts.tolist(), value_starts))
         values = map(view.__getitem__, map(slice, value_starts, self.bounds[1:].tolist()))
         return list(zip(keys, values, strict=True))
 
@@ -132,7 +140,11 @@ def frame_items(keys: list[bytes], values: list[bytes]) -> FramedRecords:
     """Frame (key, value) pairs read back from a database: one copy, by ``join``."""
     key_lengths = np.fromiter(map(len, keys), dtype=np.int64, count=len(keys))
     value_lengths = np.fromiter(map(len, values), dtype=np.int64, count=len(values))
-    frames = map(RECORD_FRAME.pack, key_lengths.tolist(), value_lengths.tolist())
+    frames: Iterator[bytes]
+    if len(keys) and key_lengths.min() == key_lengths.max() and value_lengths.min() == value_lengths.max():
+        frames = itertools.repeat(RECORD_FRAME.pack(int(key_lengths[0]), int(value_lengths[0])), len(keys))
+    else:
+        frames = map(RECORD_FRAME.pack, key_lengths.tolist(), value_lengths.tolist())
     joined = b"".join(itertools.chain.from_iterable(zip(frames, keys, values, strict=True)))
     bounds = np.zeros(len(keys) + 1, dtype=np.int64)
     np.cumsum(key_lengths + value_lengths + RECORD_FRAME.size, out=bounds[1:])
