@@ -506,3 +506,14 @@ def test_fast_path_takes_explicit_keys_of_any_length(tmp_path: Path, monkeypatch
             writer.add(image, i % 400, key=b"img/%04d/%s" % (i, b"x" * (i % 7)))
     fast, slow, taken = _fast_and_slow(db, monkeypatch)
     assert fast == slow and fast["ok"] and taken == 2
+
+
+def test_chunks_are_bounded_in_bytes_and_still_report_as_record_by_record(three_chunks, tmp_path, monkeypatch):
+    """Large records are checked fewer at a time (memory stays at about CHUNK_BYTES per chunk);
+    chunks of 16 records here, one of them damaged."""
+    monkeypatch.setattr(verify_module, "CHUNK_BYTES", 1000)  # values of 62 bytes: 16 at a time
+    copy = _copy(three_chunks, tmp_path)
+    _rewrite_value(copy, b"00000100", encode_array(np.zeros((3, 4, 5), np.uint8), 4))
+    fast, slow, taken = _fast_and_slow(copy, monkeypatch)
+    assert fast == slow and not fast["ok"] and fast["count"] == 2500
+    assert taken == -(-2500 // 16) - 1

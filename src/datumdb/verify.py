@@ -55,6 +55,7 @@ from datumdb.writer import restore_interrupted_publish
 __all__ = ["DEFAULT_STALL_LIMIT", "check_stall_limit", "child_command", "content_digest", "verify_database"]
 
 MAX_PROBLEMS = 20  # a badly broken database should not print a million lines
+CHUNK_BYTES = 8 << 20  # values checked and hashed at a time (a few such chunks are alive at once)
 
 
 def content_digest(db_path: str | os.PathLike[str], *, progress: bool | None = None) -> str:
@@ -189,12 +190,14 @@ def _scan(
     options: _Options,
     state: _Progress,
 ) -> dict[str, Any]:
-    """Check every record, a digest chunk (:data:`RECORDS_PER_CHUNK` records) at a time.
+    """Check every record; those of a uniform raw database a chunk at a time.
 
-    A chunk of a uniform raw database whose keys all increase and whose values all have the
-    database's raw layout is checked by NumPy over the whole chunk, and its digest is hashed in
-    a worker thread (:mod:`datumdb.framing`); any other chunk is checked record by record,
-    which alone finds and names problems. Both give the same counts, digests and histograms.
+    A chunk (up to a digest chunk, :data:`RECORDS_PER_CHUNK` records, or :data:`CHUNK_BYTES`)
+    whose keys all increase and whose values all have the database's raw layout is checked by
+    NumPy over the whole chunk, and its digest is hashed in a worker thread
+    (:mod:`datumdb.framing`); any other chunk, and every record of a database that is not
+    uniform raw, is checked record by record, which alone finds and names problems. Both ways
+    give the same counts, digests and histograms.
     """
     digest = ContentDigest()
     state.digest = digest
@@ -241,31 +244,42 @@ def _scan(
         shapes[shape_name(array.shape)] += 1
         return True
 
+    def check_chunks(items: Iterator[tuple[bytes, bytes]], reader: DatumReader, layout: RawLayout, name: str) -> None:
+        """Check ``items`` a chunk at a time: in bulk where the chunk allows, else record by record."""
+        nonlocal previous
+        size = _chunk_records(layout)
+        while True:
+            chunk, error = _read_chunk(items, size)
+            uniform = _uniform_chunk(chunk, previous, layout) if chunk else None
+            if uniform is not None:
+                records, found = uniform
+                hasher.submit(records)
+                unique, counts = np.unique(found, return_counts=True)
+                for label, times in zip(unique.tolist(), counts.tolist(), strict=True):
+                    labels[label] += times
+                shapes[name] += len(chunk)
+                previous = chunk[-1][0]
+            else:
+                hasher.wait()  # the digest takes this chunk's records one by one
+                if not all(check_record(key, value, reader, layout, name) for key, value in chunk):
+                    return
+            if error is not None:
+                raise error
+            if len(chunk) < size:
+                return
+
     try:
         try:
             with DatumReader(path, imread=decode_mode(manifest)) as reader:  # type: ignore[arg-type]
                 items = progress_bar(reader.items(), enabled=progress, total=len(reader), desc="verify", unit="rec")
                 layout = reader._raw_layout()  # uniform raw records: a full structural check, no parse
                 layout_name = shape_name(layout.shape) if layout is not None else ""
-                while True:
-                    chunk, error = _read_chunk(items, RECORDS_PER_CHUNK)
-                    uniform = _uniform_chunk(chunk, previous, layout) if layout is not None and chunk else None
-                    if uniform is not None:
-                        records, found = uniform
-                        hasher.submit(records)
-                        unique, counts = np.unique(found, return_counts=True)
-                        for label, times in zip(unique.tolist(), counts.tolist(), strict=True):
-                            labels[label] += times
-                        shapes[layout_name] += len(chunk)
-                        previous = chunk[-1][0]
-                    else:
-                        hasher.wait()  # the digest takes this chunk's records one by one
-                        if not all(check_record(key, value, reader, layout, layout_name) for key, value in chunk):
+                if layout is None:  # nothing to check in bulk: one record at a time, in the memory of one
+                    for key, value in items:
+                        if not check_record(key, value, reader, layout, layout_name):
                             break
-                    if error is not None:
-                        raise error
-                    if len(chunk) < RECORDS_PER_CHUNK:
-                        break
+                else:
+                    check_chunks(items, reader, layout, layout_name)
         except (DatumDBError, lmdb.Error) as exc:
             where = f"after key {_text(previous)!r}" if previous else "before the first record"
             problems.append(f"{path}: LMDB cannot read the database {where}: {exc}")
@@ -282,6 +296,13 @@ def _scan(
         "label_histogram": {str(k): labels[k] for k in sorted(labels)},
         "shapes": dict(sorted(shapes.items())),
     }
+
+
+def _chunk_records(layout: RawLayout) -> int:
+    """Records checked at a time: a power of two (so digest chunks are hashed whole) of about
+    :data:`CHUNK_BYTES` of values, at most a digest chunk: bounded memory for large images too."""
+    fitting = max(1, min(RECORDS_PER_CHUNK, CHUNK_BYTES // (layout.tail_start + 4)))
+    return 1 << (fitting.bit_length() - 1)
 
 
 def _read_chunk(
