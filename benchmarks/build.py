@@ -23,47 +23,20 @@ import json
 import os
 import pstats
 import shutil
-import statistics
 import subprocess
-import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import lmdb
-import numpy as np
 
+from benchmarks.common import DATUMDB, make_arrays, median_time
 from datumdb.sources import convert_arrays
 from datumdb.verify import verify_database
 
 __all__ = ["measure", "profile"]
 
 SHAPE = (3, 32, 32)
-DATUMDB = [str(Path(sys.executable).parent / "datumdb"), "--no-progress"]
-
-
-def _median_time(function: Callable[[], object], repeats: int) -> float:
-    function()  # warm-up: page cache and lazy state
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def _make_arrays(folder: Path, count: int, seed: int = 0) -> tuple[Path, Path]:
-    rng = np.random.default_rng(seed)
-    images = np.lib.format.open_memmap(folder / "X.npy", mode="w+", dtype=np.uint8, shape=(count, *SHAPE))
-    for start in range(0, count, 10_000):
-        stop = min(count, start + 10_000)
-        images[start:stop] = rng.integers(0, 256, (stop - start, *SHAPE), dtype=np.uint8)
-    images.flush()
-    del images
-    np.save(folder / "y.npy", rng.integers(0, 10, count).astype(np.int64))
-    return folder / "X.npy", folder / "y.npy"
 
 
 def _records(db: Path) -> list[bytes]:
@@ -87,7 +60,7 @@ def _write_limit(values: list[bytes], path: Path) -> None:
 
 def _limit_time(db: Path, path: Path, repeats: int) -> float:
     values = _records(db)  # held only while timed: 300 MB for 100k samples
-    return _median_time(lambda: _write_limit(values, path), repeats)
+    return median_time(lambda: _write_limit(values, path), repeats)
 
 
 def _sha256_of(path: Path) -> None:
@@ -103,7 +76,7 @@ def measure(count: int, repeats: int, work: Path) -> dict[str, Any]:
     """
     folder = Path(tempfile.mkdtemp(prefix="build-bench-", dir=work))
     try:
-        images, labels = _make_arrays(folder, count)
+        images, labels = make_arrays(folder, count, SHAPE)
         db = folder / "db"
 
         def build() -> None:
@@ -111,13 +84,13 @@ def measure(count: int, repeats: int, work: Path) -> dict[str, Any]:
             subprocess.run([*DATUMDB, "convert-arrays", str(images), str(labels), str(db)], check=True,
                            stdout=subprocess.DEVNULL)  # fmt: skip
 
-        build_s = _median_time(build, repeats)
-        startup_s = _median_time(
+        build_s = median_time(build, repeats)
+        startup_s = median_time(
             lambda: subprocess.run([*DATUMDB, "--help"], check=True, stdout=subprocess.DEVNULL), repeats
         )
         limit_s = _limit_time(db, folder / "limit.bin", repeats)
-        verify_s = _median_time(lambda: verify_database(db), repeats)
-        sha256_s = _median_time(lambda: _sha256_of(db / "data.mdb"), repeats)
+        verify_s = median_time(lambda: verify_database(db), repeats)
+        sha256_s = median_time(lambda: _sha256_of(db / "data.mdb"), repeats)
         report = verify_database(db)
         if not report["ok"]:
             raise RuntimeError(f"the benchmark database does not verify: {report['problems']}")
@@ -145,7 +118,7 @@ def profile(count: int, work: Path, top: int = 15) -> dict[str, str]:
     """
     folder = Path(tempfile.mkdtemp(prefix="build-profile-", dir=work))
     try:
-        images, labels = _make_arrays(folder, count)
+        images, labels = make_arrays(folder, count, SHAPE)
         db = folder / "db"
         convert_arrays(images, labels, db, progress=False)  # warm-up
         shutil.rmtree(db)
