@@ -321,14 +321,14 @@ class DatabaseWriter:
             raise WriteError(f"{self.path}: the writer was aborted; nothing to publish")
         try:
             self._flush()
-            manifest = self.manifest()
-            self._hasher.close()
             # The file's own hash lets verify notice damage anywhere in it, even in bytes no
             # record uses (free page space), which the content digest cannot see. The last
             # commit wrote its final bytes (sync and close write none), so it is hashed in a
-            # thread while the fsync runs: both release the GIL.
+            # thread from now on, while the content digest finishes and the fsync runs.
             with ThreadPoolExecutor(1, thread_name_prefix="datumdb-sha256") as pool:
                 data_sha256 = pool.submit(file_sha256, self._work / DATA_NAME)
+                manifest = self.manifest()
+                self._hasher.close()
                 self._env.sync(True)
                 self._env.close()
                 self._env = None
