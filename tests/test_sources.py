@@ -13,7 +13,7 @@ import pytest
 from conftest import leftovers, read_lmdb_items
 
 import datumdb.sources
-from datumdb import DatumReader
+from datumdb import DatabaseWriter, DatumReader
 from datumdb.cli import main
 from datumdb.codec import decode
 from datumdb.errors import InputError
@@ -133,6 +133,37 @@ def test_many_chunks_stream_correctly(tmp_path: Path, monkeypatch: pytest.Monkey
         batch, labels = reader.read_batch(np.arange(40))
     np.testing.assert_array_equal(batch, images)
     np.testing.assert_array_equal(labels, np.arange(40) % 7)
+
+
+@pytest.mark.parametrize(
+    ("shape", "layout", "bgr_from_rgb"),
+    [((3, 5, 7), "chw", False), ((5, 7, 3), "hwc", True), ((3, 4, 4), "chw", True), ((6, 5), "chw", False)],
+)
+def test_convert_arrays_writes_what_adding_each_sample_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shape, layout, bgr_from_rgb
+) -> None:
+    """The bulk path (add_batch over each chunk) against the writer's add() per sample: the same
+    data.mdb and manifest, with chunks and batches that do not divide the count, labels of every
+    varint length and a map that grows."""
+    monkeypatch.setattr(datumdb.sources, "CHUNK_BYTES", 1000)
+    rng = np.random.default_rng(5)
+    images = rng.integers(0, 256, (1100, *shape), dtype=np.uint8)
+    labels = rng.choice([0, 3, 127, 128, 20000, 2**31 - 1, -1, -(2**31)], 1100)
+    x, y = _save(tmp_path, images, labels)
+    options = {"batch_size": 97, "map_size": 1 << 15}
+    convert_arrays(x, y, tmp_path / "bulk", layout=layout, bgr_from_rgb=bgr_from_rgb, progress=False, **options)  # type: ignore[arg-type]
+    manifest = read_manifest(tmp_path / "bulk")
+    samples = images[:, np.newaxis] if len(shape) == 2 else images
+    samples = samples.transpose(0, 3, 1, 2) if layout == "hwc" else samples
+    samples = samples[:, ::-1] if bgr_from_rgb else samples
+    with DatabaseWriter(
+        tmp_path / "one", channel_order=manifest["channel_order"], metadata=manifest["metadata"], **options
+    ) as writer:
+        for sample, label in zip(samples, labels.tolist(), strict=True):
+            writer.add(sample, label)
+    assert (tmp_path / "bulk" / "data.mdb").read_bytes() == (tmp_path / "one" / "data.mdb").read_bytes()
+    assert (tmp_path / "bulk" / "datumdb.json").read_bytes() == (tmp_path / "one" / "datumdb.json").read_bytes()
+    assert manifest["writer"]["map_size"] > 1 << 15
 
 
 # --------------------------------------------------------------------------- bad input

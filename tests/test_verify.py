@@ -14,12 +14,22 @@ import lmdb
 import numpy as np
 import pytest
 from conftest import FIXTURE_LMDBS, folder_state, read_lmdb_items
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from datumdb import DatabaseWriter, DatumReader
+from datumdb import verify as verify_module
 from datumdb.cli import main
 from datumdb.codec import encode_array, encode_image, encode_png_or_jpg
 from datumdb.errors import DatabaseNotFoundError, InputError
-from datumdb.manifest import MANIFEST_NAME, ContentDigest, digest_items, read_manifest, write_manifest
+from datumdb.manifest import (
+    MANIFEST_NAME,
+    RECORDS_PER_CHUNK,
+    ContentDigest,
+    digest_items,
+    read_manifest,
+    write_manifest,
+)
 from datumdb.proto.datum_pb2 import Datum
 from datumdb.verify import content_digest, verify_database
 
@@ -386,3 +396,124 @@ def test_a_b_tree_that_goes_round_in_circles_is_stopped(built: Path, monkeypatch
     report = verify_database(built)
     assert not report["ok"]
     assert any("key '00000000' comes after key '00000004': the B-tree is damaged" in p for p in report["problems"])
+
+
+# --------------------------------------------------------------------------- the chunk-at-a-time fast path
+
+
+UNIFORM_CHUNK = verify_module._uniform_chunk
+
+
+def _fast_and_slow(db: Path, monkeypatch, **options) -> tuple[dict, dict, int]:
+    """verify's report as it is, and with every chunk forced through the record-by-record checks;
+    and how many chunks took the fast path."""
+    taken = []
+
+    def spy(*args):
+        result = UNIFORM_CHUNK(*args)
+        taken.append(result is not None)
+        return result
+
+    monkeypatch.setattr(verify_module, "_uniform_chunk", spy)
+    fast = verify_database(db, **options)
+    monkeypatch.setattr(verify_module, "_uniform_chunk", lambda *args: None)
+    slow = verify_database(db, **options)
+    return fast, slow, sum(taken)
+
+
+VARINT_LABELS = [0, 5, 127, 128, 300, 16384, 2**31 - 1, -1, -(2**31)]
+
+
+@settings(max_examples=10)
+@given(
+    count=st.integers(1, 3100),
+    labels=st.lists(st.sampled_from(VARINT_LABELS), min_size=1, max_size=5),
+    shape=st.sampled_from([(3, 2, 2), (1, 1, 1), (2, 3, 1)]),
+)
+def test_fast_path_reports_equal_record_by_record_reports(tmp_path_factory, monkeypatch_session, count, labels, shape):
+    db = tmp_path_factory.mktemp("fast") / "db"
+    images = np.random.default_rng(count).integers(0, 256, (count, *shape), dtype=np.uint8)
+    with DatabaseWriter(db) as writer:
+        writer.add_batch(images, [labels[i % len(labels)] for i in range(count)])
+    fast, slow, taken = _fast_and_slow(db, monkeypatch_session)
+    assert fast == slow and fast["ok"]
+    assert taken == -(-count // RECORDS_PER_CHUNK)
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_session():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+@pytest.fixture(scope="module")
+def three_chunks(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    db = tmp_path_factory.mktemp("chunks") / "db"
+    rng = np.random.default_rng(3)
+    with DatabaseWriter(db) as writer:
+        writer.add_batch(rng.integers(0, 256, (2500, 3, 4, 4), dtype=np.uint8), rng.integers(-3, 300, 2500))
+    return db
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expect", "fast_chunks"),
+    [
+        (b"00001500", encode_array(np.zeros((3, 4, 4), np.uint8), 4), "records 1024..2047", 3),  # same layout
+        (b"00000010", encode_array(np.zeros((3, 4, 5), np.uint8), 4), "decoded shapes", 2),  # another shape
+        (b"00002100", encode_array(np.zeros((3, 4, 4), np.float32), 4), "content digest", 2),  # float_data
+        (b"00000700", b"\x08\x03\x10\x04\x18\x04\x22\x05hello\x28\x00\x38\x00", "data holds 5 bytes", 2),
+        (b"00001024", encode_array(np.zeros((3, 4, 4), np.uint8), 4)[:-1] + b"\x01", "content digest", 2),  # encoded
+        (b"00002499", encode_array(np.zeros((3, 4, 4), np.uint8), -7) + b"\x28\x01", "content digest", 2),
+    ],
+    ids=["payload", "shape", "float", "undecodable", "encoded-flag", "trailing-field"],
+)
+def test_damaged_chunks_report_as_record_by_record(
+    three_chunks, tmp_path, monkeypatch, key, value, expect, fast_chunks
+):
+    copy = _copy(three_chunks, tmp_path)
+    _rewrite_value(copy, key, value)
+    fast, slow, taken = _fast_and_slow(copy, monkeypatch)
+    assert fast == slow and not fast["ok"]
+    assert any(expect in problem for problem in fast["problems"]), fast["problems"]
+    assert taken == fast_chunks  # the undamaged chunks (a new payload in the raw layout is one)
+
+
+def test_keys_out_of_order_and_read_errors_inside_a_chunk_report_as_record_by_record(three_chunks, monkeypatch):
+    records = read_lmdb_items(three_chunks)
+
+    def circles(self):  # a damaged B-tree: the third chunk goes back to an earlier key
+        yield from records[:2100]
+        yield from records[5:]
+
+    def cut_short(self):  # LMDB fails in the middle of the third chunk
+        yield from records[:2100]
+        raise lmdb.CorruptedError("page 1234 is not a leaf")
+
+    # The records before the problem are checked and counted; cut short, the partial chunk is uniform.
+    for items, problem, fast_chunks in [(circles, "the B-tree is damaged", 2), (cut_short, "after key '00002099'", 3)]:
+        monkeypatch.setattr(DatumReader, "items", items)
+        fast, slow, taken = _fast_and_slow(three_chunks, monkeypatch)
+        assert fast == slow and not fast["ok"] and fast["count"] == 2100
+        assert any(problem in p for p in fast["problems"]), fast["problems"]
+        assert taken == fast_chunks
+
+
+def test_fast_path_takes_explicit_keys_of_any_length(tmp_path: Path, monkeypatch) -> None:
+    db = tmp_path / "db"
+    image = np.arange(12, dtype=np.uint8).reshape(3, 2, 2)
+    with DatabaseWriter(db) as writer:
+        for i in range(1500):
+            writer.add(image, i % 400, key=b"img/%04d/%s" % (i, b"x" * (i % 7)))
+    fast, slow, taken = _fast_and_slow(db, monkeypatch)
+    assert fast == slow and fast["ok"] and taken == 2
+
+
+def test_chunks_are_bounded_in_bytes_and_still_report_as_record_by_record(three_chunks, tmp_path, monkeypatch):
+    """Large records are checked fewer at a time (memory stays at about CHUNK_BYTES per chunk);
+    chunks of 16 records here, one of them damaged."""
+    monkeypatch.setattr(verify_module, "CHUNK_BYTES", 1000)  # values of 62 bytes: 16 at a time
+    copy = _copy(three_chunks, tmp_path)
+    _rewrite_value(copy, b"00000100", encode_array(np.zeros((3, 4, 5), np.uint8), 4))
+    fast, slow, taken = _fast_and_slow(copy, monkeypatch)
+    assert fast == slow and not fast["ok"] and fast["count"] == 2500
+    assert taken == -(-2500 // 16) - 1

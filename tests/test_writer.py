@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -16,10 +18,12 @@ import lmdb
 import numpy as np
 import pytest
 from conftest import folder_state, leftovers, read_lmdb_items
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from datumdb import DatabaseWriter, DatumReader
 from datumdb.codec import datum_to_array, decode, encode_array, encode_image, encode_png_or_jpg
-from datumdb.errors import DatabaseExistsError, DatumError, UnsafeTargetError, WriteError
+from datumdb.errors import DatabaseError, DatabaseExistsError, DatumError, UnsafeTargetError, WriteError
 from datumdb.manifest import digest_items, read_manifest
 
 pytestmark = pytest.mark.unit
@@ -570,3 +574,148 @@ def test_a_previous_version_left_aside_by_a_killed_publish_is_restored_never_del
     with pytest.raises(UnsafeTargetError, match=r"'mine\.txt'"):
         DatabaseWriter(target, overwrite=True)
     assert sorted(p.name for p in target.iterdir()) == ["mine.txt"] and aside.is_dir()
+
+
+# --------------------------------------------------------------------------- add_batch
+
+BATCH_LABELS = [0, 9, 127, 128, 300, 16384, 2**31 - 1, -1, -(2**31)]  # varints of 1, 2, 3, 5 and 10 bytes
+
+
+def _one_by_one(path: Path, images: np.ndarray, labels: list[int], **options) -> DatabaseWriter:
+    with DatabaseWriter(path, **options) as writer:
+        for image, label in zip(images, labels, strict=True):
+            writer.add(image, label)
+    return writer
+
+
+def _in_batches(path: Path, images: np.ndarray, labels: list[int], cuts: list[int], **options) -> DatabaseWriter:
+    with DatabaseWriter(path, **options) as writer:
+        bounds = [0, *sorted(c % (len(images) + 1) for c in cuts), len(images)]
+        for start, stop in itertools.pairwise(bounds):
+            writer.add_batch(images[start:stop], np.array(labels[start:stop], dtype=np.int64))
+    return writer
+
+
+def _same_database(a: Path, b: Path) -> None:
+    assert (a / "data.mdb").read_bytes() == (b / "data.mdb").read_bytes()
+    assert (a / "datumdb.json").read_bytes() == (b / "datumdb.json").read_bytes()  # digests, chunk digests, counts
+
+
+@settings(max_examples=15)
+@given(
+    count=st.integers(1, 2600),
+    shape=st.sampled_from([(3, 4, 5), (1, 7, 3), (2, 1, 1)]),
+    gray=st.booleans(),
+    labels=st.one_of(
+        st.just("small"), st.just("mixed"), st.lists(st.integers(-(2**31), 2**31 - 1), min_size=1, max_size=20)
+    ),
+    batch_size=st.integers(1, 1500),
+    cuts=st.lists(st.integers(0, 3000), max_size=4),
+    map_size=st.sampled_from([1 << 14, 1 << 20, 64 << 20]),
+)
+@example(count=2600, shape=(3, 4, 5), gray=False, labels="mixed", batch_size=1000, cuts=[1023, 2049], map_size=1 << 14)
+@example(count=2049, shape=(1, 7, 3), gray=True, labels="small", batch_size=333, cuts=[1024], map_size=1 << 14)
+@example(count=3000, shape=(2, 1, 1), gray=False, labels=[-1, 5, 2**31 - 1], batch_size=7, cuts=[], map_size=1 << 20)
+def test_add_batch_writes_the_bytes_and_manifest_of_add_one_by_one(
+    tmp_path_factory, count, shape, gray, labels, batch_size, cuts, map_size
+) -> None:
+    """Labels of every varint length, in any order; batch sizes that do not divide the count;
+    chunks cut anywhere (digest chunks straddled); a map that must grow many times."""
+    tmp = tmp_path_factory.mktemp("batch")
+    images = np.random.default_rng(count).integers(0, 256, (count, *((1, *shape[1:]) if gray else shape)), np.uint8)
+    if gray:
+        images = images[:, 0]  # (N, H, W): gray images, as (H, W) ones to add()
+    if labels == "small":
+        labels = [i % 10 for i in range(count)]
+    elif labels == "mixed":
+        labels = [BATCH_LABELS[i * 7 % len(BATCH_LABELS)] for i in range(count)]
+    else:
+        labels = [labels[i % len(labels)] for i in range(count)]
+    options = {"batch_size": batch_size, "map_size": map_size}
+    one = _one_by_one(tmp / "one", images, labels, **options)
+    bulk = _in_batches(tmp / "bulk", images, labels, cuts, **options)
+    _same_database(tmp / "one", tmp / "bulk")
+    assert (bulk.commit_count, bulk.grow_count) == (one.commit_count, one.grow_count)
+
+
+def test_add_batch_follows_and_precedes_add_and_counts_records(tmp_path: Path) -> None:
+    images = _images(2100, (3, 6, 6), seed=4)
+    labels = [int(x) for x in np.random.default_rng(4).integers(-200, 200, 2100)]
+    _one_by_one(tmp_path / "one", images, labels, batch_size=100)
+    with DatabaseWriter(tmp_path / "mixed", batch_size=100) as writer:
+        writer.add(images[0], labels[0])
+        writer.add_batch(images[1:1500], labels[1:1500])  # a list of ints works too
+        assert len(writer) == 1500 and writer.next_key() == b"00001500"
+        writer.add(images[1500], labels[1500])
+        writer.add_batch(images[1501:], np.array(labels[1501:], dtype=np.int32))
+        writer.add_batch(images[:0], [])
+    _same_database(tmp_path / "one", tmp_path / "mixed")
+
+
+@pytest.mark.parametrize(
+    ("images", "labels", "options"),
+    [
+        (_images(30, (3, 4, 4)).astype(np.float32) / 7, list(range(30)), {}),  # float_data
+        (_images(30, (3, 4, 4)), list(range(30)), {"encoding": "png"}),  # encoded
+        (_images(30, (3, 4, 4)).astype(">u2"), list(range(30)), {}),  # big-endian ints
+        (_images(30, (3, 4, 4)), list(range(30)), {"key_width": 12}),
+    ],
+    ids=["float", "png", "big-endian", "key-width"],
+)
+def test_add_batch_of_anything_else_equals_add_one_by_one(tmp_path: Path, images, labels, options) -> None:
+    _one_by_one(tmp_path / "one", images, labels, **options)
+    _in_batches(tmp_path / "bulk", images, labels, [7, 19], **options)
+    _same_database(tmp_path / "one", tmp_path / "bulk")
+
+
+@pytest.mark.parametrize(
+    ("labels", "error", "message", "key"),
+    [
+        ([0, 1, 2**31, 3], DatumError, "outside the int32 range", "00000002"),
+        ([0, -(2**31) - 1, 2, 3], DatumError, "outside the int32 range", "00000001"),
+        ([0, 1, 2, 2**64 - 1], DatumError, "outside the int32 range", "00000003"),
+        ([0, 1.5, 2, 3], DatumError, "must be an integer", "00000001"),
+        ([True, False, True, False], DatumError, "must be an integer", "00000000"),
+    ],
+)
+def test_add_batch_refuses_bad_labels_as_add_does_and_publishes_nothing(tmp_path: Path, labels, error, message, key):
+    target = tmp_path / "db"
+    with pytest.raises(error, match=message) as caught, DatabaseWriter(target) as writer:
+        writer.add_batch(_images(4), labels)  # as add() gets them: a list
+    assert key in str(caught.value)
+    assert not target.exists() and not leftovers(target)
+
+
+def test_add_batch_checks_keys_and_arguments_as_add_does(tmp_path: Path) -> None:
+    with pytest.raises(WriteError, match="not greater than the previous key"), DatabaseWriter(tmp_path / "a") as writer:
+        writer.add(_images(1)[0], 0, key="zzz")
+        writer.add_batch(_images(3), [0, 1, 2])
+    with (
+        pytest.raises(WriteError, match="more than key_width=1 digits"),
+        DatabaseWriter(tmp_path / "b", key_width=1) as w,
+    ):
+        w.add_batch(_images(12), list(range(12)))
+    for images, labels in [(_images(3), [0, 1]), (_images(3), [[0], [1], [2]]), (np.uint8(3), [0])]:
+        with pytest.raises(WriteError, match="one label per image"), DatabaseWriter(tmp_path / "c") as writer:
+            writer.add_batch(images, labels)
+    with pytest.raises(DatumError, match="must be"), DatabaseWriter(tmp_path / "d") as writer:
+        writer.add_batch(np.zeros((2, 2, 2, 2, 2), np.uint8), [0, 1])  # 4-D samples: add() refuses each
+    writer = DatabaseWriter(tmp_path / "e")
+    writer.close()
+    with pytest.raises(WriteError, match="closed"):
+        writer.add_batch(_images(1), [0])
+    assert not any((tmp_path / name).exists() for name in "abcd")
+
+
+def test_a_failed_commit_in_add_batch_publishes_nothing_and_stops_the_hashing_thread(
+    tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setattr("datumdb.writer.MAX_MAP_SIZE", 1 << 16)  # a runaway build: growth is refused
+    target = tmp_path / "db"
+    with (
+        pytest.raises(DatabaseError, match="map size would exceed"),
+        DatabaseWriter(target, map_size=1 << 14) as writer,
+    ):
+        writer.add_batch(_images(3000), [0] * 3000)
+    assert not target.exists() and not leftovers(target)
+    assert not any(thread.name.startswith("datumdb-digest") for thread in threading.enumerate())

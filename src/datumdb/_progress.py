@@ -13,3 +13,8 @@ T = TypeVar("T")
 def progress(iterable: Iterable[T], *, enabled: bool | None, **kwargs: Any) -> Iterator[T]:
     """Wrap ``iterable`` in a tqdm bar: ``enabled=None`` shows it only on a terminal."""
     return iter(tqdm(iterable, disable=None if enabled is None else not enabled, dynamic_ncols=True, **kwargs))
+
+
+def counter(*, enabled: bool | None, **kwargs: Any) -> tqdm:
+    """A bar advanced by hand (``bar.update(n)``), for work done a chunk at a time; a context manager."""
+    return tqdm(disable=None if enabled is None else not enabled, dynamic_ncols=True, **kwargs)

@@ -158,28 +158,14 @@ class OffsetIndex:
 def _checked_labels(file: np.ndarray, starts: np.ndarray, ends: np.ndarray, layout: RawLayout) -> array.array | None:
     """Every record's label if each value in ``file[start:end]`` has ``layout``, else None.
 
-    The same test as :meth:`RawLayout.label`, vectorised for the usual one-byte label (0..127);
-    other lengths (multi-byte labels, or not the layout at all) are handed to it one by one.
+    :meth:`RawLayout.labels` (the test of :meth:`RawLayout.label`, vectorised for labels of any
+    length) a chunk of records at a time, into an :class:`array.array` of int64.
     """
-    header = np.frombuffer(layout.header, dtype=np.uint8)
-    short = layout.tail_start + 4  # header, payload, 0x28 label 0x38 0x00
     labels = array.array("q", bytes(8 * len(starts)))
     out = np.frombuffer(labels, dtype=np.int64)
-    view = memoryview(file)
     for begin in range(0, len(starts), _CHECK_CHUNK):
-        start, end = starts[begin : begin + _CHECK_CHUNK], ends[begin : begin + _CHECK_CHUNK]
-        if not (file[start[:, None] + np.arange(len(header))] == header).all():
+        found = layout.labels(file, starts[begin : begin + _CHECK_CHUNK], ends[begin : begin + _CHECK_CHUNK])
+        if found is None:
             return None
-        usual = end - start == short
-        tail = start[usual] + layout.tail_start
-        codes = file[tail[:, None] + np.arange(4)]
-        if not ((codes[:, 0] == 0x28) & (codes[:, 1] < 0x80) & (codes[:, 2] == 0x38) & (codes[:, 3] == 0)).all():
-            return None
-        chunk = out[begin : begin + len(start)]
-        chunk[usual] = codes[:, 1]
-        for row in np.flatnonzero(~usual).tolist():
-            label = layout.label(view[int(start[row]) : int(end[row])])
-            if label is None:
-                return None
-            chunk[row] = label
+        out[begin : begin + len(found)] = found
     return labels

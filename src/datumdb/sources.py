@@ -31,9 +31,10 @@ from typing import Literal
 
 import numpy as np
 
-from datumdb._progress import progress as progress_bar
-from datumdb.codec import INT32_MAX, INT32_MIN, hwc_to_chw
+from datumdb._progress import counter as progress_counter
+from datumdb.codec import INT32_MAX, INT32_MIN, nhwc_to_nchw
 from datumdb.errors import InputError
+from datumdb.keys import key_width
 from datumdb.limits import open_regular_file
 from datumdb.writer import DEFAULT_BATCH_SIZE, DatabaseWriter, Encoding
 
@@ -41,6 +42,7 @@ __all__ = [
     "Layout",
     "check_image_chunk",
     "convert_arrays",
+    "iter_array_chunks",
     "iter_array_samples",
     "load_labels",
     "load_npy",
@@ -141,6 +143,18 @@ def iter_array_samples(
     unless ambiguous, see :func:`resolve_layout`). ``bgr_from_rgb`` reverses the channel axis of
     3-channel images, since Caffe expects BGR.
     """
+    count, shape, chunks = iter_array_chunks(images_path, layout=layout, bgr_from_rgb=bgr_from_rgb)
+    return count, shape, (sample for chunk in chunks for sample in chunk)
+
+
+def iter_array_chunks(
+    images_path: str | os.PathLike[str], *, layout: Layout | None = None, bgr_from_rgb: bool = False
+) -> tuple[int, tuple[int, int, int], Iterator[np.ndarray]]:
+    """:func:`iter_array_samples` a chunk at a time: (count, CHW shape, iterator of (n, C, H, W) chunks).
+
+    Each chunk is a view of about :data:`CHUNK_BYTES` of the file, checked by
+    :func:`check_image_chunk`; its pages are dropped from memory when the next one is asked for.
+    """
     path = Path(images_path)
     images = load_npy(path, "images")
     if images.ndim not in (3, 4):
@@ -158,20 +172,19 @@ def iter_array_samples(
         raise InputError(f"{path}: --bgr-from-rgb needs 3-channel images, these have {sample_shape[0]}")
     if 0 in sample_shape:
         raise InputError(f"{path}: images have an empty dimension: {images.shape}")
-    return len(images), sample_shape, _samples(path, images, layout, bgr_from_rgb)
+    return len(images), sample_shape, _nchw_chunks(path, images, layout, bgr_from_rgb)
 
 
-def _samples(path: Path, images: np.ndarray, layout: Layout, bgr_from_rgb: bool) -> Iterator[np.ndarray]:
+def _nchw_chunks(path: Path, images: np.ndarray, layout: Layout, bgr_from_rgb: bool) -> Iterator[np.ndarray]:
     for start, chunk in _chunks(images):
         check_image_chunk(path, chunk, start)
-        for sample in chunk:
-            if sample.ndim == 2:
-                sample = sample[np.newaxis]
-            elif layout == "hwc":
-                sample = hwc_to_chw(sample)
-            if bgr_from_rgb:
-                sample = sample[::-1]
-            yield sample
+        if chunk.ndim == 3:
+            chunk = chunk[:, np.newaxis]
+        elif layout == "hwc":
+            chunk = nhwc_to_nchw(chunk)
+        if bgr_from_rgb:
+            chunk = chunk[:, ::-1]
+        yield chunk
 
 
 def check_image_chunk(path: Path, chunk: np.ndarray, start: int) -> None:
@@ -275,8 +288,8 @@ def convert_arrays(
 
     ``layout`` None means "chw" unless the array looks like (N, H, W, C) (see :func:`resolve_layout`).
     """
-    count, shape, samples = iter_array_samples(images_path, layout=layout, bgr_from_rgb=bgr_from_rgb)
-    layout = layout or "chw"  # iter_array_samples refused the ambiguous case
+    count, shape, chunks = iter_array_chunks(images_path, layout=layout, bgr_from_rgb=bgr_from_rgb)
+    layout = layout or "chw"  # iter_array_chunks refused the ambiguous case
     labels = load_labels(labels_path, count)
     if shape[0] == 1:
         channel_order = "gray"
@@ -290,18 +303,22 @@ def convert_arrays(
         "bgr_from_rgb": bgr_from_rgb,
     }
     options = {} if map_size is None else {"map_size": map_size}
-    with DatabaseWriter(
-        db_path,
-        overwrite=overwrite,
-        batch_size=batch_size,
-        encoding=encoding,
-        channel_order=channel_order,
-        key_width=max(8, len(str(max(count - 1, 0)))),
-        metadata=metadata,
-        **options,
-    ) as writer:
-        for sample, label in progress_bar(
-            zip(samples, labels.tolist(), strict=True), enabled=progress, total=count, desc="convert-arrays", unit="rec"
-        ):
-            writer.add(sample, label)
+    with (
+        DatabaseWriter(
+            db_path,
+            overwrite=overwrite,
+            batch_size=batch_size,
+            encoding=encoding,
+            channel_order=channel_order,
+            key_width=key_width(count),
+            metadata=metadata,
+            **options,
+        ) as writer,
+        progress_counter(enabled=progress, total=count, desc="convert-arrays", unit="rec") as bar,
+    ):
+        start = 0
+        for chunk in chunks:  # uint8 raw: framed in bulk; anything else: record by record (add_batch decides)
+            writer.add_batch(chunk, labels[start : start + len(chunk)])
+            start += len(chunk)
+            bar.update(len(chunk))
     return Path(db_path)

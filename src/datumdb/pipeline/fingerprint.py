@@ -70,7 +70,9 @@ _SOURCES = ("sources.py", "synthetic.py", "imageset.py", "pipeline/sources.py")
 _READ = ("codec.py", "manifest.py", "reader.py", "fastpath.py")
 STEP_CODE: dict[str, tuple[str, ...]] = {
     "build": tuple(
-        sorted({*_COMMON, *_SOURCES, "codec.py", "keys.py", "manifest.py", "writer.py", "pipeline/build.py"})
+        sorted(
+            {*_COMMON, *_SOURCES, "codec.py", "framing.py", "keys.py", "manifest.py", "writer.py", "pipeline/build.py"}
+        )
     ),
     "verify": tuple(
         sorted(
@@ -78,6 +80,7 @@ STEP_CODE: dict[str, tuple[str, ...]] = {
                 *_COMMON,
                 *_SOURCES,
                 *_READ,
+                "framing.py",
                 "keys.py",
                 "verify.py",
                 "pipeline/check.py",
