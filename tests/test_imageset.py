@@ -134,10 +134,11 @@ def test_first_error_in_list_order_wins_across_workers(caffe_dir: Path, tmp_path
         assert not (tmp_path / "db").exists() and leftovers(tmp_path / "db") == []
 
 
-def test_a_worker_that_dies_is_an_error_naming_the_list_line(
+def test_a_worker_that_dies_is_an_error_naming_the_image(
     caffe_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
-    """A worker killed mid-image (the OOM killer, a crash in a decoder) fails the build cleanly."""
+    """A worker killed mid-image (the OOM killer, a crash in a decoder) fails the build cleanly,
+    and the image it died on is named: every worker marks its current image in shared memory."""
     real = imageset._serialize
 
     def crash_on_img_05(image_path: Path, *args: object) -> object:
@@ -146,8 +147,12 @@ def test_a_worker_that_dies_is_an_error_naming_the_list_line(
         return real(image_path, *args)
 
     monkeypatch.setattr(imageset, "_serialize", crash_on_img_05)  # inherited by the forked workers
-    list_file = _repeated_list(caffe_dir, tmp_path, 30)
-    with pytest.raises(DecodeWorkerError, match=r"list\.txt:\d+: .*a decoding worker process died"):
+    lines = (caffe_dir / "list.txt").read_text().splitlines()
+    others = [line for line in lines if not line.startswith("img_05.png")]
+    chosen = [*others[:5], next(line for line in lines if line.startswith("img_05.png")), *(others * 3)[5:29]]
+    list_file = tmp_path / "list.txt"
+    list_file.write_text("".join(f"{line}\n" for line in chosen))
+    with pytest.raises(DecodeWorkerError, match=r"list\.txt:6: img_05\.png: the decoder crashed"):
         convert_imageset(caffe_dir / "images", list_file, tmp_path / "db", workers=2, progress=False)
     assert not (tmp_path / "db").exists() and leftovers(tmp_path / "db") == []
     assert (
@@ -155,7 +160,7 @@ def test_a_worker_that_dies_is_an_error_naming_the_list_line(
         == 2
     )
     err = capsys.readouterr().err
-    assert "worker process died" in err and len(err.strip().splitlines()) == 1
+    assert "img_05.png: the decoder crashed" in err and len(err.strip().splitlines()) == 1
 
 
 def _live_processes_in_group(group: int) -> list[int]:
@@ -590,3 +595,129 @@ def test_a_real_6000x8000_photo_is_resized(tmp_path: Path) -> None:
         image, label = reader[0]
     assert label == 3
     np.testing.assert_array_equal(image, expected.transpose(2, 0, 1))
+
+
+# ----------------------------------------------------------------------------- bad files, Caffe's way or ours
+
+
+@pytest.fixture(scope="module")
+def slow_png(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A valid 8000x8000 PNG: about half a second to decode, 100 times a fixture image's time."""
+    y, x = np.mgrid[0:8000, 0:8000]
+    plane = ((x // 7 + y // 5) % 256).astype(np.uint8)
+    path = tmp_path_factory.mktemp("slow") / "slow.png"
+    assert cv2.imwrite(str(path), cv2.merge([plane, 255 - plane, plane // 2]))
+    return path
+
+
+def _images_with(caffe_dir: Path, tmp_path: Path, extra: dict[str, bytes | Path]) -> tuple[Path, Path, list[str]]:
+    """A copy of the fixture images plus ``extra`` files, and a list of all (extras at lines 3, 7, ...)."""
+    root = tmp_path / "images"
+    shutil.copytree(caffe_dir / "images", root)
+    for name, content in extra.items():
+        if isinstance(content, Path):
+            shutil.copy(content, root / name)
+        else:
+            (root / name).write_bytes(content)
+    lines = (caffe_dir / "list.txt").read_text().splitlines()
+    for position, name in enumerate(extra):
+        lines.insert(2 + 4 * position, f"{name} {position}")
+    list_file = tmp_path / "list.txt"
+    list_file.write_text("".join(f"{line}\n" for line in lines))
+    return root, list_file, lines
+
+
+def test_skip_leaves_out_bad_images_lists_them_and_keeps_caffes_keys(caffe_dir: Path, tmp_path: Path) -> None:
+    broken = {"broken.png": b"\x89PNG\r\n\x1a\n not really", "empty.jpg": b"", "text.jpg": b"hello"}
+    root, list_file, lines = _images_with(caffe_dir, tmp_path, broken)
+    for workers in (1, 2):
+        db = tmp_path / f"db{workers}"
+        convert_imageset(root, list_file, db, workers=workers, progress=False, on_error="skip")
+        skipped = read_manifest(db)["metadata"]["skipped"]
+        assert [(s["path"], s["line"]) for s in skipped] == [("broken.png", 3), ("empty.jpg", 7), ("text.jpg", 11)]
+        assert all(s["reason"] and "list.txt" not in s["reason"] for s in skipped)
+        items = read_lmdb_items(db)
+        expected_keys = [b"%08d_" % i + line.rpartition(" ")[0].encode() for i, line in enumerate(lines)]
+        assert [k for k, _ in items] == [k for k in expected_keys if k.split(b"_", 1)[1].decode() not in broken]
+    assert (tmp_path / "db1" / "data.mdb").read_bytes() == (tmp_path / "db2" / "data.mdb").read_bytes()
+    with pytest.raises(InputError, match=r"list\.txt:3: .*broken\.png: not an image"):
+        convert_imageset(root, list_file, tmp_path / "stop", workers=2, progress=False)
+    assert not (tmp_path / "stop").exists()
+
+
+def test_a_decode_over_the_time_bound_stops_or_is_skipped(caffe_dir: Path, tmp_path: Path, slow_png: Path) -> None:
+    root, list_file, lines = _images_with(caffe_dir, tmp_path, {"slow.png": slow_png})
+    for workers in (1, 2):
+        with pytest.raises(InputError, match=r"list\.txt:3: slow\.png: decoding took longer than 0\.1 s"):
+            convert_imageset(root, list_file, tmp_path / "db", workers=workers, progress=False, decode_timeout=0.1)
+        assert not (tmp_path / "db").exists() and leftovers(tmp_path / "db") == []
+    db = tmp_path / "skipped"
+    convert_imageset(root, list_file, db, workers=2, progress=False, on_error="skip", decode_timeout=0.1)
+    skipped = read_manifest(db)["metadata"]["skipped"]
+    assert [(s["path"], s["line"]) for s in skipped] == [("slow.png", 3)] and "longer than 0.1 s" in skipped[0][
+        "reason"
+    ]
+    keys = [k for k, _ in read_lmdb_items(db)]
+    assert len(keys) == len(lines) - 1 and b"00000002_slow.png" not in keys and keys[2].startswith(b"00000003_")
+    # the same images without a bound: every one, the slow one too
+    convert_imageset(root, list_file, tmp_path / "unbounded", workers=2, progress=False, on_error="skip")
+    assert len(read_lmdb_items(tmp_path / "unbounded")) == len(lines)
+
+
+def test_skip_names_an_image_a_worker_died_on(caffe_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker dies (a crash in a decoder); with skip the image is listed and the rest is built
+    by a new pool, whose workers are spawned (this process may hold an LMDB environment by then)."""
+    real = imageset._serialize
+
+    def crash_on_img_05(image_path: Path, *args: object) -> object:
+        if image_path.name == "img_05.png":
+            os._exit(9)
+        return real(image_path, *args)
+
+    monkeypatch.setattr(imageset, "_serialize", crash_on_img_05)  # inherited by the forked workers only
+    list_file = caffe_dir / "list.txt"
+    db = tmp_path / "db"
+    options = ImagesetOptions(resize_height=32, resize_width=32)  # lmdb_raw's flags (FIXTURE_FLAGS)
+    convert_imageset(caffe_dir / "images", list_file, db, options, workers=2, progress=False, on_error="skip")
+    skipped = read_manifest(db)["metadata"]["skipped"]
+    assert [(s["path"], s["line"]) for s in skipped] == [("img_05.png", 6)] and "crashed" in skipped[0]["reason"]
+    expected = [(k, v) for k, v in read_lmdb_items(caffe_dir / "lmdb_raw") if not k.endswith(b"img_05.png")]
+    assert read_lmdb_items(db) == expected  # the rest exactly as Caffe made it
+
+
+def test_class_folders_are_labelled_by_sorted_name(caffe_dir: Path, tmp_path: Path) -> None:
+    root = tmp_path / "classes"
+    sources = sorted((caffe_dir / "images").rglob("*.png"), key=lambda p: p.name)
+    layout = {"zebra": sources[:3], "ant": sources[3:6], ".hidden": sources[6:7], "cat": sources[7:9]}
+    for name, files in layout.items():
+        (root / name / "deeper").mkdir(parents=True)
+        for index, source in enumerate(files):
+            shutil.copy(source, root / name / ("deeper" if index == 0 else ".") / source.name)
+        (root / name / "notes.txt").write_text("not an image")  # skipped by extension, as in torchvision
+    (root / "README.md").write_text("files at the top level are not classes")
+    entries, classes = imageset.read_class_folders(root)
+    assert classes == [".hidden", "ant", "cat", "zebra"]  # torchvision: every folder, sorted
+    expected = []
+    for name in classes:  # sorted(os.walk(...)): the class folder's own files, then deeper/'s
+        files = layout[name]
+        expected += [(f"{name}/{f.name}", classes.index(name)) for f in sorted(files[1:], key=lambda f: f.name)]
+        expected.append((f"{name}/deeper/{files[0].name}", classes.index(name)))
+    assert [(e.path, e.label) for e in entries] == expected
+    db = tmp_path / "db"
+    assert main(["--no-progress", "convert-imageset", "--folders", str(root), str(db)]) == 0
+    manifest = read_manifest(db)
+    assert manifest["metadata"]["classes"] == classes and manifest["metadata"]["list_file"] is None
+    assert [k.split(b"_", 1)[1].decode() for k, _ in read_lmdb_items(db)] == [e.path for e in entries]
+    (root / "empty").mkdir()
+    assert main(["--no-progress", "convert-imageset", "--folders", str(root), str(tmp_path / "db2")]) == 2
+
+
+def test_cli_on_error_and_decode_timeout(caffe_dir: Path, tmp_path: Path, slow_png: Path, capsys) -> None:
+    root, list_file, _ = _images_with(caffe_dir, tmp_path, {"slow.png": slow_png, "bad.jpg": b"nope"})
+    argv = ["--no-progress", "convert-imageset", str(root), str(list_file)]
+    assert main([*argv, str(tmp_path / "a"), "--decode-timeout", "0.1"]) == 2
+    assert "list.txt:3: slow.png: decoding took longer than 0.1 s" in capsys.readouterr().err
+    assert main([*argv, str(tmp_path / "b"), "--decode-timeout", "0.1", "--on-error", "skip"]) == 0
+    assert "skipped 2 images" in capsys.readouterr().err
+    assert len(read_manifest(tmp_path / "b")["metadata"]["skipped"]) == 2
+    assert main([*argv, str(tmp_path / "c"), "--on-error", "sometimes"]) == 2

@@ -317,3 +317,12 @@ def test_an_integer_written_as_a_float_is_refused_or_read_as_the_integer(tmp_pat
         return
     assert config.as_dict() == load_config(as_int).as_dict()
     assert json.dumps(config.as_dict()) == json.dumps(load_config(as_int).as_dict())  # 7 and 7.0 differ as JSON
+
+
+def test_the_decode_time_bound_has_one_default_for_the_cli_and_the_pipeline() -> None:
+    from datumdb.limits import DEFAULT_DECODE_TIMEOUT
+    from datumdb.pipeline.config import SCHEMA_PATH
+
+    schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    imageset = schema["properties"]["dataset"]["properties"]["imageset"]["properties"]
+    assert imageset["decode_timeout"]["default"] == DEFAULT_DECODE_TIMEOUT

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from datumdb.errors import InputError
 from datumdb.files import atomic_write
-from datumdb.pipeline.records import RECORDS_FORMAT, read_records, write_records
+from datumdb.pipeline.records import RECORDS_FORMAT, RecordFile, RecordWriter, read_records, write_records
 
 pytestmark = pytest.mark.unit
 
@@ -59,12 +59,30 @@ def test_every_truncation_is_detected(items: list[tuple[bytes, bytes]], cut: int
 def test_a_trailer_with_the_wrong_count_or_trailing_bytes_is_refused(tmp_path: Path) -> None:
     path = write_records(tmp_path / "a.rec", {}, [(b"k", b"v")])
     data = path.read_bytes()
-    path.write_bytes(data[:-8] + struct.pack("<Q", 2))
+    (footer_len,) = struct.unpack_from("<Q", data, len(data) - 16)
+    trailer_end = len(data) - 16 - footer_len  # the trailer frame: key length 0, count, a zero shape
+    count_at = trailer_end - 20
+    path.write_bytes(data[:count_at] + struct.pack("<Q", 2) + data[count_at + 8 :])
     with pytest.raises(InputError, match=r"damaged trailer \(says 2 records, read 1\)"):
         list(read_records(path)[1])
     path.write_bytes(data + b"\0")
-    with pytest.raises(InputError, match="damaged trailer"):
+    with pytest.raises(InputError, match="truncated"):
         list(read_records(path)[1])
+    path.write_bytes(data[:trailer_end] + b"\0" + data[trailer_end:])  # a stray byte after the trailer
+    with pytest.raises(InputError, match="damaged"):
+        list(read_records(path)[1])
+
+
+def test_shapes_and_skipped_samples_travel_with_the_records(tmp_path: Path) -> None:
+    skipped = {"path": "a/b c.jpg", "line": 7, "position": 3, "reason": "not an image OpenCV can decode"}
+    with RecordWriter(tmp_path / "a.rec", {"split": "train"}) as writer:
+        writer.add(b"00000000_x.jpg", b"v1", (3, 480, 640))
+        writer.skip(skipped)
+        writer.add(b"00000001_y.png", b"v2")
+    records = RecordFile(tmp_path / "a.rec")
+    assert list(records) == [(b"00000000_x.jpg", b"v1", (3, 480, 640)), (b"00000001_y.png", b"v2", None)]
+    assert records.skipped == [skipped]
+    assert records.header["split"] == "train"
 
 
 def test_a_damaged_or_foreign_header_is_refused(tmp_path: Path) -> None:

@@ -237,6 +237,37 @@ def test_a_local_mnist_source_runs_through_both_orchestrators(tiny: Path, tmp_pa
     assert run(["git", "diff", "--exit-code", "dvc.lock"], again, check=False).returncode == 0
 
 
+def test_photos_of_varied_sizes_stored_unchanged_through_both_orchestrators(tiny: Path, tmp_path: Path) -> None:
+    """The image-folder case: real photos, many sizes, ``encoding: original``, no resize."""
+    from test_pipeline_imageset import KEY, _photos
+
+    repo = clone(tiny, tmp_path / "photos")
+    images = repo / "inputs" / "images"
+    listed = _photos(images, count=30)
+    (repo / "inputs" / "list.txt").write_text("".join(f"{name} {label}\n" for name, label in listed))
+    set_params(repo, dataset__source="imageset", encoding="original")
+    snakemake("--cores", "2", cwd=repo)
+    stored: dict[str, str] = {}
+    for split in SPLITS:
+        with DatumReader(repo / "data" / "lmdb" / split) as reader:
+            for key, datum in reader.datums():
+                path = KEY.fullmatch(key).group(2).decode()  # type: ignore[union-attr]
+                assert datum.encoded and bytes(datum.data) == (images / path).read_bytes()
+                assert path not in stored
+                stored[path] = split
+    assert sorted(stored) == sorted(name for name, _ in listed)  # each listed photo in exactly one split
+    summary = (repo / "reports" / "summary.md").read_text()
+    assert "| NO |" not in summary and "No train mean" in summary
+    dvc("commit", "--force", cwd=repo)
+    assert status_clean(repo)
+    assert not list((repo / "data").rglob("lock.mdb"))
+    commit_all(repo)
+    again = clone(repo, tmp_path / "photos-repro")
+    shutil.copytree(repo / "inputs", again / "inputs", dirs_exist_ok=True)
+    dvc("repro", cwd=again)
+    assert digests(again) == digests(repo)
+
+
 def struct_sizes(*sizes: int) -> bytes:
     """Big-endian uint32 sizes of an idx header."""
     return b"".join(size.to_bytes(4, "big") for size in sizes)

@@ -54,8 +54,8 @@ from typing import Any
 import numpy as np
 
 from datumdb import __version__
-from datumdb.errors import DatumDBError, DatumError, OutputTooLargeError
-from datumdb.limits import DEFAULT_MAX_EXPORT_BYTES
+from datumdb.errors import DatumDBError, DatumError, InputError, OutputTooLargeError
+from datumdb.limits import DEFAULT_DECODE_TIMEOUT, DEFAULT_MAX_EXPORT_BYTES
 from datumdb.pipeline.splits import SPLITS
 from datumdb.writer import DEFAULT_BATCH_SIZE, DEFAULT_MAP_SIZE, MAX_MAP_SIZE
 
@@ -193,7 +193,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("root", type=_path, metavar="ROOT/", help="folder the list's paths are relative to")
     p.add_argument("list_file", type=_path, metavar="LISTFILE", help="text file of '<path> <label>' lines")
-    p.add_argument("db", type=_path, metavar="DB", help="database folder to create")
+    p.add_argument("db", type=_path, nargs="?", metavar="DB", help="database folder to create")
+    p.add_argument(
+        "--folders",
+        action="store_true",
+        help="no LISTFILE (give ROOT/ DB): images are ROOT/<class>/<image>, classes sorted by name are "
+        "labels 0..n-1 (torchvision's ImageFolder); the manifest names the classes",
+    )
+    p.add_argument(
+        "--on-error",
+        choices=("stop", "skip"),
+        default="stop",
+        help="an image that cannot be read, decoded or encoded in time: stop with its list line (default), or "
+        "skip it as Caffe does, listing it in the manifest",
+    )
+    p.add_argument(
+        "--decode-timeout",
+        type=_seconds,
+        default=DEFAULT_DECODE_TIMEOUT,
+        metavar="SECONDS",
+        help="longest one image may take to decode (default %(default)g): a broken file cannot hang the build",
+    )
     p.add_argument("--gray", action="store_true", help="load images as grayscale (1 channel)")
     p.add_argument("--shuffle", action="store_true", help="shuffle the list (seeded) before writing")
     p.add_argument("--seed", type=_seed, default=0, help=f"seed of --shuffle, 0..{SEED_MAX} (default %(default)s)")
@@ -576,6 +596,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def _convert_imageset(args: argparse.Namespace) -> int:
     from datumdb.imageset import ImagesetOptions, convert_imageset
+    from datumdb.manifest import read_manifest
 
     options = ImagesetOptions(
         gray=args.gray,
@@ -588,18 +609,29 @@ def _convert_imageset(args: argparse.Namespace) -> int:
         encode_type=args.encode_type,
         allow_outside_root=args.allow_outside_root,
     )
+    list_file, db = (None, args.list_file) if args.folders else (args.list_file, args.db)
+    if args.folders and args.db is not None:
+        raise InputError("convert-imageset --folders takes ROOT/ DB: the labels come from the folders, not a LISTFILE")
+    if db is None:
+        raise InputError("convert-imageset: missing DB (give ROOT/ LISTFILE DB, or --folders ROOT/ DB)")
     convert_imageset(
         args.root,
-        args.list_file,
-        args.db,
+        list_file,
+        db,
         options,
         overwrite=args.overwrite,
         batch_size=args.batch_size,
         workers=args.workers,
         progress=args.progress,
         map_size=args.map_size,
+        on_error=args.on_error,
+        decode_timeout=args.decode_timeout,
     )
-    return _report_built(args.db)
+    skipped = read_manifest(db)["metadata"].get("skipped")
+    if skipped:
+        print(_printable(f"datumdb convert-imageset: skipped {len(skipped)} images (listed in {db}/datumdb.json)"),
+              file=sys.stderr)  # fmt: skip
+    return _report_built(db)
 
 
 def _convert_arrays(args: argparse.Namespace) -> int:

@@ -13,7 +13,8 @@ tests/fixtures/caffe):
 
 Where Caffe is lax we are strict, because a silent skip is a dataset bug found weeks later: an
 unreadable image, a bad label or a path escaping ROOT is an error naming the list file and line
-(Caffe logs and skips, or parses "cat" as label 0). Caffe's ``--shuffle`` is unseeded; ours
+(Caffe logs and skips, or parses "cat" as label 0). Skipping unreadable images, Caffe's way, is
+``on_error="skip"``, and then every skipped image is listed in the manifest. Caffe's ``--shuffle`` is unseeded; ours
 takes ``seed`` (default 0) so a shuffled database is reproducible.
 
 Inputs are files, and bounded (:mod:`datumdb.limits`): the list file and every image must be
@@ -23,35 +24,28 @@ a link inside ROOT cannot lead outside it unless ``allow_outside_root``; and no 
 (a forged header over the pixel bound, say) escapes as anything but an :class:`InputError`.
 
 Decoding is the cost (a JPEG photo takes milliseconds, writing its record microseconds), so it
-runs in ``workers`` processes (all usable cores by default): threads reached only about 1.3 of
-2 cores, because the GIL is held between OpenCV calls. See :func:`convert_imageset` for how the
-pool keeps the output identical for any worker count and never shares the LMDB environment.
+runs in ``workers`` processes (all usable cores by default; :mod:`datumdb.decodepool`), with
+an optional time bound per image. Images can also come as ``root/<class>/<image>`` folders
+(:func:`read_class_folders`, torchvision's ``ImageFolder`` convention).
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import multiprocessing
 import os
 import re
-import signal
 import stat
-import sys
-from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import cv2
 import numpy as np
 
 from datumdb._progress import progress as progress_bar
 from datumdb.codec import INT32_MAX, INT32_MIN, encode_array, encode_image, hwc_to_chw, imdecode, imencode, resize
-from datumdb.errors import DatumDBError, DatumError, DecodeWorkerError, InputError, UnsafeInputError
+from datumdb.decodepool import Failure, ordered_results, usable_cores
+from datumdb.errors import DatumError, InputError, UnsafeInputError
 from datumdb.keys import MAX_KEY_BYTES, imageset_key
 from datumdb.limits import read_regular_file
 from datumdb.writer import DEFAULT_BATCH_SIZE, DEFAULT_MAP_SIZE, DatabaseWriter
@@ -69,21 +63,6 @@ __all__ = [
 
 
 _LABEL = re.compile(r"[+-]?[0-9]+", re.ASCII)
-
-# A task for a decoding worker is a run of consecutive list entries ("chunk") whose records add
-# up to about CHUNK_BYTES: enough images that the per-task IPC (~0.2 ms) is noise next to the
-# decoding, few enough that the last chunk does not leave the other workers idle for long.
-# Chunks are submitted ahead while the records in flight are estimated under WINDOW_BYTES, and
-# always WINDOW_PER_WORKER per worker: the window lets the workers go on decoding while this
-# process commits a batch to LMDB (about 0.2 s per 1000 records of 256x256), and bounds memory
-# (a record larger than CHUNK_BYTES, an unresized photo, goes alone: 2 per worker in flight).
-CHUNK_BYTES = 4 << 20
-MAX_CHUNK_IMAGES = 32
-WINDOW_BYTES = 64 << 20
-WINDOW_PER_WORKER = 2
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h: the signal a process gets when its parent dies
-_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
-_CAN_MASK = hasattr(signal, "pthread_sigmask")
 
 Shape = tuple[int, int, int]
 
@@ -281,16 +260,9 @@ def ordered_entries(entries: list[ListEntry], options: ImagesetOptions) -> list[
     return [entries[i] for i in order]
 
 
-def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity, which ``taskset`` and schedulers set)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
 def convert_imageset(
     root: str | os.PathLike[str],
-    list_file: str | os.PathLike[str],
+    list_file: str | os.PathLike[str] | None,
     db_path: str | os.PathLike[str],
     options: ImagesetOptions = ImagesetOptions(),
     *,
@@ -299,34 +271,51 @@ def convert_imageset(
     map_size: int = DEFAULT_MAP_SIZE,
     workers: int | None = None,
     progress: bool | None = None,
+    on_error: Literal["stop", "skip"] = "stop",
+    decode_timeout: float | None = None,
 ) -> Path:
     """Build ``db_path`` from the images under ``root`` listed in ``list_file``.
 
-    Images are decoded, resized and serialized in ``workers`` processes (default
-    :func:`usable_cores`; 1 decodes in this process). Each worker takes runs of consecutive
-    entries and returns their serialized Datums; this process consumes the runs in list order
-    and is the only writer, so records, keys, commit boundaries and hence ``data.mdb`` do not
-    depend on ``workers``, and the error reported is the one a single process would meet first.
-    The workers are started before the writer opens its LMDB environment (a forked environment
-    is undefined behaviour in LMDB), and are stopped whatever ends the build (an error, Ctrl-C,
-    SIGTERM); on Linux they also die with this process if it is killed outright.
+    ``list_file`` None reads ``root/<class>/<image>`` instead (:func:`read_class_folders`); the
+    manifest then names the classes. Images are decoded, resized and serialized in ``workers``
+    processes (default :func:`usable_cores`; 1 with no ``decode_timeout`` decodes in this
+    process), in runs of consecutive entries; this process takes the runs in list order and is
+    the only writer, so records, keys, commit boundaries and hence ``data.mdb`` do not depend on
+    ``workers``, and the error reported is the one a single process would meet first (see
+    :mod:`datumdb.decodepool`). ``on_error="skip"`` leaves out an image that cannot be read,
+    decoded or encoded (or takes over ``decode_timeout`` seconds), as Caffe does, but records its
+    path, list line and reason in the manifest (``metadata.skipped``); keys keep the line's
+    index, so the numbers of the others do not move.
     """
-    root, list_file = Path(root), Path(list_file)
+    root = Path(root)
     if not root.is_dir():
         raise InputError(f"{root}: ROOT folder not found")
-    entries = ordered_entries(read_list_file(list_file), options)
+    classes = None
+    if list_file is None:
+        listed, classes = read_class_folders(root)
+        where = root
+    else:
+        where = Path(list_file)
+        listed = read_list_file(where)
+    entries = ordered_entries(listed, options)
     real_root = os.path.realpath(root)
-    paths = [resolve_path(root, entry, list_file, options.allow_outside_root, real_root=real_root) for entry in entries]
-    metadata = {
+    paths = [resolve_path(root, entry, where, options.allow_outside_root, real_root=real_root) for entry in entries]
+    metadata: dict[str, Any] = {
         "source": "imageset",
         # A name that is not UTF-8 (surrogate escapes) is kept as \\xNN: the manifest is UTF-8 JSON.
-        "list_file": os.fsencode(list_file.name).decode("utf-8", "backslashreplace"),
+        "list_file": None if list_file is None else os.fsencode(where.name).decode("utf-8", "backslashreplace"),
         "options": {k: v for k, v in vars(options).items() if k != "allow_outside_root"},
     }
+    if classes is not None:
+        metadata["classes"] = classes
+    if on_error == "skip":
+        metadata["skipped"] = []  # (present and empty: nothing was left out)
     channel_order = "gray" if options.gray else "BGR"
-    job = _Job(paths, entries, options, list_file)
+    job = _Job(paths, entries, options, where)
     with (
-        _serialized(job, workers or usable_cores()) as records,
+        ordered_results(
+            job, workers or usable_cores(), skip_errors=on_error == "skip", timeout=decode_timeout
+        ) as records,
         DatabaseWriter(
             db_path,
             overwrite=overwrite,
@@ -337,7 +326,7 @@ def convert_imageset(
         ) as writer,
     ):
         expected_size = None
-        for line_id, (entry, (value, shape)) in enumerate(
+        for line_id, (entry, record) in enumerate(
             progress_bar(
                 zip(entries, records, strict=True),
                 enabled=progress,
@@ -346,51 +335,57 @@ def convert_imageset(
                 unit="img",
             )
         ):
+            if isinstance(record, Failure):
+                writer.metadata["skipped"].append({"path": entry.path, "line": entry.line, "reason": record.reason})
+                continue
+            value, shape = record
             if options.check_size:
                 size = shape[0] * shape[1] * shape[2]
                 if expected_size is None:
                     expected_size = size
                 elif size != expected_size:
                     raise InputError(
-                        f"{list_file}:{entry.line}: {entry.path} has {size} values, the first image had "
+                        f"{where}:{entry.line}: {entry.path} has {size} values, the first image had "
                         f"{expected_size} (--check-size)"
                     )
             key = imageset_key(line_id, entry.path)
             if len(key) > MAX_KEY_BYTES:
                 raise InputError(
-                    f"{list_file}:{entry.line}: key for {entry.path!r} is {len(key)} bytes; LMDB allows {MAX_KEY_BYTES}"
+                    f"{where}:{entry.line}: key for {entry.path!r} is {len(key)} bytes; LMDB allows {MAX_KEY_BYTES}"
                 )
             writer.add_serialized(value, key, shape=shape)
     return Path(db_path)
 
 
-# --------------------------------------------------------------------------- decoding workers
+# --------------------------------------------------------------------------- decoding
 
 
 @dataclass(frozen=True)
 class _Job:
-    """Everything a worker needs, given to it once at start (inherited through fork, not sent per task)."""
+    """What the decoding workers make: each listed image's record (:class:`~datumdb.decodepool.DecodeTask`)."""
 
     paths: list[Path]
     entries: list[ListEntry]
     options: ImagesetOptions
     list_file: Path
 
-    def serialize(self, start: int, stop: int) -> tuple[list[tuple[bytes, Shape]], DatumDBError | None]:
-        """Records of entries ``start:stop``; at a bad image, those before it and its error.
+    def __len__(self) -> int:
+        return len(self.entries)
 
-        The error is returned, not raised, so the records before it still reach the writer and
-        a ``--check-size`` or key error among them is reported first, as in one process.
-        """
-        records = []
-        for index in range(start, stop):
-            try:
-                records.append(_serialize(self.paths[index], self.entries[index], self.options, self.list_file))
-            except DatumDBError as exc:
-                return records, exc
-        return records, None
+    def run(self, index: int) -> tuple[bytes, Shape]:
+        return _serialize(self.paths[index], self.entries[index], self.options, self.list_file)
 
-    def known_record_bytes(self) -> int | None:
+    def where(self, index: int) -> str:
+        entry = self.entries[index]
+        return f"{self.list_file}:{entry.line}: {entry.path}"
+
+    def reason(self, exc: InputError, index: int) -> str:
+        """The error without its ``list:line: [path:] file:`` prefix (a report has columns for those)."""
+        entry = self.entries[index]
+        text = str(exc).removeprefix(f"{self.list_file}:{entry.line}: ").removeprefix(f"{entry.path}: ")
+        return text.removeprefix(f"{self.paths[index]}: ")
+
+    def record_bytes(self) -> int | None:
         """The size of every record, where the options fix it (resized raw Datums), else None."""
         options = self.options
         if options.resizes and not options.is_encoded:
@@ -398,142 +393,77 @@ class _Job:
         return None
 
 
-def _chunk_size(record_bytes: int | None) -> int:
-    """Images per chunk for records of about ``record_bytes`` (unknown: one, until some are seen)."""
-    if record_bytes is None:
-        return 1
-    return max(1, min(MAX_CHUNK_IMAGES, CHUNK_BYTES // max(1, record_bytes)))
+# ----------------------------------------------------------------------------- class folders
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+"""What counts as an image in a class folder: torchvision's ``IMG_EXTENSIONS`` (any case)."""
 
 
-@contextlib.contextmanager
-def _serialized(job: _Job, workers: int) -> Iterator[Iterator[tuple[bytes, Shape]]]:
-    """The records of ``job`` in list order, made in ``workers`` processes (1: in this one)."""
-    workers = min(workers, len(job.entries))
-    if workers <= 1:
-        yield (_serialize(p, e, job.options, job.list_file) for p, e in zip(job.paths, job.entries, strict=True))
-        return
-    pool = ProcessPoolExecutor(
-        workers,
-        mp_context=multiprocessing.get_context(_start_method()),
-        initializer=_start_worker,
-        initargs=(job, os.getpid(), cv2.utils.logging.getLogLevel()),
-    )
-    try:
-        # With fork, the first task forks every worker: now, before the caller opens LMDB, and
-        # with SIGINT and SIGTERM held so that none reaches a worker before _start_worker has
-        # set its own handlers (the parent's, inherited, would swallow or misread it).
-        held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS) if _CAN_MASK else None
-        try:
-            started = pool.submit(os.getpid)
-        finally:
-            if held is not None:
-                signal.pthread_sigmask(signal.SIG_SETMASK, held)
-        started.result()
-        yield _in_order(pool, job, workers)
-    except BaseException:
-        _stop(pool)
-        raise
-    pool.shutdown()
+def read_class_folders(root: str | os.PathLike[str]) -> tuple[list[ListEntry], list[str]]:
+    """The images of ``root/<class>/...`` as list entries, and the class names (label = index).
 
-
-def _start_method() -> str:
-    """fork where it is safe (Linux): workers start at once and inherit the job without pickling."""
-    return "fork" if sys.platform.startswith("linux") else "spawn"
-
-
-def _in_order(pool: ProcessPoolExecutor, job: _Job, workers: int) -> Iterator[tuple[bytes, Shape]]:
-    """Submit chunks ahead (a bounded window) and yield their records in list order."""
-    count = len(job.entries)
-    window: deque[tuple[int, int, Future[tuple[list[tuple[bytes, Shape]], DatumDBError | None]]]] = deque()
-    submitted = in_flight = made = made_bytes = 0
-    known = job.known_record_bytes()
-    while window or submitted < count:
-        record_bytes = known or (made_bytes // made if made else None)
-        while submitted < count and (
-            len(window) < WINDOW_PER_WORKER * workers
-            or (record_bytes is not None and in_flight * record_bytes < WINDOW_BYTES)
-        ):
-            stop = min(count, submitted + _chunk_size(record_bytes))
-            window.append((submitted, stop, _submit(pool, job, submitted, stop)))
-            in_flight += stop - submitted
-            submitted = stop
-        start, stop, future = window.popleft()
-        try:
-            records, error = future.result()
-        except BrokenProcessPool:
-            raise _worker_died(job, start, submitted) from None
-        in_flight -= stop - start
-        made += len(records)
-        made_bytes += sum(len(value) for value, _ in records)
-        yield from records
-        if error is not None:
-            raise error
-
-
-def _submit(
-    pool: ProcessPoolExecutor, job: _Job, start: int, stop: int
-) -> Future[tuple[list[tuple[bytes, Shape]], DatumDBError | None]]:
-    try:
-        return pool.submit(_serialize_chunk, start, stop)
-    except BrokenProcessPool:
-        raise _worker_died(job, start, stop) from None
-
-
-def _worker_died(job: _Job, start: int, stop: int) -> DecodeWorkerError:
-    """A worker was killed (out of memory, a signal) or crashed inside a decoder: name the images."""
-    first = job.entries[start]
-    return DecodeWorkerError(
-        f"{job.list_file}:{first.line}: a decoding worker process died (killed, out of memory, or a crash "
-        f"in OpenCV) while reading {first.path} or one of the {stop - start - 1} images after it in writing "
-        "order; nothing was written"
-    )
-
-
-def _stop(pool: ProcessPoolExecutor) -> None:
-    """Stop the workers now, mid-image: an error or Ctrl-C must not wait for the chunks in flight.
-
-    ``shutdown`` alone lets each worker finish its current task. SIGKILL, because a worker has
-    nothing to clean up (the database is this process's) and no signal must be lost: a worker
-    killed while it waits for a task holds the task queue's lock, so one that survived would
-    wait for that lock forever and ``shutdown`` with it. Python 3.14 has ``kill_workers`` for
-    this; before it the executor's own process table is the only exact list of its workers.
+    torchvision's ``ImageFolder`` convention, in its order, so a model trained on either sees the
+    same labels: the classes are the sub-folders of ``root`` sorted by name (labels 0..n-1);
+    each class's files are found recursively (``sorted(os.walk(...))``, then sorted names),
+    those with an :data:`IMAGE_EXTENSIONS` extension kept. Paths are relative to ``root`` with
+    ``/``, as a list file would give them; ``line`` is the 1-based position in this listing.
+    A class folder without images is an error, as in torchvision; hidden folders are classes
+    too, as in torchvision (so the labels agree with a model trained through ``ImageFolder``).
     """
-    processes = list((getattr(pool, "_processes", None) or {}).values())
-    for process in processes:
-        process.kill()
-    for process in processes:
-        process.join()
-    pool.shutdown(wait=True, cancel_futures=True)
+    root = Path(root)
+    try:
+        classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    except FileNotFoundError:
+        raise InputError(f"{root}: ROOT folder not found") from None
+    except NotADirectoryError:
+        raise InputError(f"{root}: ROOT is not a folder") from None
+    if not classes:
+        raise InputError(f"{root}: no class folders (expected ROOT/<class>/<image>)")
+    entries: list[ListEntry] = []
+    for label, name in enumerate(classes):
+        found = 0
+        for folder, _, names in sorted(os.walk(root / name, followlinks=True)):
+            relative = Path(folder).relative_to(root).as_posix()
+            for file_name in sorted(names):
+                if file_name.lower().endswith(IMAGE_EXTENSIONS):
+                    entries.append(ListEntry(f"{relative}/{file_name}", label, len(entries) + 1))
+                    found += 1
+        if not found:
+            raise InputError(f"{root / name}: class folder {name!r} holds no image ({', '.join(IMAGE_EXTENSIONS)})")
+    return entries, classes
 
 
-# Set in each worker by _start_worker: the job whose chunks it serializes.
-_WORKER_JOB: _Job | None = None
+# ----------------------------------------------------------------------------- for the pipeline
 
 
-def _start_worker(job: _Job, parent: int, log_level: int) -> None:
-    """Make a worker process: one OpenCV thread, the parent's signals are the parent's business.
+def serialize_images(
+    paths: list[Path],
+    entries: list[ListEntry],
+    options: ImagesetOptions,
+    list_file: Path,
+    *,
+    skip_errors: bool = False,
+    timeout: float | None = None,
+    workers: int = 1,
+) -> Iterator[tuple[bytes, Shape] | ImageFailure]:
+    """Each entry's serialized Datum and decoded shape, in order; or, with ``skip_errors``, its
+    :class:`ImageFailure` (unreadable, undecodable, or over ``timeout`` seconds to decode).
 
-    Ctrl-C reaches the whole process group; the parent turns it into an orderly stop and
-    kills the workers, so they ignore SIGINT and take SIGTERM's default (the CLI's SIGTERM
-    handler, inherited through fork, would raise KeyboardInterrupt here). On Linux a
-    worker also gets SIGKILL when its parent dies, so even ``kill -9`` leaves no orphans.
+    With a ``timeout`` the images are decoded in ``workers`` processes (at least one), whose
+    watchdogs end a decode stuck in a broken file; otherwise in this process when ``workers`` is 1.
     """
-    global _WORKER_JOB
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    if _CAN_MASK:  # held by the parent while it forked
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
-    cv2.setNumThreads(1)  # the parallelism is the processes; OpenCV's own pool would oversubscribe
-    cv2.utils.logging.setLogLevel(log_level)  # as quiet as the parent (spawn does not inherit it)
-    _WORKER_JOB = job
+    job = _Job(paths, entries, options, list_file)
+    with ordered_results(job, workers, skip_errors=skip_errors, timeout=timeout) as results:
+        for result in results:
+            if isinstance(result, Failure):
+                yield ImageFailure(entries[result.index], result.reason)
+            else:
+                yield result
 
 
-def _serialize_chunk(start: int, stop: int) -> tuple[list[tuple[bytes, Shape]], DatumDBError | None]:
-    if _WORKER_JOB is None:
-        raise RuntimeError("_serialize_chunk runs only in a worker started by _start_worker")
-    return _WORKER_JOB.serialize(start, stop)
+@dataclass(frozen=True)
+class ImageFailure:
+    """A listed image that could not be read, decoded or encoded in time, and why."""
+
+    entry: ListEntry
+    reason: str

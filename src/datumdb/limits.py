@@ -46,6 +46,10 @@ DEFAULT_MAX_INPUT_BYTES = 2 << 30
 MAX_INPUT_BYTES_ENV = "DATUMDB_MAX_INPUT_BYTES"
 MAX_MANIFEST_BYTES = 64 << 20
 MAX_IMAGE_PIXELS = 1 << 27
+DEFAULT_DECODE_TIMEOUT = 60.0
+"""Seconds one image may take to decode (``convert-imageset --decode-timeout``, the pipeline's
+``dataset.imageset.decode_timeout``): a broken file can hang a decoder, and a photo decodes in
+milliseconds, so a minute only ever stops a stuck decode."""
 DEFAULT_MAX_EXPORT_BYTES = 4 << 30
 
 

@@ -113,7 +113,8 @@ def source_inputs():
     names = {
         "synthetic": [],
         "arrays": [dataset.arrays.images, dataset.arrays.labels],
-        "imageset": [dataset.imageset.list_file, dataset.imageset.root],
+        "imageset": ([dataset.imageset.list_file] if dataset.imageset.layout == "list" else [])
+        + [dataset.imageset.root],
         "cifar10": list(dataset.cifar10.batches),
         "mnist": [dataset.mnist.images, dataset.mnist.labels],
     }[dataset.source]

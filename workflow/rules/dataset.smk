@@ -12,6 +12,8 @@ rule records:
         params_file=PARAMS,
         records=lambda wildcards, output: Path(output.records[0]).parents[1],
         fingerprint=lambda wildcards: BUILD_FINGERPRINT["train"],
+    benchmark:  # wall time, peak RSS, I/O of each job (Snakemake measures it)
+        "logs/benchmarks/records/{shard}.tsv"
     log:
         "logs/records/{shard}.log",
     wildcard_constraints:
@@ -37,6 +39,8 @@ rule build:
         records=lambda wildcards, input: Path(input.records[0]).parents[1],
         db=lambda wildcards, output: Path(output.manifest).parent,
         fingerprint=lambda wildcards: BUILD_FINGERPRINT[wildcards.split],
+    benchmark:  # wall time, peak RSS, I/O of each job (Snakemake measures it)
+        "logs/benchmarks/build/{split}.tsv"
     log:
         "logs/build/{split}.log",
     wildcard_constraints:

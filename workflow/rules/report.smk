@@ -32,6 +32,8 @@ rule verify:
         db=lambda wildcards, input: Path(input.db[0]).parent,
         train=lambda wildcards, input: Path(input.train[0]).parent,
         fingerprint=lambda wildcards: VERIFY_FINGERPRINT[wildcards.split],
+    benchmark:  # wall time, peak RSS, I/O of each job (Snakemake measures it)
+        "logs/benchmarks/verify/{split}.tsv"
     log:
         "logs/verify/{split}.log",
     wildcard_constraints:
@@ -63,6 +65,8 @@ rule mean:
         params_file=PARAMS,
         db=lambda wildcards, input: Path(input.db[0]).parent,
         fingerprint=BUILD_FINGERPRINT["train"],
+    benchmark:  # wall time, peak RSS, I/O of each job (Snakemake measures it)
+        "logs/benchmarks/mean/train.tsv"
     log:
         "logs/mean/mean.log",
     threads: 1
@@ -87,6 +91,8 @@ rule report:
         ),
     params:
         params_file=PARAMS,
+    benchmark:  # wall time, peak RSS, I/O of each job (Snakemake measures it)
+        "logs/benchmarks/report/summary.tsv"
     log:
         "logs/report/report.log",
     threads: 1

@@ -24,12 +24,13 @@ import numpy as np
 
 from datumdb.codec import encode_sample
 from datumdb.errors import InputError
+from datumdb.imageset import ImageFailure, read_class_folders, serialize_images
 from datumdb.keys import index_key
 from datumdb.manifest import read_manifest
 from datumdb.pipeline.config import PipelineConfig
 from datumdb.pipeline.fingerprint import build_params, build_record, input_digest
-from datumdb.pipeline.records import RecordWriter, read_records
-from datumdb.pipeline.sources import open_source
+from datumdb.pipeline.records import RecordFile, RecordWriter
+from datumdb.pipeline.sources import ImageFiles, Source, open_source
 from datumdb.pipeline.splits import SPLITS, assign_splits, positions_in_split, shard_range
 from datumdb.writer import DatabaseWriter
 
@@ -45,12 +46,16 @@ def records_path(records: str | os.PathLike[str], shard: int | str, split: str) 
 
 def make_records(config: PipelineConfig, shard: int, records: str | os.PathLike[str]) -> dict[str, int]:
     """Encode shard ``shard``'s samples as Datums into its record files under ``records``; the counts."""
-    source = open_source(config.dataset, config.seed)
+    source = open_source(config.dataset, config.seed, config.encoding)
     start, stop = shard_range(shard, config.partition.count, source.count)
     assignment = assign_splits(source.count, config.seed, config.split.fractions)
     positions = positions_in_split(assignment)
     sizes = np.bincount(assignment, minlength=len(SPLITS))
-    if config.encoding != "none" and source.read(start, min(start + 1, stop))[0].dtype != np.uint8:
+    if (
+        source.files is None
+        and config.encoding != "none"
+        and source.read(start, min(start + 1, stop))[0].dtype != np.uint8
+    ):
         raise InputError(f"encoding {config.encoding!r} needs uint8 images; dataset.source gives float data")
 
     header = {
@@ -64,6 +69,9 @@ def make_records(config: PipelineConfig, shard: int, records: str | os.PathLike[
             stack.enter_context(RecordWriter(records_path(records, shard, name), {**header, "split": name}))
             for name in SPLITS
         ]
+        if source.files is not None:
+            _image_records(source, source.files, range(start, stop), assignment, positions, writers)
+            return {name: writer.count for name, writer in zip(SPLITS, writers, strict=True)}
         for chunk_start in range(start, stop, READ_CHUNK):  # each sample read (or generated) once
             chunk_stop = min(chunk_start + READ_CHUNK, stop)
             images, labels = source.read(chunk_start, chunk_stop)
@@ -73,6 +81,43 @@ def make_records(config: PipelineConfig, shard: int, records: str | os.PathLike[
                 key = index_key(int(positions[index]), int(sizes[split]))
                 writers[split].add(key, encode_sample(images[offset], label, config.encoding, key))  # type: ignore[arg-type]
     return {name: writer.count for name, writer in zip(SPLITS, writers, strict=True)}
+
+
+def _image_records(
+    source: Source,
+    files: ImageFiles,
+    indices: range,
+    assignment: np.ndarray,
+    positions: np.ndarray,
+    writers: list[RecordWriter],
+) -> None:
+    """An imageset's records: Caffe keys naming the files, each file serialized on its own.
+
+    Nothing is stacked, so sizes may vary; an unreadable image stops the job or, with
+    ``on_error: skip``, is noted (path, list line, reason) in its split's record file.
+    """
+    samples = serialize_images(
+        [files.paths[i] for i in indices],
+        [files.entries[i] for i in indices],
+        files.options,
+        files.where,
+        skip_errors=files.on_error == "skip",
+        timeout=files.decode_timeout,
+    )
+    for index, result in zip(indices, samples, strict=True):
+        split, position = int(assignment[index]), int(positions[index])
+        if isinstance(result, ImageFailure):
+            writers[split].skip({**files.describe(index), "position": position, "reason": result.reason})
+            continue
+        value, shape = result
+        if source.shape is not None and shape != source.shape:
+            entry = files.entries[index]
+            raise InputError(
+                f"{files.where}:{entry.line}: {entry.path} is {shape}, the first image is {source.shape}; raw "
+                "pixels (encoding: none) need one shape: set dataset.imageset.resize_height and resize_width, "
+                "or store encoded images (encoding: original, png or jpg)"
+            )
+        writers[split].add(files.key(index, position), value, shape)
 
 
 def build_split(
@@ -93,24 +138,30 @@ def build_split(
     opened = []
     for shard in range(config.partition.count):
         path = records_path(records, shard, split)
-        header, items = read_records(path)
+        records_file = RecordFile(path)
+        header = records_file.header
         expected = {"shard": shard, "shards": config.partition.count, "params": record["params"], "split": split}
         if {k: header.get(k) for k in expected} != expected:
             raise InputError(f"{path}: made with other params than {split}'s build (a stale intermediate); remake it")
-        opened.append((header, items))
-    metadata = {"source": config.dataset.source, "split": split, "pipeline": record}
+        opened.append(records_file)
+    metadata: dict[str, Any] = {"source": config.dataset.source, "split": split, "pipeline": record}
+    skipped = [sample for records_file in opened for sample in records_file.skipped]
+    if config.dataset.source == "imageset":
+        metadata["skipped"] = skipped  # (always present: an empty list says nothing was left out)
+        if config.dataset.imageset.layout == "folders":
+            metadata["classes"] = read_class_folders(Path(config.dataset.input_dir) / config.dataset.imageset.root)[1]
     with DatabaseWriter(
         db,
         overwrite=True,
         batch_size=config.build.batch_size,
         map_size=config.build.map_size,
-        encoding=config.encoding,  # type: ignore[arg-type]
-        channel_order=opened[0][0]["channel_order"],
+        encoding=config.encoding if config.encoding in ("none", "png", "jpg") else "none",  # type: ignore[arg-type]
+        channel_order=opened[0].header["channel_order"],
         metadata=metadata,
     ) as writer:
-        for _, items in opened:
-            for key, value in items:
-                writer.add_serialized(value, key)
+        for records_file in opened:
+            for key, value, shape in records_file:
+                writer.add_serialized(value, key, shape=shape)
     return read_manifest(Path(db))
 
 

@@ -63,12 +63,20 @@ class ArraysConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ImagesetConfig:
+    layout: str
     root: str
     list_file: str
     gray: bool
     shuffle: bool
     resize_height: int
     resize_width: int
+    on_error: str
+    decode_timeout: float
+
+    @property
+    def resizes(self) -> bool:
+        """Caffe resizes only when both sizes are given."""
+        return self.resize_height > 0 and self.resize_width > 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -314,6 +322,18 @@ def _check_beyond_schema(params: dict[str, Any], where: str) -> None:
         for name in SPLITS:
             if round(count * split[name]) < 1:
                 raise InputError(f"{where}: split.{name}={split[name]} of dataset.count={count} is empty")
+    if params["encoding"] == "original":
+        if dataset["source"] != "imageset":
+            raise InputError(
+                f"{where}: encoding: original stores image files unchanged; dataset.source "
+                f"{dataset['source']!r} has no image files (use none, png or jpg)"
+            )
+        imageset = dataset["imageset"]
+        if imageset["resize_height"] > 0 and imageset["resize_width"] > 0:
+            raise InputError(
+                f"{where}: encoding: original stores each file's bytes unchanged, so it cannot resize; "
+                "set dataset.imageset.resize_height and resize_width to 0, or use encoding png or jpg"
+            )
     if not 0 <= params["seed"] < 2**32:
         raise InputError(f"{where}: seed must be in 0..2**32-1, got {params['seed']}")
 

@@ -139,15 +139,20 @@ def input_files(config: PipelineConfig) -> list[tuple[str, Path]]:
         names = list(dataset.cifar10.batches)
     elif dataset.source == "mnist":
         names = [dataset.mnist.images, dataset.mnist.labels]
-    else:  # imageset: the list file and every image it lists (resolved as the build resolves them)
-        from datumdb.imageset import read_list_file, resolve_path
+    else:  # imageset: the list file and every image it lists, or every image of the class folders
+        from datumdb.imageset import read_class_folders, read_list_file, resolve_path
 
-        list_path = folder / dataset.imageset.list_file
         root = folder / dataset.imageset.root
-        files = [(dataset.imageset.list_file, list_path)]
-        for entry in read_list_file(list_path):
-            path = resolve_path(root, entry, list_path)
-            files.append((f"{dataset.imageset.root}/{entry.path}", path))
+        if dataset.imageset.layout == "folders":
+            where = root
+            files = []
+            entries = read_class_folders(root)[0]
+        else:
+            where = folder / dataset.imageset.list_file
+            files = [(dataset.imageset.list_file, where)]
+            entries = read_list_file(where)
+        for entry in entries:  # resolved as the build resolves them
+            files.append((f"{dataset.imageset.root}/{entry.path}", resolve_path(root, entry, where)))
         return files
     return [(name, folder / name) for name in names]
 

@@ -2,14 +2,25 @@
 
 The JSON (per-channel means, shape) also records the step's fingerprint, so a stale mean is
 noticed like a stale database.
+
+Caffe's ``compute_image_mean`` needs one image size (it aborts otherwise, and so does our
+``compute-mean``, naming the record). A database of photos stored at their own sizes has no
+mean image, and that is not a failed build: the step then writes an empty ``BlobProto`` (zero
+bytes: a valid message with no data), an empty ``.npy`` and a JSON saying why, and the report
+carries the note.
 """
 
 from __future__ import annotations
 
+import io
 import os
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from datumdb.files import atomic_write
+from datumdb.manifest import read_manifest
 from datumdb.mean import compute_mean, mean_files
 from datumdb.pipeline.fingerprint import mean_record, recorded_build_fingerprint
 from datumdb.pipeline.summary import json_bytes
@@ -25,10 +36,24 @@ def mean_step(
     summary: str | os.PathLike[str],
 ) -> dict[str, Any]:
     """Compute the mean of ``train_db`` and write the three files; returns the JSON summary."""
-    mean = compute_mean(train_db, progress=False)
-    proto, npy_bytes, result = mean_files(mean)
+    shapes = read_manifest(Path(train_db)).get("shapes") or {}
+    if len(shapes) > 1:
+        proto, npy_bytes = b"", _empty_npy()
+        result: dict[str, Any] = {
+            "skipped": f"the train images have {len(shapes)} different sizes; a mean image needs one (as in Caffe)",
+            "shape": None,
+            "channel_means": [],
+        }
+    else:
+        proto, npy_bytes, result = mean_files(compute_mean(train_db, progress=False))
     result["pipeline"] = mean_record(recorded_build_fingerprint(train_db))
     atomic_write(binaryproto, proto)
     atomic_write(npy, npy_bytes)
     atomic_write(summary, json_bytes(result))
     return result
+
+
+def _empty_npy() -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.zeros((0,), dtype=np.float32), allow_pickle=False)
+    return buffer.getvalue()

@@ -18,6 +18,18 @@ __all__ = ["SHEET_COLUMNS", "SHEET_MAX", "contact_sheet"]
 
 SHEET_COLUMNS = 8
 SHEET_MAX = 64
+TILE_SIDE = 64  # every image is shown within a TILE_SIDE square, its aspect ratio kept
+
+
+def _fit(hwc: np.ndarray) -> np.ndarray:
+    """Letterbox: a small image is enlarged by a whole factor (pixels stay sharp), a large one
+    shrunk (area averaging) until its longer side is TILE_SIDE; mixed sizes then share one grid."""
+    longest = max(hwc.shape[:2])
+    if longest <= TILE_SIDE:
+        scale = max(1, TILE_SIDE // longest)
+        return cv2.resize(hwc, None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
+    height, width = (max(1, round(side * TILE_SIDE / longest)) for side in hwc.shape[:2])
+    return cv2.resize(hwc, (width, height), interpolation=cv2.INTER_AREA)
 
 
 def contact_sheet(
@@ -37,8 +49,7 @@ def contact_sheet(
             hwc = hwc[:, :, ::-1]
         elif hwc.shape[2] != 3:
             hwc = cv2.cvtColor(np.ascontiguousarray(hwc[:, :, :1]), cv2.COLOR_GRAY2BGR)
-        scale = max(1, 64 // max(hwc.shape[:2]))
-        hwc = cv2.resize(np.ascontiguousarray(hwc), None, fx=scale, fy=scale, interpolation=cv2.INTER_NEAREST)
+        hwc = _fit(np.ascontiguousarray(hwc))
         height, width = hwc.shape[:2]
         width = max(width, 72)
         tile = np.full((height + 34, width + 8, 3), 255, dtype=np.uint8)

@@ -3,7 +3,9 @@
 :func:`open_source` turns the ``dataset`` section of the params into a :class:`Source`: the
 sample count, the (C, H, W) shape, the channel order, ``read(start, stop)`` of one range (so each
 shard job reads only its part of the input), and ``labels()`` of all samples without decoding a
-pixel (what verify needs for the label histogram). Everything is read from local files under
+pixel (what verify needs for the label histogram). An imageset source also has its
+:class:`ImageFiles`: image files are serialized one by one (sizes may vary, the original bytes
+may be stored), never stacked. Everything is read from local files under
 ``dataset.input_dir``; nothing is downloaded.
 """
 
@@ -13,16 +15,36 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from datumdb.codec import hwc_to_chw
 from datumdb.errors import InputError
-from datumdb.limits import open_regular_file
+from datumdb.imageset import (
+    ImagesetOptions,
+    ListEntry,
+    load_image,
+    ordered_entries,
+    read_class_folders,
+    read_list_file,
+    resolve_path,
+)
+from datumdb.keys import MAX_KEY_BYTES, imageset_key
+from datumdb.limits import open_regular_file, read_regular_file
 from datumdb.pipeline.config import SOURCES, DatasetConfig
 from datumdb.sources import check_image_chunk, iter_array_samples, load_labels, load_npy
 
-__all__ = ["SOURCES", "Source", "open_source", "read_cifar10", "read_idx", "read_mnist"]
+__all__ = [
+    "SOURCES",
+    "ImageFiles",
+    "Source",
+    "imageset_options",
+    "open_source",
+    "read_cifar10",
+    "read_idx",
+    "read_mnist",
+]
 
 CIFAR10_RECORD = 1 + 3 * 32 * 32  # one label byte, then 32x32 R, G and B planes
 
@@ -37,10 +59,18 @@ class Source:
 
     name: str
     count: int
-    shape: tuple[int, int, int]
+    shape: tuple[int, int, int] | None  # None: the samples' sizes vary (encoded image files)
     channel_order: str
     read: Callable[[int, int], tuple[np.ndarray, np.ndarray]]
     labels: Callable[[], np.ndarray]
+    sample: Callable[[int], np.ndarray] | None = None  # one (C, H, W) sample, whatever its size
+    files: ImageFiles | None = None  # an imageset's files: keys, serialization, class names
+
+    def load(self, index: int) -> np.ndarray:
+        """Sample ``index`` as (C, H, W)."""
+        if self.sample is not None:
+            return self.sample(index)
+        return self.read(index, index + 1)[0][0]
 
 
 def read_cifar10(paths: Sequence[str | os.PathLike[str]]) -> tuple[np.ndarray, np.ndarray]:
@@ -166,47 +196,105 @@ class _FloatView:
         return chunk
 
 
-def _imageset(dataset: DatasetConfig, seed: int) -> Source:
-    from datumdb.imageset import ImagesetOptions, load_image, ordered_entries, read_list_file, resolve_path
+@dataclass(frozen=True)
+class ImageFiles:
+    """The files behind an imageset source, in sample order (the list after the seeded shuffle).
 
+    What the pipeline needs beyond pixels: each sample's Caffe key (``%08d_<path as listed>``,
+    numbered within its split), its file, how to serialize it in the chosen encoding (original
+    bytes, re-encoded, or raw pixels; Caffe's convert_imageset rules, see :mod:`datumdb.imageset`),
+    and the class names of a folder-per-class layout.
+    """
+
+    entries: list[ListEntry]
+    paths: list[Path]
+    options: ImagesetOptions
+    where: Path  # the list file, or ROOT for class folders: what messages name
+    classes: list[str] | None
+    on_error: str
+    decode_timeout: float
+
+    def key(self, index: int, position: int) -> bytes:
+        """Caffe's key of sample ``index`` at ``position`` within its split."""
+        entry = self.entries[index]
+        key = imageset_key(position, entry.path)
+        if len(key) > MAX_KEY_BYTES:
+            raise InputError(
+                f"{self.where}:{entry.line}: key for {entry.path!r} is {len(key)} bytes; LMDB allows {MAX_KEY_BYTES}"
+            )
+        return key
+
+    def describe(self, index: int) -> dict[str, Any]:
+        """What a report says of a sample: its path as listed and its list line (or listing position)."""
+        entry = self.entries[index]
+        return {"path": entry.path, "line": entry.line}
+
+    def file_bytes(self, index: int) -> bytes:
+        return read_regular_file(self.paths[index], "image")
+
+
+def imageset_options(dataset: DatasetConfig, seed: int, encoding: str) -> ImagesetOptions:
+    """convert_imageset's flags for the params: ``original`` is Caffe's ``--encoded`` (type from the extension)."""
     options = dataset.imageset
-    folder = Path(dataset.input_dir)
-    list_path, root_path = folder / options.list_file, folder / options.root
-    imageset_options = ImagesetOptions(
+    return ImagesetOptions(
         gray=options.gray,
         shuffle=options.shuffle,
         seed=seed,
         resize_height=options.resize_height,
         resize_width=options.resize_width,
+        encoded=encoding != "none",
+        encode_type=encoding if encoding in ("png", "jpg") else "",
     )
-    entries = ordered_entries(read_list_file(list_path), imageset_options)
-    if not entries:
-        raise InputError(f"{list_path}: the list is empty")
+
+
+def _imageset(dataset: DatasetConfig, seed: int, encoding: str) -> Source:
+    options = dataset.imageset
+    folder = Path(dataset.input_dir)
+    root_path = folder / options.root
+    imageset = imageset_options(dataset, seed, encoding)
+    classes = None
+    if options.layout == "folders":
+        listed, classes = read_class_folders(root_path)
+        where = root_path
+    else:
+        where = folder / options.list_file
+        listed = read_list_file(where)
+    entries = ordered_entries(listed, imageset)
+    real_root = os.path.realpath(root_path)
+    paths = [resolve_path(root_path, entry, where, real_root=real_root) for entry in entries]
+    files = ImageFiles(entries, paths, imageset, where, classes, options.on_error, options.decode_timeout)
 
     def load(index: int) -> np.ndarray:
-        entry = entries[index]
-        image, _ = load_image(resolve_path(root_path, entry, list_path), entry, imageset_options, list_path)
+        image, _ = load_image(paths[index], entries[index], imageset, where)
         return hwc_to_chw(image)
 
-    first = load(0)
-    shape = (int(first.shape[0]), int(first.shape[1]), int(first.shape[2]))
+    channels = 1 if options.gray else 3
+    shape: tuple[int, int, int] | None
+    if options.resizes:
+        shape = (channels, options.resize_height, options.resize_width)
+    elif encoding == "none":  # raw pixels: every image must have the first one's shape
+        first = load(0)
+        shape = (int(first.shape[0]), int(first.shape[1]), int(first.shape[2]))
+    else:
+        shape = None  # encoded without resize: every file keeps its own size
 
     def read(start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
-        images = np.empty((stop - start, *shape), dtype=np.uint8)
-        for row, index in enumerate(range(start, stop)):
-            image = load(index)
-            if image.shape != shape:
+        """Stacked samples: raw pixels of one shape (encoded files are serialized one by one instead)."""
+        images = [load(index) for index in range(start, stop)]
+        expected = shape or (images[0].shape if images else (channels, 0, 0))
+        for offset, image in enumerate(images):
+            if image.shape != expected:
                 raise InputError(
-                    f"{list_path}:{entries[index].line}: image is {image.shape}, the first is {shape}; "
+                    f"{where}:{entries[start + offset].line}: image is {image.shape}, the first is {expected}; "
                     "set dataset.imageset.resize_height and resize_width so all samples have one shape"
                 )
-            images[row] = image
-        return images, np.array([entries[i].label for i in range(start, stop)], dtype=np.int64)
+        stacked = np.stack(images) if images else np.empty((0, *expected), dtype=np.uint8)
+        return stacked, np.array([entries[i].label for i in range(start, stop)], dtype=np.int64)
 
     def labels() -> np.ndarray:
         return np.array([entry.label for entry in entries], dtype=np.int64)
 
-    return Source("imageset", len(entries), shape, "gray" if options.gray else "BGR", read, labels)
+    return Source("imageset", len(entries), shape, "gray" if options.gray else "BGR", read, labels, load, files)
 
 
 def _synthetic(dataset: DatasetConfig, seed: int) -> Source:
@@ -224,8 +312,11 @@ def _synthetic(dataset: DatasetConfig, seed: int) -> Source:
     return Source("synthetic", dataset.count, shape, "gray" if shape[0] == 1 else "BGR", read, labels)
 
 
-def open_source(dataset: DatasetConfig, seed: int) -> Source:
+def open_source(dataset: DatasetConfig, seed: int, encoding: str = "none") -> Source:
     """The source the params name; input paths are relative to ``dataset.input_dir``.
+
+    ``encoding`` (the params' ``encoding``) matters to an imageset only: without a resize, raw
+    pixels need one common shape, encoded files keep their own.
 
     Input problems (missing file, wrong format, bad option) raise :class:`InputError` naming
     the file or parameter, before anything is written.
@@ -236,7 +327,7 @@ def open_source(dataset: DatasetConfig, seed: int) -> Source:
     if dataset.source == "arrays":
         return _arrays(dataset)
     if dataset.source == "imageset":
-        return _imageset(dataset, seed)
+        return _imageset(dataset, seed, encoding)
     if dataset.source == "cifar10":
         images, labels = read_cifar10([folder / b for b in dataset.cifar10.batches])
         return _array_source("cifar10", "BGR", images, labels, "cifar10")

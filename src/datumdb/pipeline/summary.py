@@ -39,14 +39,39 @@ def summary_markdown(
     ]
     for m in verify_metrics:
         lines.append(
-            f"| {m['split']} | {m['count']} | {'x'.join(map(str, m['shape']))} | {m['encoding']} | "
+            f"| {m['split']} | {m['count']} | {_shape(m)} | {m['encoding']} | "
             f"{m['ncm_accuracy']} | {m['chance_accuracy']} | {'yes' if m['ok'] else 'NO'} | `{m['digest']}` |"
         )
-    channel_means = ", ".join(f"{v:.4f}" for v in mean.get("channel_means", []))
-    lines += ["", f"Train mean per channel (stored order): {channel_means}", ""]
+    if mean.get("skipped"):
+        lines += ["", f"No train mean: {mean['skipped']}.", ""]
+    else:
+        channel_means = ", ".join(f"{v:.4f}" for v in mean.get("channel_means", []))
+        lines += ["", f"Train mean per channel (stored order): {channel_means}", ""]
+    left_out = [(m["split"], sample) for m in verify_metrics for sample in m.get("skipped") or []]
+    if left_out:
+        lines += [
+            f"Skipped images ({len(left_out)}, `on_error: skip`):",
+            "",
+            "| split | path | list line | reason |",
+            "|---|---|---:|---|",
+        ]
+        lines += [f"| {split} | {_cell(s['path'])} | {s['line']} | {_cell(s['reason'])} |" for split, s in left_out]
+        lines.append("")
     if fingerprint:
         lines += [f"<!-- datumdb pipeline fingerprint: {fingerprint} -->", ""]
     return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    """Text inside a Markdown table cell: pipes and line breaks would end the cell."""
+    return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\n", " ")
+
+
+def _shape(metrics: dict[str, Any]) -> str:
+    """One shape as CxHxW; varying sizes as how many there are."""
+    if metrics.get("shape"):
+        return "x".join(map(str, metrics["shape"]))
+    return f"{len(metrics.get('shapes') or {})} sizes"
 
 
 def load_json(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -1,0 +1,252 @@
+"""ImageNet-scale rehearsal: a folder of JPEG photos of many sizes through ``snakemake --cores N``.
+
+    python -m benchmarks.photos                    # 100 000 photos, 100 classes
+    python -m benchmarks.photos --count 2000       # a smoke run
+
+The photos are crops and scales of scikit-image's sample photos (public domain / CC0), saved as
+JPEG at varied qualities in ImageNet's layout (``root/<class>/<name>.JPEG``, folder-per-class), so
+sizes and compression vary as in a real collection. Two builds go through the whole workflow
+(records, build, verify, mean, report) on a copy of this repository:
+
+* ``encoding: original``, no resize: every file's bytes stored unchanged (the small-LMDB way);
+* ``resize 256x256`` and ``encoding: none``: raw pixels, Caffe's usual training input.
+
+For each: wall time and images per second, the peak RSS of every job (Snakemake's ``benchmark:``
+files), the disk used by the inputs, the intermediates (their peak, sampled while running) and
+the outputs, and the ratio to one ``datumdb convert-imageset`` of the same list with the same
+options (which writes one database, not three, and verifies nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import yaml
+
+from benchmarks.common import BIN, DATUMDB, ROOT, peak_rss_mb
+
+PHOTOS = (
+    "astronaut", "chelsea", "coffee", "rocket", "retina",
+    "hubble_deep_field", "immunohistochemistry", "camera", "moon", "brick", "grass", "gravel", "coins",
+)  # fmt: skip
+CLASSES = 100
+CHUNK = 500  # photos per generation task
+
+
+def _sources() -> list[np.ndarray]:
+    """scikit-image's sample photos as OpenCV images (BGR, or grey for the grey ones)."""
+    from skimage import data
+
+    images = []
+    for name in PHOTOS:
+        image = np.asarray(getattr(data, name)())
+        if image.ndim == 3:
+            image = cv2.cvtColor(np.ascontiguousarray(image[:, :, :3]), cv2.COLOR_RGB2BGR)
+        images.append(image.astype(np.uint8))
+    return images
+
+
+def _make_chunk(root: str, start: int, stop: int, seed: int) -> int:
+    cv2.setNumThreads(1)
+    sources = _sources()
+    written = 0
+    for index in range(start, stop):
+        rng = np.random.default_rng([seed, index])
+        image = sources[int(rng.integers(len(sources)))]
+        height, width = image.shape[:2]
+        crop_h = int(height * rng.uniform(0.4, 1.0))
+        crop_w = int(width * rng.uniform(0.4, 1.0))
+        top, left = int(rng.integers(0, height - crop_h + 1)), int(rng.integers(0, width - crop_w + 1))
+        crop = image[top : top + crop_h, left : left + crop_w]
+        scale = rng.uniform(0.35, 1.3)
+        size = (max(16, round(crop_w * scale)), max(16, round(crop_h * scale)))
+        photo = cv2.resize(crop, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+        label = index % CLASSES
+        path = Path(root) / f"n{label:08d}" / f"n{label:08d}_{index}.JPEG"
+        ok, encoded = cv2.imencode(".jpg", photo, [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(70, 96))])
+        assert ok
+        path.write_bytes(encoded.tobytes())
+        written += 1
+    return written
+
+
+def make_photo_folder(root: Path, count: int, seed: int = 0) -> None:
+    """``count`` JPEG photos of varied sizes under ``root/n<class>/`` (CLASSES classes), in parallel."""
+    for label in range(CLASSES):
+        (root / f"n{label:08d}").mkdir(parents=True, exist_ok=True)
+    with ProcessPoolExecutor(os.cpu_count()) as pool:
+        futures = [pool.submit(_make_chunk, str(root), s, min(s + CHUNK, count), seed) for s in range(0, count, CHUNK)]
+        assert sum(f.result() for f in futures) == count
+
+
+def tree_bytes(*paths: Path) -> int:
+    """Bytes of the regular files under ``paths`` (each inode once)."""
+    seen, total = set(), 0
+    for top in paths:
+        for folder, _, names in os.walk(top):
+            for name in names:
+                try:
+                    info = os.lstat(os.path.join(folder, name))
+                except FileNotFoundError:  # a temp file removed while we walk
+                    continue
+                if (info.st_dev, info.st_ino) not in seen:
+                    seen.add((info.st_dev, info.st_ino))
+                    total += info.st_size
+    return total
+
+
+class PeakSize:
+    """The largest size a folder reaches while a block runs (sampled every ``interval`` seconds)."""
+
+    def __init__(self, folder: Path, interval: float = 0.5) -> None:
+        self.folder, self.interval, self.peak = folder, interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, tree_bytes(self.folder) if self.folder.exists() else 0)
+
+    def __enter__(self) -> PeakSize:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def copy_repo(target: Path) -> Path:
+    """This repository's tracked and new files (not tests) under ``target``, as a place to build."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True,
+                            text=True, check=True).stdout.split("\0")  # fmt: skip
+    for name in filter(None, listed):
+        if (ROOT / name).is_file() and not name.startswith("tests/"):
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, target / name)
+    return target
+
+
+def job_peaks(repo: Path) -> dict[str, float]:
+    """Largest peak RSS (MB) per rule, from Snakemake's benchmark files."""
+    peaks: dict[str, float] = {}
+    for path in (repo / "logs" / "benchmarks").glob("*/*.tsv"):
+        with open(path) as handle:
+            for row in csv.DictReader(handle, delimiter="\t"):
+                value = row.get("max_rss", "NA")
+                if value not in ("NA", "-", ""):
+                    peaks[path.parent.name] = max(peaks.get(path.parent.name, 0.0), float(value))
+    return peaks
+
+
+def rehearse(work: Path, photos: Path, *, name: str, encoding: str, resize: int, cores: int, shards: int) -> dict:
+    repo = copy_repo(work / f"repo-{name}")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["dataset"].update(source="imageset", input_dir=str(photos.parent))
+    params["dataset"]["imageset"].update(layout="folders", root=photos.name, resize_height=resize, resize_width=resize)
+    params["encoding"] = encoding
+    params["partition"]["shards"] = list(range(shards))
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    start = time.perf_counter()
+    with PeakSize(repo / "data" / "tmp") as intermediates:
+        subprocess.run([str(BIN / "snakemake"), "--cores", str(cores), "--quiet", "all"], cwd=repo, env=env,
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    seconds = time.perf_counter() - start
+    counts = {s: json.loads((repo / "reports" / "verify" / f"{s}.json").read_text())["count"] for s in
+              ("train", "val", "test")}  # fmt: skip
+
+    # The same list, the same options, one convert-imageset (one database, no verify).
+    from datumdb.imageset import read_class_folders
+
+    entries, _ = read_class_folders(photos)
+    listing = work / f"{name}.txt"
+    listing.write_text("".join(f"{e.path} {e.label}\n" for e in entries))
+    flags = ["--encoded"] if encoding == "original" else []
+    if resize:
+        flags += ["--resize-height", str(resize), "--resize-width", str(resize)]
+    db = work / f"single-{name}"
+    single_start = time.perf_counter()
+    single_rss = peak_rss_mb([*DATUMDB, "convert-imageset", f"{photos}/", str(listing), str(db), *flags])
+    single = time.perf_counter() - single_start
+    result = {
+        "name": name,
+        "images": sum(counts.values()),
+        "seconds": seconds,
+        "images_per_second": sum(counts.values()) / seconds,
+        "job_peak_rss_mb": job_peaks(repo),
+        "inputs_bytes": tree_bytes(photos),
+        "intermediates_peak_bytes": intermediates.peak,
+        "outputs_bytes": tree_bytes(repo / "data" / "lmdb", repo / "data" / "mean"),
+        "single_convert_imageset_seconds": single,
+        "single_convert_imageset_peak_rss_mb": single_rss,
+        "single_database_bytes": tree_bytes(db),
+        "pipeline_vs_single": single / seconds,
+    }
+    shutil.rmtree(repo, ignore_errors=True)
+    shutil.rmtree(db, ignore_errors=True)
+    return result
+
+
+def markdown(rows: list[dict[str, Any]], cores: int) -> str:
+    lines = [
+        f"| build (snakemake --cores {cores}) | images | wall | images/s | peak RSS per job (MB) | inputs | "
+        "intermediates (peak) | outputs | one convert-imageset | pipeline vs it |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        peaks = ", ".join(f"{rule} {mb:.0f}" for rule, mb in sorted(row["job_peak_rss_mb"].items()))
+        lines.append(
+            f"| {row['name']} | {row['images']:,} | {row['seconds']:.0f} s | {row['images_per_second']:,.0f} | "
+            f"{peaks} | {row['inputs_bytes'] / 1e9:.2f} GB | {row['intermediates_peak_bytes'] / 1e9:.2f} GB | "
+            f"{row['outputs_bytes'] / 1e9:.2f} GB | {row['single_convert_imageset_seconds']:.0f} s, "
+            f"{row['single_convert_imageset_peak_rss_mb']:.0f} MB | {row['pipeline_vs_single']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.photos", description=__doc__.splitlines()[0])
+    parser.add_argument("--count", type=int, default=100_000, help="photos to make (default %(default)s)")
+    parser.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="snakemake --cores")
+    parser.add_argument("--shards", type=int, default=8, help="partition.shards: records jobs")
+    parser.add_argument("--tmp", type=Path, default=None, help="folder for the photos and builds")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "photos.json")
+    args = parser.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="datumdb-photos-", dir=args.tmp))
+    try:
+        photos = work / "inputs" / "photos"
+        start = time.perf_counter()
+        make_photo_folder(photos, args.count)
+        made = time.perf_counter() - start
+        rows = [
+            rehearse(work, photos, name="original, no resize", encoding="original", resize=0, cores=args.cores,
+                     shards=args.shards),
+            rehearse(work, photos, name="resize 256 + none", encoding="none", resize=256, cores=args.cores,
+                     shards=args.shards),
+        ]  # fmt: skip
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    table = markdown(rows, args.cores)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"count": args.count, "made_in_s": made, "rows": rows}, indent=2) + "\n")
+    print(f"{args.count:,} photos made in {made:.0f} s\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,258 @@
+"""Image folders through the pipeline: varied sizes, original bytes, Caffe keys, bad files, class folders.
+
+Photos of many sizes are made from the Caffe fixture images (scaled and cropped, some PNG, some
+JPEG), built with ``pipeline build-all`` and checked with the pipeline's own verify, mean and
+report steps, then read back record by record against the files.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+from conftest import read_lmdb_items
+
+from datumdb.cli import main
+from datumdb.codec import decode, decode_image
+from datumdb.manifest import read_manifest
+from datumdb.pipeline.splits import SPLITS
+
+pytestmark = pytest.mark.integration
+
+FIXTURE_IMAGES = Path(__file__).parent / "fixtures" / "caffe" / "images"
+KEY = re.compile(rb"(\d{8})_(.+)", re.DOTALL)
+
+
+def _photos(folder: Path, count: int = 24, classes: int = 3) -> list[tuple[str, int]]:
+    """``count`` images of varied sizes under ``folder/c<k>/`` (labels k), PNG and JPEG, colour and grey."""
+    sources = sorted(p for p in FIXTURE_IMAGES.rglob("*") if p.suffix in (".png", ".jpg"))
+    assert sources, "the Caffe fixture images are missing"
+    rng = np.random.default_rng(7)
+    listed = []
+    for i in range(count):
+        image = cv2.imread(str(sources[i % len(sources)]), cv2.IMREAD_COLOR)
+        height, width = int(rng.integers(9, 40)), int(rng.integers(9, 40))
+        image = cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
+        image = np.clip(image.astype(np.int16) + i * 7 % 50, 0, 255).astype(np.uint8)  # all files differ
+        if i % 5 == 4:  # some grey photos among the colour ones (Caffe reads them as 3 channels)
+            image = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+        label = i % classes
+        name = f"c{label}/img {i:02d}.{'png' if i % 3 else 'jpg'}"  # a space: paths are taken as listed
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        assert cv2.imwrite(str(folder / name), image)
+        listed.append((name, label))
+    return listed
+
+
+def _params(root: Path, *, encoding: str = "original", imageset: dict[str, Any] | None = None) -> Path:
+    params = {
+        "dataset": {"source": "imageset", "input_dir": str(root / "inputs"), "imageset": imageset or {}},
+        "seed": 5,
+        "partition": {"shards": [0, 1, 2]},
+        "split": {"train": 0.5, "val": 0.25, "test": 0.25},
+        "encoding": encoding,
+        "build": {"batch_size": 5, "map_size": 1 << 20},
+        "verify": {"sample": 100},
+    }
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def _inputs(root: Path, count: int = 24) -> list[tuple[str, int]]:
+    images = root / "inputs" / "images"
+    images.mkdir(parents=True)
+    listed = _photos(images, count)
+    (root / "inputs" / "list.txt").write_text("".join(f"{name} {label}\n" for name, label in listed))
+    return listed
+
+
+def _build(params: Path, out: Path) -> Path:
+    assert main(["--no-progress", "pipeline", "build-all", "--params", str(params), str(out), "--jobs", "2"]) == 0
+    return out
+
+
+def _check_and_report(params: Path, lmdb: Path, out: Path) -> tuple[str, dict[str, Any]]:
+    """Run verify on every split, mean and report through the CLI; (report text, mean JSON)."""
+    for split in SPLITS:
+        argv = [
+            "--no-progress", "pipeline", "verify", "--params", str(params), "--split", split, str(lmdb / split),
+            "--train-db", str(lmdb / "train"), "--details", str(out / f"{split}.json"),
+            "--metrics", str(out / "metrics" / f"{split}.json"), "--histogram", str(out / f"{split}.csv"),
+            "--sheet", str(out / f"{split}.png"),
+        ]  # fmt: skip
+        assert main(argv) == 0, split
+    mean = ["pipeline", "mean", "--params", str(params), str(lmdb / "train"), "--binaryproto", str(out / "m.bp")]
+    assert main([*mean, "--npy", str(out / "m.npy"), "--json", str(out / "m.json")]) == 0
+    details = [str(out / f"{split}.json") for split in SPLITS]
+    report = ["pipeline", "report", "--params", str(params), *details, "--mean", str(out / "m.json")]
+    assert main([*report, "--output", str(out / "summary.md")]) == 0
+    return (out / "summary.md").read_text(), json.loads((out / "m.json").read_text())
+
+
+def test_original_bytes_of_varied_sizes_keyed_by_file_each_in_one_split(tmp_path: Path) -> None:
+    listed = _inputs(tmp_path)
+    params = _params(tmp_path)
+    lmdb = _build(params, tmp_path / "lmdb")
+    images = tmp_path / "inputs" / "images"
+    seen: dict[str, str] = {}
+    for split in SPLITS:
+        items = read_lmdb_items(lmdb / split)
+        numbers = []
+        for key, value in items:
+            match = KEY.fullmatch(key)
+            assert match, key
+            numbers.append(int(match.group(1)))
+            path = match.group(2).decode()
+            datum = decode(value)
+            assert datum.encoded and bytes(datum.data) == (images / path).read_bytes()  # the file, unchanged
+            assert datum.label == dict(listed)[path]
+            assert (datum.channels, datum.height, datum.width) == (0, 0, 0)  # as Caffe leaves an encoded Datum
+            assert path not in seen, f"{path} in {seen.get(path)} and {split}"
+            seen[path] = split
+        assert numbers == list(range(len(items)))  # numbered within the split, in list order
+        manifest = read_manifest(lmdb / split)
+        assert manifest["metadata"]["skipped"] == []
+        assert len(manifest["shapes"]) > 1  # the decoded sizes are recorded, and they vary
+    assert sorted(seen) == sorted(name for name, _ in listed)  # every listed image in exactly one split
+
+    text, mean = _check_and_report(params, lmdb, tmp_path / "reports")
+    assert "No train mean: the train images have" in text and "| NO |" not in text
+    assert mean["skipped"] and (tmp_path / "reports" / "m.bp").read_bytes() == b""
+    assert np.load(tmp_path / "reports" / "m.npy").size == 0
+    sheet = cv2.imread(str(tmp_path / "reports" / "train.png"))
+    assert sheet is not None and sheet.shape[1] <= 8 * (72 + 8)  # letterboxed: no tile wider than the box
+
+
+def test_verify_notices_a_record_that_is_not_its_file(tmp_path: Path) -> None:
+    _inputs(tmp_path, count=12)
+    params = _params(tmp_path)
+    lmdb = _build(params, tmp_path / "lmdb")
+    import lmdb as py_lmdb
+
+    items = read_lmdb_items(lmdb / "val")
+    (key_a, value_a), (key_b, value_b) = items[0], items[1]
+    env = py_lmdb.open(str(lmdb / "val"), lock=False)
+    with env.begin(write=True) as txn:  # two files' bytes swapped: every record still decodes
+        txn.put(key_a, value_b)
+        txn.put(key_b, value_a)
+    env.close()
+    argv = [
+        "--no-progress", "pipeline", "verify", "--params", str(params), "--split", "val", str(lmdb / "val"),
+        "--train-db", str(lmdb / "train"), "--details", str(tmp_path / "v.json"), "--metrics", str(tmp_path / "m.json"),
+        "--histogram", str(tmp_path / "h.csv"), "--sheet", str(tmp_path / "s.png"),
+    ]  # fmt: skip
+    assert main(argv) == 1
+
+
+def test_png_encoding_keeps_png_files_and_reencodes_the_others(tmp_path: Path) -> None:
+    listed = _inputs(tmp_path, count=12)
+    params = _params(tmp_path, encoding="png")
+    lmdb = _build(params, tmp_path / "lmdb")
+    images = tmp_path / "inputs" / "images"
+    for split in SPLITS:
+        for key, value in read_lmdb_items(lmdb / split):
+            path = KEY.fullmatch(key).group(2).decode()  # type: ignore[union-attr]
+            datum = decode(value)
+            data = bytes(datum.data)
+            assert data.startswith(b"\x89PNG")
+            if path.endswith(".png"):  # Caffe's rule: a file of the wanted type, not resized, is stored as is
+                assert data == (images / path).read_bytes()
+            else:
+                expected = cv2.imread(str(images / path), cv2.IMREAD_COLOR)
+                assert np.array_equal(decode_image(data, "color"), expected.transpose(2, 0, 1))
+    assert len(listed) == 12
+    _check_and_report(params, lmdb, tmp_path / "reports")
+
+
+def test_raw_pixels_need_one_shape_or_a_resize(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _inputs(tmp_path, count=9)
+    params = _params(tmp_path, encoding="none")
+    argv = ["--no-progress", "pipeline", "build-all", "--params", str(params), str(tmp_path / "a"), "--jobs", "1"]
+    assert main(argv) == 2
+    assert "need one shape" in capsys.readouterr().err
+    params = _params(tmp_path, encoding="none", imageset={"resize_height": 12, "resize_width": 16})
+    lmdb = _build(params, tmp_path / "b")
+    assert read_manifest(lmdb / "train")["shapes"] == {"3x12x16": read_manifest(lmdb / "train")["count"]}
+    text, mean = _check_and_report(params, lmdb, tmp_path / "reports")
+    assert mean["shape"] == [3, 12, 16] and "3x12x16" in text
+
+
+def test_original_cannot_resize(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _inputs(tmp_path, count=3)
+    params = _params(tmp_path, imageset={"resize_height": 12, "resize_width": 16})
+    assert main(["pipeline", "check", "--params", str(params)]) == 2
+    assert "cannot resize" in capsys.readouterr().err
+
+
+def _break_files(images: Path, listed: list[tuple[str, int]]) -> dict[str, str]:
+    """Damage three files: garbage, a truncated JPEG, an empty file. Their list lines, by path."""
+    jpgs = [name for name, _ in listed if name.endswith(".jpg")]
+    pngs = [name for name, _ in listed if name.endswith(".png")]
+    (images / pngs[0]).write_bytes(b"this is not an image")
+    data = (images / jpgs[0]).read_bytes()
+    (images / jpgs[0]).write_bytes(data[:20])  # cut inside the header: no decoder can make an image of it
+    (images / pngs[1]).write_bytes(b"")
+    lines = {name: i + 1 for i, (name, _) in enumerate(listed)}
+    return {name: lines[name] for name in (pngs[0], jpgs[0], pngs[1])}
+
+
+def test_on_error_skip_records_each_bad_file_and_the_rest_builds(tmp_path: Path) -> None:
+    listed = _inputs(tmp_path)
+    broken = _break_files(tmp_path / "inputs" / "images", listed)
+    params = _params(tmp_path, imageset={"on_error": "skip"})
+    lmdb = _build(params, tmp_path / "lmdb")
+    skipped = [s for split in SPLITS for s in read_manifest(lmdb / split)["metadata"]["skipped"]]
+    assert {s["path"]: s["line"] for s in skipped} == broken
+    assert all(s["reason"] for s in skipped)
+    stored = [KEY.fullmatch(k).group(2).decode() for split in SPLITS for k, _ in read_lmdb_items(lmdb / split)]  # type: ignore[union-attr]
+    assert sorted(stored) == sorted(name for name, _ in listed if name not in broken)
+    text, _ = _check_and_report(params, lmdb, tmp_path / "reports")
+    assert "Skipped images (3" in text and all(f"| {line} |" in text for line in broken.values())
+
+
+def test_on_error_stop_names_the_file_and_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    listed = _inputs(tmp_path, count=9)
+    broken = _break_files(tmp_path / "inputs" / "images", listed)
+    params = _params(tmp_path)
+    argv = ["--no-progress", "pipeline", "build-all", "--params", str(params), str(tmp_path / "lmdb"), "--jobs", "1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert any(f"list.txt:{line}:" in err and name in err for name, line in broken.items()), err
+    assert not (tmp_path / "lmdb" / "train").exists()
+
+
+def test_class_folders_give_sorted_labels_and_the_manifest_names_the_classes(tmp_path: Path) -> None:
+    listed = _inputs(tmp_path, count=12)
+    (tmp_path / "inputs" / "list.txt").unlink()  # not needed: labels come from the folders
+    params = _params(tmp_path, imageset={"layout": "folders"})
+    lmdb = _build(params, tmp_path / "lmdb")
+    for split in SPLITS:
+        manifest = read_manifest(lmdb / split)
+        assert manifest["metadata"]["classes"] == ["c0", "c1", "c2"]
+        for key, value in read_lmdb_items(lmdb / split):
+            path = KEY.fullmatch(key).group(2).decode()  # type: ignore[union-attr]
+            assert decode(value).label == int(path.split("/")[0][1:]) == dict(listed)[path]
+    _check_and_report(params, lmdb, tmp_path / "reports")
+
+
+def test_an_image_over_the_decode_time_bound_is_skipped_and_named(tmp_path: Path) -> None:
+    listed = _inputs(tmp_path, count=9)
+    y, x = np.mgrid[0:8000, 0:8000]
+    plane = ((x // 7 + y // 5) % 256).astype(np.uint8)  # about half a second to decode
+    slow = listed[4][0]
+    assert slow.endswith(".png")  # replaced by a large PNG of the same name
+    assert cv2.imwrite(str(tmp_path / "inputs" / "images" / slow), cv2.merge([plane, 255 - plane, plane]))
+    params = _params(tmp_path, imageset={"on_error": "skip", "decode_timeout": 0.1})
+    lmdb = _build(params, tmp_path / "lmdb")
+    skipped = [s for split in SPLITS for s in read_manifest(lmdb / split)["metadata"]["skipped"]]
+    assert [(s["path"], s["line"]) for s in skipped] == [(slow, 5)]
+    assert "decoding took longer than 0.1 s" in skipped[0]["reason"]
+    text, _ = _check_and_report(params, lmdb, tmp_path / "reports")
+    assert f"| {slow} | 5 |" in text
