@@ -66,12 +66,22 @@ _COMMON = (
     "pipeline/records.py",
     "pipeline/splits.py",
 )
-_SOURCES = ("sources.py", "synthetic.py", "imageset.py", "pipeline/sources.py")
-_READ = ("codec.py", "manifest.py", "reader.py", "fastpath.py")
+_SOURCES = ("sources.py", "synthetic.py", "imageset.py", "decodepool.py", "pipeline/sources.py")
+_READ = ("codec.py", "pnggray.py", "manifest.py", "reader.py", "fastpath.py")
 STEP_CODE: dict[str, tuple[str, ...]] = {
     "build": tuple(
         sorted(
-            {*_COMMON, *_SOURCES, "codec.py", "framing.py", "keys.py", "manifest.py", "writer.py", "pipeline/build.py"}
+            {
+                *_COMMON,
+                *_SOURCES,
+                "codec.py",
+                "pnggray.py",
+                "framing.py",
+                "keys.py",
+                "manifest.py",
+                "writer.py",
+                "pipeline/build.py",
+            }
         )
     ),
     "verify": tuple(
