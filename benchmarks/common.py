@@ -43,8 +43,9 @@ class Table:
         lines = ["| what | ours | baseline | ratio | target | met |", "|---|---|---|---|---|---|"]
         for row in self.rows:
             met = "—" if row["met"] is None else ("yes" if row["met"] else "**no**")
+            target = row["note"] if row["target"] is None and row["note"] else _target(row["target"])
             lines.append(f"| {row['what']} | {row['ours']} | {row['baseline']} | {_ratio(row['ratio'])} | "
-                         f"{_target(row['target'])} | {met} |")  # fmt: skip
+                         f"{target} | {met} |")  # fmt: skip
         return "\n".join(lines)
 
 

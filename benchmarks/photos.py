@@ -3,9 +3,10 @@
     python -m benchmarks.photos                    # 100 000 photos, 100 classes
     python -m benchmarks.photos --count 2000       # a smoke run
 
-The photos are crops and scales of scikit-image's sample photos (public domain / CC0), saved as
-JPEG at varied qualities in ImageNet's layout (``root/<class>/<name>.JPEG``, folder-per-class), so
-sizes and compression vary as in a real collection. Two builds go through the whole workflow
+The photos are crops and scales of scikit-image's sample photos (public domain / CC0;
+scikit-image is in the test lock, which ``make bench`` installs), saved as JPEG at varied
+qualities in ImageNet's layout (``root/<class>/<name>.JPEG``, folder-per-class), so sizes and
+compression vary as in a real collection. Two builds go through the whole workflow
 (records, build, verify, mean, report) on a copy of this repository:
 
 * ``encoding: original``, no resize: every file's bytes stored unchanged (the small-LMDB way);
@@ -39,15 +40,18 @@ import yaml
 from benchmarks.common import BIN, DATUMDB, ROOT, peak_rss_mb
 
 PHOTOS = (
-    "astronaut", "chelsea", "coffee", "rocket", "retina",
-    "hubble_deep_field", "immunohistochemistry", "camera", "moon", "brick", "grass", "gravel", "coins",
+    "astronaut", "chelsea", "coffee", "rocket", "retina", "hubble_deep_field", "immunohistochemistry",
+    "camera", "moon", "brick", "grass", "gravel", "coins",
 )  # fmt: skip
+PHOTO_SOURCE = "scikit-image sample photos (crops and scales): " + ", ".join(PHOTOS)
+SIDES = (160, 800)  # the longer side of a photo, drawn uniformly (ImageNet's are mostly 300..500)
+QUALITIES = (70, 96)  # JPEG quality, drawn uniformly
 CLASSES = 100
 CHUNK = 500  # photos per generation task
 
 
 def _sources() -> list[np.ndarray]:
-    """scikit-image's sample photos as OpenCV images (BGR, or grey for the grey ones)."""
+    """scikit-image's sample photos (in its wheel) as OpenCV images: BGR, or grey for the grey ones."""
     from skimage import data
 
     images = []
@@ -59,37 +63,40 @@ def _sources() -> list[np.ndarray]:
     return images
 
 
-def _make_chunk(root: str, start: int, stop: int, seed: int) -> int:
+def _photo_path(index: int) -> tuple[str, int]:
+    label = index % CLASSES
+    return f"n{label:08d}/n{label:08d}_{index}.JPEG", label
+
+
+def _make_chunk(root: str, start: int, stop: int, seed: int) -> None:
     cv2.setNumThreads(1)
     sources = _sources()
-    written = 0
     for index in range(start, stop):
         rng = np.random.default_rng([seed, index])
         image = sources[int(rng.integers(len(sources)))]
         height, width = image.shape[:2]
-        crop_h = int(height * rng.uniform(0.4, 1.0))
-        crop_w = int(width * rng.uniform(0.4, 1.0))
+        crop_h, crop_w = int(height * rng.uniform(0.4, 1.0)), int(width * rng.uniform(0.4, 1.0))
         top, left = int(rng.integers(0, height - crop_h + 1)), int(rng.integers(0, width - crop_w + 1))
         crop = image[top : top + crop_h, left : left + crop_w]
-        scale = rng.uniform(0.35, 1.3)
+        scale = rng.uniform(*SIDES) / max(crop_h, crop_w)
         size = (max(16, round(crop_w * scale)), max(16, round(crop_h * scale)))
         photo = cv2.resize(crop, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
-        label = index % CLASSES
-        path = Path(root) / f"n{label:08d}" / f"n{label:08d}_{index}.JPEG"
-        ok, encoded = cv2.imencode(".jpg", photo, [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(70, 96))])
+        ok, encoded = cv2.imencode(".jpg", photo, [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(*QUALITIES))])
         assert ok
-        path.write_bytes(encoded.tobytes())
-        written += 1
-    return written
+        (Path(root) / _photo_path(index)[0]).write_bytes(encoded.tobytes())
 
 
-def make_photo_folder(root: Path, count: int, seed: int = 0) -> None:
-    """``count`` JPEG photos of varied sizes under ``root/n<class>/`` (CLASSES classes), in parallel."""
+def make_photo_folder(root: Path, count: int, seed: int = 0) -> list[tuple[str, int]]:
+    """``count`` JPEG photos of varied sizes in ImageNet's layout, ``root/n<class>/<name>.JPEG``
+    (CLASSES classes), made in parallel; returns (path, label) of each, in index order."""
     for label in range(CLASSES):
         (root / f"n{label:08d}").mkdir(parents=True, exist_ok=True)
     with ProcessPoolExecutor(os.cpu_count()) as pool:
-        futures = [pool.submit(_make_chunk, str(root), s, min(s + CHUNK, count), seed) for s in range(0, count, CHUNK)]
-        assert sum(f.result() for f in futures) == count
+        for future in [
+            pool.submit(_make_chunk, str(root), s, min(s + CHUNK, count), seed) for s in range(0, count, CHUNK)
+        ]:
+            future.result()
+    return [_photo_path(index) for index in range(count)]
 
 
 def tree_bytes(*paths: Path) -> int:
