@@ -29,7 +29,9 @@ from datumdb.codec import (
     decode_image,
     encode_array,
     encode_image,
+    encode_opencv_image,
     encode_png_or_jpg,
+    hwc_to_chw,
     imdecode,
     imencode,
     resize,
@@ -558,3 +560,22 @@ def test_opencv_pixel_bound_admits_photos_and_yields_to_the_user(preset: str | N
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == expected
     assert MAX_IMAGE_PIXELS >= 100_000_000
+
+
+@given(
+    height=st.integers(1, 40),
+    width=st.integers(1, 40),
+    channels=st.sampled_from([0, 1, 3, 4]),
+    label=st.integers(-(2**31), 2**31 - 1),
+    data=st.data(),
+)
+def test_encode_opencv_image_is_encode_array_of_the_chw_view(
+    height: int, width: int, channels: int, label: int, data: st.DataObject
+) -> None:
+    """The split-into-place serializer of convert-imageset makes encode_array's bytes exactly."""
+    shape = (height, width) if channels == 0 else (height, width, channels)
+    image = np.frombuffer(data.draw(st.binary(min_size=int(np.prod(shape)), max_size=int(np.prod(shape)))),
+                          dtype=np.uint8).reshape(shape)  # fmt: skip
+    if data.draw(st.booleans()):  # a strided view, as OpenCV hands out after a crop
+        image = np.ascontiguousarray(np.pad(image, [(0, 1)] * image.ndim))[:height, :width]
+    assert encode_opencv_image(image, label) == encode_array(hwc_to_chw(image), label)

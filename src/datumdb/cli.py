@@ -595,8 +595,11 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def _convert_imageset(args: argparse.Namespace) -> int:
+    from datumdb.decodepool import tune_malloc
     from datumdb.imageset import ImagesetOptions, convert_imageset
     from datumdb.manifest import read_manifest
+
+    tune_malloc()  # this process holds photo-sized records too
 
     options = ImagesetOptions(
         gray=args.gray,
@@ -844,7 +847,10 @@ def _pipeline_stale(args: argparse.Namespace) -> int:
 
 
 def _pipeline_records(args: argparse.Namespace) -> int:
+    from datumdb.decodepool import tune_malloc
     from datumdb.pipeline.build import make_records
+
+    tune_malloc()  # records of photos: see tune_malloc
 
     counts = make_records(_config(args), args.shard, args.records)
     print(f"{args.records}: shard {args.shard}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
@@ -852,14 +858,20 @@ def _pipeline_records(args: argparse.Namespace) -> int:
 
 
 def _pipeline_build(args: argparse.Namespace) -> int:
+    from datumdb.decodepool import tune_malloc
     from datumdb.pipeline.build import build_split
+
+    tune_malloc()  # records of photos: see tune_malloc
 
     build_split(_config(args), args.split, args.records, args.db)
     return _report_built(args.db)
 
 
 def _pipeline_build_all(args: argparse.Namespace) -> int:
+    from datumdb.decodepool import tune_malloc
     from datumdb.pipeline.build import build_all
+
+    tune_malloc()  # records of photos: see tune_malloc
 
     for split, manifest in build_all(_config(args), args.databases, jobs=args.jobs).items():
         print(f"{args.databases / split}: {manifest['count']} records, {manifest['digest']}")

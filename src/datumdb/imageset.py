@@ -43,7 +43,16 @@ import cv2
 import numpy as np
 
 from datumdb._progress import progress as progress_bar
-from datumdb.codec import INT32_MAX, INT32_MIN, encode_array, encode_image, hwc_to_chw, imdecode, imencode, resize
+from datumdb.codec import (
+    INT32_MAX,
+    INT32_MIN,
+    encode_image,
+    encode_opencv_image,
+    hwc_to_chw,
+    imdecode,
+    imencode,
+    resize,
+)
 from datumdb.decodepool import Failure, ordered_results, usable_cores
 from datumdb.errors import DatumError, InputError, UnsafeInputError
 from datumdb.keys import MAX_KEY_BYTES, imageset_key
@@ -241,7 +250,7 @@ def _serialize(image_path: Path, entry: ListEntry, options: ImagesetOptions, lis
     chw = hwc_to_chw(image)
     key = entry.path
     if not options.is_encoded:
-        return encode_array(chw, entry.label, key=key), chw.shape
+        return encode_opencv_image(image, entry.label, key=key), chw.shape
     encoding = options.encode_type or entry.path.rpartition(".")[2].lower()
     if not options.resizes and _matches_extension(entry.path, encoding):
         return encode_image(raw, entry.label, key=key), chw.shape
