@@ -575,9 +575,11 @@ def test_atheris_fuzzing_of_the_decoder_finds_no_crash(tmp_path: Path) -> None:
                 (corpus / f"{name}-{index}").write_bytes(value)
     result = subprocess.run(
         [sys.executable, str(Path(__file__).parent / "fuzz" / "fuzz_codec.py"), "-runs=200000", "-max_len=8192",
-         # 2 GB: one encoded image may legitimately decode to 3 bytes x the pixel bound (2^27 pixels,
-         # ~400 MB, so a 100-megapixel photo passes) plus OpenCV's working memory, whatever its size
-         "-rss_limit_mb=2048", "-timeout=20", f"-artifact_prefix={tmp_path}/", str(corpus)],
+         # 3 GB: one encoded image may legitimately decode to 3 bytes x the pixel bound (2^27 pixels,
+         # ~400 MB, so a 100-megapixel photo passes), and a progressive JPEG header claiming that
+         # many pixels makes libjpeg hold every DCT coefficient first (6-8 bytes a pixel: 0.8-1.1
+         # GB; a 1 KB forged file reached 2.35 GB here). -seed: the same inputs on every CI run.
+         "-rss_limit_mb=3072", "-seed=1", "-timeout=20", f"-artifact_prefix={tmp_path}/", str(corpus)],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
