@@ -49,7 +49,8 @@ import tempfile
 import threading
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent import futures
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
@@ -184,6 +185,11 @@ class DatabaseWriter:
         self.grow_count = 0
         self.commit_count = 0
         self.published = False
+        # Batches are committed in this thread while the next one fills: LMDB copies the values
+        # and writes the pages with the GIL released, so a build of large records (photos)
+        # decodes, hashes and writes at once. One commit at a time, in order: the same bytes.
+        self._committer = ThreadPoolExecutor(1, thread_name_prefix="datumdb-commit")
+        self._committing: Future[None] | None = None
 
     # ------------------------------------------------------------------ public API
 
@@ -321,6 +327,8 @@ class DatabaseWriter:
             raise WriteError(f"{self.path}: the writer was aborted; nothing to publish")
         try:
             self._flush()
+            self._wait_commit()
+            self._committer.shutdown()
             # The file's own hash lets verify notice damage anywhere in it, even in bytes no
             # record uses (free page space), which the content digest cannot see. The last
             # commit wrote its final bytes (sync and close write none), so it is hashed in a
@@ -355,6 +363,10 @@ class DatabaseWriter:
 
     def abort(self) -> None:
         """Discard the build: nothing is published and the private folder is removed."""
+        if self._committing is not None:  # a commit in flight ends before the environment closes
+            futures.wait([self._committing])
+            self._committing = None
+        self._committer.shutdown(wait=True)
         self._hasher.close()
         if self._env is not None:
             with contextlib.suppress(lmdb.Error):
@@ -365,6 +377,7 @@ class DatabaseWriter:
     def manifest(self) -> dict[str, Any]:
         """The manifest of what has been added so far (written beside data.mdb on close)."""
         self._hasher.wait()
+        self._wait_commit()
         labels = {str(label): self._labels[label] for label in sorted(self._labels)}
         return {
             "format": MANIFEST_FORMAT,
@@ -467,18 +480,30 @@ class DatabaseWriter:
             self._flush()
 
     def _flush(self) -> None:
-        """Commit the pending batch; on MapFullError double the map and replay the whole batch."""
+        """Hand the pending batch to the commit thread, once the previous commit has ended."""
         if not self._batch:
             return
+        self._wait_commit()
+        batch, self._batch = self._batch, []
+        self._committing = self._committer.submit(self._commit, batch)
+
+    def _wait_commit(self) -> None:
+        """Wait for the commit in flight; its error (a WriteError, a DatabaseError) is raised here."""
+        if self._committing is not None:
+            committing, self._committing = self._committing, None
+            committing.result()
+
+    def _commit(self, batch: list[tuple[bytes, bytes]]) -> None:
+        """Commit one batch; on MapFullError double the map and replay the whole batch."""
         assert self._env is not None
         while True:
             try:
                 with self._env.begin(write=True) as txn:
-                    consumed, added = txn.cursor().putmulti(self._batch, append=True)
-                    if consumed != len(self._batch) or added != len(self._batch):
+                    consumed, added = txn.cursor().putmulti(batch, append=True)
+                    if consumed != len(batch) or added != len(batch):
                         raise WriteError(
-                            f"{self.path}: LMDB stored {added} of {len(self._batch)} records of the batch "
-                            f"starting at key {_text(bytes(self._batch[0][0]))!r}"
+                            f"{self.path}: LMDB stored {added} of {len(batch)} records of the batch "
+                            f"starting at key {_text(bytes(batch[0][0]))!r}"
                         )
                 break
             except lmdb.MapFullError:
@@ -489,11 +514,10 @@ class DatabaseWriter:
                 self._env.set_mapsize(self.map_size)
             except lmdb.Error as exc:
                 raise DatabaseError(
-                    f"{self.path}: LMDB could not write the batch starting at key {_text(bytes(self._batch[0][0]))!r}: "
+                    f"{self.path}: LMDB could not write the batch starting at key {_text(bytes(batch[0][0]))!r}: "
                     f"{exc} (is the disk full, or a file size limit reached?)"
                 ) from exc
         self.commit_count += 1
-        self._batch.clear()
 
     def _publish(self) -> None:
         """Move the finished build to ``path``; the previous version stays complete until then.
