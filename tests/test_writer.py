@@ -719,3 +719,24 @@ def test_a_failed_commit_in_add_batch_publishes_nothing_and_stops_the_hashing_th
         writer.add_batch(_images(3000), [0] * 3000)
     assert not target.exists() and not leftovers(target)
     assert not any(thread.name.startswith("datumdb-digest") for thread in threading.enumerate())
+
+
+def test_an_interrupt_lost_on_its_way_up_still_stops_the_build(tmp_path: Path) -> None:
+    """The CLI's signal handler notes the interrupt before raising KeyboardInterrupt; NumPy can
+    drop that exception (it swallows what its Python helpers raise), so the writer checks the
+    note before committing and before publishing, and a stopped build publishes nothing."""
+    from datumdb.writer import clear_interrupt, note_interrupt
+
+    target = tmp_path / "db"
+    writer = DatabaseWriter(target, batch_size=2)
+    try:
+        writer.add(np.zeros((1, 2, 2), np.uint8), 0)
+        note_interrupt()  # as if a KeyboardInterrupt had been raised and lost
+        with pytest.raises(KeyboardInterrupt):
+            writer.close()
+    finally:
+        clear_interrupt()
+    assert not target.exists() and leftovers(target) == []
+    with DatabaseWriter(target) as again:  # a cleared note stops nothing
+        again.add(np.zeros((1, 2, 2), np.uint8), 0)
+    assert (target / "data.mdb").is_file()

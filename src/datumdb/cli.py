@@ -57,7 +57,7 @@ from datumdb import __version__
 from datumdb.errors import DatumDBError, DatumError, InputError, OutputTooLargeError
 from datumdb.limits import DEFAULT_DECODE_TIMEOUT, DEFAULT_MAX_EXPORT_BYTES
 from datumdb.pipeline.splits import SPLITS
-from datumdb.writer import DEFAULT_BATCH_SIZE, DEFAULT_MAP_SIZE, MAX_MAP_SIZE
+from datumdb.writer import DEFAULT_BATCH_SIZE, DEFAULT_MAP_SIZE, MAX_MAP_SIZE, clear_interrupt, note_interrupt
 
 __all__ = ["EXIT_FAILED", "EXIT_INTERNAL", "EXIT_OK", "EXIT_USAGE", "MAX_RESIZE", "MAX_RESIZE_PIXELS", "main"]
 
@@ -426,7 +426,9 @@ def main(argv: Sequence[str | bytes] | None = None) -> int:
     # Schedulers (Snakemake, SLURM, DVC) stop jobs with SIGTERM; turning it into
     # KeyboardInterrupt unwinds the writer's `with` block, which removes its build folder.
     in_main_thread = threading.current_thread() is threading.main_thread()
+    clear_interrupt()
     previous = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
+    previous_int = signal.signal(signal.SIGINT, _interrupt) if in_main_thread else None
     try:
         if getattr(args, "isolate", False) and hasattr(os, "fork"):
             return _run_in_child(args)
@@ -434,6 +436,8 @@ def main(argv: Sequence[str | bytes] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        if previous_int is not None:
+            signal.signal(signal.SIGINT, previous_int)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -588,6 +592,7 @@ def _input_problem(exc: Exception, args: argparse.Namespace) -> str | None:
 
 
 def _interrupt(signum: int, frame: object) -> None:
+    note_interrupt()  # in case the KeyboardInterrupt is lost on its way up (see note_interrupt)
     raise KeyboardInterrupt
 
 

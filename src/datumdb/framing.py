@@ -16,6 +16,7 @@ whole chunk. Building the buffer:
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -65,11 +66,18 @@ class FramedRecords:
         if len(self) and self.key_lengths.min() == self.key_lengths.max():
             width = int(self.key_lengths[0])
             gathered = self.buffer[key_starts[:, np.newaxis] + np.arange(width)]
-            keys = gathered.view(np.dtype((np.void, width))).ravel().tolist()  # bytes, NULs kept
+            keys = gathered.view(_void(width)).ravel().tolist()  # bytes, NULs kept
         else:
             keys = map(view.__getitem__, map(slice, key_starts.tolist(), value_starts))
         values = map(view.__getitem__, map(slice, value_starts, self.bounds[1:].tolist()))
         return list(zip(keys, values, strict=True))
+
+
+@functools.lru_cache(maxsize=64)
+def _void(width: int) -> np.dtype:
+    """The ``V<width>`` dtype, made once: building it calls a Python helper from NumPy's C code,
+    which drops any exception raised inside it, a KeyboardInterrupt from a signal included."""
+    return np.dtype((np.void, width))
 
 
 def index_key_digits(first: int, count: int, width: int) -> np.ndarray:
