@@ -10,6 +10,7 @@ visible at 10^4 and vanishes at 10^6).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -34,8 +35,20 @@ def _status(pid: int) -> dict[str, int]:
     return {name: int(value.split()[0]) for name, value in fields}
 
 
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its descendants, from /proc (Linux)."""
+    found, pending = [], [pid]
+    while pending:
+        current = pending.pop()
+        found.append(current)
+        for task in Path(f"/proc/{current}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                pending += [int(child) for child in task.read_text().split()]
+    return found
+
+
 def timed_rss(command: list[str]) -> tuple[float, float, float]:
-    """(seconds, peak RSS MB, peak anonymous RSS MB) of ``command``, sampled every 10 ms.
+    """(seconds, peak RSS MB, peak anonymous RSS MB) of ``command`` and its children, sampled every 10 ms.
 
     RSS counts the pages of ``data.mdb`` a reader has mapped and touched (page cache, dropped by
     the kernel whenever it needs the memory); the anonymous part is what the process allocated.
@@ -44,9 +57,10 @@ def timed_rss(command: list[str]) -> tuple[float, float, float]:
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
     peak = anonymous = 0
     while process.poll() is None:
-        status = _status(process.pid)
-        peak = max(peak, status.get("VmHWM", 0))
-        anonymous = max(anonymous, status.get("RssAnon", 0))
+        for pid in _tree(process.pid):  # `datumdb verify` scans in a child process of its own
+            status = _status(pid)
+            peak = max(peak, status.get("VmHWM", 0))
+            anonymous = max(anonymous, status.get("RssAnon", 0))
         time.sleep(0.01)
     seconds = time.perf_counter() - start
     if process.returncode:
