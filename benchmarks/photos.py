@@ -147,16 +147,22 @@ def copy_repo(target: Path) -> Path:
     return target
 
 
-def job_peaks(repo: Path) -> dict[str, float]:
-    """Largest peak RSS (MB) per rule, from Snakemake's benchmark files."""
-    peaks: dict[str, float] = {}
-    for path in (repo / "logs" / "benchmarks").glob("*/*.tsv"):
+def job_stats(repo: Path) -> dict[str, dict[str, float]]:
+    """Per rule, from Snakemake's benchmark files: jobs, their summed and longest wall seconds,
+    and the largest peak RSS (MB; it counts the pages of files a job has mapped and read)."""
+    stats: dict[str, dict[str, float]] = {}
+    for path in sorted((repo / "logs" / "benchmarks").glob("*/*.tsv")):
         with open(path) as handle:
             for row in csv.DictReader(handle, delimiter="\t"):
-                value = row.get("max_rss", "NA")
-                if value not in ("NA", "-", ""):
-                    peaks[path.parent.name] = max(peaks.get(path.parent.name, 0.0), float(value))
-    return peaks
+                rule = stats.setdefault(
+                    path.parent.name, {"jobs": 0, "seconds": 0.0, "longest_s": 0.0, "max_rss_mb": 0}
+                )
+                rule["jobs"] += 1
+                rule["seconds"] += float(row["s"])
+                rule["longest_s"] = max(rule["longest_s"], float(row["s"]))
+                if row.get("max_rss", "NA") not in ("NA", "-", ""):
+                    rule["max_rss_mb"] = max(rule["max_rss_mb"], float(row["max_rss"]))
+    return stats
 
 
 def rehearse(work: Path, photos: Path, *, name: str, encoding: str, resize: int, cores: int, shards: int) -> dict:
@@ -194,7 +200,7 @@ def rehearse(work: Path, photos: Path, *, name: str, encoding: str, resize: int,
         "images": sum(counts.values()),
         "seconds": seconds,
         "images_per_second": sum(counts.values()) / seconds,
-        "job_peak_rss_mb": job_peaks(repo),
+        "jobs": job_stats(repo),
         "inputs_bytes": tree_bytes(photos),
         "intermediates_peak_bytes": intermediates.peak,
         "outputs_bytes": tree_bytes(repo / "data" / "lmdb", repo / "data" / "mean"),
@@ -215,13 +221,20 @@ def markdown(rows: list[dict[str, Any]], cores: int) -> str:
         "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
-        peaks = ", ".join(f"{rule} {mb:.0f}" for rule, mb in sorted(row["job_peak_rss_mb"].items()))
+        peaks = ", ".join(f"{rule} {job['max_rss_mb']:.0f}" for rule, job in sorted(row["jobs"].items()))
         lines.append(
             f"| {row['name']} | {row['images']:,} | {row['seconds']:.0f} s | {row['images_per_second']:,.0f} | "
             f"{peaks} | {row['inputs_bytes'] / 1e9:.2f} GB | {row['intermediates_peak_bytes'] / 1e9:.2f} GB | "
             f"{row['outputs_bytes'] / 1e9:.2f} GB | {row['single_convert_imageset_seconds']:.0f} s, "
             f"{row['single_convert_imageset_peak_rss_mb']:.0f} MB | {row['pipeline_vs_single']:.2f}x |"
         )
+    lines += ["", "| build | rule: jobs, summed wall seconds (longest job) |", "|---|---|"]
+    for row in rows:
+        jobs = ", ".join(
+            f"{rule}: {job['jobs']:.0f}, {job['seconds']:.0f} s ({job['longest_s']:.0f} s)"
+            for rule, job in sorted(row["jobs"].items())
+        )
+        lines.append(f"| {row['name']} | {jobs} |")
     return "\n".join(lines)
 
 

@@ -121,3 +121,21 @@ def test_atomic_write_replaces_a_file_and_creates_its_folder(tmp_path: Path) -> 
     atomic_write(path, b"two")
     assert path.read_bytes() == b"two"
     assert [p.name for p in path.parent.iterdir()] == ["out.json"]
+
+
+def test_pages_already_read_are_released_and_the_records_stay_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A build streams gigabytes of records: the pages read are given back every _DROP_EVERY bytes
+    (MADV_DONTNEED on a read-only mapping), and every record read before or after is intact."""
+    from datumdb.pipeline import records as records_module
+
+    monkeypatch.setattr(records_module, "_DROP_EVERY", 5000)
+    items = [(b"%08d" % i, bytes([i % 251]) * (1000 + 37 * i)) for i in range(60)]
+    path = write_records(tmp_path / "a.rec", {}, items)
+    released = []
+    record_file = RecordFile(path)
+    real_drop = record_file._drop
+    monkeypatch.setattr(record_file, "_drop", lambda start, stop: released.append(stop) or real_drop(start, stop))
+    assert [(k, v) for k, v, _ in record_file] == items
+    assert len(released) >= 10

@@ -31,6 +31,7 @@ _END = b"DATUMEND"
 _FRAME = struct.Struct("<IQIII")  # key length, value length, decoded (C, H, W) or zeros
 _FOOTER = struct.Struct("<Q")  # footer length, before the end mark
 Shape = tuple[int, int, int]
+_DROP_EVERY = 64 << 20  # bytes of records read between two releases of their pages
 
 
 class RecordWriter:
@@ -97,7 +98,8 @@ class RecordFile:
         try:
             with open(self.path, "rb") as handle:
                 size = os.fstat(handle.fileno()).st_size
-                self._data = memoryview(mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if size else b"")
+                self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+                self._data = memoryview(self._map if self._map is not None else b"")
         except FileNotFoundError:
             raise InputError(
                 f"{self.path}: record file not found (its records step did not run or was cleaned up)"
@@ -129,8 +131,17 @@ class RecordFile:
             raise InputError(f"{self.path}: damaged {what}")
         return value
 
+    def _drop(self, start: int, stop: int) -> int:
+        """Release the mapped pages of ``[start, stop)`` from this process (they stay in the page
+        cache): a build job streams gigabytes of records, and its RSS would count every one."""
+        end = _page_floor(stop)
+        if self._map is not None and end > start:
+            self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
+        return max(start, end)
+
     def __iter__(self) -> Iterator[tuple[bytes, bytes, Shape | None]]:
         data, pos, count = self._data, self._start, 0
+        dropped = 0
         while True:
             if pos + _FRAME.size > self._stop:
                 raise InputError(f"{self.path}: truncated after {count} records")
@@ -149,6 +160,12 @@ class RecordFile:
             )
             pos += key_len + value_len
             count += 1
+            if pos - dropped >= _DROP_EVERY:  # records are copied out: let the pages read go
+                dropped = self._drop(dropped, pos)
+
+
+def _page_floor(offset: int) -> int:
+    return offset - offset % mmap.PAGESIZE
 
 
 def read_records(path: str | os.PathLike[str]) -> tuple[dict[str, Any], Iterator[tuple[bytes, bytes]]]:
