@@ -63,6 +63,7 @@ __all__ = [
     "ImagesetOptions",
     "ListEntry",
     "convert_imageset",
+    "keeps_file_bytes",
     "load_image",
     "ordered_entries",
     "read_list_file",
@@ -214,6 +215,13 @@ def _matches_extension(path: str, encoding: str) -> bool:
     return extension == encoding or (encoding == "jpg" and extension == "jpeg")
 
 
+def keeps_file_bytes(path: str, options: ImagesetOptions) -> bool:
+    """Whether Caffe stores the listed file's own bytes: encoded, not resized, and the file
+    already of the wanted type (with no ``encode_type``, its own extension's type: always)."""
+    encoding = options.encode_type or path.rpartition(".")[2].lower()
+    return options.is_encoded and not options.resizes and _matches_extension(path, encoding)
+
+
 def load_image(
     image_path: Path, entry: ListEntry, options: ImagesetOptions, list_file: Path
 ) -> tuple[np.ndarray, bytes]:
@@ -251,9 +259,9 @@ def _serialize(image_path: Path, entry: ListEntry, options: ImagesetOptions, lis
     key = entry.path
     if not options.is_encoded:
         return encode_opencv_image(image, entry.label, key=key), chw.shape
-    encoding = options.encode_type or entry.path.rpartition(".")[2].lower()
-    if not options.resizes and _matches_extension(entry.path, encoding):
+    if keeps_file_bytes(entry.path, options):
         return encode_image(raw, entry.label, key=key), chw.shape
+    encoding = options.encode_type or entry.path.rpartition(".")[2].lower()
     try:
         encoded = imencode("." + encoding, image)
     except DatumError as exc:

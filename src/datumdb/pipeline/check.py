@@ -26,7 +26,7 @@ import numpy as np
 
 from datumdb.codec import Datum, ImreadMode, datum_to_array, decode_image, encode_png_or_jpg, shape_name
 from datumdb.errors import InputError
-from datumdb.imageset import _matches_extension
+from datumdb.imageset import keeps_file_bytes
 from datumdb.keys import index_key
 from datumdb.manifest import read_manifest
 from datumdb.pipeline.config import PipelineConfig
@@ -266,9 +266,7 @@ def _compare_file(
     if not datum.encoded:
         raise ValueError("stored raw, but the params ask for encoded images")
     original = data == files.file_bytes(index)
-    stays_original = not files.options.resizes and (
-        not files.options.encode_type or _matches_extension(files.entries[index].path, files.options.encode_type)
-    )
+    stays_original = keeps_file_bytes(files.entries[index].path, files.options)
     array = decode_image(data, mode, key)
     if stays_original or original:
         return array, raw, original != stays_original or not np.array_equal(array, raw)
