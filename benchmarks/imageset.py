@@ -23,22 +23,19 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import cv2
 
-from benchmarks.common import median_time
+from benchmarks.common import DATUMDB, median_time
 from benchmarks.photos import PHOTO_SOURCE, make_photo_folder
 from datumdb.codec import encode_array, hwc_to_chw
 from datumdb.decodepool import usable_cores
 
 __all__ = ["find_caffe", "make_images", "measure"]
 
-ROOT = Path(__file__).resolve().parents[1]
-DATUMDB = [str(Path(sys.executable).parent / "datumdb"), "--no-progress"]
 RESIZE = 256
 CAFFE_NAMES = ("convert_imageset", "convert_imageset.bin")  # Debian's caffe-tools-*, a source build
 

@@ -235,8 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_workers,
         default=None,
         metavar="N",
-        help="image decoding processes (default: every usable core; 1 decodes in this process); "
-        "the database is the same for any N",
+        help="image decoding processes (default: every usable core; with a --decode-timeout, even 1 is a child "
+        "process, so the bound holds); the database is the same for any N",
     )
     _add_build_options(p)
     p.set_defaults(func=_convert_imageset)

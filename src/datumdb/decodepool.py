@@ -250,7 +250,7 @@ class _Pools:
         count = len(self.task)
         careful = self.careful_until >= 0
         window: deque[tuple[int, int, Future[Any]]] = deque()
-        submitted = in_flight = made = made_bytes = 0
+        in_flight = made = made_bytes = 0
         submitted = first
         known = self.task.record_bytes()
         while window or submitted < count:

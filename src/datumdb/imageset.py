@@ -63,6 +63,7 @@ __all__ = [
     "ImagesetOptions",
     "ListEntry",
     "convert_imageset",
+    "entry_key",
     "keeps_file_bytes",
     "load_image",
     "ordered_entries",
@@ -215,6 +216,17 @@ def _matches_extension(path: str, encoding: str) -> bool:
     return extension == encoding or (encoding == "jpg" and extension == "jpeg")
 
 
+def entry_key(number: int, entry: ListEntry, where: Path) -> bytes:
+    """Caffe's key of ``entry`` numbered ``number`` (:func:`~datumdb.keys.imageset_key`); a key
+    over LMDB's limit is an error naming ``where`` (the list file, or ROOT) and the line."""
+    key = imageset_key(number, entry.path)
+    if len(key) > MAX_KEY_BYTES:
+        raise InputError(
+            f"{where}:{entry.line}: key for {entry.path!r} is {len(key)} bytes; LMDB allows {MAX_KEY_BYTES}"
+        )
+    return key
+
+
 def keeps_file_bytes(path: str, options: ImagesetOptions) -> bool:
     """Whether Caffe stores the listed file's own bytes: encoded, not resized, and the file
     already of the wanted type (with no ``encode_type``, its own extension's type: always)."""
@@ -365,12 +377,7 @@ def convert_imageset(
                         f"{where}:{entry.line}: {entry.path} has {size} values, the first image had "
                         f"{expected_size} (--check-size)"
                     )
-            key = imageset_key(line_id, entry.path)
-            if len(key) > MAX_KEY_BYTES:
-                raise InputError(
-                    f"{where}:{entry.line}: key for {entry.path!r} is {len(key)} bytes; LMDB allows {MAX_KEY_BYTES}"
-                )
-            writer.add_serialized(value, key, shape=shape)
+            writer.add_serialized(value, entry_key(line_id, entry, where), shape=shape)
     return Path(db_path)
 
 

@@ -24,13 +24,13 @@ from datumdb.errors import InputError
 from datumdb.imageset import (
     ImagesetOptions,
     ListEntry,
+    entry_key,
     load_image,
     ordered_entries,
     read_class_folders,
     read_list_file,
     resolve_path,
 )
-from datumdb.keys import MAX_KEY_BYTES, imageset_key
 from datumdb.limits import open_regular_file, read_regular_file
 from datumdb.pipeline.config import SOURCES, DatasetConfig
 from datumdb.sources import check_image_chunk, iter_array_samples, load_labels, load_npy
@@ -216,13 +216,7 @@ class ImageFiles:
 
     def key(self, index: int, position: int) -> bytes:
         """Caffe's key of sample ``index`` at ``position`` within its split."""
-        entry = self.entries[index]
-        key = imageset_key(position, entry.path)
-        if len(key) > MAX_KEY_BYTES:
-            raise InputError(
-                f"{self.where}:{entry.line}: key for {entry.path!r} is {len(key)} bytes; LMDB allows {MAX_KEY_BYTES}"
-            )
-        return key
+        return entry_key(position, self.entries[index], self.where)
 
     def describe(self, index: int) -> dict[str, Any]:
         """What a report says of a sample: its path as listed and its list line (or listing position)."""
