@@ -712,6 +712,91 @@ def test_class_folders_are_labelled_by_sorted_name(caffe_dir: Path, tmp_path: Pa
     assert main(["--no-progress", "convert-imageset", "--folders", str(root), str(tmp_path / "db2")]) == 2
 
 
+def _class_tree(caffe_dir: Path, root: Path) -> dict[str, list[str]]:
+    """ROOT/a/{x.png, sub/y.png}, ROOT/b/z.png: each class's images as a listing gives them."""
+    source = sorted((caffe_dir / "images").rglob("*.png"))[0]
+    for name in ("a/x.png", "a/sub/y.png", "b/z.png"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(source, root / name)
+    return {"a": ["a/x.png", "a/sub/y.png"], "b": ["b/z.png"]}
+
+
+def _listing(root: Path, **options: bool) -> list[tuple[str, int]]:
+    entries, _ = imageset.read_class_folders(root, **options)
+    assert [e.line for e in entries] == list(range(1, len(entries) + 1))
+    return [(e.path, e.label) for e in entries]
+
+
+@pytest.mark.parametrize(
+    "links",
+    [
+        {"a/loop": "."},  # once listed an image 41 times (until the name grew too long)
+        {"a/loop": ".", "a/sub/loop": "."},  # two links to '.': grew without bound
+        {"a/up": "..", "b/up": "../.."},  # to ROOT itself, and to the classes' parent (outside: refused)
+        {"a/sibling": "../b", "b/back": "../a/sub"},  # to another class, in both directions
+        {"a/sub/parent": "..", "a/sub/alias": "../sub"},  # to a folder listed on the way down
+    ],
+    ids=["loop-via-dot", "two-loops", "to-root", "to-sibling-class", "to-parent"],
+)
+def test_class_folders_list_each_real_folder_once_and_never_loop(
+    caffe_dir: Path, tmp_path: Path, links: dict[str, str]
+) -> None:
+    """A folder link is followed only to a folder not listed yet, inside ROOT: every image once,
+    under its own class, in the order of the tree without the links."""
+    root = tmp_path / "root"
+    layout = _class_tree(caffe_dir, root)
+    expected = [(path, label) for label, name in enumerate(sorted(layout)) for path in layout[name]]
+    assert _listing(root) == expected
+    for link, target in links.items():
+        (root / link).symlink_to(target, target_is_directory=True)
+    if "../.." in links.values():  # leads out of ROOT: refused, whatever else is there
+        with pytest.raises(UnsafeInputError, match=r"b/up: a symlink to the folder .*, outside ROOT"):
+            imageset.read_class_folders(root)
+        del links["b/up"]
+        (root / "b" / "up").unlink()
+    assert _listing(root) == expected
+    db = tmp_path / "db"
+    assert main(["--no-progress", "convert-imageset", "--folders", str(root), str(db)]) == 0
+    assert [k.split(b"_", 1)[1].decode() for k, _ in read_lmdb_items(db)] == [path for path, _ in expected]
+
+
+def test_a_folder_link_out_of_root_is_refused_in_one_line_unless_allowed(
+    caffe_dir: Path, tmp_path: Path, capsys
+) -> None:
+    """A link to /usr walked the whole system (61 s, 4.4 GB); now one line, at once. With
+    --allow-outside-root the outside folder is listed (once, loops there included)."""
+    root, outside = tmp_path / "root", tmp_path / "elsewhere"
+    layout = _class_tree(caffe_dir, root)
+    shutil.copytree(root / "b", outside / "deep")
+    (outside / "deep" / "again").symlink_to(outside, target_is_directory=True)  # a loop out there
+    (root / "b" / "usr").symlink_to("/usr", target_is_directory=True)
+    db = tmp_path / "db"
+    argv = ["--no-progress", "convert-imageset", "--folders", str(root), str(db)]
+    started = time.monotonic()
+    assert main(argv) == 2
+    assert time.monotonic() - started < 30  # generous: the walk itself never starts
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{root}/b/usr: a symlink to the folder /usr, outside ROOT" in err, err
+    assert "--allow-outside-root" in err and not db.exists()
+    (root / "b" / "usr").unlink()
+    (root / "b" / "more").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(UnsafeInputError, match="outside ROOT"):
+        imageset.read_class_folders(root)
+    listed = _listing(root, allow_outside_root=True)
+    assert listed == [*((p, 0) for p in layout["a"]), ("b/z.png", 1), ("b/more/deep/z.png", 1)]
+    assert main([*argv, "--allow-outside-root"]) == 0
+    assert [k.split(b"_", 1)[1].decode() for k, _ in read_lmdb_items(db)] == [p for p, _ in listed]
+
+
+def test_a_class_that_only_links_to_another_class_is_an_error_saying_so(caffe_dir: Path, tmp_path: Path) -> None:
+    """Listing one folder under two labels is never what was meant: the alias holds no image."""
+    root = tmp_path / "root"
+    _class_tree(caffe_dir, root)
+    (root / "c").symlink_to("a", target_is_directory=True)
+    with pytest.raises(InputError, match=r"class folder .c. holds no image .*folder link c leads to a folder listed"):
+        imageset.read_class_folders(root)
+
+
 def test_cli_on_error_and_decode_timeout(caffe_dir: Path, tmp_path: Path, slow_png: Path, capsys) -> None:
     root, list_file, _ = _images_with(caffe_dir, tmp_path, {"slow.png": slow_png, "bad.jpg": b"nope"})
     argv = ["--no-progress", "convert-imageset", str(root), str(list_file)]

@@ -20,7 +20,10 @@ from conftest import read_lmdb_items
 
 from datumdb.cli import main
 from datumdb.codec import decode, decode_image
+from datumdb.errors import UnsafeInputError
 from datumdb.manifest import read_manifest
+from datumdb.pipeline.config import load_config
+from datumdb.pipeline.fingerprint import input_digest, input_files
 from datumdb.pipeline.splits import SPLITS
 
 pytestmark = pytest.mark.integration
@@ -240,6 +243,31 @@ def test_class_folders_give_sorted_labels_and_the_manifest_names_the_classes(tmp
             path = KEY.fullmatch(key).group(2).decode()  # type: ignore[union-attr]
             assert decode(value).label == int(path.split("/")[0][1:]) == dict(listed)[path]
     _check_and_report(params, lmdb, tmp_path / "reports")
+
+
+def test_class_folders_with_symlinks_are_listed_once_and_never_leave_root(tmp_path: Path, capsys) -> None:
+    """Links to '.', to a class and to ROOT made the listing (the build, the input fingerprint,
+    Snakemake's start-up) grow without bound or repeat images; a link out of ROOT walked it."""
+    listed = _inputs(tmp_path, count=9)
+    images = tmp_path / "inputs" / "images"
+    (images / "c0" / "here").symlink_to(".", target_is_directory=True)
+    (images / "c1" / "again").symlink_to(".", target_is_directory=True)
+    (images / "c1" / "other").symlink_to("../c2", target_is_directory=True)
+    (images / "c2" / "root").symlink_to("..", target_is_directory=True)
+    params = _params(tmp_path, imageset={"layout": "folders"})
+    config = load_config(params)
+    files = [name for name, _ in input_files(config)]  # what Snakemake lists at start-up
+    assert sorted(files) == sorted(f"images/{name}" for name, _ in listed)
+    lmdb = _build(params, tmp_path / "lmdb")
+    keys = [KEY.fullmatch(k).group(2).decode() for s in SPLITS for k, _ in read_lmdb_items(lmdb / s)]  # type: ignore[union-attr]
+    assert sorted(keys) == sorted(name for name, _ in listed)
+    (images / "c2" / "usr").symlink_to("/usr", target_is_directory=True)
+    with pytest.raises(UnsafeInputError, match="c2/usr: a symlink to the folder /usr, outside ROOT"):
+        input_digest(config)
+    capsys.readouterr()
+    assert main(["--no-progress", "pipeline", "build-all", "--params", str(params), str(tmp_path / "again")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "c2/usr: a symlink to the folder /usr, outside ROOT" in err, err
 
 
 def test_an_image_over_the_decode_time_bound_is_skipped_and_named(tmp_path: Path) -> None:

@@ -17,10 +17,23 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import yaml
-from workflow_helpers import BIN, ENV, SPLITS, clone, commit_all, dvc, run, snakemake, status_clean, tiny_built_repo
+from workflow_helpers import (
+    BIN,
+    ENV,
+    SPLITS,
+    clone,
+    commit_all,
+    copy_worktree,
+    dvc,
+    run,
+    snakemake,
+    status_clean,
+    tiny_built_repo,
+)
 
 from datumdb.manifest import read_manifest
 from datumdb.verify import content_digest
@@ -178,6 +191,34 @@ def test_hostile_values_are_data_in_both_orchestrators(built: Path, tmp_path: Pa
     assert read_manifest(repo / "data/lmdb/train")["metadata"]["pipeline"]["params"]["dataset"]["input_dir"] == folder
     for place in (repo, other, tmp_path, Path.cwd()):
         assert not (place / "PWNED").exists()
+
+
+def test_snakemake_starts_on_class_folders_with_symlink_loops_and_refuses_one_out_of_root(tmp_path: Path) -> None:
+    """`snakemake -n` lists the class folders at start-up (the input fingerprint): two links to
+    '.' made it hang, a link to /usr walk the system. Now each image is listed once, and a link
+    out of ROOT is refused naming it, before any work."""
+    repo = copy_worktree(tmp_path / "repo")
+    shutil.copy(repo / ".test" / "params.yaml", repo / "params.yaml")
+    images = repo / "inputs" / "images"
+    for name in ("a/x.png", "a/sub/y.png", "b/z.png"):
+        (images / name).parent.mkdir(parents=True, exist_ok=True)
+        assert cv2.imwrite(str(images / name), np.full((6, 6, 3), len(name), np.uint8))
+    (images / "a" / "loop").symlink_to(".", target_is_directory=True)
+    (images / "a" / "sub" / "loop").symlink_to(".", target_is_directory=True)
+    (images / "b" / "sibling").symlink_to("../a", target_is_directory=True)
+    replace_in_params(repo, "source: synthetic", "source: imageset")
+    replace_in_params(repo, "  imageset:\n", "  imageset:\n    layout: folders\n")
+    plan = subprocess.run(
+        [str(BIN / "snakemake"), "-n"], cwd=repo, env=ENV, text=True, capture_output=True, timeout=300, check=False
+    )
+    assert plan.returncode == 0, plan.stdout + plan.stderr
+    (images / "b" / "usr").symlink_to("/usr", target_is_directory=True)
+    plan = subprocess.run(
+        [str(BIN / "snakemake"), "-n"], cwd=repo, env=ENV, text=True, capture_output=True, timeout=300, check=False
+    )
+    assert plan.returncode != 0
+    assert "b/usr: a symlink to the folder /usr, outside ROOT" in plan.stdout + plan.stderr
+    assert not (repo / "data").exists()
 
 
 # ----------------------------------------------------------------------------- storage and sharing

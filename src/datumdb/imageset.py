@@ -321,7 +321,7 @@ def convert_imageset(
         raise InputError(f"{root}: ROOT folder not found")
     classes = None
     if list_file is None:
-        listed, classes = read_class_folders(root)
+        listed, classes = read_class_folders(root, allow_outside_root=options.allow_outside_root)
         where = root
     else:
         where = Path(list_file)
@@ -423,16 +423,24 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 """What counts as an image in a class folder: torchvision's ``IMG_EXTENSIONS`` (any case)."""
 
 
-def read_class_folders(root: str | os.PathLike[str]) -> tuple[list[ListEntry], list[str]]:
+def read_class_folders(
+    root: str | os.PathLike[str], *, allow_outside_root: bool = False
+) -> tuple[list[ListEntry], list[str]]:
     """The images of ``root/<class>/...`` as list entries, and the class names (label = index).
 
     torchvision's ``ImageFolder`` convention, in its order, so a model trained on either sees the
     same labels: the classes are the sub-folders of ``root`` sorted by name (labels 0..n-1);
-    each class's files are found recursively (``sorted(os.walk(...))``, then sorted names),
-    those with an :data:`IMAGE_EXTENSIONS` extension kept. Paths are relative to ``root`` with
-    ``/``, as a list file would give them; ``line`` is the 1-based position in this listing.
-    A class folder without images is an error, as in torchvision; hidden folders are classes
-    too, as in torchvision (so the labels agree with a model trained through ``ImageFolder``).
+    each class's files are found recursively (folders in ``sorted(os.walk(...))`` order, then
+    sorted names), those with an :data:`IMAGE_EXTENSIONS` extension kept. Paths are relative to
+    ``root`` with ``/``, as a list file would give them; ``line`` is the 1-based position in this
+    listing. A class folder without images is an error, as in torchvision; hidden folders are
+    classes too, as in torchvision (so the labels agree with a model trained through ``ImageFolder``).
+
+    Unlike ``ImageFolder`` (``followlinks=True``), the listing is always finite and stays in
+    ROOT (:class:`_FolderWalk`): every real folder is listed once, at its real place, so a link
+    to ``.`` or to a sibling class adds nothing; a folder link leading outside ROOT is refused
+    unless ``allow_outside_root`` (then followed, each folder still once). Symlinked *files* are
+    listed; where they lead is checked when they are read (:func:`resolve_path`).
     """
     root = Path(root)
     try:
@@ -443,18 +451,107 @@ def read_class_folders(root: str | os.PathLike[str]) -> tuple[list[ListEntry], l
         raise InputError(f"{root}: ROOT is not a folder") from None
     if not classes:
         raise InputError(f"{root}: no class folders (expected ROOT/<class>/<image>)")
+    walk = _FolderWalk(root, classes, allow_outside_root)
     entries: list[ListEntry] = []
     for label, name in enumerate(classes):
         found = 0
-        for folder, _, names in sorted(os.walk(root / name, followlinks=True)):
-            relative = Path(folder).relative_to(root).as_posix()
-            for file_name in sorted(names):
+        for relative, names in sorted(walk.listed[name]):
+            for file_name in names:
                 if file_name.lower().endswith(IMAGE_EXTENSIONS):
                     entries.append(ListEntry(f"{relative}/{file_name}", label, len(entries) + 1))
                     found += 1
         if not found:
-            raise InputError(f"{root / name}: class folder {name!r} holds no image ({', '.join(IMAGE_EXTENSIONS)})")
+            repeated = walk.repeated[name]
+            why = f"; its folder link {repeated[0]} leads to a folder listed already" if repeated else ""
+            kinds = ", ".join(IMAGE_EXTENSIONS)
+            raise InputError(f"{root / name}: class folder {name!r} holds no image ({kinds}){why}")
     return entries, classes
+
+
+class _FolderWalk:
+    """Every folder of ROOT's classes, each real folder (``(st_dev, st_ino)``) listed once.
+
+    The real folders are walked first, without following links, so each is listed at its real
+    place; the folder links met on the way are followed afterwards, the smallest path first (a
+    fixed order), and only to a folder not listed yet: a link to ``.``, to a parent or to another
+    class adds nothing, and no loop of links can grow the listing. A link whose target lies
+    outside ROOT is refused unless ``allow_outside_root``. ``listed[class]`` holds
+    ``(folder relative to ROOT, sorted file names)``; ``repeated[class]`` the links skipped there.
+    """
+
+    def __init__(self, root: Path, classes: list[str], allow_outside_root: bool) -> None:
+        self.root = root
+        self.real_root = os.path.realpath(root)
+        self.allow_outside_root = allow_outside_root
+        self.listed: dict[str, list[tuple[str, list[str]]]] = {name: [] for name in classes}
+        self.repeated: dict[str, list[str]] = {name: [] for name in classes}
+        self.visited = {self._identity(root)}
+        links: list[tuple[str, str]] = []  # (relative path of a folder link, its class), found on the way
+        for name in classes:
+            if os.path.islink(root / name):
+                links.append((name, name))
+            else:
+                self._walk(name, name, links)
+        while links:  # the link nearest ROOT first (a class that is a link before a link inside a class)
+            links.sort(key=lambda link: (link[0].count("/"), link[0]), reverse=True)
+            relative, name = links.pop()
+            self._follow(relative, name, links)
+
+    @staticmethod
+    def _identity(path: str | os.PathLike[str]) -> tuple[int, int]:
+        info = os.stat(path)
+        return info.st_dev, info.st_ino
+
+    def _walk(self, top: str, name: str, links: list[tuple[str, str]]) -> None:
+        """List the real folders under ``top`` (relative to ROOT), noting the folder links met."""
+        pending = [top]
+        while pending:
+            relative = pending.pop()
+            folder = self.root / relative
+            try:
+                identity = self._identity(folder)
+                if identity in self.visited:  # the same folder again (a bind mount, say)
+                    continue
+                self.visited.add(identity)
+                files = []
+                with os.scandir(folder) as scan:
+                    for entry in scan:
+                        if entry.is_dir(follow_symlinks=False):
+                            pending.append(f"{relative}/{entry.name}")
+                        elif entry.is_symlink() and _is_folder(entry):
+                            links.append((f"{relative}/{entry.name}", name))
+                        else:  # a file, a link to one, or a dangling link (reading it reports that)
+                            files.append(entry.name)
+            except OSError as exc:  # os.walk would skip the folder silently
+                raise InputError(f"{folder}: cannot list the class folder ({exc.strerror or exc})") from None
+            self.listed[name].append((relative, sorted(files)))
+
+    def _follow(self, relative: str, name: str, links: list[tuple[str, str]]) -> None:
+        """Walk the folder a link leads to, if inside ROOT (or allowed) and not listed yet."""
+        link = self.root / relative
+        target = os.path.realpath(link)
+        inside = target == self.real_root or target.startswith(self.real_root.rstrip(os.sep) + os.sep)
+        if not inside and not self.allow_outside_root:
+            raise UnsafeInputError(
+                f"{link}: a symlink to the folder {target}, outside ROOT {self.real_root}; class folders "
+                "are followed only inside ROOT (pass --allow-outside-root to accept it)"
+            )
+        try:
+            identity = self._identity(link)
+        except OSError:  # gone since it was listed, or a loop of links: nothing to list
+            return
+        if identity in self.visited:
+            self.repeated[name].append(relative)
+            return
+        self._walk(relative, name, links)
+
+
+def _is_folder(entry: os.DirEntry[str]) -> bool:
+    """Whether a symlink leads to a folder (False for a dangling link or a loop of links)."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
 
 
 # ----------------------------------------------------------------------------- for the pipeline
