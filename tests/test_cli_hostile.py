@@ -471,6 +471,29 @@ def test_a_page_that_makes_lmdb_abort_is_one_line_naming_the_database(inputs: Pa
         assert err.startswith(f"datumdb digest: error: {out / 'db'}: damaged or not an LMDB database: "), err
 
 
+@pytest.mark.parametrize("name", ["--strict", "--allow-nonfinite", "--heartbeat=5", "--no-progress"])
+def test_verify_checks_a_database_named_like_an_option(inputs: Path, name: str) -> None:
+    """`verify -- --strict` printed the isolated child's traceback and reported FAILED: the child
+    took the first argument not starting with '--' for the database."""
+    with scratch(inputs) as out:
+        shutil.copytree(inputs / "small", out / name)
+        code, text, err = run_checked(["--no-progress", "verify", "--", name])
+        assert code == 0 and text.startswith(f"{name}: OK, 10 records"), err
+        assert err == ""
+
+
+def test_a_failed_verify_that_read_no_record_does_not_count_none_bad_records(inputs: Path) -> None:
+    """The isolated child died in LMDB before reading records: 'FAILED (1 problem(s), None bad
+    record(s))' became '(1 problem(s))'; where records were read, the count stays."""
+    with scratch(inputs) as out:
+        damaged_copy(inputs / "db", out / "db", "zero-page", [(0.5, 1)])
+        code, _, err = run_checked(["--no-progress", "verify", str(out / "db")])
+        assert code == 1 and "None" not in err, err
+        report = json.loads(run_main(["--no-progress", "verify", "--json", str(out / "db")])[1])
+        counted = "" if report["bad_records"] is None else f", {report['bad_records']} bad record(s)"
+        assert err.endswith(f"{out / 'db'}: FAILED ({len(report['problems'])} problem(s){counted})\n"), err
+
+
 # ------------------------------------------------------------------------ hostile records
 
 

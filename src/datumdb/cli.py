@@ -709,12 +709,10 @@ def _verify(args: argparse.Namespace) -> int:
     else:
         for problem in report["problems"]:
             print(_printable(f"datumdb verify: {problem}"), file=sys.stderr)
-        print(
-            _printable(
-                f"{args.db}: FAILED ({len(report['problems'])} problem(s), {report['bad_records']} bad record(s))"
-            ),
-            file=sys.stderr,
-        )
+        counts = f"{len(report['problems'])} problem(s)"
+        if report["bad_records"] is not None:  # None: the scan did not get as far as the records
+            counts += f", {report['bad_records']} bad record(s)"
+        print(_printable(f"{args.db}: FAILED ({counts})"), file=sys.stderr)
     return 0 if report["ok"] else 1
 
 

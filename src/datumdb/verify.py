@@ -485,12 +485,13 @@ def _child_main(argv: list[str]) -> int:
     The protocol goes to the original stdout, and fd 1 is pointed at stderr, so that nothing
     else printed in this process can be taken for a report. A heartbeat thread writes
     ``progress RECORDS BYTES_HASHED BUSY`` every ``--heartbeat`` seconds; the last line is
-    ``report JSON``.
+    ``report JSON``. argv is ``DB [OPTIONS]``.
     """
-    options = _Options(strict="--strict" in argv, allow_nonfinite="--allow-nonfinite" in argv)
-    progress = True if "--progress" in argv else (False if "--no-progress" in argv else None)
-    interval = next((float(arg.split("=", 1)[1]) for arg in argv if arg.startswith("--heartbeat=")), 1.0)
-    path = Path(next(arg for arg in argv if not arg.startswith("--")))
+    # The database comes first, always: a folder may be named like an option ("--strict").
+    path, flags = Path(argv[0]), argv[1:]
+    options = _Options(strict="--strict" in flags, allow_nonfinite="--allow-nonfinite" in flags)
+    progress = True if "--progress" in flags else (False if "--no-progress" in flags else None)
+    interval = next((float(arg.split("=", 1)[1]) for arg in flags if arg.startswith("--heartbeat=")), 1.0)
     out = os.dup(1)
     os.dup2(2, 1)
     lock, done, state = threading.Lock(), threading.Event(), _Progress()
