@@ -167,6 +167,47 @@ def test_a_missing_record_file_is_named(tmp_path: Path, capsys: pytest.CaptureFi
     assert not db.exists()
 
 
+@pytest.mark.parametrize("step", ["build", "build-all"])
+def test_build_replaces_its_own_database_but_never_one_it_did_not_write(
+    tmp_path: Path, caffe_dir: Path, step: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`pipeline build` replaced a Caffe-made LMDB at its output without being asked. It replaces
+    a database datumdb wrote (its previous build: the orchestrators rebuild without --overwrite)
+    and refuses any other in one line, leaving it byte for byte."""
+    params = _params(tmp_path / "p", shards=1)
+    lmdb, records = tmp_path / "lmdb", str(tmp_path / "rec")
+    assert main(["--no-progress", "pipeline", "records", "--params", str(params), "--shard", "0", records]) == 0
+    build = {
+        "build": ["pipeline", "build", "--params", str(params), "--split", "val", records, str(lmdb / "val")],
+        "build-all": ["pipeline", "build-all", "--params", str(params), str(lmdb)],
+    }[step]
+    assert main(["--no-progress", *build]) == 0
+    first = (lmdb / "val" / "data.mdb").stat()
+    assert main(["--no-progress", *build]) == 0  # its own previous build: replaced
+    assert (lmdb / "val" / "data.mdb").stat().st_ino != first.st_ino
+    for name in ("data.mdb", "datumdb.json"):  # Snakemake removes the declared outputs before a rerun
+        (lmdb / "val" / name).unlink()
+    (lmdb / "val" / "lock.mdb").write_bytes(bytes(8192))  # left by a reader that took LMDB's lock
+    assert main(["--no-progress", *build]) == 0  # no data there: nothing to lose
+    assert read_manifest(lmdb / "val")["count"] == 8
+    shutil.rmtree(lmdb / "val")
+    shutil.copytree(caffe_dir / "lmdb_png", lmdb / "val")  # Caffe's: data.mdb, no manifest
+    (lmdb / "val" / "lock.mdb").write_bytes(bytes(8192))  # as a Caffe or LMDB reader leaves it
+    before = {p.name: p.read_bytes() for p in (lmdb / "val").iterdir()}
+    train = (lmdb / "train" / "data.mdb").stat().st_ino if step == "build-all" else None
+    capsys.readouterr()
+    assert main(["--no-progress", *build]) == 2
+    if train is not None:  # refused before any work: the other splits were not rebuilt either
+        assert (lmdb / "train" / "data.mdb").stat().st_ino == train
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{lmdb / 'val'}: holds a database datumdb did not write" in err, err
+    assert {p.name: p.read_bytes() for p in (lmdb / "val").iterdir()} == before
+    assert [p.name for p in lmdb.iterdir() if p.name.startswith(".")] == []  # no build folder left
+    (lmdb / "val" / "datumdb.json").write_text("{}")  # a manifest datumdb did not write either
+    assert main(["--no-progress", *build]) == 2
+    assert {p.name: p.read_bytes() for p in (lmdb / "val").iterdir() if p.name != "datumdb.json"} == before
+
+
 # ----------------------------------------------------------------------------- verify
 
 

@@ -81,7 +81,15 @@ from datumdb.manifest import (
     write_manifest,
 )
 
-__all__ = ["DEFAULT_BATCH_SIZE", "DEFAULT_MAP_SIZE", "DatabaseWriter", "Encoding", "restore_interrupted_publish"]
+__all__ = [
+    "DEFAULT_BATCH_SIZE",
+    "DEFAULT_MAP_SIZE",
+    "DatabaseWriter",
+    "Encoding",
+    "check_target",
+    "restore_interrupted_publish",
+    "written_by_datumdb",
+]
 
 DEFAULT_BATCH_SIZE = 1000
 DEFAULT_MAP_SIZE = 64 << 20  # grows by doubling; on Linux an unused map costs nothing
@@ -115,7 +123,10 @@ class DatabaseWriter:
     and the private build folder is removed. Keys default to ``%08d`` of the record index
     (``key_width`` digits), which sort in insertion order; explicit keys must be strictly
     increasing byte strings. ``encoding`` chooses raw Datums ("none") or PNG/JPEG-encoded ones.
-    ``channel_order`` and ``metadata`` are recorded in the manifest.
+    ``channel_order`` and ``metadata`` are recorded in the manifest. ``overwrite`` replaces an
+    existing database (Caffe's too: the user asked); ``only_replace_own`` narrows that to one
+    datumdb wrote (:func:`written_by_datumdb`), for callers that replace their own previous
+    output without being asked each time (the pipeline's build steps).
     """
 
     def __init__(
@@ -129,6 +140,7 @@ class DatabaseWriter:
         channel_order: str = "BGR",
         key_width: int = 8,
         metadata: dict[str, Any] | None = None,
+        only_replace_own: bool = False,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -138,6 +150,7 @@ class DatabaseWriter:
             raise ValueError(f"encoding must be 'none', 'png' or 'jpg', got {encoding!r}")
         self.path = Path(path)
         self.overwrite = overwrite
+        self.only_replace_own = only_replace_own
         self.batch_size = batch_size
         self.initial_map_size = map_size
         self.encoding = encoding
@@ -405,38 +418,8 @@ class DatabaseWriter:
     # ------------------------------------------------------------------ internals
 
     def _check_target(self) -> None:
-        """Refuse any target that is not absent, an empty folder, or a folder of datumdb's own files.
-
-        Run before any work and again just before publishing: ``--overwrite`` must replace a
-        previous database, never a user's folder that was named by mistake (``.``, the working
-        directory, the folder holding the inputs).
-        """
-        path = self.path
-        if path.name in ("", ".", ".."):
-            raise UnsafeTargetError(f"{path}: not a database folder name; name a new folder, such as {path / 'db'}")
-        if path.is_symlink():
-            raise UnsafeTargetError(f"{path}: is a symlink; datumdb publishes only into a real folder")
-        if path.exists() and not path.is_dir():
-            raise UnsafeTargetError(f"{path}: exists and is not a database folder")
-        resolved, cwd = path.resolve(), Path.cwd().resolve()
-        if resolved == cwd or resolved in cwd.parents:
-            raise UnsafeTargetError(f"{path}: is the working directory or contains it; name a new folder")
-        if not path.is_dir():
-            return
-        foreign = foreign_entries(path)
-        if foreign:
-            shown = ", ".join(repr(name) for name in foreign[:5]) + (
-                f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
-            )
-            raise UnsafeTargetError(
-                f"{path}: holds {shown}, which datumdb did not write; a database folder holds only "
-                f"{DATA_NAME}, {MANIFEST_NAME} and {LOCK_NAME}. Refusing to "
-                f"{'replace' if self.overwrite else 'publish into'} it: choose another folder or move them"
-            )
-        if not self.overwrite and any(path.iterdir()):
-            raise DatabaseExistsError(
-                f"{path}: already holds a database; pass overwrite=True (--overwrite) to replace it"
-            )
+        """:func:`check_target` on ``path``: run before any work and again just before publishing."""
+        check_target(self.path, overwrite=self.overwrite, only_replace_own=self.only_replace_own)
 
     def _key(self, key: bytes | str | None) -> bytes:
         if self._env is None:
@@ -692,6 +675,45 @@ def _signals_held() -> Iterator[None]:
             signal.raise_signal(number)
 
 
+def check_target(path: Path, *, overwrite: bool, only_replace_own: bool = False) -> None:
+    """Refuse any target that is not absent, an empty folder, or a folder of datumdb's own files.
+
+    ``--overwrite`` must replace a previous database, never a user's folder that was named by
+    mistake (``.``, the working directory, the folder holding the inputs); ``only_replace_own``
+    narrows it to a database datumdb wrote (:func:`written_by_datumdb`). Builds that write several
+    databases check every target before any work.
+    """
+    if path.name in ("", ".", ".."):
+        raise UnsafeTargetError(f"{path}: not a database folder name; name a new folder, such as {path / 'db'}")
+    if path.is_symlink():
+        raise UnsafeTargetError(f"{path}: is a symlink; datumdb publishes only into a real folder")
+    if path.exists() and not path.is_dir():
+        raise UnsafeTargetError(f"{path}: exists and is not a database folder")
+    resolved, cwd = path.resolve(), Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise UnsafeTargetError(f"{path}: is the working directory or contains it; name a new folder")
+    if not path.is_dir():
+        return
+    foreign = foreign_entries(path)
+    if foreign:
+        shown = ", ".join(repr(name) for name in foreign[:5]) + (
+            f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        )
+        raise UnsafeTargetError(
+            f"{path}: holds {shown}, which datumdb did not write; a database folder holds only "
+            f"{DATA_NAME}, {MANIFEST_NAME} and {LOCK_NAME}. Refusing to "
+            f"{'replace' if overwrite else 'publish into'} it: choose another folder or move them"
+        )
+    if not overwrite and any(path.iterdir()):
+        raise DatabaseExistsError(f"{path}: already holds a database; pass overwrite=True (--overwrite) to replace it")
+    # (A folder without data.mdb holds no data: a lone lock.mdb, say, left by a reader.)
+    if only_replace_own and (path / DATA_NAME).exists() and not written_by_datumdb(path):
+        raise UnsafeTargetError(
+            f"{path}: holds a database datumdb did not write (no valid {MANIFEST_NAME}: made by Caffe or "
+            "another tool?); refusing to replace it: move it away or choose another folder"
+        )
+
+
 def restore_interrupted_publish(target: str | os.PathLike[str]) -> Path | None:
     """Put back the previous version of ``target`` that a killed publish left aside.
 
@@ -707,7 +729,7 @@ def restore_interrupted_publish(target: str | os.PathLike[str]) -> Path | None:
         return None
     if target.exists() and not (target.is_dir() and next(target.iterdir(), None) is None):
         return None
-    candidates = [folder for kind, folder in _dead_builds(target) if kind == "old" and _complete_version(folder)]
+    candidates = [folder for kind, folder in _dead_builds(target) if kind == "old" and written_by_datumdb(folder)]
     candidates.sort(key=lambda folder: (folder / MANIFEST_NAME).stat().st_mtime_ns)
     for folder in reversed(candidates):
         try:
@@ -719,9 +741,12 @@ def restore_interrupted_publish(target: str | os.PathLike[str]) -> Path | None:
     return None
 
 
-def _complete_version(folder: Path) -> bool:
-    """Whether ``folder`` holds a whole datumdb database: only its files, a manifest whose
-    checksum holds, and a data.mdb of the size that manifest recorded."""
+def written_by_datumdb(folder: Path) -> bool:
+    """Whether ``folder`` holds a whole database datumdb wrote: only its files, a manifest whose
+    checksum holds, and a data.mdb of the size that manifest recorded.
+
+    The manifest is datumdb's mark of ownership: what may be restored after a killed publish,
+    and what a build that was not asked to (the pipeline's) may replace."""
     try:
         if foreign_entries(folder) or not (folder / DATA_NAME).is_file():
             return False

@@ -32,7 +32,7 @@ from datumdb.pipeline.fingerprint import build_params, build_record, input_diges
 from datumdb.pipeline.records import RecordFile, RecordWriter
 from datumdb.pipeline.sources import ImageFiles, Source, open_source
 from datumdb.pipeline.splits import SPLITS, assign_splits, positions_in_split, shard_range
-from datumdb.writer import DatabaseWriter
+from datumdb.writer import DatabaseWriter, check_target
 
 __all__ = ["build_all", "build_split", "make_records", "records_path"]
 
@@ -132,6 +132,8 @@ def build_split(
 
     The manifest records the build fingerprint (:func:`~datumdb.pipeline.fingerprint.build_record`).
     Record files made with other params (a stale intermediate) are refused, naming the file.
+    A database already at ``db`` is replaced only if datumdb wrote it (a Caffe-made one is
+    refused: :func:`~datumdb.writer.written_by_datumdb`), as ``--overwrite`` is not asked here.
     """
     records = Path(records)
     record = build_record(config, split, inputs if inputs is not None else input_digest(config))
@@ -152,7 +154,10 @@ def build_split(
             metadata["classes"] = read_class_folders(Path(config.dataset.input_dir) / config.dataset.imageset.root)[1]
     with DatabaseWriter(
         db,
+        # The orchestrators rebuild without --overwrite: a build replaces its own previous
+        # database, but never one datumdb did not write (a Caffe-made one).
         overwrite=True,
+        only_replace_own=True,
         batch_size=config.build.batch_size,
         map_size=config.build.map_size,
         encoding=config.encoding if config.encoding in ("none", "png", "jpg") else "none",  # type: ignore[arg-type]
@@ -174,6 +179,8 @@ def build_all(
     happens. Processes are forked before any LMDB environment is open.
     """
     databases = Path(databases)
+    for split in SPLITS:  # a database it may not replace is refused before the shards' work
+        check_target(databases / split, overwrite=True, only_replace_own=True)
     databases.mkdir(parents=True, exist_ok=True)
     inputs = input_digest(config)
     jobs = max(1, min(jobs or os.cpu_count() or 1, config.partition.count))
