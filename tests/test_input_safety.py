@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import threading
 import tracemalloc
 from pathlib import Path
@@ -19,6 +20,7 @@ from datumdb import DatabaseWriter
 from datumdb.cli import main
 from datumdb.codec import encode_image
 from datumdb.errors import UnsafeInputError, VerificationError
+from datumdb.files import OUTPUT_MODE, replacing
 from datumdb.limits import MAX_MANIFEST_BYTES, read_regular_file
 from datumdb.manifest import MAX_MANIFEST_DEPTH, read_manifest, write_manifest
 
@@ -239,6 +241,95 @@ def test_a_failed_export_leaves_the_previous_file_whole(db: Path, tmp_path: Path
     assert "No space left on device" in capsys.readouterr().err
     assert out.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["all.npz", "db"]
+
+
+# --------------------------------------------------------------------------- file outputs
+
+
+def test_export_never_writes_through_a_link_planted_at_its_temporary_name(db: Path, tmp_path: Path) -> None:
+    """The temporary was `.OUT.<pid>.partial`, opened with a plain open(): a symlink planted there
+    made export overwrite the file it led to, without --overwrite. Now it is made exclusively
+    (mkstemp: O_CREAT|O_EXCL, a random name), so no planted name is ever opened."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("someone else's file\n")
+    out = tmp_path / "all.npz"
+    planted = [out.with_name(f".{out.name}.{os.getpid()}.partial"), out.with_name(f".{out.name}.tmp")]
+    for link in planted:
+        link.symlink_to(victim)
+    assert main(["--no-progress", "export", str(db), str(out)]) == 0
+    assert victim.read_text() == "someone else's file\n"
+    assert out.is_file() and not out.is_symlink()
+    with np.load(out) as exported:
+        assert exported["labels"].tolist() == [0, 1, 2, 3, 4]
+    assert all(link.is_symlink() for link in planted)  # not ours: left as found
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.is_symlink()) == ["all.npz", "db", "victim.txt"]
+
+
+def test_temporary_files_are_new_private_files_under_random_names(tmp_path: Path) -> None:
+    """Each write makes its own temporary (0600 until complete), so two writers of one target
+    (or a stranger's file at a guessable name) never share one."""
+    target = tmp_path / "report.json"
+    with replacing(target) as first, replacing(target) as second:
+        temporaries = sorted(p for p in tmp_path.iterdir() if p.name.startswith(".report.json."))
+        assert len(temporaries) == 2 and first.name != second.name
+        for temporary in temporaries:
+            info = temporary.lstat()
+            assert stat.S_ISREG(info.st_mode) and stat.S_IMODE(info.st_mode) == 0o600
+        first.write(b"first")
+        second.write(b"second")  # renamed first (the inner block ends first), then replaced
+    assert target.read_bytes() == b"first" and stat.S_IMODE(target.stat().st_mode) == OUTPUT_MODE
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
+
+
+@pytest.mark.parametrize(
+    ("command", "output", "what"),
+    [
+        ("compute-mean", "{db}/data.mdb", "lies inside"),  # destroyed the database it computed the mean of
+        ("compute-mean", "{db}/datumdb.json", "lies inside"),
+        ("compute-mean", "{db}/mean.binaryproto", "lies inside"),  # a new file: no longer only a database
+        ("compute-mean", "{db}", "is"),
+        ("compute-mean", "{link}/data.mdb", "lies inside"),  # the same folder by another path
+        ("compute-mean", "{db}/../db/data.mdb", "lies inside"),
+        ("export", "{db}/all.npz", "lies inside"),
+        ("export", "{link}/data.mdb", "lies inside"),  # (data.mdb.npz)
+    ],
+)
+def test_an_output_that_is_or_lies_inside_the_input_database_is_refused(
+    db: Path, tmp_path: Path, command: str, output: str, what: str, capsys
+) -> None:
+    (tmp_path / "link").symlink_to(db, target_is_directory=True)
+    before = {p.name: p.read_bytes() for p in db.iterdir()}
+    target = output.format(db=db, link=tmp_path / "link")
+    capsys.readouterr()
+    assert main(["--no-progress", command, "--overwrite", str(db), target]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f": {what} the input {db}; writing it would destroy that input" in err, err
+    assert {p.name: p.read_bytes() for p in db.iterdir()} == before
+    assert main(["--no-progress", "verify", "--in-process", str(db)]) == 0
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        ["m.bp", "--npy", "x", "--json", "x"],  # silently kept only the JSON
+        ["x", "--npy", "x"],
+        ["m.bp", "--npy", "x", "--json", "./sub/../x"],
+        ["m.bp", "--json", "{link}/m.bp"],  # the same folder through a link
+    ],
+)
+def test_compute_mean_refuses_two_outputs_with_one_name(
+    db: Path, tmp_path: Path, names: list[str], monkeypatch, capsys
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path, target_is_directory=True)
+    argv = [name.format(link=tmp_path / "link") for name in names]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    capsys.readouterr()
+    assert main(["--no-progress", "compute-mean", str(db), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "named twice as an output" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
 
 
 # --------------------------------------------------------------------------- the bounded read itself

@@ -359,6 +359,45 @@ def test_report_exit_code_follows_the_verify_reports(
     assert "test.json: not found" in capsys.readouterr().err
 
 
+def _with(argv: list[str], option: str, value: Path) -> list[str]:
+    """``argv`` with ``option``'s value replaced by ``value``."""
+    at = argv.index(option) + 1
+    return [*argv[:at], str(value), *argv[at + 1 :]]
+
+
+def test_pipeline_steps_refuse_outputs_that_collide_or_lie_in_their_inputs(
+    tmp_path: Path, built: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The file outputs of mean, verify and report: one name twice, or one inside an input
+    database (or over an input report), is one line and exit 2 before any work."""
+    params, lmdb = built
+    before = {p: p.read_bytes() for p in lmdb.rglob("*") if p.is_file()}
+    out = tmp_path / "out"
+    for split in SPLITS:
+        assert main(_verify_argv(params, lmdb, split, out)) == 0
+    mean = ["pipeline", "mean", "--params", str(params), str(lmdb / "train"), "--binaryproto", str(out / "m.bp")]
+    mean += ["--npy", str(out / "m.npy"), "--json", str(out / "m.json")]
+    assert main(mean) == 0
+    reports = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    details = [str(out / f"{split}.json") for split in SPLITS]
+    report = ["pipeline", "report", "--params", str(params), *details, "--mean", str(out / "m.json")]
+    verify = _verify_argv(params, lmdb, "val", out)
+    cases = [
+        ("named twice", _with(mean, "--json", out / "m.npy")),
+        ("lies inside the input", _with(mean, "--binaryproto", lmdb / "train" / "data.mdb")),
+        ("is the input", [*report, "--output", str(out / "val.json")]),
+        ("named twice", _with(verify, "--metrics", out / "val.json")),
+        ("lies inside the input", _with(verify, "--sheet", lmdb / "train" / "sheet.png")),
+    ]
+    for message, argv in cases:
+        capsys.readouterr()
+        assert main(["--no-progress", *argv]) == 2, message
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+        assert {p: p.read_bytes() for p in lmdb.rglob("*") if p.is_file()} == before
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == reports
+
+
 # ----------------------------------------------------------------------------- float arrays
 
 

@@ -673,7 +673,7 @@ def _compute_mean(args: argparse.Namespace) -> int:
     from datumdb.mean import compute_mean, mean_files
 
     outputs = (args.output, args.npy, args.json)
-    check_new_outputs(outputs, overwrite=args.overwrite)
+    check_new_outputs(outputs, overwrite=args.overwrite, inputs=[args.db])
     proto, npy_bytes, summary = mean_files(compute_mean(args.db, progress=args.progress))
     for path, data in zip(outputs, (proto, npy_bytes, (json.dumps(summary, indent=2) + "\n").encode()), strict=True):
         if path is not None:  # each written whole, under a temporary name first
@@ -783,16 +783,16 @@ def _export(args: argparse.Namespace) -> int:
     the count (every record must have its shape). Over ``--max-bytes`` (default 4 GiB) the
     export is refused, so a database of decompression bombs (tiny PNGs declaring 100 megapixels
     each) cannot fill memory and disk. The .npz is written to a hidden temporary name in the
-    target folder and renamed over ``OUT`` only when complete.
+    target folder and renamed over ``OUT`` only when complete (:func:`datumdb.files.replacing`).
     """
     from datumdb.errors import DatabaseError
-    from datumdb.files import check_new_outputs
+    from datumdb.files import check_new_outputs, replacing
     from datumdb.reader import DatumReader
 
     output: Path = args.output
     if not output.name.endswith(".npz"):  # what np.savez(path) would have written
         output = output.with_name(output.name + ".npz")
-    check_new_outputs([output], overwrite=args.overwrite)
+    check_new_outputs([output], overwrite=args.overwrite, inputs=[args.db])
     with DatumReader(args.db) as reader:
         count = len(reader)
         if count == 0:
@@ -811,15 +811,8 @@ def _export(args: argparse.Namespace) -> int:
         except KeyError as exc:  # the cursor listed a key that a lookup cannot find: a damaged B-tree
             raise DatabaseError(f"{args.db}: damaged: {exc.args[0] if exc.args else exc}") from None
         keys = np.array(reader.keys())
-    partial = output.with_name(f".{output.name}.{os.getpid()}.partial")
-    try:
-        with open(partial, "wb") as handle:
-            np.savez(handle, images=images, labels=labels, keys=keys)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(partial, output)
-    finally:
-        partial.unlink(missing_ok=True)
+    with replacing(output, durable=True) as handle:
+        np.savez(handle, images=images, labels=labels, keys=keys)
     print(_printable(f"{output}: images {images.dtype} {images.shape}, {count} labels"))
     return 0
 

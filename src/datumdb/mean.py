@@ -22,6 +22,7 @@ import numpy as np
 from datumdb._progress import progress as progress_bar
 from datumdb.codec import datum_to_array
 from datumdb.errors import DatumError, InputError
+from datumdb.files import atomic_write
 from datumdb.proto.datum_pb2 import BlobProto
 from datumdb.reader import DatumReader
 
@@ -78,10 +79,8 @@ def mean_files(mean: np.ndarray) -> tuple[bytes, bytes, dict[str, Any]]:
 
 
 def write_binaryproto(mean: np.ndarray, path: str | os.PathLike[str]) -> Path:
-    """Write a (C, H, W) float array as Caffe's mean ``BlobProto`` file."""
-    path = Path(path)
-    path.write_bytes(binaryproto_bytes(mean))
-    return path
+    """Write a (C, H, W) float array as Caffe's mean ``BlobProto`` file (whole, or not at all)."""
+    return atomic_write(path, binaryproto_bytes(mean))
 
 
 def read_binaryproto(path: str | os.PathLike[str]) -> np.ndarray:

@@ -291,10 +291,11 @@ def verify_step(
     numbers ``dvc metrics show`` prints (count, accuracy, a digest prefix); ``histogram`` the
     label counts as CSV (``dvc plots``); ``sheet`` the contact sheet PNG.
     """
-    from datumdb.files import atomic_write
+    from datumdb.files import atomic_write, check_output_names
     from datumdb.pipeline.fingerprint import recorded_build_fingerprint, verify_record
     from datumdb.pipeline.summary import histogram_csv, json_bytes
 
+    check_output_names([details, metrics, histogram, sheet], [db, train_db])
     report, problems, png = check_split(config, split, db, train_db)
     if problems:
         return report, problems

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from datumdb.files import atomic_write
+from datumdb.files import atomic_write, check_output_names
 from datumdb.manifest import read_manifest
 from datumdb.mean import compute_mean, mean_files
 from datumdb.pipeline.fingerprint import mean_record, recorded_build_fingerprint
@@ -36,6 +36,7 @@ def mean_step(
     summary: str | os.PathLike[str],
 ) -> dict[str, Any]:
     """Compute the mean of ``train_db`` and write the three files; returns the JSON summary."""
+    check_output_names([binaryproto, npy, summary], [train_db])
     shapes = read_manifest(Path(train_db)).get("shapes") or {}
     if len(shapes) > 1:
         proto, npy_bytes = b"", _empty_npy()

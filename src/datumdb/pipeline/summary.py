@@ -91,9 +91,10 @@ def report_step(
 
     The summary's fingerprint is made of the fingerprints those files record.
     """
-    from datumdb.files import atomic_write
+    from datumdb.files import atomic_write, check_output_names
     from datumdb.pipeline.fingerprint import report_record
 
+    check_output_names([output], [*details, mean])
     reports = [load_json(path) for path in details]
     mean_report = load_json(mean)
     record = report_record(
