@@ -18,9 +18,11 @@ import pytest
 import yaml
 from conftest import read_lmdb_items
 
+from datumdb import DatumReader
 from datumdb.cli import main
 from datumdb.codec import decode, decode_image
 from datumdb.manifest import read_manifest
+from datumdb.pipeline.sheet import TEXT_WIDTH, contact_sheet
 from datumdb.pipeline.splits import SPLITS
 
 pytestmark = pytest.mark.integration
@@ -123,11 +125,28 @@ def test_original_bytes_of_varied_sizes_keyed_by_file_each_in_one_split(tmp_path
     assert sorted(seen) == sorted(name for name, _ in listed)  # every listed image in exactly one split
 
     text, mean = _check_and_report(params, lmdb, tmp_path / "reports")
-    assert "No train mean: the train images have" in text and "| NO |" not in text
-    assert mean["skipped"] and (tmp_path / "reports" / "m.bp").read_bytes() == b""
+    assert "No train mean image (mean.binaryproto is empty): the train images have" in text and "| NO |" not in text
+    assert mean["skipped"] and (tmp_path / "reports" / "m.bp").read_bytes() == b""  # as Caffe: no mean image
     assert np.load(tmp_path / "reports" / "m.npy").size == 0
+    # ... but the per-channel mean over every pixel of every train image (Caffe's mean_value), as NumPy has it
+    with DatumReader(lmdb / "train") as reader:
+        pixels = np.concatenate([array.reshape(3, -1) for array, _ in reader], axis=1)
+    assert mean["channel_means"] == pytest.approx(pixels.astype(np.float64).mean(axis=1).tolist(), rel=1e-12)
+    assert mean["channel_means_images"] == len(read_lmdb_items(lmdb / "train"))
+    assert "Train mean per channel over every pixel of every image" in text
+    assert ", ".join(f"{v:.4f}" for v in mean["channel_means"]) in text
+    # the files' own bytes, said as what they are (not "mixed")
+    for split in SPLITS:
+        details = json.loads((tmp_path / "reports" / f"{split}.json").read_text())
+        kinds = {"jpg": 0, "png": 0}
+        for key, _ in read_lmdb_items(lmdb / split):
+            kinds["png" if key.endswith(b".png") else "jpg"] += 1
+        assert details["encodings"] == {k: v for k, v in kinds.items() if v}
+        assert details["shape_summary"]["distinct"] == len(details["shapes"]) > 1
+    assert "| mixed |" not in text and re.search(r"\| original file bytes: \d+% (JPEG|PNG), \d+% (JPEG|PNG) \|", text)
+    assert "Image sizes" in text
     sheet = cv2.imread(str(tmp_path / "reports" / "train.png"))
-    assert sheet is not None and sheet.shape[1] <= 8 * (72 + 8)  # letterboxed: no tile wider than the box
+    assert sheet is not None and sheet.shape[1] <= 8 * (TEXT_WIDTH + 8)  # letterboxed: no tile wider than the box
 
 
 def test_verify_notices_a_record_that_is_not_its_file(tmp_path: Path) -> None:
@@ -239,7 +258,18 @@ def test_class_folders_give_sorted_labels_and_the_manifest_names_the_classes(tmp
         for key, value in read_lmdb_items(lmdb / split):
             path = KEY.fullmatch(key).group(2).decode()  # type: ignore[union-attr]
             assert decode(value).label == int(path.split("/")[0][1:]) == dict(listed)[path]
-    _check_and_report(params, lmdb, tmp_path / "reports")
+    reports = tmp_path / "reports"
+    text, _ = _check_and_report(params, lmdb, reports)
+    # the class names, not only the numbers: report, histogram CSV (a column), verify JSON
+    for split in SPLITS:
+        histogram = read_manifest(lmdb / split)["label_histogram"]
+        rows = (reports / f"{split}.csv").read_text().splitlines()
+        assert rows == ["label,class,count", *(f"{label},c{label},{n}" for label, n in histogram.items())]
+        assert json.loads((reports / f"{split}.json").read_text())["classes"] == ["c0", "c1", "c2"]
+    assert "| label | class | train | val | test |" in text
+    for label in range(3):
+        counts = [read_manifest(lmdb / split)["label_histogram"].get(str(label), 0) for split in SPLITS]
+        assert f"| {label} | c{label} | " + " | ".join(map(str, counts)) + " |" in text
 
 
 def test_an_image_over_the_decode_time_bound_is_skipped_and_named(tmp_path: Path) -> None:
@@ -256,3 +286,17 @@ def test_an_image_over_the_decode_time_bound_is_skipped_and_named(tmp_path: Path
     assert "decoding took longer than 0.1 s" in skipped[0]["reason"]
     text, _ = _check_and_report(params, lmdb, tmp_path / "reports")
     assert f"| {slow} | 5 |" in text
+
+
+@pytest.mark.unit
+def test_contact_sheet_shows_whole_keys_and_class_names() -> None:
+    """Keys that differ only at their end (Caffe's keys: index, folder, file name) give different
+    sheets: the whole key is drawn, wrapped; a class name is drawn beside the label."""
+    image = np.full((3, 20, 30), 128, dtype=np.uint8)
+    start = "00000012_n01440764/n01440764_"
+    one = contact_sheet([image], [0], [start + "10026.JPEG"], "BGR")
+    other = contact_sheet([image], [0], [start + "10027.JPEG"], "BGR")
+    assert one != other
+    named = contact_sheet([image], [0], [start + "10026.JPEG"], "BGR", classes=["tench"])
+    decoded = [cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR) for png in (one, named)]
+    assert decoded[0].shape == decoded[1].shape and not np.array_equal(decoded[0], decoded[1])

@@ -727,7 +727,7 @@ def _digest(args: argparse.Namespace) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     from datumdb.codec import decode
-    from datumdb.manifest import read_manifest
+    from datumdb.manifest import describe_labels, describe_shapes, read_manifest
     from datumdb.reader import DatumReader
 
     with DatumReader(args.db) as reader:
@@ -767,8 +767,14 @@ def _inspect(args: argparse.Namespace) -> int:
         return 0
     print(_printable(f"{args.db}: {summary['count']} records"))
     if manifest is not None:
-        for field in ("digest", "shapes", "dtype", "encoding", "channel_order", "label_histogram"):
-            print(_printable(f"  {field}: {manifest.get(field)}"))
+        print(_printable(f"  digest: {manifest.get('digest')}"))
+        print(_printable(f"  shapes: {describe_shapes(manifest.get('shapes') or {}, manifest.get('shape_summary'))}"))
+        for field in ("dtype", "encoding", "encodings", "channel_order"):
+            if field in manifest:
+                print(_printable(f"  {field}: {manifest[field]}"))
+        classes = (manifest.get("metadata") or {}).get("classes")
+        labels = describe_labels(manifest.get("label_histogram") or {}, classes if isinstance(classes, list) else None)
+        print(_printable(f"  label_histogram: {labels}"))
     elif manifest_problem and "no manifest" not in manifest_problem:
         print(_printable(f"  manifest damaged: {manifest_problem}"))
     else:
