@@ -8,7 +8,10 @@ report steps, then read back record by record against the files.
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -300,3 +303,63 @@ def test_contact_sheet_shows_whole_keys_and_class_names() -> None:
     named = contact_sheet([image], [0], [start + "10026.JPEG"], "BGR", classes=["tench"])
     decoded = [cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR) for png in (one, named)]
     assert decoded[0].shape == decoded[1].shape and not np.array_equal(decoded[0], decoded[1])
+
+
+PROGRESS_LINE = re.compile(
+    r"(?P<desc>[^:]+): (?P<done>\d+)/(?P<total>\d+) (?P<unit>\w+) \(\d+\.\d%\), [\d.]+ \w+/s, "
+    r"elapsed \d+:\d\d:\d\d(, left \d+:\d\d:\d\d)?"
+)
+
+
+def _datumdb(argv: list[str], log: Path, interval: str | None) -> None:
+    """Run the datumdb command line as the rules do: stdout and stderr into a log file."""
+    env = {k: v for k, v in os.environ.items() if k != "DATUMDB_PROGRESS_INTERVAL"}
+    env["PYTHONPATH"] = str(Path(__file__).parents[1] / "src")
+    if interval is not None:
+        env["DATUMDB_PROGRESS_INTERVAL"] = interval
+    with open(log, "w") as out:
+        done = subprocess.run([sys.executable, "-m", "datumdb", *argv], stdout=out, stderr=out, env=env, timeout=300)
+    assert done.returncode == 0, log.read_text()
+
+
+def test_long_jobs_write_progress_lines_to_their_logs_even_with_no_progress(tmp_path: Path) -> None:
+    """Count, rate, time elapsed and left, in a log (not a terminal), under ``--no-progress`` as the
+    rules run the steps; DATUMDB_PROGRESS_INTERVAL stands for a long job's 10 seconds."""
+    listed = _inputs(tmp_path, count=30)
+    params = _params(tmp_path)
+    lmdb, logs = tmp_path / "lmdb", tmp_path / "logs"
+    logs.mkdir()
+    tick = "0.000001"  # a line at (almost) every step
+    _datumdb(["--no-progress", "pipeline", "build-all", "--params", str(params), str(lmdb), "--jobs", "2"],
+             logs / "build.log", tick)  # fmt: skip
+    _datumdb(["--no-progress", "pipeline", "mean", "--params", str(params), str(lmdb / "train"),
+              "--binaryproto", str(tmp_path / "m.bp"), "--npy", str(tmp_path / "m.npy"), "--json",
+              str(tmp_path / "m.json")], logs / "mean.log", tick)  # fmt: skip
+    (tmp_path / "list2.txt").write_text("".join(f"{name} {label}\n" for name, label in listed))
+    _datumdb(["--no-progress", "convert-imageset", str(tmp_path / "inputs" / "images") + "/",
+              str(tmp_path / "list2.txt"), str(tmp_path / "db"), "--encoded"], logs / "convert.log", tick)  # fmt: skip
+    _datumdb(["--no-progress", "verify", str(tmp_path / "db")], logs / "verify.log", tick)
+    seen: dict[str, list[re.Match[str]]] = {}
+    for log in sorted(logs.iterdir()):
+        text = log.read_text()
+        assert "\r" not in text and "\x1b" not in text, text  # plain lines, no bar
+        for line in text.splitlines():
+            match = PROGRESS_LINE.fullmatch(line)
+            if match:
+                seen.setdefault(f"{log.stem}:{match['desc']}", []).append(match)
+    train = len(read_lmdb_items(lmdb / "train"))
+    assert {
+        "build:images 1-10",
+        "build:0/train.rec",
+        "mean:channel-means",
+        "convert:convert-imageset",
+        "verify:verify",
+    } <= set(seen), seen
+    for name, matches in seen.items():
+        counts = [int(m["done"]) for m in matches]
+        assert counts == sorted(counts) and counts[-1] <= int(matches[0]["total"]), name
+    assert int(seen["mean:channel-means"][0]["total"]) == train
+    assert int(seen["convert:convert-imageset"][0]["total"]) == len(listed)
+    # the default interval (10 s): a short job's log gets no progress line, only its result
+    _datumdb(["--no-progress", "verify", str(tmp_path / "db")], logs / "quiet.log", None)
+    assert not any(PROGRESS_LINE.fullmatch(line) for line in (logs / "quiet.log").read_text().splitlines())
