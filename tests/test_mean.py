@@ -13,7 +13,7 @@ from conftest import FIXTURE_FLAGS
 from datumdb import DatabaseWriter, DatumReader
 from datumdb.cli import main
 from datumdb.errors import DatumError, InputError
-from datumdb.mean import compute_mean, read_binaryproto, write_binaryproto
+from datumdb.mean import channel_means, compute_mean, read_binaryproto, write_binaryproto
 from datumdb.proto.datum_pb2 import BlobProto
 
 pytestmark = pytest.mark.unit
@@ -121,3 +121,26 @@ def test_read_binaryproto_rejects_bad_files(tmp_path: Path) -> None:
     (tmp_path / "short").write_bytes(blob.SerializeToString())
     with pytest.raises(DatumError, match="does not match 5 values"):
         read_binaryproto(tmp_path / "short")
+
+
+def test_channel_means_of_mixed_sizes_are_numpys_mean_over_every_pixel(caffe_dir: Path, tmp_path: Path) -> None:
+    """No mean image for photos of their own sizes (as Caffe), but each channel's mean over all pixels."""
+    rng = np.random.default_rng(3)
+    images = [
+        rng.integers(0, 256, (3, int(rng.integers(5, 40)), int(rng.integers(5, 40))), dtype=np.uint8) for _ in range(9)
+    ]
+    with DatabaseWriter(tmp_path / "raw") as writer:
+        for i, image in enumerate(images):
+            writer.add(image, i % 2)
+    means, count = channel_means(tmp_path / "raw", progress=False)
+    pixels = np.concatenate([image.reshape(3, -1) for image in images], axis=1).astype(np.float64)
+    assert count == 9 and means == pytest.approx(pixels.mean(axis=1).tolist(), rel=1e-12)
+    # encoded PNGs of their own sizes (Caffe's fixture), decoded as the reader decodes them
+    means, count = channel_means(caffe_dir / "lmdb_png", progress=False)
+    with DatumReader(caffe_dir / "lmdb_png") as reader:
+        decoded = [array for array, _ in reader]
+    assert len({a.shape for a in decoded}) > 1 and count == len(decoded)
+    pixels = np.concatenate([a.reshape(a.shape[0], -1) for a in decoded], axis=1).astype(np.float64)
+    assert means == pytest.approx(pixels.mean(axis=1).tolist(), rel=1e-12)
+    with pytest.raises(DatumError, match="differs from the first record"):
+        compute_mean(caffe_dir / "lmdb_png", progress=False)  # the mean image stays Caffe's refusal

@@ -326,3 +326,69 @@ def test_the_decode_time_bound_has_one_default_for_the_cli_and_the_pipeline() ->
     schema = yaml.safe_load(SCHEMA_PATH.read_text())
     imageset = schema["properties"]["dataset"]["properties"]["imageset"]["properties"]
     assert imageset["decode_timeout"]["default"] == DEFAULT_DECODE_TIMEOUT
+
+
+# ------------------------------------------------------------------ the README's examples
+
+README = Path(__file__).parents[1] / "README.md"
+
+
+def readme_blocks(section: str, language: str) -> list[str]:
+    """The ``language`` code blocks of the README section whose heading is ``section``."""
+    text = README.read_text(encoding="utf-8")
+    start = text.index(f"\n{section}\n")
+    end = text.find("\n### ", start + 1)
+    body = text[start : end if end != -1 else None]
+    return re.findall(rf"```{language}\n(.*?)```", body, re.DOTALL)
+
+
+def test_readme_params_block_for_an_image_folder_is_valid_params(tmp_path: Path) -> None:
+    (block,) = readme_blocks("### Image folders: photos of any size", "yaml")
+    path = tmp_path / "params.yaml"
+    path.write_text(block)
+    config = load_config(path)  # YAML 1.1 = 1.2, the schema, the types: what every step does first
+    assert config.dataset.source == "imageset" and config.encoding == "original"
+    assert config.dataset.imageset.layout == "folders" and config.dataset.imageset.resize_height == 0
+    assert validate_params(read_params(path)) == validate_params(yaml.safe_load(block))
+
+
+def _textproto(text: str) -> dict[str, Any]:
+    """A protobuf text-format message as nested dicts of lists (enough for a Caffe layer):
+    fails on unbalanced braces or anything that is not ``name: value`` or ``name { ... }``."""
+    tokens = re.findall(r'"[^"]*"|[{}]|[\w.]+:|[\w.+-]+', re.sub(r"#.*", "", text))
+    stack: list[dict[str, Any]] = [{}]
+    position = 0
+    while position < len(tokens):
+        token = tokens[position]
+        if token == "}":
+            stack.pop()
+            assert stack, "unbalanced }"
+            position += 1
+        elif token.endswith(":"):
+            value = tokens[position + 1]
+            assert value not in "{}", token
+            stack[-1].setdefault(token[:-1], []).append(value.strip('"'))
+            position += 2
+        else:
+            assert tokens[position + 1] == "{", token
+            child: dict[str, Any] = {}
+            stack[-1].setdefault(token, []).append(child)
+            stack.append(child)
+            position += 2
+    assert len(stack) == 1, "unbalanced {"
+    return stack[0]
+
+
+def test_readme_caffe_data_layers_name_the_pipelines_outputs() -> None:
+    from datumdb.pipeline.outputs import MEAN_BINARYPROTO, database
+
+    one_size, photos = (_textproto(block)["layer"][0] for block in readme_blocks("### Training with Caffe", "protobuf"))
+    for layer in (one_size, photos):
+        assert layer["type"] == ["Data"] and layer["top"] == ["data", "label"]
+        data = layer["data_param"][0]
+        assert data["source"] == [database("train")] and data["backend"] == ["LMDB"] and int(data["batch_size"][0]) > 0
+        assert layer["transform_param"][0]["mirror"] == ["true"]
+    assert one_size["transform_param"][0]["mean_file"] == [MEAN_BINARYPROTO]
+    assert int(one_size["transform_param"][0]["crop_size"][0]) <= 32  # the default images are 32x32
+    transform = photos["transform_param"][0]
+    assert len(transform["mean_value"]) == 3 and "mean_file" not in transform and transform["force_color"] == ["true"]

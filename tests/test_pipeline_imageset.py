@@ -8,7 +8,10 @@ report steps, then read back record by record against the files.
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,12 +21,14 @@ import pytest
 import yaml
 from conftest import read_lmdb_items
 
+from datumdb import DatumReader
 from datumdb.cli import main
 from datumdb.codec import decode, decode_image
 from datumdb.errors import UnsafeInputError
 from datumdb.manifest import read_manifest
 from datumdb.pipeline.config import load_config
 from datumdb.pipeline.fingerprint import input_digest, input_files
+from datumdb.pipeline.sheet import TEXT_WIDTH, contact_sheet
 from datumdb.pipeline.splits import SPLITS
 
 pytestmark = pytest.mark.integration
@@ -126,11 +131,28 @@ def test_original_bytes_of_varied_sizes_keyed_by_file_each_in_one_split(tmp_path
     assert sorted(seen) == sorted(name for name, _ in listed)  # every listed image in exactly one split
 
     text, mean = _check_and_report(params, lmdb, tmp_path / "reports")
-    assert "No train mean: the train images have" in text and "| NO |" not in text
-    assert mean["skipped"] and (tmp_path / "reports" / "m.bp").read_bytes() == b""
+    assert "No train mean image (mean.binaryproto is empty): the train images have" in text and "| NO |" not in text
+    assert mean["skipped"] and (tmp_path / "reports" / "m.bp").read_bytes() == b""  # as Caffe: no mean image
     assert np.load(tmp_path / "reports" / "m.npy").size == 0
+    # ... but the per-channel mean over every pixel of every train image (Caffe's mean_value), as NumPy has it
+    with DatumReader(lmdb / "train") as reader:
+        pixels = np.concatenate([array.reshape(3, -1) for array, _ in reader], axis=1)
+    assert mean["channel_means"] == pytest.approx(pixels.astype(np.float64).mean(axis=1).tolist(), rel=1e-12)
+    assert mean["channel_means_images"] == len(read_lmdb_items(lmdb / "train"))
+    assert "Train mean per channel over every pixel of every image" in text
+    assert ", ".join(f"{v:.4f}" for v in mean["channel_means"]) in text
+    # the files' own bytes, said as what they are (not "mixed")
+    for split in SPLITS:
+        details = json.loads((tmp_path / "reports" / f"{split}.json").read_text())
+        kinds = {"jpg": 0, "png": 0}
+        for key, _ in read_lmdb_items(lmdb / split):
+            kinds["png" if key.endswith(b".png") else "jpg"] += 1
+        assert details["encodings"] == {k: v for k, v in kinds.items() if v}
+        assert details["shape_summary"]["distinct"] == len(details["shapes"]) > 1
+    assert "| mixed |" not in text and re.search(r"\| original file bytes: \d+% (JPEG|PNG), \d+% (JPEG|PNG) \|", text)
+    assert "Image sizes" in text
     sheet = cv2.imread(str(tmp_path / "reports" / "train.png"))
-    assert sheet is not None and sheet.shape[1] <= 8 * (72 + 8)  # letterboxed: no tile wider than the box
+    assert sheet is not None and sheet.shape[1] <= 8 * (TEXT_WIDTH + 8)  # letterboxed: no tile wider than the box
 
 
 def test_verify_notices_a_record_that_is_not_its_file(tmp_path: Path) -> None:
@@ -242,7 +264,18 @@ def test_class_folders_give_sorted_labels_and_the_manifest_names_the_classes(tmp
         for key, value in read_lmdb_items(lmdb / split):
             path = KEY.fullmatch(key).group(2).decode()  # type: ignore[union-attr]
             assert decode(value).label == int(path.split("/")[0][1:]) == dict(listed)[path]
-    _check_and_report(params, lmdb, tmp_path / "reports")
+    reports = tmp_path / "reports"
+    text, _ = _check_and_report(params, lmdb, reports)
+    # the class names, not only the numbers: report, histogram CSV (a column), verify JSON
+    for split in SPLITS:
+        histogram = read_manifest(lmdb / split)["label_histogram"]
+        rows = (reports / f"{split}.csv").read_text().splitlines()
+        assert rows == ["label,class,count", *(f"{label},c{label},{n}" for label, n in histogram.items())]
+        assert json.loads((reports / f"{split}.json").read_text())["classes"] == ["c0", "c1", "c2"]
+    assert "| label | class | train | val | test |" in text
+    for label in range(3):
+        counts = [read_manifest(lmdb / split)["label_histogram"].get(str(label), 0) for split in SPLITS]
+        assert f"| {label} | c{label} | " + " | ".join(map(str, counts)) + " |" in text
 
 
 def test_class_folders_with_symlinks_are_listed_once_and_never_leave_root(tmp_path: Path, capsys) -> None:
@@ -284,3 +317,77 @@ def test_an_image_over_the_decode_time_bound_is_skipped_and_named(tmp_path: Path
     assert "decoding took longer than 0.1 s" in skipped[0]["reason"]
     text, _ = _check_and_report(params, lmdb, tmp_path / "reports")
     assert f"| {slow} | 5 |" in text
+
+
+@pytest.mark.unit
+def test_contact_sheet_shows_whole_keys_and_class_names() -> None:
+    """Keys that differ only at their end (Caffe's keys: index, folder, file name) give different
+    sheets: the whole key is drawn, wrapped; a class name is drawn beside the label."""
+    image = np.full((3, 20, 30), 128, dtype=np.uint8)
+    start = "00000012_n01440764/n01440764_"
+    one = contact_sheet([image], [0], [start + "10026.JPEG"], "BGR")
+    other = contact_sheet([image], [0], [start + "10027.JPEG"], "BGR")
+    assert one != other
+    named = contact_sheet([image], [0], [start + "10026.JPEG"], "BGR", classes=["tench"])
+    decoded = [cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR) for png in (one, named)]
+    assert decoded[0].shape == decoded[1].shape and not np.array_equal(decoded[0], decoded[1])
+
+
+PROGRESS_LINE = re.compile(
+    r"(?P<desc>[^:]+): (?P<done>\d+)/(?P<total>\d+) (?P<unit>\w+) \(\d+\.\d%\), [\d.]+ \w+/s, "
+    r"elapsed \d+:\d\d:\d\d(, left \d+:\d\d:\d\d)?"
+)
+
+
+def _datumdb(argv: list[str], log: Path, interval: str | None) -> None:
+    """Run the datumdb command line as the rules do: stdout and stderr into a log file."""
+    env = {k: v for k, v in os.environ.items() if k != "DATUMDB_PROGRESS_INTERVAL"}
+    env["PYTHONPATH"] = str(Path(__file__).parents[1] / "src")
+    if interval is not None:
+        env["DATUMDB_PROGRESS_INTERVAL"] = interval
+    with open(log, "w") as out:
+        done = subprocess.run([sys.executable, "-m", "datumdb", *argv], stdout=out, stderr=out, env=env, timeout=300)
+    assert done.returncode == 0, log.read_text()
+
+
+def test_long_jobs_write_progress_lines_to_their_logs_even_with_no_progress(tmp_path: Path) -> None:
+    """Count, rate, time elapsed and left, in a log (not a terminal), under ``--no-progress`` as the
+    rules run the steps; DATUMDB_PROGRESS_INTERVAL stands for a long job's 10 seconds."""
+    listed = _inputs(tmp_path, count=30)
+    params = _params(tmp_path)
+    lmdb, logs = tmp_path / "lmdb", tmp_path / "logs"
+    logs.mkdir()
+    tick = "0.000001"  # a line at (almost) every step
+    _datumdb(["--no-progress", "pipeline", "build-all", "--params", str(params), str(lmdb), "--jobs", "2"],
+             logs / "build.log", tick)  # fmt: skip
+    _datumdb(["--no-progress", "pipeline", "mean", "--params", str(params), str(lmdb / "train"),
+              "--binaryproto", str(tmp_path / "m.bp"), "--npy", str(tmp_path / "m.npy"), "--json",
+              str(tmp_path / "m.json")], logs / "mean.log", tick)  # fmt: skip
+    (tmp_path / "list2.txt").write_text("".join(f"{name} {label}\n" for name, label in listed))
+    _datumdb(["--no-progress", "convert-imageset", str(tmp_path / "inputs" / "images") + "/",
+              str(tmp_path / "list2.txt"), str(tmp_path / "db"), "--encoded"], logs / "convert.log", tick)  # fmt: skip
+    _datumdb(["--no-progress", "verify", str(tmp_path / "db")], logs / "verify.log", tick)
+    seen: dict[str, list[re.Match[str]]] = {}
+    for log in sorted(logs.iterdir()):
+        text = log.read_text()
+        assert "\r" not in text and "\x1b" not in text, text  # plain lines, no bar
+        for line in text.splitlines():
+            match = PROGRESS_LINE.fullmatch(line)
+            if match:
+                seen.setdefault(f"{log.stem}:{match['desc']}", []).append(match)
+    train = len(read_lmdb_items(lmdb / "train"))
+    assert {
+        "build:images 1-10",
+        "build:0/train.rec",
+        "mean:channel-means",
+        "convert:convert-imageset",
+        "verify:verify",
+    } <= set(seen), seen
+    for name, matches in seen.items():
+        counts = [int(m["done"]) for m in matches]
+        assert counts == sorted(counts) and counts[-1] <= int(matches[0]["total"]), name
+    assert int(seen["mean:channel-means"][0]["total"]) == train
+    assert int(seen["convert:convert-imageset"][0]["total"]) == len(listed)
+    # the default interval (10 s): a short job's log gets no progress line, only its result
+    _datumdb(["--no-progress", "verify", str(tmp_path / "db")], logs / "quiet.log", None)
+    assert not any(PROGRESS_LINE.fullmatch(line) for line in (logs / "quiet.log").read_text().splitlines())

@@ -199,3 +199,36 @@ def test_the_batch_sampler_recipe_gives_one_tensor_per_batch_for_a_whole_epoch(d
     seen = sorted(zip([image.tobytes() for image in all_images], all_labels.tolist(), strict=True))
     assert seen == sorted(zip([image.tobytes() for image in images], labels.tolist(), strict=True))
     assert not np.array_equal(all_labels, labels)  # shuffled
+
+
+def test_readme_transform_and_collate_of_mixed_sizes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's DatumDataset example, run as written on photos of their own sizes."""
+    import json
+    import re
+
+    text = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", text, re.DOTALL) if "pad_collate" in b]
+    rng = np.random.default_rng(8)
+    images = [rng.integers(0, 256, (3, 5 + i % 4, 9 - i % 3), dtype=np.uint8) for i in range(6)]
+    with DatabaseWriter(tmp_path / "data" / "lmdb" / "train", channel_order="BGR") as writer:
+        for i, image in enumerate(images):
+            writer.add(image, i % 2)
+    (tmp_path / "reports").mkdir()
+    means = [100.0, 110.0, 120.0]
+    (tmp_path / "reports" / "mean.json").write_text(json.dumps({"channel_means": means}))
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, object] = {}
+    exec(
+        compile(
+            block.replace("num_workers=4", "num_workers=0").replace("shuffle=True", "shuffle=False"), "README", "exec"
+        ),
+        namespace,
+    )
+    batches = list(namespace["loader"])  # type: ignore[call-overload]
+    batch, labels = batches[0]
+    assert batch.shape == (6, 3, max(i.shape[1] for i in images), max(i.shape[2] for i in images))
+    assert labels.tolist() == [i % 2 for i in range(6)]
+    for row, image in enumerate(images):
+        expected = (torch.from_numpy(image).float() - torch.tensor(means).view(3, 1, 1)).flip(0)  # RGB, mean removed
+        assert torch.equal(batch[row, :, : image.shape[1], : image.shape[2]], expected)
+        assert not batch[row, :, image.shape[1] :, :].any() and not batch[row, :, :, image.shape[2] :].any()

@@ -25,9 +25,13 @@ from datumdb.errors import DatabaseNotFoundError, InputError
 from datumdb.manifest import (
     MANIFEST_NAME,
     RECORDS_PER_CHUNK,
+    SHAPES_LISTED,
     ContentDigest,
     digest_items,
+    listed_shapes,
     read_manifest,
+    shape_summary,
+    shapes_sha256,
     write_manifest,
 )
 from datumdb.proto.datum_pb2 import Datum
@@ -517,3 +521,81 @@ def test_chunks_are_bounded_in_bytes_and_still_report_as_record_by_record(three_
     fast, slow, taken = _fast_and_slow(copy, monkeypatch)
     assert fast == slow and not fast["ok"] and fast["count"] == 2500
     assert taken == -(-2500 // 16) - 1
+
+
+# ------------------------------------------------------------------ many sizes: summaries, not lists
+
+
+def _sizes_db(path: Path) -> dict[str, int]:
+    """A database of raw images of 3 * SHAPES_LISTED distinct sizes, some repeated; its full histogram."""
+    rng = np.random.default_rng(4)
+    shapes: dict[str, int] = {}
+    with DatabaseWriter(path) as writer:
+        for i in range(3 * SHAPES_LISTED):
+            height, width = 3 + i % 17, 5 + (i * 7) % 40
+            for _ in range(1 + i % 4):
+                writer.add(rng.integers(0, 255, (3, height, width), dtype=np.uint8), i % 3)
+                shapes[f"3x{height}x{width}"] = shapes.get(f"3x{height}x{width}", 0) + 1
+    return shapes
+
+
+def test_many_sizes_are_summarised_in_the_manifest_verify_and_inspect(tmp_path: Path, capsys) -> None:
+    shapes = _sizes_db(tmp_path / "db")
+    manifest = read_manifest(tmp_path / "db")
+    summary = manifest["shape_summary"]
+    top = sorted(shapes.items(), key=lambda item: (-item[1], item[0]))[:SHAPES_LISTED]
+    assert manifest["shapes"] == dict(sorted(top))  # the most common only, by name
+    assert summary["distinct"] == len(shapes) > SHAPES_LISTED and summary["images"] == sum(shapes.values())
+    for side, axis in (("height", 1), ("width", 2)):
+        values = np.repeat([int(n.split("x")[axis]) for n in shapes], list(shapes.values()))
+        ordered = np.sort(values)
+        assert summary[side] == {
+            "min": int(ordered[0]),
+            "median": int(ordered[(len(ordered) - 1) // 2]),
+            "max": int(ordered[-1]),
+        }
+    longer = [max(int(n.split("x")[1]), int(n.split("x")[2])) for n in shapes]
+    expected_bins = {"1-32": 0, "33-64": 0}
+    for side, count in zip(longer, shapes.values(), strict=True):
+        expected_bins["1-32" if side <= 32 else "33-64"] += count
+    assert summary["longer_side"] == {k: v for k, v in expected_bins.items() if v}
+    assert summary["most_common"] == [list(item) for item in top[:10]]
+    assert summary["channels"] == {"3": sum(shapes.values())}
+
+    report = verify_database(tmp_path / "db")
+    assert report["ok"], report["problems"]
+    assert report["shapes"] == manifest["shapes"] and report["shape_summary"] == summary
+
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "db")]) == 0
+    out = capsys.readouterr().out
+    assert f"shapes: {len(shapes)} distinct sizes over {sum(shapes.values())} images" in out
+    assert sum(f"{name} (" in out for name in shapes) == 5  # the five most common, not one entry per size
+
+
+def test_verify_compares_the_sizes_the_manifest_does_not_list(tmp_path: Path) -> None:
+    """A re-signed manifest whose unlisted shapes differ (the listed ones the same) fails verify."""
+    shapes = _sizes_db(tmp_path / "db")
+    manifest = read_manifest(tmp_path / "db")
+    unlisted = sorted(set(shapes) - set(manifest["shapes"]))
+    forged = dict(shapes)
+    forged[unlisted[0]] += 1
+    forged[unlisted[1]] -= 1
+    manifest["shape_summary"]["sha256"] = shapes_sha256({k: v for k, v in forged.items() if v})
+    write_manifest(tmp_path / "db", manifest)
+    report = verify_database(tmp_path / "db")
+    assert not report["ok"]
+    assert any("do not match the manifest's shape histogram" in p for p in report["problems"]), report["problems"]
+
+
+def test_a_shape_summary_of_imagenet_scale_stays_small() -> None:
+    """10^5 distinct sizes: the summary is a few hundred bytes, the listing SHAPES_LISTED entries."""
+    shapes = {f"3x{h}x{w}": 1 + (h * w) % 7 for h in range(100, 600) for w in range(100, 300)}
+    assert len(shapes) == 100_000
+    summary = shape_summary(shapes)
+    assert summary is not None and summary["distinct"] == 100_000
+    assert len(json.dumps(summary)) < 2000 and len(listed_shapes(shapes)) == SHAPES_LISTED
+    heights = np.sort(np.repeat([int(n.split("x")[1]) for n in shapes], list(shapes.values())))
+    assert summary["height"] == {"min": 100, "median": int(heights[(len(heights) - 1) // 2]), "max": 599}
+    assert sum(summary["longer_side"].values()) == sum(shapes.values())
+    assert shape_summary({"3x32x32": 5}) is None  # one size: nothing to summarise

@@ -30,6 +30,7 @@ The command line runs single-threaded; a program that calls ``main`` from a thre
 should know these verbs fork.
 
 Progress bars go to stderr and only on a terminal (``--progress``/``--no-progress`` to force);
+without a bar (stderr a log file, or ``--no-progress``), a progress line every 10 s (:mod:`datumdb._progress`);
 results go to stdout.
 """
 
@@ -54,6 +55,7 @@ from typing import Any
 import numpy as np
 
 from datumdb import __version__
+from datumdb._progress import bars as progress_bars
 from datumdb.errors import DatumDBError, DatumError, InputError, OutputTooLargeError
 from datumdb.limits import DEFAULT_DECODE_TIMEOUT, DEFAULT_MAX_EXPORT_BYTES
 from datumdb.pipeline.splits import SPLITS
@@ -180,7 +182,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="always show progress bars (default: only on a terminal)",
     )
-    progress.add_argument("--no-progress", dest="progress", action="store_false", help="never show progress bars")
+    progress.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        help="never show progress bars (a log still gets a progress line every 10 s)",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = commands.add_parser(
@@ -430,9 +437,10 @@ def main(argv: Sequence[str | bytes] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
     previous_int = signal.signal(signal.SIGINT, _interrupt) if in_main_thread else None
     try:
-        if getattr(args, "isolate", False) and hasattr(os, "fork"):
-            return _run_in_child(args)
-        return _run(args)
+        with progress_bars(args.progress):  # --no-progress: no bars; a log still gets progress lines
+            if getattr(args, "isolate", False) and hasattr(os, "fork"):
+                return _run_in_child(args)
+            return _run(args)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
@@ -725,7 +733,7 @@ def _digest(args: argparse.Namespace) -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     from datumdb.codec import decode
-    from datumdb.manifest import read_manifest
+    from datumdb.manifest import describe_labels, describe_shapes, read_manifest
     from datumdb.reader import DatumReader
 
     with DatumReader(args.db) as reader:
@@ -765,8 +773,14 @@ def _inspect(args: argparse.Namespace) -> int:
         return 0
     print(_printable(f"{args.db}: {summary['count']} records"))
     if manifest is not None:
-        for field in ("digest", "shapes", "dtype", "encoding", "channel_order", "label_histogram"):
-            print(_printable(f"  {field}: {manifest.get(field)}"))
+        print(_printable(f"  digest: {manifest.get('digest')}"))
+        print(_printable(f"  shapes: {describe_shapes(manifest.get('shapes') or {}, manifest.get('shape_summary'))}"))
+        for field in ("dtype", "encoding", "encodings", "channel_order"):
+            if field in manifest:
+                print(_printable(f"  {field}: {manifest[field]}"))
+        classes = (manifest.get("metadata") or {}).get("classes")
+        labels = describe_labels(manifest.get("label_histogram") or {}, classes if isinstance(classes, list) else None)
+        print(_printable(f"  label_histogram: {labels}"))
     elif manifest_problem and "no manifest" not in manifest_problem:
         print(_printable(f"  manifest damaged: {manifest_problem}"))
     else:

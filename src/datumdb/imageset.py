@@ -566,16 +566,19 @@ def serialize_images(
     skip_errors: bool = False,
     timeout: float | None = None,
     workers: int = 1,
+    progress: bool | None = None,
 ) -> Iterator[tuple[bytes, Shape] | ImageFailure]:
     """Each entry's serialized Datum and decoded shape, in order; or, with ``skip_errors``, its
     :class:`ImageFailure` (unreadable, undecodable, or over ``timeout`` seconds to decode).
 
     With a ``timeout`` the images are decoded in ``workers`` processes (at least one), whose
     watchdogs end a decode stuck in a broken file; otherwise in this process when ``workers`` is 1.
+    ``progress``: a bar on a terminal, lines in a log (:mod:`datumdb._progress`).
     """
     job = _Job(paths, entries, options, list_file)
     with ordered_results(job, workers, skip_errors=skip_errors, timeout=timeout) as results:
-        for result in results:
+        where = f"images {entries[0].line}-{entries[-1].line}" if entries else "images"  # this shard's, in a log
+        for result in progress_bar(results, enabled=progress, total=len(entries), desc=where, unit="img"):
             if isinstance(result, Failure):
                 yield ImageFailure(entries[result.index], result.reason)
             else:

@@ -40,9 +40,13 @@ __all__ = [
     "RECORD_FRAME",
     "ContentDigest",
     "decode_mode",
+    "describe_labels",
+    "describe_shapes",
     "digest_items",
     "file_sha256",
+    "listed_shapes",
     "read_manifest",
+    "shape_summary",
     "write_manifest",
 ]
 
@@ -55,6 +59,12 @@ _DIGEST_DOMAIN = b"datumdb content digest v1\n"
 RECORD_FRAME = struct.Struct("<IQ")
 RECORDS_PER_CHUNK = 1024
 MAX_MANIFEST_DEPTH = 32
+SHAPES_LISTED = 20
+"""A manifest or report lists at most this many shapes (the most common) by name; more distinct
+sizes (a photo folder at its own sizes: ~100,000 for ImageNet) are described by
+:func:`shape_summary` instead, whose ``sha256`` still pins the full histogram for ``verify``."""
+SIZE_BINS = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+"""Upper edges of the longer-side bins of :func:`shape_summary`'s histogram (the last bin is open)."""
 
 
 class ContentDigest:
@@ -147,6 +157,119 @@ def decode_mode(manifest: dict[str, Any] | None) -> str:
     """
     order = (manifest or {}).get("channel_order")
     return {"gray": "gray", "BGR": "color"}.get(order, "unchanged")
+
+
+def listed_shapes(shapes: dict[str, int]) -> dict[str, int]:
+    """The shapes a manifest or report names: all of them, or the :data:`SHAPES_LISTED` most
+    common (ties by name), in name order."""
+    if len(shapes) <= SHAPES_LISTED:
+        return dict(sorted(shapes.items()))
+    common = sorted(shapes.items(), key=lambda item: (-item[1], item[0]))[:SHAPES_LISTED]
+    return dict(sorted(common))
+
+
+def shapes_sha256(shapes: dict[str, int]) -> str:
+    """sha256 of a whole shape histogram (name order): what verify compares when a manifest
+    lists only the most common shapes."""
+    body = json.dumps(dict(sorted(shapes.items())), separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(body.encode("utf-8")).hexdigest()
+
+
+def shape_summary(shapes: dict[str, int]) -> dict[str, Any] | None:
+    """A readable account of a histogram of shapes (``"CxHxW": count``), or None for one shape.
+
+    At 10^5 images of their own sizes, a list of every size says nothing to a reader: this
+    says how many distinct sizes there are, the min / median / max height and width over the
+    images (the median is the lower one: a size that occurs), the channel counts, a histogram of
+    the longer side in :data:`SIZE_BINS`, and the most common sizes; ``sha256`` pins the full
+    histogram (:func:`shapes_sha256`). Shapes of fewer than two dimensions, or ``"unknown"``,
+    count in ``unknown`` only.
+    """
+    if len(shapes) <= 1:
+        return None
+    sizes: list[tuple[int, int, int, int]] = []  # (height, width, channels, count)
+    unknown = 0
+    for name, count in shapes.items():
+        try:
+            dims = [int(d) for d in name.split("x")]
+        except ValueError:
+            dims = []
+        if len(dims) < 2:
+            unknown += count
+            continue
+        channels = dims[0] if len(dims) > 2 else 1
+        sizes.append((dims[-2], dims[-1], channels, count))
+    bins: dict[str, int] = {}
+    lower = 1
+    for upper in (*SIZE_BINS, None):
+        inside = sum(c for h, w, _, c in sizes if lower <= max(h, w) and (upper is None or max(h, w) <= upper))
+        if inside:
+            bins[f"{lower}-{upper}" if upper is not None else f"{lower}+"] = inside
+        lower = (upper or 0) + 1
+    channels: dict[str, int] = {}
+    for _, _, c, count in sizes:
+        channels[str(c)] = channels.get(str(c), 0) + count
+    common = sorted(shapes.items(), key=lambda item: (-item[1], item[0]))[:10]
+    summary: dict[str, Any] = {
+        "distinct": len(shapes),
+        "images": sum(shapes.values()),
+        "height": _spread([(h, c) for h, _, _, c in sizes]),
+        "width": _spread([(w, c) for _, w, _, c in sizes]),
+        "channels": dict(sorted(channels.items(), key=lambda item: int(item[0]))),
+        "longer_side": bins,
+        "most_common": [[name, count] for name, count in common],
+        "sha256": shapes_sha256(shapes),
+    }
+    if unknown:
+        summary["unknown"] = unknown
+    return summary
+
+
+def _spread(values: list[tuple[int, int]]) -> dict[str, int] | None:
+    """min / (lower) median / max of values given with their counts."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    middle = (sum(c for _, c in ordered) - 1) // 2
+    seen = 0
+    median = ordered[-1][0]
+    for value, count in ordered:
+        seen += count
+        if seen > middle:
+            median = value
+            break
+    return {"min": ordered[0][0], "median": median, "max": ordered[-1][0]}
+
+
+def describe_shapes(shapes: dict[str, int], summary: dict[str, Any] | None) -> str:
+    """One line for people (``inspect``): the shape, or the summary of many."""
+    if summary is None:
+        return ", ".join(f"{name} ({count})" for name, count in shapes.items()) or "none"
+    parts = [f"{summary['distinct']} distinct sizes over {summary['images']} images"]
+    for side in ("height", "width"):
+        if summary.get(side):
+            spread = summary[side]
+            parts.append(f"{side} {spread['min']}/{spread['median']}/{spread['max']} (min/median/max)")
+    parts.append("longer side " + ", ".join(f"{b}: {n}" for b, n in summary["longer_side"].items()))
+    parts.append("most common " + ", ".join(f"{name} ({count})" for name, count in summary["most_common"][:5]))
+    return "; ".join(parts)
+
+
+def describe_labels(histogram: dict[str, int], classes: Sequence[str] | None, most: int = 10) -> str:
+    """One line for people (``inspect``): label counts, with class names where the manifest has them."""
+
+    def name(label: str) -> str:
+        index = int(label)
+        return f"{label} {classes[index]}" if classes is not None and 0 <= index < len(classes) else label
+
+    if len(histogram) <= most:
+        return ", ".join(f"{name(label)}: {count}" for label, count in histogram.items()) or "none"
+    counts = sorted(histogram.items(), key=lambda item: (-item[1], int(item[0])))
+    fewest = counts[-1]
+    return (
+        f"{len(histogram)} labels, {sum(histogram.values())} records; most: {name(counts[0][0])}: {counts[0][1]}; "
+        f"fewest: {name(fewest[0])}: {fewest[1]}"
+    )
 
 
 def digest_items(items: Iterable[tuple[bytes | memoryview, bytes | memoryview]]) -> str:
@@ -275,6 +398,8 @@ _FIELD_TYPES = {
     "channel_order": (_is_optional_str, "a string or null"),
     "checksum": (_is_str, "a string"),
     "shapes": (_is_counts, "an object of non-negative integer counts"),
+    "shape_summary": (_is_dict, "an object"),
+    "encodings": (_is_counts, "an object of non-negative integer counts"),
     "label_histogram": (_is_counts, "an object of non-negative integer counts"),
     "keys": (_is_dict, "an object"),
     "writer": (_is_dict, "an object"),

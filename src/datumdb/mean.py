@@ -26,7 +26,7 @@ from datumdb.files import atomic_write
 from datumdb.proto.datum_pb2 import BlobProto
 from datumdb.reader import DatumReader
 
-__all__ = ["compute_mean", "read_binaryproto", "write_binaryproto"]
+__all__ = ["channel_means", "compute_mean", "read_binaryproto", "write_binaryproto"]
 
 
 def compute_mean(db_path: str | os.PathLike[str], *, progress: bool | None = None) -> np.ndarray:
@@ -57,6 +57,42 @@ def compute_mean(db_path: str | os.PathLike[str], *, progress: bool | None = Non
     if total is None:
         raise InputError(f"{db_path}: the database is empty; there is no mean")
     return total / np.float32(count)
+
+
+def channel_means(db_path: str | os.PathLike[str], *, progress: bool | None = None) -> tuple[list[float], int]:
+    """The mean of each channel over every pixel of every record, and the number of records.
+
+    What a Caffe user gives as ``transform_param { mean_value: ... }`` when the images have
+    different sizes, so that no mean image exists (:func:`compute_mean` refuses, as Caffe's
+    ``compute_image_mean`` does). One decoded image in memory at a time; images are decoded as
+    the database's manifest says they were loaded (``auto``: BGR, or gray), so a grey JPEG among
+    colour ones counts as three channels, as Caffe's data layer with ``force_color`` reads it.
+    Integer pixels are summed exactly (int64), float ones in float64.
+    """
+    reader = DatumReader(db_path, imread="auto")
+    sums: np.ndarray | None = None
+    pixels = count = 0
+    try:
+        records = progress_bar(reader.datums(), enabled=progress, total=len(reader), desc="channel-means", unit="rec")
+        for key, datum in records:
+            array = datum_to_array(datum, imread=reader.decode_mode, key=key)
+            if array.dtype.kind == "f" and not np.isfinite(array).all():
+                raise DatumError("float_data holds NaN or infinity, so would the mean", key)
+            flat = array.reshape(array.shape[0], -1)
+            total = flat.sum(axis=1, dtype=np.int64 if array.dtype.kind in "ui" else np.float64)
+            if sums is None:
+                sums = total.astype(np.float64) if total.dtype.kind == "f" else total
+            elif total.shape != sums.shape:
+                raise DatumError(f"{array.shape[0]} channel(s), the first record has {sums.shape[0]}", key)
+            else:
+                sums = sums + total
+            pixels += flat.shape[1]
+            count += 1
+    finally:
+        reader.close()
+    if sums is None:
+        raise InputError(f"{db_path}: the database is empty; there is no mean")
+    return [float(v) / pixels for v in sums.tolist()], count
 
 
 def binaryproto_bytes(mean: np.ndarray) -> bytes:

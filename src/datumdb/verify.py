@@ -48,7 +48,17 @@ from datumdb._progress import progress as progress_bar
 from datumdb.codec import RawLayout, datum_to_array, decode, shape_name
 from datumdb.errors import DatabaseNotFoundError, DatumDBError, InputError
 from datumdb.framing import BackgroundDigest, FramedRecords, frame_items
-from datumdb.manifest import DATA_NAME, MANIFEST_NAME, RECORDS_PER_CHUNK, ContentDigest, decode_mode, read_manifest
+from datumdb.manifest import (
+    DATA_NAME,
+    MANIFEST_NAME,
+    RECORDS_PER_CHUNK,
+    ContentDigest,
+    decode_mode,
+    listed_shapes,
+    read_manifest,
+    shape_summary,
+    shapes_sha256,
+)
 from datumdb.reader import DatumReader
 from datumdb.writer import restore_interrupted_publish
 
@@ -166,6 +176,10 @@ def _verify_here(path: Path, progress: bool | None, options: _Options, state: _P
     report: dict[str, Any] = {"path": str(path), **scan, "data_mdb_sha256": data_sha256}
     if manifest is not None:
         _compare(path, manifest, report, problems)
+    summary = shape_summary(report["shapes"])  # 10^5 sizes: a summary, and the most common by name
+    report["shapes"] = listed_shapes(report["shapes"])
+    if summary is not None:
+        report["shape_summary"] = summary
     report["ok"] = not problems
     report["problems"] = problems
     report["warnings"] = warnings
@@ -352,7 +366,18 @@ def _compare(path: Path, manifest: dict[str, Any], report: dict[str, Any], probl
     expected_shapes = {k: v for k, v in manifest.get("shapes", {}).items() if k != "unknown"}
     found_shapes = {k: v for k, v in report["shapes"].items() if k in expected_shapes}
     if expected_shapes and found_shapes != expected_shapes:
-        problems.append(f"{path}: decoded shapes {report['shapes']} do not match the manifest's {expected_shapes}")
+        problems.append(
+            f"{path}: decoded shapes {_short(report['shapes'])} do not match the manifest's {_short(expected_shapes)}"
+        )
+    summary = manifest.get("shape_summary")
+    expected_sha256 = summary.get("sha256") if isinstance(summary, dict) else None
+    if isinstance(expected_sha256, str) and "unknown" not in manifest.get("shapes", {}) and "unknown" not in summary:
+        found_sha256 = shapes_sha256(report["shapes"])  # the manifest lists the most common shapes only
+        if found_sha256 != expected_sha256:
+            problems.append(
+                f"{path}: the decoded shapes ({len(report['shapes'])} distinct) do not match the manifest's "
+                f"shape histogram ({summary.get('distinct')} distinct; sha256 {found_sha256} != {expected_sha256})"
+            )
 
 
 def _changed_chunks(path: Path, manifest: dict[str, Any], report: dict[str, Any]) -> list[str]:

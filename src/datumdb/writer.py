@@ -77,7 +77,9 @@ from datumdb.manifest import (
     RECORDS_PER_CHUNK,
     ContentDigest,
     file_sha256,
+    listed_shapes,
     read_manifest,
+    shape_summary,
     write_manifest,
 )
 
@@ -394,13 +396,18 @@ class DatabaseWriter:
         self._hasher.wait()
         self._wait_commit()
         labels = {str(label): self._labels[label] for label in sorted(self._labels)}
+        shapes = dict(self._shapes)
+        summary = shape_summary(shapes)  # many sizes: a summary, and only the most common by name
+        encodings = {"encodings": dict(sorted(self._encodings.items()))} if len(self._encodings) > 1 else {}
         return {
             "format": MANIFEST_FORMAT,
             "count": len(self),
             "digest": self._digest.hexdigest,
-            "shapes": dict(sorted(self._shapes.items())),
+            "shapes": listed_shapes(shapes),
+            **({"shape_summary": summary} if summary is not None else {}),
             "dtype": _single_or_mixed(self._dtypes),
             "encoding": _single_or_mixed(self._encodings),
+            **encodings,
             "channel_order": self.channel_order,
             "label_histogram": labels,
             "payload_bytes": self._payload_bytes,

@@ -212,9 +212,14 @@ def check_split(
         "chance_accuracy": ncm["chance"],
         "label_histogram": report["label_histogram"],
     }
+    if manifest.get("encodings"):  # "mixed": how many of each (the file bytes of a folder of JPEGs and PNGs)
+        details["encodings"] = manifest["encodings"]
     if files is not None:
         details["skipped"] = skipped
-        details["shapes"] = report["shapes"] if mixed else None
+        details["shapes"] = report["shapes"] if mixed else None  # at most SHAPES_LISTED, the most common
+        if mixed and report.get("shape_summary") is not None:
+            details["shape_summary"] = report["shape_summary"]
+        details["params_encoding"] = config.encoding  # "original": the records are the files' own bytes
         if files.classes is not None:
             details["classes"] = files.classes
     by_label = sorted(range(len(sheet_keys)), key=lambda i: (sheet_labels[i], sheet_keys[i]))  # classes side by side
@@ -223,6 +228,7 @@ def check_split(
         [sheet_labels[i] for i in by_label],
         [sheet_keys[i] for i in by_label],
         source.channel_order,
+        classes=files.classes if files is not None else None,
     )
     return details, problems, sheet
 
@@ -309,6 +315,6 @@ def verify_step(
     }
     atomic_write(details, json_bytes(report))
     atomic_write(metrics, json_bytes(small))
-    atomic_write(histogram, histogram_csv(report["label_histogram"]))
+    atomic_write(histogram, histogram_csv(report["label_histogram"], report.get("classes")))
     atomic_write(sheet, png)
     return report, problems

@@ -6,8 +6,9 @@ noticed like a stale database.
 Caffe's ``compute_image_mean`` needs one image size (it aborts otherwise, and so does our
 ``compute-mean``, naming the record). A database of photos stored at their own sizes has no
 mean image, and that is not a failed build: the step then writes an empty ``BlobProto`` (zero
-bytes: a valid message with no data), an empty ``.npy`` and a JSON saying why, and the report
-carries the note.
+bytes: a valid message with no data), an empty ``.npy`` and a JSON saying why, with the mean of
+each channel over every pixel of every image (what Caffe's ``transform_param { mean_value }``
+takes instead of a ``mean_file``); the report carries both.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 
 from datumdb.files import atomic_write, check_output_names
 from datumdb.manifest import read_manifest
-from datumdb.mean import compute_mean, mean_files
+from datumdb.mean import channel_means, compute_mean, mean_files
 from datumdb.pipeline.fingerprint import mean_record, recorded_build_fingerprint
 from datumdb.pipeline.summary import json_bytes
 
@@ -34,19 +35,24 @@ def mean_step(
     binaryproto: str | os.PathLike[str],
     npy: str | os.PathLike[str],
     summary: str | os.PathLike[str],
+    progress: bool | None = None,
 ) -> dict[str, Any]:
     """Compute the mean of ``train_db`` and write the three files; returns the JSON summary."""
     check_output_names([binaryproto, npy, summary], [train_db])
-    shapes = read_manifest(Path(train_db)).get("shapes") or {}
+    manifest = read_manifest(Path(train_db))
+    shapes = manifest.get("shapes") or {}
     if len(shapes) > 1:
+        distinct = (manifest.get("shape_summary") or {}).get("distinct", len(shapes))
+        means, images = channel_means(train_db, progress=progress)
         proto, npy_bytes = b"", _empty_npy()
         result: dict[str, Any] = {
-            "skipped": f"the train images have {len(shapes)} different sizes; a mean image needs one (as in Caffe)",
+            "skipped": f"the train images have {distinct} different sizes; a mean image needs one (as in Caffe)",
             "shape": None,
-            "channel_means": [],
+            "channel_means": means,  # over every pixel of every image: Caffe's mean_value
+            "channel_means_images": images,
         }
     else:
-        proto, npy_bytes, result = mean_files(compute_mean(train_db, progress=False))
+        proto, npy_bytes, result = mean_files(compute_mean(train_db, progress=progress))
     result["pipeline"] = mean_record(recorded_build_fingerprint(train_db))
     atomic_write(binaryproto, proto)
     atomic_write(npy, npy_bytes)

@@ -20,6 +20,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from datumdb._progress import progress
 from datumdb.errors import InputError
 from datumdb.files import replacing
 
@@ -140,6 +141,15 @@ class RecordFile:
         return max(start, end)
 
     def __iter__(self) -> Iterator[tuple[bytes, bytes, Shape | None]]:
+        """The records; a long read reports its progress (a bar on a terminal, lines in a log)."""
+        trailer = (
+            _FRAME.unpack_from(self._data, self._stop - _FRAME.size) if self._stop - self._start >= _FRAME.size else ()
+        )
+        total = trailer[1] if trailer and trailer[0] == 0 else None  # the count, if the trailer is whole
+        desc = f"{self.path.parent.name}/{self.path.name}"
+        return progress(self._records(), enabled=None, total=total, desc=desc, unit="rec")
+
+    def _records(self) -> Iterator[tuple[bytes, bytes, Shape | None]]:
         data, pos, count = self._data, self._start, 0
         dropped = 0
         while True:

@@ -19,6 +19,33 @@ __all__ = ["SHEET_COLUMNS", "SHEET_MAX", "contact_sheet"]
 SHEET_COLUMNS = 8
 SHEET_MAX = 64
 TILE_SIDE = 64  # every image is shown within a TILE_SIDE square, its aspect ratio kept
+TEXT_WIDTH = 136  # caption width in pixels: a key of ~24 characters a line
+LINE_HEIGHT = 13
+KEY_LINES = 4  # a key longer than this many lines keeps its start and end, "..." between
+_TITLE = (0.4, (0, 0, 0))  # font scale and colour of the label line, and of the key lines
+_KEY = (0.35, (90, 90, 90))
+
+
+def _wrap(text: str, style: tuple[float, tuple[int, int, int]]) -> list[str]:
+    """``text`` cut into lines of at most TEXT_WIDTH pixels (OpenCV's Hershey font draws ASCII
+    only: other characters show as '?'), at most KEY_LINES of them."""
+    text = "".join(c if " " <= c <= "~" else "?" for c in text) or " "
+    scale = style[0]
+
+    def fits(line: str) -> bool:
+        return cv2.getTextSize(line, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)[0][0] <= TEXT_WIDTH
+
+    lines = [""]
+    for char in text:
+        if lines[-1] and not fits(lines[-1] + char):
+            lines.append("")
+        lines[-1] += char
+    if len(lines) > KEY_LINES:  # the start (index, folder) and the end (file name) tell the most
+        half = KEY_LINES // 2
+        head, tail = lines[:half], lines[-half:]
+        head[-1] = head[-1][:-3] + "..."
+        lines = head + tail
+    return lines
 
 
 def _fit(hwc: np.ndarray) -> np.ndarray:
@@ -33,9 +60,15 @@ def _fit(hwc: np.ndarray) -> np.ndarray:
 
 
 def contact_sheet(
-    images: Sequence[np.ndarray], labels: Sequence[int], keys: Sequence[str], channel_order: str
+    images: Sequence[np.ndarray],
+    labels: Sequence[int],
+    keys: Sequence[str],
+    channel_order: str,
+    *,
+    classes: Sequence[str] | None = None,
 ) -> bytes:
-    """PNG bytes of a grid of (C, H, W) images, each captioned with its label and key."""
+    """PNG bytes of a grid of (C, H, W) images, each captioned with its label (and class name,
+    when known) and its whole key, wrapped over as many lines as it needs."""
     tiles = []
     for image, label, key in zip(images, labels, keys, strict=True):
         chw = np.asarray(image)
@@ -51,12 +84,16 @@ def contact_sheet(
             hwc = cv2.cvtColor(np.ascontiguousarray(hwc[:, :, :1]), cv2.COLOR_GRAY2BGR)
         hwc = _fit(np.ascontiguousarray(hwc))
         height, width = hwc.shape[:2]
-        width = max(width, 72)
-        tile = np.full((height + 34, width + 8, 3), 255, dtype=np.uint8)
+        width = max(width, TEXT_WIDTH)
+        title = f"label {label}"
+        if classes is not None and 0 <= label < len(classes):
+            title += f" {classes[label]}"
+        captions = [(line, _TITLE) for line in _wrap(title, _TITLE)] + [(line, _KEY) for line in _wrap(key, _KEY)]
+        tile = np.full((height + 8 + LINE_HEIGHT * len(captions), width + 8, 3), 255, dtype=np.uint8)
         tile[4 : 4 + height, 4 : 4 + hwc.shape[1]] = hwc
-        font = cv2.FONT_HERSHEY_SIMPLEX
-        cv2.putText(tile, f"label {label}", (4, height + 17), font, 0.4, (0, 0, 0), 1, cv2.LINE_8)
-        cv2.putText(tile, key, (4, height + 30), font, 0.35, (90, 90, 90), 1, cv2.LINE_8)
+        for row, (line, (scale, colour)) in enumerate(captions):
+            baseline = height + 4 + LINE_HEIGHT * (row + 1) - 3
+            cv2.putText(tile, line, (4, baseline), cv2.FONT_HERSHEY_SIMPLEX, scale, colour, 1, cv2.LINE_8)
         tiles.append(tile)
     if not tiles:
         tiles.append(np.full((40, 120, 3), 255, dtype=np.uint8))
