@@ -19,6 +19,9 @@ The bounds (each a named constant; the first can be changed through the environm
   other module can import ``cv2``. A value the user set wins.
 * :data:`DEFAULT_MAX_EXPORT_BYTES` (4 GiB): decoded pixels ``datumdb export`` will hold and write
   unless ``--max-bytes`` says otherwise.
+* The ranges of numeric options (:data:`SEED_MAX`, :data:`MAX_RESIZE`, :data:`MAX_RESIZE_PIXELS`,
+  :data:`INT31_MAX`, :data:`MAX_TIMEOUT`): the command line checks its options against them, and
+  ``datumdb.pipeline.config`` adds them to the params schema, so both refuse the same values.
 """
 
 from __future__ import annotations
