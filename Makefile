@@ -56,8 +56,10 @@ dataset: $(DATASET_DEPS)
 	PATH="$(BIN):$$PATH" $(BIN)/dvc commit --force
 	PATH="$(BIN):$$PATH" $(BIN)/dvc status
 
-# The same pipeline through DVC (one stage at a time).
+# The same pipeline through DVC (one stage at a time). DVC reads params.yaml itself before any stage
+# (a billion-laughs file would hang it): datumdb's check comes first, one line and exit 2 if bad.
 repro: $(DATASET_DEPS)
+	$(BIN)/datumdb pipeline check --params params.yaml > /dev/null
 	PATH="$(BIN):$$PATH" $(BIN)/dvc repro
 
 # The dataset dvc.lock describes, from the default DVC remote (`dvc remote list`), and back.

@@ -6,6 +6,10 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
+# First: datumdb's check of the params file, before Snakemake reads it (see params.smk).
+include: "workflow/rules/params.smk"
+
+
 configfile: "params.yaml"
 
 

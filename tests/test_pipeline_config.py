@@ -392,3 +392,221 @@ def test_readme_caffe_data_layers_name_the_pipelines_outputs() -> None:
     assert int(one_size["transform_param"][0]["crop_size"][0]) <= 32  # the default images are 32x32
     transform = photos["transform_param"][0]
     assert len(transform["mean_value"]) == 3 and "mean_file" not in transform and transform["force_color"] == ["true"]
+
+
+# ----------------------------------------------------------------------------- hostile params files
+
+
+def _billion_laughs(mappings: bool) -> str:
+    """Nine levels of aliases, nine each: 9**9 (387 million) leaves from under 3 kB."""
+    lines = ['a0: &a0 {x: "lol"}' if mappings else 'a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for level in range(1, 10):
+        refs = [f"*a{level - 1}"] * 9
+        body = "{" + ", ".join(f"k{i}: {r}" for i, r in enumerate(refs)) + "}" if mappings else f"[{', '.join(refs)}]"
+        lines.append(f"a{level}: &a{level} {body}")
+    return "\n".join(lines) + "\nseed: 0\n"
+
+
+@pytest.mark.parametrize("mappings", [False, True])
+def test_a_billion_laughs_file_is_refused_before_anything_expands_it(tmp_path: Path, mappings: bool) -> None:
+    text = _billion_laughs(mappings)
+    assert len(text) < 3000
+    path = _write(tmp_path, text)
+    # In a child with a time limit: an expanding walk (Snakemake's config merge, DVC's context,
+    # jsonschema, the YAML 1.1/1.2 comparison) would not return in any test's lifetime.
+    code = f"from datumdb.cli import main; raise SystemExit(main(['pipeline', 'check', '--params', {str(path)!r}]))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith(f"datumdb pipeline: error: {path}: a0 (line 1): YAML anchors and aliases")
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ("base: &b {count: 10}\ndataset: *b\n", "base (line 1)"),  # an anchor alone is refused too
+        ("dataset:\n  input_dir: &d inputs\n", "dataset.input_dir (line 2)"),
+        ("seed: 1\nbuild:\n  <<: *missing\n", "build.<< (line 3)"),  # merge keys need an alias
+        ("dataset:\n  shape: [3, &x 8, 8]\n", "dataset.shape[1] (line 2)"),
+    ],
+)
+def test_anchors_and_aliases_are_refused_naming_the_key(tmp_path: Path, text: str, where: str) -> None:
+    path = _write(tmp_path, text)
+    with pytest.raises(InputError, match=re.escape(f"{path}: {where}: YAML anchors and aliases")):
+        read_params(path)
+
+
+def test_the_repository_params_files_use_no_anchors() -> None:
+    for path in [REPO / "params.yaml", REPO / ".test" / "params.yaml"]:
+        assert read_params(path) == yaml.safe_load(path.read_text())
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "digits"),
+    [
+        ("seed: " + "9" * 5000 + "\n", "seed (line 1)", 5000),  # Python refuses int() of over 4300 digits
+        ("build:\n  map_size: " + "1" * 21 + "\n", "build.map_size (line 2)", 21),
+        ("dataset: {shape: [3, " + "8" * 30 + ", 8]}\n", "dataset.shape[1] (line 1)", 30),
+        ("verify: {sample: !!int '" + "7" * 25 + "'}\n", "verify.sample (line 1)", 25),
+        ("seed: 0x" + "f" * 30 + "\n", "seed (line 1)", 30),
+        ("seed: -1_" + "0" * 4999 + "\n", "seed (line 1)", 5000),
+        ("seed: 0o" + "7" * 25 + "\n", "seed (line 1)", 25),  # an integer for YAML 1.2
+        ("9" * 5000 + ": 1\n", "the document (line 1)", 5000),  # a key
+    ],
+)
+def test_huge_integers_are_refused_naming_the_key(tmp_path: Path, text: str, key: str, digits: int) -> None:
+    path = _write(tmp_path, text)
+    with pytest.raises(InputError, match=re.escape(f"{path}: {key}: an integer of {digits} digits")):
+        read_params(path)
+
+
+def test_a_huge_integer_exits_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _write(tmp_path, "seed: " + "9" * 5000 + "\n")
+    assert main(["pipeline", "check", "--params", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err == f"datumdb pipeline: error: {path}: seed (line 1): an integer of 5000 digits; " + (
+        "no parameter takes one of more than 20\n"
+    )
+
+
+def test_long_strings_of_digits_that_are_no_integers_pass(tmp_path: Path) -> None:
+    name = "1" * 40
+    path = _write(tmp_path, f"dataset:\n  input_dir: '{name}'\n  mnist: {{images: {name}.idx}}\n")
+    assert load_config(path).dataset.input_dir == name
+
+
+@pytest.mark.parametrize("depth", [9, 20, 100_000])
+def test_nesting_deeper_than_any_params_file_is_refused(tmp_path: Path, depth: int) -> None:
+    path = _write(tmp_path, "seed: " + "[" * depth + "]" * depth + "\n")  # the loaders recurse
+    message = re.escape(f"{path}: seed[0][0][0][0][0][0][0] (line 1): nested deeper than 8 levels")
+    if depth > 1000:  # libyaml's parser stops first
+        message = re.escape(f"{path}: not valid YAML: ") + ".*exceeded maximum nesting depth"
+    with pytest.raises(InputError, match=message):
+        read_params(path)
+    assert read_params(_write(tmp_path, "seed: [[[[[[[1]]]]]]]\n", "deep.yaml"))  # 8 levels: a schema error later
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("build: {map_size: 17592186044417}\n", "build.map_size"),  # MAX_MAP_SIZE + 1
+        ("build: {map_size: 1000000000000000000}\n", "build.map_size"),
+        ("build: {batch_size: 2147483648}\n", "build.batch_size"),
+        ("dataset: {count: 2147483648}\n", "dataset.count"),
+        ("dataset: {classes: 10000000000000000000}\n", "dataset.classes"),
+        ("dataset: {shape: [3, 1000000000000000000, 2]}\n", "dataset.shape.1"),
+        ("dataset: {imageset: {resize_height: 65536, resize_width: 8}}\n", "dataset.imageset.resize_height"),
+        ("verify: {sample: 2147483648}\n", "verify.sample"),
+        ("dataset: {imageset: {decode_timeout: 1000001}}\n", "dataset.imageset.decode_timeout"),
+    ],
+)
+def test_values_over_the_command_lines_maxima_are_refused(tmp_path: Path, text: str, key: str) -> None:
+    path = _write(tmp_path, text)
+    with pytest.raises(InputError, match=re.escape(f"{path}: {key}: ") + ".* is greater than the maximum of"):
+        load_config(path)
+
+
+def test_the_maxima_are_the_command_lines() -> None:
+    from datumdb.limits import INT31_MAX, MAX_TIMEOUT
+    from datumdb.writer import MAX_MAP_SIZE
+
+    at_most = _write(
+        Path(tempfile.mkdtemp()),
+        f"build: {{map_size: {MAX_MAP_SIZE}, batch_size: {INT31_MAX}}}\n"
+        f"dataset: {{imageset: {{decode_timeout: {MAX_TIMEOUT:.1f}}}}}\nverify: {{sample: {INT31_MAX}}}\n",
+    )
+    config = load_config(at_most)
+    assert (config.build.map_size, config.build.batch_size) == (MAX_MAP_SIZE, INT31_MAX)
+    assert config.dataset.imageset.decode_timeout == MAX_TIMEOUT
+    for option, value in [("--map-size", MAX_MAP_SIZE + 1), ("--batch-size", INT31_MAX + 1)]:
+        with pytest.raises(SystemExit):  # the command line refuses the same values
+            from datumdb.cli import build_parser
+
+            build_parser().parse_args(["convert-arrays", "x.npy", "y.npy", "out", option, str(value)])
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("dataset: {shape: [3, 100000, 20000]}\n", r"dataset\.shape: 3 x 100000 x 20000 is 6000000000 values"),
+        (
+            "dataset: {imageset: {resize_height: 60000, resize_width: 60000}}\n",
+            r"dataset\.imageset\.resize_height x resize_width: 60000 x 60000 is over the bound",
+        ),
+    ],
+)
+def test_images_over_the_size_bounds_are_refused(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(InputError, match=message):
+        load_config(_write(tmp_path, text))
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("dataset: {imageset: {decode_timeout: .nan}}\n", "dataset.imageset.decode_timeout"),
+        ("dataset: {imageset: {decode_timeout: .inf}}\n", "dataset.imageset.decode_timeout"),
+        ("dataset: {imageset: {decode_timeout: .Inf}}\n", "dataset.imageset.decode_timeout"),
+        ("dataset: {imageset: {decode_timeout: 1.0e+999}}\n", "dataset.imageset.decode_timeout"),  # overflows to inf
+        ("split: {train: .nan, val: 0.5, test: 0.5}\n", "split.train"),
+        ("split: {train: 0.5, val: -.inf, test: 0.5}\n", "split.val"),
+        ("dataset: {shape: [3, .nan, 8]}\n", "dataset.shape[1]"),
+        ("seed: .NaN\n", "seed"),
+    ],
+)
+def test_nan_and_inf_are_refused_wherever_they_are(tmp_path: Path, text: str, key: str) -> None:
+    path = _write(tmp_path, text)
+    with pytest.raises(InputError, match=re.escape(f"{path}: {key}: ") + r"-?(nan|inf) is not a finite number"):
+        load_config(path)
+
+
+def test_nan_is_refused_in_a_mapping_given_directly() -> None:
+    """Snakemake's config reaches validate_params without read_params (JSON config files may hold NaN)."""
+    with pytest.raises(InputError, match=r"x\.yaml: dataset\.imageset\.decode_timeout: nan is not a finite"):
+        validate_params({"dataset": {"imageset": {"decode_timeout": float("nan")}}}, "x.yaml")
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("dataset: {input_dir: 'in{put}s'}\n", "dataset.input_dir"),
+        ("dataset: {input_dir: 'a}b'}\n", "dataset.input_dir"),
+        ("dataset: {arrays: {images: '{X}.npy'}}\n", "dataset.arrays.images"),
+        ("dataset: {arrays: {labels: 'y{.npy'}}\n", "dataset.arrays.labels"),
+        ("dataset: {imageset: {root: 'img{0}'}}\n", "dataset.imageset.root"),
+        ("dataset: {imageset: {list_file: 'list{}.txt'}}\n", "dataset.imageset.list_file"),
+        ("dataset: {cifar10: {batches: [a.bin, 'b{1}.bin']}}\n", "dataset.cifar10.batches[1]"),
+        ("dataset: {mnist: {images: '{i}'}}\n", "dataset.mnist.images"),
+        ("dataset: {mnist: {labels: '{l}'}}\n", "dataset.mnist.labels"),
+    ],
+)
+def test_braces_in_file_names_are_refused_for_both_orchestrators(tmp_path: Path, text: str, key: str) -> None:
+    path = _write(tmp_path, text)
+    with pytest.raises(InputError, match=re.escape(f"{path}: {key}: ") + ".* has a brace .* Snakemake reads braces"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "dataset: {imageset: {decode_timeout: .nan}}\n",
+        "build: {map_size: 100000000000000000}\n",
+        "dataset: {input_dir: 'in{put}s'}\n",
+        "seed: " + "1" * 5000 + "\n",
+        _billion_laughs(True),
+    ],
+)
+def test_every_step_refuses_hostile_params_before_any_work(tmp_path: Path, text: str) -> None:
+    params = _write(tmp_path, text)
+    records, db = tmp_path / "records", tmp_path / "db"
+    for args in (
+        ["pipeline", "records", "--params", str(params), "--shard", "0", str(records)],
+        ["pipeline", "build", "--params", str(params), "--split", "train", str(records), str(db)],
+        ["pipeline", "build-all", "--params", str(params), str(db)],
+        ["pipeline", "stale", "--params", str(params)],
+    ):
+        code = f"from datumdb.cli import main; raise SystemExit(main({args!r}))"
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2, (args, result.stderr)
+        assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"datumdb pipeline: error: {params}: ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # nothing made

@@ -221,6 +221,86 @@ def test_snakemake_starts_on_class_folders_with_symlink_loops_and_refuses_one_ou
     assert not (repo / "data").exists()
 
 
+def _billion_laughs() -> str:
+    """Nine levels of mapping aliases, nine each (9**9 values) in under 3 kB: Snakemake's config
+    merge and DVC's interpolation context walk every one of them."""
+    lines = ['a0: &a0 {x: "lol"}']
+    for level in range(1, 10):
+        lines.append(f"a{level}: &a{level} {{" + ", ".join(f"k{i}: *a{level - 1}" for i in range(9)) + "}")
+    return "\n".join(lines) + "\n"
+
+
+def tree_state(repo: Path) -> dict[str, tuple[int, int]]:
+    """Every file outside .git and .snakemake, with its size and mtime: what 'nothing touched' means."""
+    return {
+        str(path.relative_to(repo)): (path.stat().st_size, path.stat().st_mtime_ns)
+        for path in repo.rglob("*")
+        if path.is_file() and not {".git", ".snakemake", ".dvc"} & set(path.relative_to(repo).parts)
+    }
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message", "dvc_reaches_the_step"),
+    [
+        ("seed: 3\n", "seed: " + "9" * 5000 + "\n", "seed (line 29): an integer of 5000 digits", False),
+        ("seed: 3\n", _billion_laughs() + "seed: 3\n", "a0 (line 29): YAML anchors and aliases", False),
+        ("map_size: 1048576", "map_size: 100000000000000000", "build.map_size: 100000000000000000 is greater", True),
+        (
+            "resize_width: 0",
+            "resize_width: 0\n    decode_timeout: .nan",
+            "dataset.imageset.decode_timeout: nan is not a finite",
+            True,
+        ),
+        (
+            "resize_width: 0",
+            "resize_width: 0\n    decode_timeout: .inf",
+            "dataset.imageset.decode_timeout: inf is not a finite",
+            True,
+        ),
+        ("input_dir: inputs", "input_dir: in{put}s", "dataset.input_dir: 'in{put}s' has a brace", True),
+    ],
+)
+def test_hostile_params_files_end_in_one_line_before_any_work_in_both_orchestrators(
+    built: Path, tmp_path: Path, old: str, new: str, message: str, dvc_reaches_the_step: bool
+) -> None:
+    """The steps and Snakemake's start-up refuse the file (exit 2, one line naming the key) before
+    Snakemake reads it; the outputs already built are left as they are."""
+    repo = clone(built, tmp_path / "repo")
+    for folder in ("data", "reports"):
+        shutil.copytree(built / folder, repo / folder, dirs_exist_ok=True)
+    (repo / "in{put}s").mkdir()  # the folder exists: only the braces are wrong
+    replace_in_params(repo, old, new)
+    before = tree_state(repo)
+    expected = f"params.yaml: {message}"
+
+    plan = subprocess.run(
+        [str(BIN / "snakemake"), "-n"], cwd=repo, env=ENV, text=True, capture_output=True, timeout=300
+    )
+    assert plan.returncode == 2, plan.stdout + plan.stderr
+    lines = [line for line in (plan.stdout + plan.stderr).splitlines() if not line.startswith("Using workflow")]
+    assert lines == [lines[0]] and lines[0].startswith(f"datumdb: {expected}"), lines
+
+    db = repo / "data" / "lmdb" / "train"
+    for args in (
+        ["pipeline", "build", "--params", "params.yaml", "--split", "train", "records", str(db)],
+        ["pipeline", "build-all", "--params", "params.yaml", "data/lmdb"],
+        ["pipeline", "check", "--params", "params.yaml"],
+    ):
+        step = subprocess.run(
+            [str(BIN / "datumdb"), *args], cwd=repo, env=ENV, text=True, capture_output=True, timeout=300
+        )
+        assert step.returncode == 2 and step.stdout == "", (args, step.stdout, step.stderr)
+        assert step.stderr.startswith(f"datumdb pipeline: error: {expected}") and step.stderr.count("\n") == 1
+
+    assert tree_state(repo) == before  # nothing deleted, replaced or made
+
+    if dvc_reaches_the_step:  # DVC parses params.yaml itself first: see README, "Reliability"
+        by_dvc = dvc("repro", cwd=repo, check=False)
+        assert by_dvc.returncode != 0
+        assert f"datumdb pipeline: error: {expected}" in by_dvc.stdout + by_dvc.stderr
+        assert "Traceback" not in by_dvc.stdout + by_dvc.stderr
+
+
 # ----------------------------------------------------------------------------- storage and sharing
 
 

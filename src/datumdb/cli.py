@@ -57,7 +57,15 @@ import numpy as np
 from datumdb import __version__
 from datumdb._progress import bars as progress_bars
 from datumdb.errors import DatumDBError, DatumError, InputError, OutputTooLargeError
-from datumdb.limits import DEFAULT_DECODE_TIMEOUT, DEFAULT_MAX_EXPORT_BYTES
+from datumdb.limits import (
+    DEFAULT_DECODE_TIMEOUT,
+    DEFAULT_MAX_EXPORT_BYTES,
+    INT31_MAX,
+    MAX_RESIZE,
+    MAX_RESIZE_PIXELS,
+    MAX_TIMEOUT,
+    SEED_MAX,
+)
 from datumdb.pipeline.splits import SPLITS
 from datumdb.writer import DEFAULT_BATCH_SIZE, DEFAULT_MAP_SIZE, MAX_MAP_SIZE, clear_interrupt, note_interrupt
 
@@ -69,12 +77,7 @@ EXIT_USAGE = 2  # bad usage or bad input
 EXIT_INTERNAL = 3  # a bug in datumdb
 EXIT_INTERRUPTED = 130
 
-SEED_MAX = 2**32 - 1  # numpy's legacy seeds; default_rng takes these too
-MAX_RESIZE = 65535  # per side (OpenCV's JPEG encoder stops at 65500; PNG and raw at 2**31)
-MAX_RESIZE_PIXELS = 1 << 26  # height * width of a resized image: 8192 x 8192, 192 MiB in colour
-INT31_MAX = 2**31 - 1
 MAX_WORKERS = 256
-MAX_TIMEOUT = 1e6  # seconds (11.5 days): beyond it a time limit is a typo
 
 
 def _add_build_options(parser: argparse.ArgumentParser) -> None:

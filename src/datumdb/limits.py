@@ -19,6 +19,9 @@ The bounds (each a named constant; the first can be changed through the environm
   other module can import ``cv2``. A value the user set wins.
 * :data:`DEFAULT_MAX_EXPORT_BYTES` (4 GiB): decoded pixels ``datumdb export`` will hold and write
   unless ``--max-bytes`` says otherwise.
+* The ranges of numeric options (:data:`SEED_MAX`, :data:`MAX_RESIZE`, :data:`MAX_RESIZE_PIXELS`,
+  :data:`INT31_MAX`, :data:`MAX_TIMEOUT`): the command line checks its options against them, and
+  ``datumdb.pipeline.config`` adds them to the params schema, so both refuse the same values.
 """
 
 from __future__ import annotations
@@ -32,9 +35,14 @@ from datumdb.errors import InputError, UnsafeInputError
 __all__ = [
     "DEFAULT_MAX_EXPORT_BYTES",
     "DEFAULT_MAX_INPUT_BYTES",
+    "INT31_MAX",
     "MAX_IMAGE_PIXELS",
     "MAX_INPUT_BYTES_ENV",
     "MAX_MANIFEST_BYTES",
+    "MAX_RESIZE",
+    "MAX_RESIZE_PIXELS",
+    "MAX_TIMEOUT",
+    "SEED_MAX",
     "check_regular_file",
     "configure_opencv",
     "max_input_bytes",
@@ -51,6 +59,13 @@ DEFAULT_DECODE_TIMEOUT = 60.0
 ``dataset.imageset.decode_timeout``): a broken file can hang a decoder, and a photo decodes in
 milliseconds, so a minute only ever stops a stuck decode."""
 DEFAULT_MAX_EXPORT_BYTES = 4 << 30
+
+# Ranges of numeric options, shared by the command line and params.yaml (datumdb.pipeline.config)
+SEED_MAX = 2**32 - 1  # numpy's legacy seeds; default_rng takes these too
+MAX_RESIZE = 65535  # per side (OpenCV's JPEG encoder stops at 65500; PNG and raw at 2**31)
+MAX_RESIZE_PIXELS = 1 << 26  # height * width of a resized image: 8192 x 8192, 192 MiB in colour
+INT31_MAX = 2**31 - 1  # counts, labels, batch sizes: the int32 of Caffe's Datum and LMDB's batches
+MAX_TIMEOUT = 1e6  # seconds (11.5 days): beyond it a time limit is a typo
 
 
 def configure_opencv() -> None:

@@ -18,8 +18,7 @@ from datumdb.pipeline.fingerprint import build_fingerprints, input_digest, verif
 from datumdb.pipeline.outputs import MEAN_BINARYPROTO, MEAN_JSON, MEAN_NPY, RECORDS, SUMMARY, stale_outputs
 from datumdb.pipeline.splits import SPLITS
 
-# The steps read their values from this file themselves (one argument, never a shell string).
-PARAMS = (workflow.overwrite_configfiles or ["params.yaml"])[-1]
+# PARAMS: the params file (workflow/rules/params.smk, which checked it before configfile:).
 INPUT_HASHES = Path(".snakemake/datumdb/input-hashes.json")  # stat-keyed cache of input file hashes
 STALE_STAMPS = Path(".snakemake/datumdb/stamps")
 

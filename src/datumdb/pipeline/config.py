@@ -12,7 +12,15 @@ Why this module reads ``params.yaml`` itself instead of taking values on the com
   both orchestrators and runs nothing.
 * **One home for each default:** ``params.schema.yaml`` beside this module (Snakemake's
   ``validate`` uses the same file). Missing keys take the schema's default; unknown keys and
-  wrong types are errors naming the key.
+  wrong types are errors naming the key. The maxima come from the constants the command line
+  uses (:mod:`datumdb.limits`, :data:`datumdb.writer.MAX_MAP_SIZE`), added to the schema here.
+* **Nothing that makes a loader hang or crash.** Before any YAML is built into values, one pass
+  over the parser's events refuses anchors and aliases (a 3 kB "billion laughs" file expands to
+  a billion values in Snakemake's, DVC's and jsonschema's walks), nesting deeper than
+  :data:`MAX_PARAMS_DEPTH` and integers longer than :data:`MAX_INTEGER_DIGITS` digits (Python
+  refuses to convert one of over 4300). Then ``nan`` and ``inf`` are refused wherever they are
+  (a time bound of ``.inf`` is no bound), and ``{``/``}`` in paths (Snakemake reads them as
+  wildcards). The Snakefile runs all this before Snakemake reads the file (``configfile:``).
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,11 +36,22 @@ from typing import Any
 import yaml
 
 from datumdb.errors import InputError
-from datumdb.limits import read_regular_file
+from datumdb.limits import (
+    INT31_MAX,
+    MAX_IMAGE_PIXELS,
+    MAX_RESIZE,
+    MAX_RESIZE_PIXELS,
+    MAX_TIMEOUT,
+    read_regular_file,
+)
 from datumdb.pipeline.splits import SPLITS
+from datumdb.writer import MAX_MAP_SIZE
 
 __all__ = [
+    "MAX_INTEGER_DIGITS",
     "MAX_PARAMS_BYTES",
+    "MAX_PARAMS_DEPTH",
+    "PATH_KEYS",
     "SCHEMA_PATH",
     "SOURCES",
     "ArraysConfig",
@@ -51,6 +71,31 @@ __all__ = [
 SCHEMA_PATH = Path(__file__).with_name("params.schema.yaml")
 SOURCES = ("synthetic", "arrays", "imageset", "cifar10", "mnist")
 MAX_PARAMS_BYTES = 1 << 20  # a params file is a few kB; refuse to slurp a device or a huge file
+MAX_PARAMS_DEPTH = 8  # nested mappings and lists; params.yaml needs 4 (dataset.cifar10.batches)
+MAX_INTEGER_DIGITS = 20  # 2**64 has 20 digits; every integer parameter is below 2**44
+SCHEMA_MAXIMA: dict[tuple[str, ...], int | float] = {
+    # schema keys ("[]": the items of a list) -> maximum, from the command line's ranges
+    ("dataset", "count"): INT31_MAX,
+    ("dataset", "shape", "[]"): INT31_MAX,
+    ("dataset", "classes"): INT31_MAX,
+    ("dataset", "imageset", "resize_height"): MAX_RESIZE,
+    ("dataset", "imageset", "resize_width"): MAX_RESIZE,
+    ("dataset", "imageset", "decode_timeout"): MAX_TIMEOUT,
+    ("build", "batch_size"): INT31_MAX,
+    ("build", "map_size"): MAX_MAP_SIZE,
+    ("verify", "sample"): INT31_MAX,
+}
+PATH_KEYS = (
+    # file and folder names ("[]": every item): Snakemake reads { and } in them as wildcards
+    ("dataset", "input_dir"),
+    ("dataset", "arrays", "images"),
+    ("dataset", "arrays", "labels"),
+    ("dataset", "imageset", "root"),
+    ("dataset", "imageset", "list_file"),
+    ("dataset", "cifar10", "batches", "[]"),
+    ("dataset", "mnist", "images"),
+    ("dataset", "mnist", "labels"),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,6 +212,7 @@ def read_params(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The params file as a dict, after checking YAML 1.1 and YAML 1.2 read every value alike."""
     path = Path(path)
     text = _read_text(path)
+    _refuse_unsafe_yaml(text, path)
     try:
         loaded_11 = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -197,6 +243,94 @@ def _read_text(path: Path) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InputError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+
+
+_INTEGER_TAG = "tag:yaml.org,2002:int"
+# What YAML 1.1 (Snakemake) or YAML 1.2 (DVC) may read as an integer: decimal, 0x/0o/0b, 1_000,
+# sexagesimal 1:20. Generous on purpose: only its length matters here.
+_INTEGER_LIKE = re.compile(r"[-+]?(?:0[xX][0-9a-fA-F_]+|(?:0[oObB])?[0-9_:]+)")
+
+
+def _refuse_unsafe_yaml(text: str, path: Path) -> None:
+    """Refuse, from the parser's events alone (no value built yet), what hangs or crashes a loader.
+
+    * Anchors and aliases (``&a``, ``*a``, ``<<: *a``): a params file needs none, and nine
+      levels of aliases in 3 kB are a billion values for every tool that walks them (Snakemake's
+      config merge, DVC's interpolation context, jsonschema, the YAML 1.1/1.2 comparison).
+    * Nesting deeper than :data:`MAX_PARAMS_DEPTH` (the loaders recurse).
+    * Integers of more than :data:`MAX_INTEGER_DIGITS` digits: Python refuses to convert one of
+      over 4300 digits (a ``ValueError`` inside the YAML loaders), and no parameter needs one.
+
+    The parser is a state machine (no recursion), so this pass is linear in the file's size.
+    """
+    frames: list[list[Any]] = []  # per open mapping or list: [name, is_mapping, key pending, key or index]
+
+    def name_of_next() -> str:  # the key the next node is the value of (its parent's, for a key)
+        if not frames:
+            return ""
+        name, is_mapping, key_pending, key = frames[-1]
+        if is_mapping:
+            return name if key_pending else _join(name, str(key))
+        return f"{name}[{key}]"
+
+    def refuse(event: Any, name: str, problem: str) -> InputError:
+        return InputError(f"{path}: {name or 'the document'} (line {event.start_mark.line + 1}): {problem}")
+
+    def node_done(event: Any) -> None:
+        if not frames:
+            return
+        frame = frames[-1]
+        if frame[1]:  # a mapping: a key, then its value
+            if frame[2]:
+                frame[3] = event.value if isinstance(event, yaml.ScalarEvent) else "?"
+            frame[2] = not frame[2]
+        else:
+            frame[3] += 1
+
+    try:
+        for event in yaml.parse(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+                raise refuse(
+                    event,
+                    name_of_next(),
+                    "YAML anchors and aliases (&name, *name, <<: *name) are not allowed in a params file: "
+                    "it needs none, and aliases can expand exponentially (a 'billion laughs'); write the values out",
+                )
+            if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                name = name_of_next()
+                if len(frames) >= MAX_PARAMS_DEPTH:
+                    raise refuse(event, name, f"nested deeper than {MAX_PARAMS_DEPTH} levels; params.yaml needs 4")
+                frames.append([name, isinstance(event, yaml.MappingStartEvent), True, 0])
+            elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                frames.pop()
+                node_done(event)
+            elif isinstance(event, yaml.ScalarEvent):
+                _refuse_long_integer(event, name_of_next(), refuse)
+                node_done(event)
+            elif isinstance(event, yaml.AliasEvent):  # pragma: no cover - refused above
+                node_done(event)
+    except yaml.YAMLError as exc:
+        raise InputError(f"{path}: not valid YAML: {_one_line(exc)}") from None
+
+
+def _refuse_long_integer(event: Any, name: str, refuse: Any) -> None:
+    """An integer (implicit or tagged ``!!int``) of more than MAX_INTEGER_DIGITS digits."""
+    value = event.value
+    plain = event.implicit[0]  # untagged and unquoted: the loaders resolve it by its look
+    if not (plain or event.tag == _INTEGER_TAG) or len(value) <= MAX_INTEGER_DIGITS:
+        return
+    if _INTEGER_LIKE.fullmatch(value.strip()):
+        digits = sum(c.isalnum() for c in value) - (2 if re.match(r"[-+]?0[xXoObB]", value.strip()) else 0)
+        if digits > MAX_INTEGER_DIGITS:
+            raise refuse(
+                event,
+                name,
+                f"an integer of {digits} digits; no parameter takes one of more than {MAX_INTEGER_DIGITS}",
+            )
+
+
+def _join(name: str, key: str) -> str:
+    return f"{name}.{key}" if name else key
 
 
 def _load_yaml_12(text: str, path: Path) -> Any:
@@ -266,6 +400,7 @@ def validate_params(params: Mapping[str, Any], where: str = "params.yaml") -> di
         {"properties": _properties_with_defaults(Draft202012Validator)},
         type_checker=strict_types,
     )
+    _refuse_non_finite(params, "", where)
     filled = copy.deepcopy(dict(params))
     errors = sorted(validator_class(schema).iter_errors(filled), key=lambda e: list(e.absolute_path))
     if errors:
@@ -276,8 +411,29 @@ def validate_params(params: Mapping[str, Any], where: str = "params.yaml") -> di
     return filled
 
 
+def _refuse_non_finite(value: Any, name: str, where: str) -> None:
+    """``nan``, ``inf`` and ``-inf`` (``.nan``, ``.inf``, ``1e999``) nowhere: each passes a
+    schema's minimum (``nan > 0`` is false, and so is ``nan <= 0``) and means no bound at all."""
+    if isinstance(value, float) and not math.isfinite(value):
+        name = name or "the document"
+        raise InputError(f"{where}: {name}: {value!r} is not a finite number (nan and inf set no bound)")
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            _refuse_non_finite(item, _join(name, str(key)), where)
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _refuse_non_finite(item, f"{name or 'the document'}[{index}]", where)
+
+
 def _schema() -> dict[str, Any]:
-    return yaml.safe_load(SCHEMA_PATH.read_text(encoding="utf-8"))
+    """The schema file, with the maxima of :data:`SCHEMA_MAXIMA` added."""
+    schema = yaml.safe_load(SCHEMA_PATH.read_text(encoding="utf-8"))
+    for keys, maximum in SCHEMA_MAXIMA.items():
+        node = schema
+        for key in keys:
+            node = node["items"] if key == "[]" else node["properties"][key]
+        node["maximum"] = maximum
+    return schema
 
 
 def _properties_with_defaults(validator_class: Any) -> Any:
@@ -306,6 +462,13 @@ def _copy(value: Any) -> Any:
 
 def _check_beyond_schema(params: dict[str, Any], where: str) -> None:
     """What a JSON schema cannot say, each problem naming the key."""
+    for keys in PATH_KEYS:
+        for name, value in _values_at(params, keys):
+            if "{" in value or "}" in value:
+                raise InputError(
+                    f"{where}: {name}: {value!r} has a brace ({{ or }}); Snakemake reads braces in file names "
+                    "as wildcards, so the two orchestrators cannot both use it: rename the file or folder"
+                )
     shards = params["partition"]["shards"]
     if shards != list(range(len(shards))):
         raise InputError(f"{where}: partition.shards must be the ids 0, 1, ..., n-1 in order, got {shards}")
@@ -334,6 +497,18 @@ def _check_beyond_schema(params: dict[str, Any], where: str) -> None:
                 f"{where}: encoding: original stores each file's bytes unchanged, so it cannot resize; "
                 "set dataset.imageset.resize_height and resize_width to 0, or use encoding png or jpg"
             )
+    shape = dataset["shape"]
+    if dataset["source"] == "synthetic" and math.prod(shape) > 3 * MAX_IMAGE_PIXELS:
+        raise InputError(
+            f"{where}: dataset.shape: {' x '.join(map(str, shape))} is {math.prod(shape)} values per image; "
+            f"the bound is {3 * MAX_IMAGE_PIXELS} ({MAX_IMAGE_PIXELS} pixels of 3 channels)"
+        )
+    imageset = dataset["imageset"]
+    if imageset["resize_height"] * imageset["resize_width"] > MAX_RESIZE_PIXELS:
+        raise InputError(
+            f"{where}: dataset.imageset.resize_height x resize_width: {imageset['resize_height']} x "
+            f"{imageset['resize_width']} is over the bound of {MAX_RESIZE_PIXELS} pixels per image"
+        )
     if not 0 <= params["seed"] < 2**32:
         raise InputError(f"{where}: seed must be in 0..2**32-1, got {params['seed']}")
 
@@ -369,6 +544,17 @@ def to_config(params: Mapping[str, Any]) -> PipelineConfig:
 def load_config(path: str | os.PathLike[str]) -> PipelineConfig:
     """Read, cross-check (YAML 1.1 = 1.2), validate and type a params file."""
     return to_config(validate_params(read_params(path), str(path)))
+
+
+def _values_at(params: Mapping[str, Any], keys: tuple[str, ...]) -> list[tuple[str, str]]:
+    """(name, value) of the strings at schema keys ``keys`` ("[]": every item of a list)."""
+    found: list[tuple[str, Any]] = [("", params)]
+    for key in keys:
+        if key == "[]":
+            found = [(f"{name}[{i}]", item) for name, value in found for i, item in enumerate(value)]
+        else:
+            found = [(_join(name, key), value[key]) for name, value in found]
+    return [(name, value) for name, value in found if isinstance(value, str)]
 
 
 def _plain(value: Any) -> Any:
