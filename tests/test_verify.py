@@ -341,6 +341,32 @@ def test_a_hung_child_is_killed_after_the_stall_limit(slow_db: Path) -> None:
     assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]
 
 
+def test_the_stall_limit_stops_a_decode_stuck_in_the_decoder(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Issue 17: a decode counted as progress for ever, so ``verify --timeout 5`` let a 66 s decode
+    run to its end. A decoder stuck in C (here one that sleeps, which holds no GIL either) is ended
+    after the stall limit, naming its key; the child is gone."""
+    db = tmp_path / "db"
+    png = encode_png_or_jpg(np.zeros((1, 4, 4), np.uint8), "png")
+    with DatabaseWriter(db, encoding="png", channel_order="gray") as writer:
+        for i in range(3):
+            writer.add_serialized(encode_image(png, i), shape=(1, 4, 4))
+    stuck = (  # the child's bootstrap, with the decode of one record stuck for two minutes
+        "import sys, time; sys.path.insert(0, sys.argv.pop(1)); import datumdb.verify as v; "
+        "real = v.datum_to_array; "
+        "v.datum_to_array = lambda d, **kw: time.sleep(120) if kw['key'] == b'00000001' else real(d, **kw); "
+        "raise SystemExit(v._child_main(sys.argv[1:]))"
+    )
+    monkeypatch.setattr(verify_module, "_CHILD_BOOTSTRAP", stuck)
+    capsys.readouterr()
+    assert main(["--no-progress", "verify", "--timeout", "1", str(db)]) == 1
+    err = capsys.readouterr().err
+    assert "key '00000001': decoding took longer than 1 s (--timeout); the scan stopped there" in err
+    assert err.strip().splitlines()[-1].endswith("FAILED (1 problem(s), 1 bad record(s))")
+    assert not _children(b"_child_main")
+    report = verify_database(db, isolate=True, timeout=1)
+    assert not report["ok"] and report["bad_records"] == 1 and "'00000001'" in report["problems"][0]
+
+
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", "-1", "0"])
 def test_timeout_must_be_a_finite_positive_number(built: Path, value: str, capsys) -> None:
     capsys.readouterr()
