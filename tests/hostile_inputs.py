@@ -55,3 +55,69 @@ def alternating_float_datum(count: int) -> bytes:
     units[:, 1:5] = floats.view(np.uint8).reshape(-1, 4)
     units[:, 5:] = (0x40, 0x00)  # field 8, varint 0: unknown to Datum
     return head + units.tobytes()
+
+
+def tiff_bomb(width: int = 8192, height: int = 8192, rows_per_strip: int = 4) -> bytes:
+    """A ~18 KB TIFF declaring float64 RGBA (32 bytes a pixel: 2 GB at 8192 x 8192) whose every
+    StripOffsets entry points at one Deflate strip of zeros, as in issue 17 (8.4 GB, 26 s)."""
+    strip = zlib.compress(bytes(width * 32 * rows_per_strip), 9)
+    strips = -(-height // rows_per_strip)
+    count = 12
+    bits_at = 8 + 2 + 12 * count + 4
+    formats_at = bits_at + 8
+    offsets_at = formats_at + 8
+    counts_at = offsets_at + 4 * strips
+    strip_at = counts_at + 4 * strips
+    entries = [  # (tag, type, count, value or offset): SHORT = 3, LONG = 4
+        (256, 4, 1, width),
+        (257, 4, 1, height),
+        (258, 3, 4, bits_at),  # BitsPerSample 64, 64, 64, 64
+        (259, 3, 1, 8),  # Deflate
+        (262, 3, 1, 2),  # RGB
+        (273, 4, strips, offsets_at),
+        (277, 3, 1, 4),
+        (278, 4, 1, rows_per_strip),
+        (279, 4, strips, counts_at),
+        (284, 3, 1, 1),
+        (338, 3, 1, 2),  # ExtraSamples: unassociated alpha
+        (339, 3, 4, formats_at),  # SampleFormat: IEEE float
+    ]
+    out = bytearray(b"II*\x00" + struct.pack("<IH", 8, count))
+    for tag, kind, number, value in entries:  # a single SHORT sits left-justified in the value field
+        field = struct.pack("<HH", value, 0) if kind == 3 and number == 1 else struct.pack("<I", value)
+        out += struct.pack("<HHI", tag, kind, number) + field
+    out += struct.pack("<I", 0) + struct.pack("<4H", 64, 64, 64, 64) + struct.pack("<4H", 3, 3, 3, 3)
+    out += struct.pack(f"<{strips}I", *[strip_at] * strips) + struct.pack(f"<{strips}I", *[len(strip)] * strips)
+    return bytes(out + strip)
+
+
+def jpeg_segments(data: bytes) -> list[tuple[int, int, int]]:
+    """(marker, start, end) of each segment of a JPEG; a scan's end includes its entropy-coded data."""
+    segments, pos = [(0xD8, 0, 2)], 2
+    while pos < len(data):
+        marker = data[pos + 1]
+        if marker == 0xD9:
+            segments.append((marker, pos, pos + 2))
+            break
+        end = pos + 2 + struct.unpack(">H", data[pos + 2 : pos + 4])[0]
+        if marker == 0xDA:  # entropy-coded data runs to the next marker that is not RSTn
+            while not (data[end] == 0xFF and data[end + 1] != 0 and not 0xD0 <= data[end + 1] <= 0xD7):
+                end += 1
+        segments.append((marker, pos, end))
+        pos = end
+    return segments
+
+
+def jpeg_scan_bomb(width: int = 4096, height: int = 4096, extra_scans: int = 3000) -> bytes:
+    """A real progressive JPEG (OpenCV's) whose frame claims ``width`` x ``height`` and which
+    holds ``extra_scans`` more scans without data: 10 bytes each, and each makes libjpeg sweep
+    every block of a component (issue 17: 46 KB, 3,000 scans, 66 s)."""
+    ok, buf = cv2.imencode(".jpg", np.full((8, 8, 3), 100, np.uint8), [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])
+    assert ok
+    data = bytearray(buf.tobytes())
+    segments = jpeg_segments(bytes(data))
+    frame = next(start for marker, start, _ in segments if marker == 0xC2)
+    data[frame + 5 : frame + 9] = struct.pack(">HH", height, width)
+    _, start, end = [segment for segment in segments if segment[0] == 0xDA][-1]
+    empty_scan = bytes(data[start : start + 2 + struct.unpack(">H", data[start + 2 : start + 4])[0]])
+    return bytes(data[:end]) + empty_scan * extra_scans + bytes(data[end:])

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from conftest import FIXTURE_LMDBS
 from google.protobuf.message import DecodeError
-from hostile_inputs import alternating_float_datum, forged_jpeg, forged_png
+from hostile_inputs import alternating_float_datum, forged_jpeg, forged_png, jpeg_scan_bomb, jpeg_segments, tiff_bomb
 from hostile_inputs import varint as _varint
 from hypothesis import given
 from hypothesis import strategies as st
@@ -37,7 +37,8 @@ from datumdb.codec import (
     resize,
 )
 from datumdb.errors import DatumError
-from datumdb.limits import MAX_IMAGE_PIXELS
+from datumdb.imageheader import check_decodable, read_header
+from datumdb.limits import MAX_IMAGE_PIXELS, MAX_JPEG_SCANS, max_decoded_bytes, max_image_pixels
 from datumdb.proto import datum_pb2
 from datumdb.proto.regenerate import generate
 
@@ -579,3 +580,194 @@ def test_encode_opencv_image_is_encode_array_of_the_chw_view(
     if data.draw(st.booleans()):  # a strided view, as OpenCV hands out after a crop
         image = np.ascontiguousarray(np.pad(image, [(0, 1)] * image.ndim))[:height, :width]
     assert encode_opencv_image(image, label) == encode_array(hwc_to_chw(image), label)
+
+
+# --------------------------------------------------------------------------- every decoder bounded first (issue 17)
+
+
+def test_a_tiff_bomb_is_refused_from_its_header_naming_the_key() -> None:
+    """18 KB declaring 8192x8192 float64 RGBA: 2 GB to decode (issue 17's took 8.4 GB and 26 s)."""
+    bomb = tiff_bomb()
+    assert len(bomb) < 20_000
+    datum = decode(encode_image(bomb, 1), "00000007")
+    tracemalloc.start()
+    try:
+        for mode in ("unchanged", "color", "gray"):
+            with pytest.raises(DatumError, match=r"^key '00000007': cannot decode the 17597-byte") as info:
+                datum_to_array(datum, imread=mode, key="00000007")  # type: ignore[arg-type]
+            message = str(info.value)
+            assert "TIFF header declares 8192x8192 pixels of 4 channel(s) of 8 bytes" in message
+            assert f"over the bound of {max_decoded_bytes()}" in message and "\n" not in message
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20
+
+
+def test_the_same_tiff_within_the_bound_decodes_as_declared() -> None:
+    image = imdecode(tiff_bomb(64, 48, 4), cv2.IMREAD_UNCHANGED)
+    assert image.shape == (48, 64, 4) and image.dtype == np.float64 and not image.any()
+    header = read_header(tiff_bomb(64, 48, 4))
+    assert (header.width, header.height, header.channels, header.bytes_per_sample) == (64, 48, 4, 8)
+    assert header.decoded_bytes >= image.nbytes
+
+
+def test_a_jpeg_scan_bomb_is_refused_before_libjpeg_sweeps_it() -> None:
+    """30 KB, 4096x4096, 3,010 scans: within the pixel and byte bounds, refused for its scans."""
+    bomb = jpeg_scan_bomb()
+    datum = decode(encode_image(bomb, 0), "00000003")
+    started = time.perf_counter()
+    with pytest.raises(DatumError, match=rf"^key '00000003': .*more than {MAX_JPEG_SCANS} scans.*scan bomb"):
+        datum_to_array(datum, key="00000003")
+    assert time.perf_counter() - started < 30  # not a speed assertion: the decode would take seconds to minutes
+
+
+def test_the_scan_bound_counts_scans_as_libjpeg_does() -> None:
+    """Exactly MAX_JPEG_SCANS passes and decodes; one more is refused. Markers inside other segments
+    (an APP segment holding a whole thumbnail JPEG with its own scans) are not scans of the image."""
+    real = imencode(".jpg", np.full((8, 8, 3), 100, np.uint8))  # baseline, to be re-encoded progressive
+    real = cv2.imencode(".jpg", cv2.imdecode(np.frombuffer(real, np.uint8), 1), [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1]
+    real = real.tobytes()
+    real_scans = sum(marker == 0xDA for marker, _, _ in jpeg_segments(real))
+    assert read_header(real).scans == real_scans == 10  # libjpeg's progressive script for colour
+    at_bound = jpeg_scan_bomb(64, 64, MAX_JPEG_SCANS - real_scans)
+    assert read_header(at_bound).scans == MAX_JPEG_SCANS
+    assert imdecode(at_bound, cv2.IMREAD_COLOR).shape == (64, 64, 3)
+    with pytest.raises(DatumError, match="scan bomb"):
+        read_header(jpeg_scan_bomb(64, 64, MAX_JPEG_SCANS - real_scans + 1))
+    thumbnail = jpeg_scan_bomb(8, 8, MAX_JPEG_SCANS)  # 110 scans, hidden in an APP1 segment
+    app1 = b"\xff\xe1" + (len(thumbnail) + 2).to_bytes(2, "big") + thumbnail
+    assert read_header(real[:2] + app1 + real[2:]).scans == 10
+    assert imdecode(real[:2] + app1 + real[2:], cv2.IMREAD_COLOR).shape == (8, 8, 3)
+
+
+def test_a_progressive_jpeg_counts_its_coefficients() -> None:
+    """libjpeg holds every DCT coefficient (2 bytes a sample) of a multi-scan JPEG: a progressive
+    8000x8000 4:4:4 header is 576 MB to decode, over the bound; the same frame in baseline is not."""
+    options = [cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444]
+    image = np.full((8, 8, 3), 50, np.uint8)
+    for progressive, refused in ((1, True), (0, False)):
+        data = bytearray(cv2.imencode(".jpg", image, [*options, cv2.IMWRITE_JPEG_PROGRESSIVE, progressive])[1])
+        frame = next(start for marker, start, _ in jpeg_segments(bytes(data)) if marker in (0xC0, 0xC2))
+        data[frame + 5 : frame + 9] = (8000).to_bytes(2, "big") * 2
+        header = read_header(bytes(data))
+        assert header.decoded_bytes == 8000 * 8000 * 3 * (3 if progressive else 1)
+        if refused:
+            with pytest.raises(DatumError, match=r"and 384000000 bytes of decoder buffers: 576000000 bytes"):
+                check_decodable(bytes(data))
+        else:
+            check_decodable(bytes(data))
+
+
+_ACCEPTED = [  # (extension, encoder options, dtype, channels)
+    (".jpg", [], np.uint8, 1),
+    (".jpg", [], np.uint8, 3),
+    (".jpg", [cv2.IMWRITE_JPEG_PROGRESSIVE, 1], np.uint8, 3),
+    (".png", [], np.uint8, 1),
+    (".png", [], np.uint8, 4),
+    (".png", [], np.uint16, 3),
+    (".bmp", [], np.uint8, 1),
+    (".bmp", [], np.uint8, 3),
+    (".bmp", [], np.uint8, 4),
+    (".pbm", [], np.uint8, 1),
+    (".pgm", [], np.uint8, 1),
+    (".pgm", [], np.uint16, 1),
+    (".ppm", [], np.uint8, 3),
+    (".webp", [], np.uint8, 3),
+    (".webp", [cv2.IMWRITE_WEBP_QUALITY, 101], np.uint8, 4),
+    (".tif", [], np.uint8, 1),
+    (".tif", [], np.uint16, 3),
+    (".tif", [], np.float32, 4),
+    (".tif", [cv2.IMWRITE_TIFF_COMPRESSION, 1], np.uint8, 3),
+]
+
+
+@pytest.mark.parametrize(("extension", "options", "dtype", "channels"), _ACCEPTED)
+def test_accepted_formats_declare_what_opencv_decodes(
+    extension: str, options: list, dtype: type, channels: int
+) -> None:
+    pixels = np.random.default_rng(3).integers(0, 255, (37, 53, channels)).astype(dtype).squeeze()
+    ok, buf = cv2.imencode(extension, pixels, options)
+    assert ok
+    data = buf.tobytes()
+    header = check_decodable(data)
+    expected = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
+    assert (header.width, header.height) == (53, 37)
+    assert header.decoded_bytes >= expected.nbytes
+    np.testing.assert_array_equal(imdecode(data, cv2.IMREAD_UNCHANGED), expected)
+
+
+@pytest.mark.parametrize(
+    ("extension", "name"),
+    [(".jp2", "a JPEG 2000"), (".hdr", "a Radiance HDR"), (".pfm", "a PFM"), (".ras", "a Sun raster"),
+     (".pam", "a PAM"), (".gif", "a GIF"), (".avif", "an AVIF or HEIF")],
+)  # fmt: skip
+def test_other_formats_opencv_reads_are_refused_by_name(extension: str, name: str) -> None:
+    pixels = np.random.default_rng(4).integers(0, 255, (64, 64, 3)).astype(np.uint8)
+    ok, buf = cv2.imencode(extension, pixels.astype(np.float32) / 255 if extension in (".hdr", ".pfm") else pixels)
+    assert ok and cv2.imdecode(buf, cv2.IMREAD_UNCHANGED) is not None  # OpenCV would decode it
+    with pytest.raises(DatumError, match=rf"^key 'k': cannot decode .*: {name} image: datumdb decodes only JPEG, PNG"):
+        decode_image(buf.tobytes(), "unchanged", "k")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"BM" + bytes(10), b"P5\n# no numbers\n", b"P6 99999999999 1 255 ", b"RIFF\x00\x00\x00\x00WEBPVP8 ",
+     b"II*\x00\xff\xff\x00\x00", b"MM\x00*\x00\x00\x00\x08\xff\xff",
+     b"\x89PNG\r\n\x1a\n\x00\x00\x00\x0dIHDX" + bytes(17),
+     b"\xff\xd8\xff\xda\x00\x08\x01\x01\x00\x00\x3f\x00", b"\xff\xd8\xff\xd9", b"hello"],
+)  # fmt: skip
+def test_unreadable_headers_are_refused_before_any_decoder(data: bytes) -> None:
+    with pytest.raises(DatumError, match=r"^key 'k': cannot decode the \d+-byte encoded image: ") as info:
+        decode_image(data, "unchanged", "k")
+    assert "\n" not in str(info.value)
+
+
+def test_tiff_compressions_without_a_declared_output_size_are_refused() -> None:
+    ok, buf = cv2.imencode(".tif", np.zeros((8, 8, 3), np.uint8), [cv2.IMWRITE_TIFF_COMPRESSION, 7])  # JPEG
+    assert ok and cv2.imdecode(buf, cv2.IMREAD_COLOR) is not None
+    with pytest.raises(DatumError, match="the TIFF uses compression 7; datumdb decodes TIFF compressed with"):
+        decode_image(buf.tobytes())
+
+
+def test_the_pixel_bound_is_read_as_opencv_reads_it(monkeypatch) -> None:
+    cases = (("5000", 5000), ("2KB", 2048), ("3Mb", 3 << 20), ("lots", MAX_IMAGE_PIXELS), ("", MAX_IMAGE_PIXELS))
+    for value, expected in cases:
+        monkeypatch.setenv("OPENCV_IO_MAX_IMAGE_PIXELS", value)
+        max_image_pixels.cache_clear()
+        try:
+            assert max_image_pixels() == expected
+            assert max_decoded_bytes() == 4 * expected
+        finally:
+            monkeypatch.undo()
+            max_image_pixels.cache_clear()
+    assert max_image_pixels() == int(os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"])
+
+
+def test_mutated_headers_of_every_format_fail_only_with_a_datum_error() -> None:
+    """20,000 seeded mutations (bytes, 2/4-byte words, truncations) of one file of each accepted
+    format and of both bombs: the header parser returns a size or raises DatumError, nothing else."""
+    rng = np.random.default_rng(17)
+    pixels = rng.integers(0, 255, (24, 40, 3)).astype(np.uint8)
+    seeds = [tiff_bomb(64, 48, 4), jpeg_scan_bomb(64, 64, 20)]
+    for extension, options, dtype, channels in _ACCEPTED:
+        seeds.append(cv2.imencode(extension, pixels[..., :channels].astype(dtype).squeeze(), options)[1].tobytes())
+    for case in range(20_000):
+        data = bytearray(seeds[case % len(seeds)])
+        for _ in range(int(rng.integers(1, 4))):
+            if not data:
+                break
+            kind, at = int(rng.integers(0, 4)), int(rng.integers(0, min(len(data), 400)))
+            if kind == 0:
+                data[at] = int(rng.integers(0, 256))
+            elif kind in (1, 2):
+                size = 2 * kind
+                data[at : at + size] = rng.choice([0, 0xFF, int(rng.integers(0, 256))], size).astype(np.uint8).tobytes()
+            else:
+                del data[at:]
+        try:
+            header = read_header(bytes(data))
+        except DatumError as exc:
+            assert "\n" not in str(exc)
+            continue
+        assert min(header.width, header.height, header.channels, header.bytes_per_sample, header.working_bytes) >= 0

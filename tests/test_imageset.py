@@ -664,6 +664,17 @@ def test_a_decode_over_the_time_bound_stops_or_is_skipped(caffe_dir: Path, tmp_p
     assert len(read_lmdb_items(tmp_path / "unbounded")) == len(lines)
 
 
+@pytest.mark.parametrize("timeout", [float("inf"), float("nan"), 0.0, -1.0])
+def test_a_time_bound_that_would_not_bound_is_refused(caffe_dir: Path, tmp_path: Path, timeout: float) -> None:
+    """Issue 17: ``decode_timeout: .inf`` killed the workers' watchdog thread (and NaN never
+    expires), silently switching the bound off. Refused before any worker starts."""
+    with pytest.raises(InputError, match="decode_timeout must be a finite number of seconds greater than 0"):
+        convert_imageset(
+            caffe_dir / "images", caffe_dir / "list.txt", tmp_path / "db", progress=False, decode_timeout=timeout
+        )
+    assert not (tmp_path / "db").exists() and leftovers(tmp_path / "db") == []
+
+
 def test_skip_names_an_image_a_worker_died_on(caffe_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The worker dies (a crash in a decoder); with skip the image is listed and the rest is built
     by a new pool, whose workers are spawned (this process may hold an LMDB environment by then)."""

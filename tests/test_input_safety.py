@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import stat
+import subprocess
+import sys
 import threading
 import tracemalloc
 from pathlib import Path
@@ -14,12 +17,12 @@ from pathlib import Path
 import lmdb
 import numpy as np
 import pytest
-from hostile_inputs import forged_jpeg, forged_png
+from hostile_inputs import forged_jpeg, forged_png, jpeg_scan_bomb, tiff_bomb
 
-from datumdb import DatabaseWriter
+from datumdb import DatabaseWriter, DatumReader
 from datumdb.cli import main
 from datumdb.codec import encode_image
-from datumdb.errors import UnsafeInputError, VerificationError
+from datumdb.errors import DatumError, UnsafeInputError, VerificationError
 from datumdb.files import OUTPUT_MODE, replacing
 from datumdb.limits import MAX_MANIFEST_BYTES, read_regular_file
 from datumdb.manifest import MAX_MANIFEST_DEPTH, read_manifest, write_manifest
@@ -354,3 +357,97 @@ def test_a_file_larger_than_its_stat_said_is_refused() -> None:
         UnsafeInputError, match=r"/proc/self/status: list file grew while being read \(it was 0 bytes\)"
     ):
         read_regular_file("/proc/self/status", "list file")
+
+
+# --------------------------------------------------------------------------- decompression and scan bombs (issue 17)
+
+_ADDRESS_SPACE = 2 << 30  # the CLI takes under 1 GiB of address space here; the TIFF bomb alone wanted 2 GB more
+
+
+def _limited_cli(*argv: str) -> subprocess.CompletedProcess[str]:
+    """``datumdb --no-progress ARGV`` in a process (and its children) limited to 2 GiB of address space."""
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (_ADDRESS_SPACE, _ADDRESS_SPACE))
+
+    return subprocess.run(
+        [sys.executable, "-m", "datumdb", "--no-progress", *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=limit,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def bomb_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A database another tool wrote (no manifest): good PNGs, the 18 KB TIFF bomb (8192x8192
+    float64 RGBA, 2 GB) as record 1 and the 30 KB scan bomb (3,010 scans) as record 3."""
+    good = encode_image(forged_png(8, 8), 0)
+    path = tmp_path_factory.mktemp("bombs") / "db"
+    path.mkdir()
+    with lmdb.open(str(path), map_size=1 << 20) as env, env.begin(write=True) as txn:
+        txn.put(b"00000000", good)
+        txn.put(b"00000001", encode_image(tiff_bomb(), 1))
+        txn.put(b"00000002", good)
+        txn.put(b"00000003", encode_image(jpeg_scan_bomb(), 3))
+        txn.put(b"00000004", good)
+    (path / "lock.mdb").unlink()
+    return path
+
+
+def test_verify_names_every_bomb_record_and_fails(bomb_db: Path) -> None:
+    result = _limited_cli("verify", "--timeout", "30", str(bomb_db))
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert "Traceback" not in result.stderr and "Insufficient memory" not in result.stderr
+    assert any("key '00000001': cannot decode" in line and "bytes to decode, over the bound" in line for line in lines)
+    assert any("key '00000003': cannot decode" in line and "scan bomb" in line for line in lines)
+    assert lines[-1].endswith("FAILED (2 problem(s), 2 bad record(s))")
+
+
+@pytest.mark.parametrize("command", ["compute-mean", "export"])
+def test_compute_mean_and_export_stop_at_the_first_bomb_with_one_line(
+    bomb_db: Path, tmp_path: Path, command: str
+) -> None:
+    out = tmp_path / ("mean.binaryproto" if command == "compute-mean" else "all.npz")
+    result = _limited_cli(command, str(bomb_db), str(out))
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "key '00000001': cannot decode" in lines[0] and "over the bound" in lines[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_reader_refuses_bombs_and_reads_the_rest(bomb_db: Path) -> None:
+    with DatumReader(bomb_db) as reader:
+        assert reader[0][0].shape == (3, 8, 8)
+        with pytest.raises(DatumError, match=r"^key '00000001': .*TIFF header declares 8192x8192 pixels"):
+            reader[1]
+        with pytest.raises(DatumError, match=r"^key '00000003': .*scan bomb"):
+            reader[3]
+        with pytest.raises(DatumError, match=r"^key '00000001': "):
+            reader.read_batch([0, 1])
+        assert reader[4][1] == 0
+
+
+@pytest.mark.parametrize("bomb", ["bomb.tif", "scan.jpg"])
+def test_convert_imageset_refuses_bomb_files_with_one_line(tmp_path: Path, bomb: str) -> None:
+    root = tmp_path / "images"
+    root.mkdir()
+    (root / "a.png").write_bytes(forged_png(8, 8))
+    (root / bomb).write_bytes(tiff_bomb() if bomb.endswith(".tif") else jpeg_scan_bomb())
+    (tmp_path / "list.txt").write_text(f"a.png 0\n{bomb} 1\n")
+    expected = "over the bound" if bomb.endswith(".tif") else "scan bomb"
+    for options in ([], ["--workers", "2"], ["--encoded"]):
+        result = _limited_cli("convert-imageset", *options, str(root), str(tmp_path / "list.txt"), str(tmp_path / "db"))
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"list.txt:2: {root / bomb}: " in lines[0] and expected in lines[0], lines
+        assert not (tmp_path / "db").exists()
+    skipping = _limited_cli(
+        "convert-imageset", "--on-error", "skip", str(root), str(tmp_path / "list.txt"), str(tmp_path / "db")
+    )
+    assert skipping.returncode == 0, skipping.stderr
+    [skipped] = read_manifest(tmp_path / "db")["metadata"]["skipped"]
+    assert skipped["path"] == bomb and expected in skipped["reason"]

@@ -302,14 +302,15 @@ def slow_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_a_slow_healthy_database_passes_with_a_tiny_stall_limit(slow_db: Path, capsys) -> None:
-    # The scan lasts many times the stall limit, and a record can take longer to decode than it:
-    # the old time limit failed such a database, the stall limit must not. (0.5 s, not less: on a
-    # shared, overloaded machine the child's heartbeat thread can wait 0.2 s to be scheduled.)
-    report = verify_database(slow_db, isolate=True, timeout=0.5)
+    # The scan lasts longer than the stall limit (12 records of 0.2 s or more): the old time limit
+    # failed such a database, the stall limit must not. One record's decode must take less than
+    # the limit (issue 17: it bounds a decode too), so 2 s: a decode here takes 0.2 s idle, up to
+    # about 1 s on a shared, overloaded machine.
+    report = verify_database(slow_db, isolate=True, timeout=2)
     assert report["ok"], report["problems"]
     assert report["count"] == 12 and report["digest"] == read_manifest(slow_db)["digest"]
     capsys.readouterr()
-    assert main(["--no-progress", "verify", "--timeout", "0.5", str(slow_db)]) == 0
+    assert main(["--no-progress", "verify", "--timeout", "2", str(slow_db)]) == 0
     assert "OK, 12 records" in capsys.readouterr().out
 
 
@@ -325,7 +326,7 @@ def _children(marker: bytes) -> list[int]:
 
 def test_a_hung_child_is_killed_after_the_stall_limit(slow_db: Path) -> None:
     with ThreadPoolExecutor(1) as pool:
-        future = pool.submit(verify_database, slow_db, isolate=True, timeout=0.5)
+        future = pool.submit(verify_database, slow_db, isolate=True, timeout=2)
         child = None
         while child is None and not future.done():
             for pid in _children(b"_child_main"):  # once it has opened data.mdb, it is in the scan
@@ -340,8 +341,34 @@ def test_a_hung_child_is_killed_after_the_stall_limit(slow_db: Path) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signal.SIGKILL)
     assert not report["ok"]
-    assert any("made no progress for 0.5 s" in problem for problem in report["problems"]), report["problems"]
+    assert any("made no progress for 2 s" in problem for problem in report["problems"]), report["problems"]
     assert not Path(f"/proc/{child}").exists() or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]
+
+
+def test_the_stall_limit_stops_a_decode_stuck_in_the_decoder(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Issue 17: a decode counted as progress for ever, so ``verify --timeout 5`` let a 66 s decode
+    run to its end. A decoder stuck in C (here one that sleeps, which holds no GIL either) is ended
+    after the stall limit, naming its key; the child is gone."""
+    db = tmp_path / "db"
+    png = encode_png_or_jpg(np.zeros((1, 4, 4), np.uint8), "png")
+    with DatabaseWriter(db, encoding="png", channel_order="gray") as writer:
+        for i in range(3):
+            writer.add_serialized(encode_image(png, i), shape=(1, 4, 4))
+    stuck = (  # the child's bootstrap, with the decode of one record stuck for two minutes
+        "import sys, time; sys.path.insert(0, sys.argv.pop(1)); import datumdb.verify as v; "
+        "real = v.datum_to_array; "
+        "v.datum_to_array = lambda d, **kw: time.sleep(120) if kw['key'] == b'00000001' else real(d, **kw); "
+        "raise SystemExit(v._child_main(sys.argv[1:]))"
+    )
+    monkeypatch.setattr(verify_module, "_CHILD_BOOTSTRAP", stuck)
+    capsys.readouterr()
+    assert main(["--no-progress", "verify", "--timeout", "1", str(db)]) == 1
+    err = capsys.readouterr().err
+    assert "key '00000001': decoding took longer than 1 s (--timeout); the scan stopped there" in err
+    assert err.strip().splitlines()[-1].endswith("FAILED (1 problem(s), 1 bad record(s))")
+    assert not _children(b"_child_main")
+    report = verify_database(db, isolate=True, timeout=1)
+    assert not report["ok"] and report["bad_records"] == 1 and "'00000001'" in report["problems"][0]
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", "-1", "0"])

@@ -310,8 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_seconds,
         default=None,
         metavar="SECONDS",
-        help="stall limit of the isolated scan: fail if it makes no progress for this long "
-        "(default 60; a slow but healthy database always passes)",
+        help="stall limit of the isolated scan: fail if it makes no progress, or one record takes to decode, "
+        "this long (default 60; a slow but healthy database always passes)",
     )
     p.add_argument("--strict", action="store_true", help="fail a database without datumdb.json")
     p.add_argument(

@@ -13,9 +13,10 @@ Why not just ``datum_pb2.Datum``? Three reasons, each measured or required:
   :class:`~datumdb.errors.DatumError` naming the key. Parsing a value takes at most
   :data:`DECODE_MEMORY_FACTOR` (3) times its size plus :data:`DECODE_MEMORY_SLACK` (8 MiB),
   whatever its fields (see :func:`decode`). Decoding an encoded image takes what its header
-  declares, at most ``OPENCV_IO_MAX_IMAGE_PIXELS`` (:data:`datumdb.limits.MAX_IMAGE_PIXELS`,
-  about 134 megapixels); every OpenCV call goes through :func:`imdecode`, :func:`imencode` or
-  :func:`resize`, so no ``cv2.error`` escapes: a header over the bound is a DatumError too.
+  declares, and that is bounded before the decoder runs (:mod:`datumdb.imageheader`: accepted
+  formats only, pixels, bytes to decode, JPEG scans); every OpenCV call goes through
+  :func:`imdecode`, :func:`imencode` or :func:`resize`, so no ``cv2.error`` escapes: a header
+  over a bound is a DatumError too.
 
 The generated classes (``datumdb.proto.datum_pb2``) remain the reference implementation and are
 used for ``BlobProto`` (mean files), where speed does not matter.
@@ -32,7 +33,7 @@ from typing import Literal
 
 import numpy as np
 
-from datumdb import limits, pnggray
+from datumdb import imageheader, limits, pnggray
 from datumdb.errors import DatumError
 
 # Before cv2 is imported: OpenCV reads OPENCV_IO_MAX_IMAGE_PIXELS once, at import. The bound
@@ -503,32 +504,6 @@ def _run_view(buf: memoryview, start: int, count: int) -> np.ndarray:
     return np.ndarray((count,), dtype="<f4", buffer=buf, offset=start, strides=(5,))
 
 
-_PNG_SIGNATURE = pnggray.PNG_SIGNATURE
-
-
-def _check_png_chunks(data: bytes | memoryview, key: bytes | str | None) -> None:
-    """Reject a PNG whose chunk lengths exceed its bytes before OpenCV sees it.
-
-    Found by fuzzing: OpenCV 5's PNG reader allocates what a chunk header declares, so a
-    972-byte PNG claiming a 4 GB chunk made it allocate 4 GB. Such a file is truncated or
-    forged either way; walking the chunk headers is cheap (a handful per image).
-    """
-    view = memoryview(data)
-    end = len(view)
-    pos = len(_PNG_SIGNATURE)
-    while pos + 8 <= end:
-        length = int.from_bytes(view[pos : pos + 4], "big")
-        kind = bytes(view[pos + 4 : pos + 8])
-        if length > end - pos - 12:
-            raise DatumError(
-                f"PNG chunk {kind!r} at byte {pos} declares {length} bytes but only {max(end - pos - 12, 0)} remain",
-                key,
-            )
-        pos += 12 + length
-        if kind == b"IEND":
-            return
-
-
 def _opencv_reason(exc: cv2.error) -> str:
     """One line saying why OpenCV failed, in words for the bound a forged header trips."""
     text = str(getattr(exc, "err", "") or exc).strip()
@@ -544,20 +519,23 @@ def _opencv_reason(exc: cv2.error) -> str:
 def imdecode(data: bytes | memoryview, flag: int, key: bytes | str | None = None) -> np.ndarray:
     """``cv2.imdecode`` (H x W [x C], as OpenCV returns it) that fails only with :class:`DatumError`.
 
-    OpenCV raises ``cv2.error`` for a header over its size bound and returns None for bytes it
-    cannot read; both become a DatumError naming ``key``. PNG chunk lengths are checked first
-    (see :func:`_check_png_chunks`). Every OpenCV decode in datumdb goes through here.
+    First the header is read and bounded (:func:`datumdb.imageheader.check_decodable`: an accepted
+    format, pixels, bytes to decode, JPEG scans, PNG chunk lengths), so no decoder starts on an
+    image over a bound. OpenCV raises ``cv2.error`` for what it refuses and returns None for bytes
+    it cannot read; all of it becomes a DatumError naming ``key``. Every OpenCV decode in datumdb
+    goes through here.
 
     ``IMREAD_GRAYSCALE`` of a colour PNG with colour-space chunks is decoded in colour and made
     grey by :mod:`datumdb.pnggray`, as Caffe's libpng 1.6.39 does it (pip's OpenCV bundles a
     libpng that ignores sRGB ICC profiles, and would differ by up to ~35 grey levels).
     """
-    is_png = bytes(data[:8]) == _PNG_SIGNATURE
-    if is_png:
-        _check_png_chunks(data, key)
     if not len(data):
         raise DatumError("the encoded image is empty", key)
-    if is_png and flag == cv2.IMREAD_GRAYSCALE:
+    try:
+        header = imageheader.check_decodable(data)
+    except DatumError as exc:
+        raise DatumError(f"cannot decode the {len(data)}-byte encoded image: {exc}", key) from None
+    if header.format == "PNG" and flag == cv2.IMREAD_GRAYSCALE:
         conversion = pnggray.gray_conversion(data)
         if conversion is not None:
             return conversion.apply(_opencv_imdecode(data, cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH, key), key)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import math
 import multiprocessing
 import os
 import signal
@@ -135,6 +136,9 @@ def ordered_results(
     bad item (an :class:`InputError`, a decode over ``timeout`` seconds, a worker dying in it) into
     a :class:`Failure` in its place; otherwise the first one is raised.
     """
+    if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+        # NaN or infinity would switch the bound off (and infinity kills the watchdog thread).
+        raise InputError(f"decode_timeout must be a finite number of seconds greater than 0, got {timeout!r}")
     if len(task) == 0:
         yield iter(())
         return

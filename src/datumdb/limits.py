@@ -3,7 +3,8 @@
 A dataset tool is fed files nobody looked at: a list line naming a FIFO hangs a plain
 ``open()`` forever, a symlink to ``/dev/zero`` makes ``read()`` fill memory, and a 100-byte JPEG
 can claim 60000 x 60000 pixels. Every input is therefore opened through :func:`open_regular_file`
-(regular files only, at most a known size) and every decode has a pixel bound.
+(regular files only, at most a known size) and every decode is bounded, from the image's header,
+before the decoder runs (pixels, bytes to decode, JPEG scans).
 
 The bounds (each a named constant; the first can be changed through the environment):
 
@@ -17,6 +18,15 @@ The bounds (each a named constant; the first can be changed through the environm
   :func:`configure_opencv` sets it and :mod:`datumdb.codec` calls that just before its
   ``import cv2``; ``datumdb``'s ``__init__`` imports the codec (through the reader) before any
   other module can import ``cv2``. A value the user set wins.
+* :data:`DECODED_BYTES_PER_PIXEL` (4): the bytes an encoded image may cost to decode are at most
+  this times the pixel bound (:func:`max_decoded_bytes`, 512 MiB by default), counted from its
+  header as width x height x channels x bytes per sample plus the decoder's buffers, before any
+  decoder runs (:mod:`datumdb.imageheader`). An 8-bit image within the pixel bound passes unless
+  its decoder holds more besides (a progressive JPEG's coefficients, 2 bytes a sample, so about
+  60 megapixels in colour; a TIFF's strip buffer); a float64 RGBA TIFF has 16 megapixels.
+* :data:`MAX_JPEG_SCANS` (100): scans a JPEG may hold. libjpeg sweeps every block of the image
+  once per scan, however few bytes the scan has; real files have 1 (baseline) to about 10
+  (libjpeg's progressive script: 10 in colour, 6 in grey; Photoshop's: 3 to 5).
 * :data:`DEFAULT_MAX_EXPORT_BYTES` (4 GiB): decoded pixels ``datumdb export`` will hold and write
   unless ``--max-bytes`` says otherwise.
 * The ranges of numeric options (:data:`SEED_MAX`, :data:`MAX_RESIZE`, :data:`MAX_RESIZE_PIXELS`,
@@ -26,18 +36,22 @@ The bounds (each a named constant; the first can be changed through the environm
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import stat
 from typing import BinaryIO
 
 from datumdb.errors import InputError, UnsafeInputError
 
 __all__ = [
+    "DECODED_BYTES_PER_PIXEL",
     "DEFAULT_MAX_EXPORT_BYTES",
     "DEFAULT_MAX_INPUT_BYTES",
     "INT31_MAX",
     "MAX_IMAGE_PIXELS",
     "MAX_INPUT_BYTES_ENV",
+    "MAX_JPEG_SCANS",
     "MAX_MANIFEST_BYTES",
     "MAX_RESIZE",
     "MAX_RESIZE_PIXELS",
@@ -45,6 +59,8 @@ __all__ = [
     "SEED_MAX",
     "check_regular_file",
     "configure_opencv",
+    "max_decoded_bytes",
+    "max_image_pixels",
     "max_input_bytes",
     "open_regular_file",
     "read_regular_file",
@@ -54,6 +70,8 @@ DEFAULT_MAX_INPUT_BYTES = 2 << 30
 MAX_INPUT_BYTES_ENV = "DATUMDB_MAX_INPUT_BYTES"
 MAX_MANIFEST_BYTES = 64 << 20
 MAX_IMAGE_PIXELS = 1 << 27
+DECODED_BYTES_PER_PIXEL = 4
+MAX_JPEG_SCANS = 100
 DEFAULT_DECODE_TIMEOUT = 60.0
 """Seconds one image may take to decode (``convert-imageset --decode-timeout``, the pipeline's
 ``dataset.imageset.decode_timeout``): a broken file can hang a decoder, and a photo decodes in
@@ -71,6 +89,24 @@ MAX_TIMEOUT = 1e6  # seconds (11.5 days): beyond it a time limit is a typo
 def configure_opencv() -> None:
     """Set OpenCV's pixel bound unless the user did; :mod:`datumdb.codec` calls it before ``import cv2``."""
     os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(MAX_IMAGE_PIXELS))
+
+
+@functools.cache
+def max_image_pixels() -> int:
+    """The pixel bound OpenCV applies: ``$OPENCV_IO_MAX_IMAGE_PIXELS`` as OpenCV parses it (digits,
+    optionally followed by KB or MB), read once as OpenCV reads it once; :data:`MAX_IMAGE_PIXELS`
+    if unset or unreadable."""
+    text = os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS", "").strip()
+    found = re.fullmatch(r"([0-9]{1,19})(KB|Kb|kb|MB|Mb|mb)?", text)
+    if found is None:
+        return MAX_IMAGE_PIXELS
+    scale = {"": 1, "k": 1 << 10, "m": 1 << 20}[(found.group(2) or "")[:1].lower()]
+    return int(found.group(1)) * scale
+
+
+def max_decoded_bytes() -> int:
+    """The bytes one encoded image may cost to decode: :data:`DECODED_BYTES_PER_PIXEL` x the pixel bound."""
+    return DECODED_BYTES_PER_PIXEL * max_image_pixels()
 
 
 def max_input_bytes() -> int:

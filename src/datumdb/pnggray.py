@@ -521,7 +521,7 @@ def gray_conversion(data: bytes | memoryview) -> GrayConversion | None:
     None for anything that is not a colour PNG (types 2, 3, 6) with a colour-space chunk (gAMA,
     sRGB, iCCP, cHRM, cICP, mDCV) before its image data: for those pip's libpng and Caffe's agree,
     and OpenCV's grey decode is exact. Malformed files also return None, so OpenCV reports them.
-    Expects chunk lengths already checked against the data (``codec._check_png_chunks``).
+    Expects chunk lengths already checked against the data (:func:`datumdb.imageheader.check_png_chunks`).
     """
     view = memoryview(data).cast("B")
     if bytes(view[:8]) != PNG_SIGNATURE or len(view) < 33 or bytes(view[12:16]) != b"IHDR":

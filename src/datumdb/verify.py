@@ -15,8 +15,11 @@ bytes hashed) to the parent through a pipe; the parent kills it only when it *st
 reports no progress for ``timeout`` seconds, so a healthy database passes however slow it is to
 read, and a crash or a hang is reported as a failed verification instead of taking the caller
 down. (A B-tree whose damage makes LMDB go round in circles repeats keys, which the key-order
-check stops.) The child runs with ``python -I`` and imports exactly the datumdb package of the
-parent: nothing from the working directory, ``PYTHONPATH`` or the user's site-packages.
+check stops.) One record's decode counts as progress for at most ``timeout`` seconds: past that
+the child ends itself and the key is reported (every decode is bounded from the image's header
+first, :mod:`datumdb.imageheader`; this bounds what a header cannot tell). The child runs with
+``python -I`` and imports exactly the datumdb package of the parent: nothing from the working
+directory, ``PYTHONPATH`` or the user's site-packages.
 """
 
 from __future__ import annotations
@@ -79,6 +82,7 @@ def content_digest(db_path: str | os.PathLike[str], *, progress: bool | None = N
 
 DEFAULT_STALL_LIMIT = 60.0  # seconds without progress before an isolated scan is declared hung
 STARTUP_LIMIT = 60.0  # seconds the child may take to start Python and import datumdb
+_SLOW_DECODE_EXIT = 75  # the child's exit status when one record's decode took too long
 
 
 def verify_database(
@@ -138,18 +142,34 @@ class _Options:
 class _Progress:
     """What a scan has done so far, read by the child's heartbeat thread.
 
-    ``busy`` is set while a record is being decoded by our own code (OpenCV included), whose
-    work is bounded by the checked image size: that counts as progress however long it takes,
-    while time spent inside LMDB with no new record does not.
+    ``busy`` is set while a record is being decoded by our own code (OpenCV included), since
+    ``busy_since``, and ``key`` names the record: a decode counts as progress (its cost is
+    bounded from the image's header first, :mod:`datumdb.imageheader`), but for at most the
+    stall limit, after which the child's heartbeat ends the scan naming the key. Time spent
+    inside LMDB with no new record is no progress at all.
     """
 
     def __init__(self) -> None:
         self.digest: ContentDigest | None = None
         self.bytes_hashed = 0
+        self.key = b""
+        self.busy_since = 0.0
         self.busy = False
+
+    def decoding(self, key: bytes) -> None:
+        """Mark the start of ``key``'s decode (key and start first: the heartbeat reads ``busy`` first)."""
+        self.key, self.busy_since = key, time.monotonic()
+        self.busy = True
 
     def snapshot(self) -> tuple[int, int, bool]:
         return (self.digest.count if self.digest is not None else 0), self.bytes_hashed, self.busy
+
+    def slow_decode(self, limit: float) -> bytes | None:
+        """The key being decoded if its decode has taken longer than ``limit`` seconds, else None."""
+        if not self.busy:
+            return None
+        key, since = self.key, self.busy_since
+        return key if self.busy and time.monotonic() - since > limit else None
 
 
 def _verify_here(path: Path, progress: bool | None, options: _Options, state: _Progress) -> dict[str, Any]:
@@ -240,7 +260,7 @@ def _scan(
             labels[label] += 1
             shapes[layout_name] += 1
             return True
-        state.busy = True
+        state.decoding(key)
         try:
             datum = decode(value, key)
             array = datum_to_array(datum, imread=reader.decode_mode, key=key)
@@ -417,8 +437,17 @@ def child_command(module_code: str, *args: str) -> list[str]:
 
 
 def _verify_in_child(path: Path, progress: bool | None, stall_limit: float, options: _Options) -> dict[str, Any]:
-    """Run the scan in a child; kill it if it reports no progress for ``stall_limit`` seconds."""
-    arguments = [str(path), f"--heartbeat={min(1.0, max(0.01, stall_limit / 4)):.6f}"]
+    """Run the scan in a child; kill it if it reports no progress for ``stall_limit`` seconds.
+
+    One record's decode counts as progress for at most ``stall_limit`` seconds: the child ends
+    itself past that (``--decode-limit``) and says which key, since a decoder stuck in C can
+    only be stopped by ending its process.
+    """
+    arguments = [
+        str(path),
+        f"--heartbeat={min(1.0, max(0.01, stall_limit / 4)):.6f}",
+        f"--decode-limit={stall_limit!r}",
+    ]
     if progress is not None:
         arguments.append("--progress" if progress else "--no-progress")
     arguments += ["--strict"] * options.strict + ["--allow-nonfinite"] * options.allow_nonfinite
@@ -426,7 +455,7 @@ def _verify_in_child(path: Path, progress: bool | None, stall_limit: float, opti
         child_command(_CHILD_BOOTSTRAP, *arguments), stdout=subprocess.PIPE, stdin=subprocess.DEVNULL
     )
     assert child.stdout is not None
-    pending, report_text, seen, started = b"", None, (0, 0), False
+    pending, report_text, seen, started, slow_key = b"", None, (0, 0), False, None
     last_progress = time.monotonic()
     stalled = False
     try:
@@ -447,7 +476,9 @@ def _verify_in_child(path: Path, progress: bool | None, stall_limit: float, opti
             if lines and not started:
                 started, last_progress = True, time.monotonic()
             for line in lines:
-                if line.startswith(b"report "):
+                if line.startswith(b"slow "):
+                    slow_key = bytes.fromhex(line[len(b"slow ") :].decode("ascii", "replace"))
+                elif line.startswith(b"report "):
                     report_text = line[len(b"report ") :]
                 elif line.startswith(b"progress "):
                     records, hashed, busy = (int(field) for field in line.split()[1:4])
@@ -469,6 +500,14 @@ def _verify_in_child(path: Path, progress: bool | None, stall_limit: float, opti
         report = None
     if isinstance(report, dict):  # complete: how the child then exited does not matter
         return report
+    if slow_key is not None:
+        failed = _failed(
+            path,
+            f"{path}: key {_text(slow_key)!r}: decoding took longer than {stall_limit:g} s (--timeout); the scan "
+            "stopped there (a decompression bomb or a broken image)",
+        )
+        failed["bad_records"] = 1
+        return failed
     if stalled:
         return _failed(
             path,
@@ -510,13 +549,16 @@ def _child_main(argv: list[str]) -> int:
     The protocol goes to the original stdout, and fd 1 is pointed at stderr, so that nothing
     else printed in this process can be taken for a report. A heartbeat thread writes
     ``progress RECORDS BYTES_HASHED BUSY`` every ``--heartbeat`` seconds; the last line is
-    ``report JSON``. argv is ``DB [OPTIONS]``.
+    ``report JSON``, or ``slow KEY_HEX`` when one record's decode took longer than
+    ``--decode-limit`` seconds, after which the child exits at once (the decoder may be stuck in
+    C, where no exception reaches it). argv is ``DB [OPTIONS]``.
     """
     # The database comes first, always: a folder may be named like an option ("--strict").
     path, flags = Path(argv[0]), argv[1:]
     options = _Options(strict="--strict" in flags, allow_nonfinite="--allow-nonfinite" in flags)
     progress = True if "--progress" in flags else (False if "--no-progress" in flags else None)
     interval = next((float(arg.split("=", 1)[1]) for arg in flags if arg.startswith("--heartbeat=")), 1.0)
+    decode_limit = next((float(arg.split("=", 1)[1]) for arg in flags if arg.startswith("--decode-limit=")), None)
     out = os.dup(1)
     os.dup2(2, 1)
     lock, done, state = threading.Lock(), threading.Event(), _Progress()
@@ -524,9 +566,13 @@ def _child_main(argv: list[str]) -> int:
     def heartbeat() -> None:  # the first line at once: it tells the parent the child has started
         while True:
             records, hashed, busy = state.snapshot()
+            slow = state.slow_decode(decode_limit) if decode_limit is not None else None
             with lock:
                 if done.is_set():
                     return
+                if slow is not None:
+                    os.write(out, b"slow %s\n" % slow.hex().encode())
+                    os._exit(_SLOW_DECODE_EXIT)
                 os.write(out, b"progress %d %d %d\n" % (records, hashed, busy))
             if done.wait(interval):
                 return
