@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import yaml
 from workflow_helpers import (
+    BIN,
     SPLITS,
     clone,
     commit_all,
@@ -276,12 +277,13 @@ def struct_sizes(*sizes: int) -> bytes:
 def test_snakemake_and_dvc_pass_no_values_on_their_command_lines(tiny: Path) -> None:
     """Both run `datumdb pipeline STEP --params params.yaml` with fixed paths: no value to quote."""
     plan = snakemake("-n", "-p", "--forceall", cwd=tiny)
-    snakemake_commands = re.findall(r"^Shell command: (datumdb .+)$", plan.stdout + plan.stderr, re.M)
+    snakemake_commands = re.findall(r"^Shell command: (\S*datumdb .+)$", plan.stdout + plan.stderr, re.M)
     lock = yaml.safe_load((tiny / "dvc.lock").read_text())
     dvc_commands = [stage["cmd"] for stage in lock["stages"].values()]
     assert len(snakemake_commands) == 2 + 3 + 3 + 1 + 1 and len(dvc_commands) == 1 + 3 + 1 + 1
     params = yaml.safe_load((tiny / "params.yaml").read_text())
     values = {str(params["seed"]), params["encoding"], str(params["build"]["batch_size"])}
     for command in snakemake_commands + dvc_commands:
-        assert command.startswith("datumdb --no-progress pipeline ") and "--params params.yaml" in command
+        runner = f"{BIN / 'datumdb'} " if command in snakemake_commands else "sh workflow/datumdb "
+        assert command.startswith(f"{runner}--no-progress pipeline ") and "--params params.yaml" in command
         assert not values & set(command.split()), command

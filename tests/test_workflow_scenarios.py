@@ -44,12 +44,12 @@ def replace_in_params(repo: Path, old: str, new: str) -> None:
 
 
 def killing_shim(folder: Path, step: str) -> dict[str, str]:
-    """An environment whose `datumdb` kills itself (SIGKILL, exit 137) when running ``step``."""
+    """An environment whose `datumdb` (``$DATUMDB_COMMAND``) kills itself (SIGKILL, exit 137) when running ``step``."""
     folder.mkdir(parents=True, exist_ok=True)
     shim = folder / "datumdb"
     shim.write_text(f'#!/bin/sh\ncase "$*" in *"pipeline {step} "*) kill -9 $$ ;; esac\nexec "{BIN}/datumdb" "$@"\n')
     shim.chmod(0o755)
-    return {**ENV, "PATH": f"{folder}{os.pathsep}{ENV['PATH']}"}
+    return {**ENV, "DATUMDB_COMMAND": str(shim)}
 
 
 def run_with(env: dict[str, str], args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -235,3 +235,70 @@ def test_a_failing_job_prints_its_log(built: Path, tmp_path: Path) -> None:
     assert result.returncode != 0
     assert "inputs/X.npy" in result.stdout + result.stderr  # the error itself, not just the log's path
     assert "Traceback" not in result.stdout + result.stderr
+
+
+# ----------------------------------------------------------------------------- called by path
+
+
+def without_venv_on_path() -> dict[str, str]:
+    """The environment of a shell where the venv is not activated: no `datumdb` on PATH."""
+    env = {key: value for key, value in ENV.items() if key not in ("VIRTUAL_ENV", "DATUMDB_COMMAND")}
+    env["PATH"] = "/usr/bin:/bin"
+    assert shutil.which("datumdb", path=env["PATH"]) is None
+    return env
+
+
+def tracked_files(repo: Path) -> dict[str, bytes]:
+    """The files git tracks in ``repo``, with their bytes (a deleted file is missing here)."""
+    names = run(["git", "ls-files", "-z"], repo).stdout.split("\0")
+    return {name: (repo / name).read_bytes() for name in filter(None, names) if (repo / name).is_file()}
+
+
+@pytest.mark.parametrize("tool", ["snakemake", "dvc"])
+def test_both_orchestrators_called_by_path_without_an_activated_venv(built: Path, tmp_path: Path, tool: str) -> None:
+    repo = clone(built, tmp_path / "repo")
+    env = without_venv_on_path()
+    command = [str(BIN / "snakemake"), "--cores", "2"] if tool == "snakemake" else [str(BIN / "dvc"), "repro"]
+    result = run_with(env, command, repo)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "command not found" not in result.stdout + result.stderr
+    assert digests(repo) == digests(built)
+    assert run(["datumdb", "pipeline", "stale"], repo).returncode == 0
+
+
+def test_dvc_stages_that_cannot_find_datumdb_say_so_and_delete_nothing(built: Path, tmp_path: Path) -> None:
+    """The stages' launcher, run where nothing provides datumdb: one line, exit 127, outputs kept."""
+    repo = pulled_clone(built, tmp_path / "repo")
+    before = tracked_files(repo)
+    databases = digests(repo)
+    env = {**without_venv_on_path(), "DVC_ROOT": str(tmp_path / "elsewhere")}
+    replace_in_params(repo, "encoding: png", "encoding: jpg")  # every stage must run
+    # DVC itself needs its venv, so it is the launcher run as the stage would, not under DVC.
+    found = run_with(env, ["sh", "workflow/datumdb", "pipeline", "build-all", "--params", "params.yaml", "x"], repo)
+    assert found.returncode == 127
+    assert found.stderr.count("\n") == 1 and "datumdb: command not found" in found.stderr
+    # Under DVC, with a datumdb that fails before any work (as a missing one does): nothing deleted.
+    failing = tmp_path / "failing"
+    failing.write_text("#!/bin/sh\nexit 127\n")
+    failing.chmod(0o755)
+    result = run_with({**ENV, "DATUMDB_COMMAND": str(failing)}, [str(BIN / "dvc"), "repro"], repo)
+    assert result.returncode != 0
+    replace_in_params(repo, "encoding: jpg", "encoding: png")
+    assert tracked_files(repo) == before
+    assert digests(repo) == databases
+
+
+@pytest.mark.parametrize(("old", "new"), [("seed: 3", "seed: 010"), ("count: 240", "count: 7.0")])
+def test_a_refused_params_file_deletes_nothing_under_either_orchestrator(
+    built: Path, tmp_path: Path, old: str, new: str
+) -> None:
+    repo = pulled_clone(built, tmp_path / "repo")
+    before, databases = tracked_files(repo), digests(repo)
+    mean = (repo / "data" / "mean" / "mean.npy").read_bytes()
+    replace_in_params(repo, old, new)
+    for command in ([str(BIN / "dvc"), "repro"], [str(BIN / "snakemake"), "--cores", "2"]):
+        result = run_with(ENV, command, repo)
+        assert result.returncode != 0
+        assert "params.yaml: " in result.stdout + result.stderr
+        assert digests(repo) == databases and (repo / "data" / "mean" / "mean.npy").read_bytes() == mean
+        assert {**tracked_files(repo), "params.yaml": before["params.yaml"]} == before

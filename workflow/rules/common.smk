@@ -3,6 +3,8 @@
 import json
 import math
 import os
+import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -22,6 +24,27 @@ from datumdb.pipeline.splits import SPLITS
 PARAMS = (workflow.overwrite_configfiles or ["params.yaml"])[-1]
 INPUT_HASHES = Path(".snakemake/datumdb/input-hashes.json")  # stat-keyed cache of input file hashes
 STALE_STAMPS = Path(".snakemake/datumdb/stamps")
+
+
+def datumdb_command():
+    """How the rules call datumdb, quoted for the shell: never assumed to be on PATH.
+
+    ``$DATUMDB_COMMAND`` if set, else the console script beside the Python that runs Snakemake
+    (``.venv/bin/snakemake`` from a shell without the venv activated finds ``.venv/bin/datumdb``),
+    else ``datumdb`` on PATH. Found nowhere: the run stops here, before any job deletes an output.
+    (Not ``python -m datumdb``: ``-m`` puts the working directory first on ``sys.path``.)
+    """
+    chosen = os.environ.get("DATUMDB_COMMAND")
+    beside = Path(sys.executable).parent / "datumdb"
+    if not chosen and os.access(beside, os.X_OK) and beside.is_file():
+        chosen = str(beside)
+    chosen = chosen or shutil.which("datumdb")
+    if not chosen:
+        sys.exit(
+            f"datumdb: command not found: not beside {sys.executable} (the Python running Snakemake) nor on "
+            "PATH; run 'make dataset' (creates .venv) or install \"datumdb[workflow]\" where Snakemake is installed"
+        )
+    return shlex.quote(chosen)
 
 
 def load_config_or_exit():
@@ -140,6 +163,7 @@ def shard_mem_mb(wildcards, attempt):
     return (400 + 3 * chunk // 2**20) * attempt
 
 
+DATUMDB = datumdb_command()  # in the rules' shell commands as {DATUMDB}
 CONFIG = load_config_or_exit()
 FINGERPRINTED = [
     *(f"{outputs.database(split)}/{MANIFEST_NAME}" for split in SPLITS),

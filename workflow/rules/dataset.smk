@@ -23,7 +23,7 @@ rule records:
         mem_mb=shard_mem_mb,
         runtime=15,
     shell:
-        "datumdb --no-progress pipeline records --params {params.params_file:q} --shard {wildcards.shard}"
+        "{DATUMDB} --no-progress pipeline records --params {params.params_file:q} --shard {wildcards.shard}"
         " {params.records:q} > {log:q} 2>&1"
 
 
@@ -50,5 +50,5 @@ rule build:
         mem_mb=1000,
         runtime=60,
     shell:
-        "datumdb --no-progress pipeline build --params {params.params_file:q} --split {wildcards.split}"
+        "{DATUMDB} --no-progress pipeline build --params {params.params_file:q} --split {wildcards.split}"
         " {params.records:q} {params.db:q} > {log:q} 2>&1"

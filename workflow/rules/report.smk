@@ -43,7 +43,7 @@ rule verify:
         mem_mb=1000,
         runtime=30,
     shell:
-        "datumdb --no-progress pipeline verify --params {params.params_file:q} --split {wildcards.split}"
+        "{DATUMDB} --no-progress pipeline verify --params {params.params_file:q} --split {wildcards.split}"
         " {params.db:q} --train-db {params.train:q} --details {output.details:q} --metrics {output.metrics:q}"
         " --histogram {output.histogram:q} --sheet {output.sheet:q} > {log:q} 2>&1"
 
@@ -74,7 +74,7 @@ rule mean:
         mem_mb=1000,
         runtime=30,
     shell:
-        "datumdb --no-progress pipeline mean --params {params.params_file:q} {params.db:q}"
+        "{DATUMDB} --no-progress pipeline mean --params {params.params_file:q} {params.db:q}"
         " --binaryproto {output.binaryproto:q} --npy {output.npy:q} --json {output.json:q} > {log:q} 2>&1"
 
 
@@ -100,5 +100,5 @@ rule report:
         mem_mb=500,
         runtime=5,
     shell:
-        "datumdb --no-progress pipeline report --params {params.params_file:q} {input.details:q}"
+        "{DATUMDB} --no-progress pipeline report --params {params.params_file:q} {input.details:q}"
         " --mean {input.mean:q} --output {output.summary:q} > {log:q} 2>&1"
