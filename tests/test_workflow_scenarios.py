@@ -302,3 +302,52 @@ def test_a_refused_params_file_deletes_nothing_under_either_orchestrator(
         assert "params.yaml: " in result.stdout + result.stderr
         assert digests(repo) == databases and (repo / "data" / "mean" / "mean.npy").read_bytes() == mean
         assert {**tracked_files(repo), "params.yaml": before["params.yaml"]} == before
+
+
+# ----------------------------------------------------------------------------- two orchestrators, one clone
+
+
+def dvc_repro_runs_nothing(repo: Path) -> bool:
+    result = dvc("repro", cwd=repo)
+    return "Running stage" not in result.stdout + result.stderr
+
+
+def test_snakemake_and_dvc_in_one_clone_rebuild_nothing_that_is_fresh(built: Path, tmp_path: Path) -> None:
+    repo = pulled_clone(built, tmp_path / "repo")
+    shutil.copytree(built / ".snakemake", repo / ".snakemake")  # Snakemake has run here before
+    assert nothing_to_do(repo) and status_clean(repo)
+    # a param change rebuilt by DVC: fresh for Snakemake too (its records of the params are older)
+    replace_in_params(repo, "encoding: png", "encoding: jpg")
+    dvc("repro", cwd=repo)
+    assert encodings(repo) == {"jpg"} and nothing_to_do(repo)
+    # back to the committed version by git and dvc checkout: fresh for both
+    run(["git", "checkout", "--", "."], repo)
+    dvc("checkout", cwd=repo)
+    assert encodings(repo) == {"png"} and nothing_to_do(repo) and status_clean(repo)
+    # a param change rebuilt by plain Snakemake: recorded in DVC, so dvc repro runs no stage
+    replace_in_params(repo, "seed: 3", "seed: 4")
+    made = snakemake("--cores", "2", cwd=repo)
+    assert "recording the outputs in DVC" in made.stdout + made.stderr
+    assert status_clean(repo) and dvc_repro_runs_nothing(repo) and nothing_to_do(repo)
+    # and dvc pull in a clone of that state, where Snakemake ran an older version
+    commit_all(repo)
+    dvc("push", cwd=repo)
+    other = pulled_clone(built, tmp_path / "other")  # the older version, and Snakemake's records of it
+    shutil.copytree(built / ".snakemake", other / ".snakemake")
+    run(["git", "pull", "-q", str(repo), "main"], other)
+    dvc("pull", cwd=other)
+    assert digests(other) == digests(repo) and nothing_to_do(other) and status_clean(other)
+    assert dvc_repro_runs_nothing(other)
+
+
+def test_snakemake_on_another_params_file_or_targets_does_not_record_in_dvc(built: Path, tmp_path: Path) -> None:
+    repo = pulled_clone(built, tmp_path / "repo")
+    lock = (repo / "dvc.lock").read_text()
+    replace_in_params(repo, "sample: 8", "sample: 5")  # only the reports are stale
+    one = snakemake("--cores", "2", "reports/verify/train.json", cwd=repo)
+    assert "not recorded in DVC" in one.stdout + one.stderr
+    assert (repo / "dvc.lock").read_text() == lock
+    other = repo / "other.yaml"
+    shutil.copy(repo / "params.yaml", other)
+    snakemake("--cores", "2", "--configfile", "other.yaml", cwd=repo)
+    assert (repo / "dvc.lock").read_text() == lock

@@ -5,6 +5,7 @@ import math
 import os
 import shlex
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ from datumdb.manifest import DATA_NAME, MANIFEST_NAME
 from datumdb.pipeline import outputs
 from datumdb.pipeline.build import READ_CHUNK, records_path
 from datumdb.pipeline.config import SCHEMA_PATH, read_params, to_config, validate_params
-from datumdb.pipeline.fingerprint import build_fingerprints, input_digest, verify_record
+from datumdb.pipeline.fingerprint import input_digest
 from datumdb.pipeline.outputs import MEAN_BINARYPROTO, MEAN_JSON, MEAN_NPY, RECORDS, SUMMARY, stale_outputs
 from datumdb.pipeline.splits import SPLITS
 
@@ -144,6 +145,36 @@ def source_inputs():
     return [ancient(str(folder / name)) for name in names]
 
 
+def record_in_dvc():
+    """After a successful run, record the outputs in DVC (``dvc commit --force``), as ``make
+    dataset`` used to do alone: then ``dvc repro`` and ``dvc status`` see them as fresh.
+
+    Only when that is true: in a DVC repository, on params.yaml (dvc.yaml's params file), with
+    every output present and matching the params by its fingerprint, and the summary written
+    after the reports it sums up (a run of some targets only can leave others stale). The dvc
+    beside the Python running Snakemake is used, else the one on PATH; without one, a note.
+    """
+    if not Path(".dvc").is_dir() or Path(PARAMS).resolve() != Path("params.yaml").resolve():
+        return
+    missing = [path for path in ALL_OUTPUTS if not Path(path).is_file()]
+    stale = stale_outputs(CONFIG, ".", inputs=INPUTS) if not missing else {}
+    if missing or stale:
+        print(f"datumdb: outputs not recorded in DVC, some are missing or stale: {(missing or list(stale))[0]}")
+        return
+    summed = [MEAN_JSON, *(outputs.verify_details(split) for split in SPLITS)]
+    if Path(SUMMARY).stat().st_mtime_ns < max(Path(path).stat().st_mtime_ns for path in summed):
+        print(f"datumdb: outputs not recorded in DVC: {SUMMARY} is older than the reports")
+        return
+    beside = Path(sys.executable).parent / "dvc"
+    dvc = str(beside) if os.access(beside, os.X_OK) and beside.is_file() else shutil.which("dvc")
+    if dvc is None:
+        print("datumdb: outputs not recorded in DVC: no dvc beside Snakemake's Python nor on PATH")
+        return
+    print("datumdb: recording the outputs in DVC (dvc commit --force)", flush=True)
+    if subprocess.run([dvc, "commit", "--force", "--quiet"], check=False).returncode != 0:
+        print("datumdb: dvc commit failed; run it again by hand to record the outputs")
+
+
 def database_files(split):
     """The files of a split's database folder (declared as files: directory() outputs get a marker)."""
     folder = outputs.database(split)
@@ -170,8 +201,18 @@ FINGERPRINTED = [
     *(outputs.verify_details(split) for split in SPLITS),
     MEAN_JSON,
 ]
+ALL_OUTPUTS = [
+    *(path for split in SPLITS for path in database_files(split)),
+    *(path(split) for split in SPLITS for path in (outputs.verify_details, outputs.metrics, outputs.histogram, outputs.sheet)),
+    MEAN_BINARYPROTO,
+    MEAN_NPY,
+    MEAN_JSON,
+    SUMMARY,
+]
 SHARDS = list(range(CONFIG.partition.count))
 INPUTS = hash_inputs(CONFIG)
-BUILD_FINGERPRINT = build_fingerprints(CONFIG, INPUTS)
-VERIFY_FINGERPRINT = {split: verify_record(CONFIG, split, BUILD_FINGERPRINT)["fingerprint"] for split in SPLITS}
 STALE = mark_stale_outputs(CONFIG, INPUTS)
+
+
+onsuccess:
+    record_in_dvc()

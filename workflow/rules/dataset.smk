@@ -11,7 +11,6 @@ rule records:
     params:
         params_file=PARAMS,
         records=lambda wildcards, output: Path(output.records[0]).parents[1],
-        fingerprint=lambda wildcards: BUILD_FINGERPRINT["train"],
     benchmark:  # wall time, peak RSS, I/O of each job (Snakemake measures it)
         "logs/benchmarks/records/{shard}.tsv"
     log:
@@ -38,7 +37,6 @@ rule build:
         params_file=PARAMS,
         records=lambda wildcards, input: Path(input.records[0]).parents[1],
         db=lambda wildcards, output: Path(output.manifest).parent,
-        fingerprint=lambda wildcards: BUILD_FINGERPRINT[wildcards.split],
     benchmark:  # wall time, peak RSS, I/O of each job (Snakemake measures it)
         "logs/benchmarks/build/{split}.tsv"
     log:

@@ -31,7 +31,6 @@ rule verify:
         params_file=PARAMS,
         db=lambda wildcards, input: Path(input.db[0]).parent,
         train=lambda wildcards, input: Path(input.train[0]).parent,
-        fingerprint=lambda wildcards: VERIFY_FINGERPRINT[wildcards.split],
     benchmark:  # wall time, peak RSS, I/O of each job (Snakemake measures it)
         "logs/benchmarks/verify/{split}.tsv"
     log:
@@ -64,7 +63,6 @@ rule mean:
     params:
         params_file=PARAMS,
         db=lambda wildcards, input: Path(input.db[0]).parent,
-        fingerprint=BUILD_FINGERPRINT["train"],
     benchmark:  # wall time, peak RSS, I/O of each job (Snakemake measures it)
         "logs/benchmarks/mean/train.tsv"
     log:
