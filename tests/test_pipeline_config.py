@@ -326,3 +326,27 @@ def test_the_decode_time_bound_has_one_default_for_the_cli_and_the_pipeline() ->
     schema = yaml.safe_load(SCHEMA_PATH.read_text())
     imageset = schema["properties"]["dataset"]["properties"]["imageset"]["properties"]
     assert imageset["decode_timeout"]["default"] == DEFAULT_DECODE_TIMEOUT
+
+
+_WITHOUT_MODULE = """
+import importlib.abc, sys
+class Missing(importlib.abc.MetaPathFinder):  # as if `pip install datumdb` without the workflow extra
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == sys.argv[1]:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Missing())
+from datumdb.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("module", ["ruamel", "jsonschema"])
+@pytest.mark.parametrize("step", ["check", "stale"])
+def test_pipeline_steps_without_the_workflow_extra_say_how_to_install_it(module: str, step: str) -> None:
+    argv = ["pipeline", step, "--params", str(REPO / "params.yaml")]
+    result = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_MODULE, module, *argv], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and 'pip install "datumdb[workflow]"' in result.stderr
+    assert "internal error" not in result.stderr

@@ -199,10 +199,28 @@ def _read_text(path: Path) -> str:
         raise InputError(f"{path}: not UTF-8 text (byte {exc.start})") from None
 
 
+def _require_workflow_extra() -> None:
+    """The pipeline steps read params with ruamel.yaml and jsonschema, which only the ``workflow``
+    extra installs (``pip install datumdb`` gives the library and the other commands): say so."""
+    import importlib.util
+
+    for module in ("ruamel.yaml", "jsonschema"):
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:  # the parent package (ruamel) is missing
+            found = False
+        if not found:
+            raise InputError(
+                f"the pipeline steps need the workflow extra (module {module} is missing): "
+                'pip install "datumdb[workflow]"'
+            )
+
+
 def _load_yaml_12(text: str, path: Path) -> Any:
     """What DVC sees: ruamel.yaml's safe loader (YAML 1.2), as dvc.utils.serialize does."""
     import warnings
 
+    _require_workflow_extra()
     from ruamel.yaml import YAML
     from ruamel.yaml.error import YAMLError, YAMLFutureWarning
 
@@ -254,6 +272,7 @@ def validate_params(params: Mapping[str, Any], where: str = "params.yaml") -> di
     """
     import copy
 
+    _require_workflow_extra()
     from jsonschema import Draft202012Validator, validators
 
     schema = _schema()
