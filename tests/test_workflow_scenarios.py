@@ -350,3 +350,17 @@ def test_snakemake_on_another_params_file_or_targets_does_not_record_in_dvc(buil
     shutil.copy(repo / "params.yaml", other)
     snakemake("--cores", "2", "--configfile", "other.yaml", cwd=repo)
     assert (repo / "dvc.lock").read_text() == lock
+
+
+def test_pipeline_stale_lists_missing_outputs_in_a_fresh_clone(built: Path, tmp_path: Path) -> None:
+    repo = clone(built, tmp_path / "repo")  # no dvc pull yet: the databases and the mean are missing
+    result = run(["datumdb", "pipeline", "stale"], repo, check=False)
+    assert result.returncode == 1
+    missing = {line.removesuffix(": missing") for line in result.stdout.splitlines() if line.endswith(": missing")}
+    assert missing == {f"data/lmdb/{s}/{n}" for s in SPLITS for n in ("data.mdb", "datumdb.json")} | {
+        "data/mean/mean.binaryproto",
+        "data/mean/mean.npy",
+        "reports/verify/train_samples.png",
+        "reports/verify/val_samples.png",
+        "reports/verify/test_samples.png",
+    }

@@ -156,7 +156,7 @@ def record_in_dvc():
     """
     if not Path(".dvc").is_dir() or Path(PARAMS).resolve() != Path("params.yaml").resolve():
         return
-    missing = [path for path in ALL_OUTPUTS if not Path(path).is_file()]
+    missing = outputs.missing_outputs()
     stale = stale_outputs(CONFIG, ".", inputs=INPUTS) if not missing else {}
     if missing or stale:
         print(f"datumdb: outputs not recorded in DVC, some are missing or stale: {(missing or list(stale))[0]}")
@@ -200,14 +200,6 @@ FINGERPRINTED = [
     *(f"{outputs.database(split)}/{MANIFEST_NAME}" for split in SPLITS),
     *(outputs.verify_details(split) for split in SPLITS),
     MEAN_JSON,
-]
-ALL_OUTPUTS = [
-    *(path for split in SPLITS for path in database_files(split)),
-    *(path(split) for split in SPLITS for path in (outputs.verify_details, outputs.metrics, outputs.histogram, outputs.sheet)),
-    MEAN_BINARYPROTO,
-    MEAN_NPY,
-    MEAN_JSON,
-    SUMMARY,
 ]
 SHARDS = list(range(CONFIG.partition.count))
 INPUTS = hash_inputs(CONFIG)
