@@ -12,8 +12,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -364,3 +367,77 @@ def test_pipeline_stale_lists_missing_outputs_in_a_fresh_clone(built: Path, tmp_
         "reports/verify/val_samples.png",
         "reports/verify/test_samples.png",
     }
+
+
+# ----------------------------------------------------------------------------- defaults and typos
+
+
+def test_a_key_left_out_takes_its_default_under_both_orchestrators(built: Path, tmp_path: Path) -> None:
+    repo = clone(built, tmp_path / "repo")
+    replace_in_params(repo, "encoding: png\n", "")  # the documented default: none
+    replace_in_params(repo, "verify:\n  sample: 8\n", "")  # verify.sample: 64
+    commit_all(repo)
+    other = clone(repo, tmp_path / "other")
+    snakemake("--cores", "2", cwd=repo)
+    dvc("repro", cwd=other)
+    assert encodings(repo) == encodings(other) == {"none"}
+    assert digests(repo) == digests(other)
+    for folder in (repo, other):
+        assert json.loads((folder / "reports" / "params.json").read_text())["verify"]["sample"] == 64
+        assert status_clean(folder) and nothing_to_do(folder)
+
+
+def test_a_misspelt_key_is_one_useful_line_under_both_orchestrators(built: Path, tmp_path: Path) -> None:
+    repo = pulled_clone(built, tmp_path / "repo")
+    replace_in_params(repo, "encoding: png", "encodng: png")
+    for result in (snakemake("--cores", "2", cwd=repo, check=False), dvc("repro", cwd=repo, check=False)):
+        assert result.returncode != 0
+        said = (result.stdout + result.stderr).splitlines()
+        useful = [line for line in said if "params.yaml" in line and "'encodng' was unexpected" in line]
+        assert len(useful) == 1, said
+        assert len(said) < 15 and "properties" not in "\n".join(line for line in said if line not in useful), said
+    assert encodings(repo) == {"png"}
+
+
+# ----------------------------------------------------------------------------- killed under DVC
+
+
+def processes_in(folder: Path) -> list[int]:
+    """The processes whose working directory is ``folder``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if Path(os.readlink(entry / "cwd")) == folder:
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def test_a_killed_build_under_dvc_leaves_no_process_and_no_folder_behind(built: Path, tmp_path: Path) -> None:
+    repo = pulled_clone(built, tmp_path / "repo")
+    replace_in_params(repo, "count: 240", "count: 60000")  # long enough to be killed mid-way
+    replace_in_params(repo, "  - 1\n", "  - 1\n  - 2\n  - 3\n")  # partition.shards: four workers' worth
+    running = subprocess.Popen(
+        [str(BIN / "dvc"), "repro"], cwd=repo, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not any((repo / "data" / "lmdb").glob(".records-*/*")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (work,) = (repo / "data" / "lmdb").glob(".records-*")
+        builder = int(work.name.split("-")[2])  # .records-HOST-PID-random
+        os.kill(builder, signal.SIGKILL)
+        running.wait(60)
+    finally:
+        running.kill()
+    time.sleep(1)
+    assert running.returncode != 0
+    assert processes_in(repo.resolve()) == []  # the workers died with the build
+    assert encodings(repo) == {"png"} and digests(repo) == digests(built)  # persist: nothing deleted
+    assert any((repo / "data" / "lmdb").glob(".records-*"))  # a kill -9 leaves the folder (for now)
+    replace_in_params(repo, "count: 60000", "count: 300")
+    dvc("repro", cwd=repo)
+    assert not any((repo / "data" / "lmdb").glob(".records-*"))  # the next build removed it
+    assert status_clean(repo) and nothing_to_do(repo)

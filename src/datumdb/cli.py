@@ -370,7 +370,8 @@ def _add_pipeline_commands(commands: Any) -> None:
         p.set_defaults(func=func)
         return p
 
-    step("check", _pipeline_check, "check the params file (schema; YAML 1.1 = 1.2) and print it resolved as JSON")
+    p = step("check", _pipeline_check, "check the params file (schema; YAML 1.1 = 1.2) and print it resolved as JSON")
+    p.add_argument("--output", type=_path, metavar="OUT.json", help="write the JSON there instead (DVC's params)")
     p = step("stale", _pipeline_stale, "list missing outputs and those whose fingerprint does not match the params")
     p.add_argument("--root", type=_path, default=Path("."), help="folder the outputs are under")
     p = step("records", _pipeline_records, "encode one shard's samples into record files (one per split)")
@@ -836,7 +837,14 @@ def _config(args: argparse.Namespace) -> Any:
 
 
 def _pipeline_check(args: argparse.Namespace) -> int:
-    print(json.dumps(_config(args).as_dict(), indent=2))
+    from datumdb.files import atomic_write
+    from datumdb.pipeline.config import resolved_json
+
+    resolved = resolved_json(_config(args))
+    if args.output is None:
+        print(resolved.decode("utf-8"), end="")
+    else:
+        atomic_write(args.output, resolved)
     return 0
 
 

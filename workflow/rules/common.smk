@@ -16,7 +16,8 @@ from datumdb.errors import DatumDBError
 from datumdb.manifest import DATA_NAME, MANIFEST_NAME
 from datumdb.pipeline import outputs
 from datumdb.pipeline.build import READ_CHUNK, records_path
-from datumdb.pipeline.config import SCHEMA_PATH, read_params, to_config, validate_params
+from datumdb.files import atomic_write
+from datumdb.pipeline.config import SCHEMA_PATH, read_params, resolved_json, to_config, validate_params
 from datumdb.pipeline.fingerprint import input_digest
 from datumdb.pipeline.outputs import MEAN_BINARYPROTO, MEAN_JSON, MEAN_NPY, RECORDS, SUMMARY, stale_outputs
 from datumdb.pipeline.splits import SPLITS
@@ -52,8 +53,10 @@ def load_config_or_exit():
     """The typed config; bad params stop the run before any job, naming the key."""
     try:
         raw = read_params(PARAMS)  # first: YAML 1.1 and 1.2 read every value alike
+        # then the schema, plus what it cannot say: one line naming the key (Snakemake's own
+        # validate, which fills the defaults into `config`, prints the whole schema)
+        from_file = validate_params(raw, str(PARAMS))
         validate(config, schema=str(SCHEMA_PATH))
-        from_file = validate_params(raw, str(PARAMS))  # the same schema, plus what it cannot say
         if validate_params(config, str(PARAMS)) != from_file:
             raise DatumDBError(
                 f"{PARAMS}: Snakemake's config differs from the file (--config or several config files?); "
@@ -170,6 +173,7 @@ def record_in_dvc():
     if dvc is None:
         print("datumdb: outputs not recorded in DVC: no dvc beside Snakemake's Python nor on PATH")
         return
+    atomic_write(outputs.RESOLVED_PARAMS, resolved_json(CONFIG))  # what the DVC stages read their params from
     print("datumdb: recording the outputs in DVC (dvc commit --force)", flush=True)
     if subprocess.run([dvc, "commit", "--force", "--quiet"], check=False).returncode != 0:
         print("datumdb: dvc commit failed; run it again by hand to record the outputs")

@@ -18,6 +18,7 @@ Why this module reads ``params.yaml`` itself instead of taking values on the com
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 from collections.abc import Mapping
@@ -43,6 +44,7 @@ __all__ = [
     "PipelineConfig",
     "load_config",
     "read_params",
+    "resolved_json",
     "to_config",
     "validate_params",
     "yaml_disagreements",
@@ -158,6 +160,12 @@ class PipelineConfig:
 
     def as_dict(self) -> dict[str, Any]:
         return _plain(self)
+
+
+def resolved_json(config: PipelineConfig) -> bytes:
+    """Every parameter, defaults filled in, as JSON: DVC's stages track their params in this form
+    (outputs.RESOLVED_PARAMS), so a key left out of params.yaml takes its default under DVC too."""
+    return (json.dumps(config.as_dict(), indent=2) + "\n").encode("utf-8")
 
 
 # ----------------------------------------------------------------------------- reading

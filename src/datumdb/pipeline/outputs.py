@@ -31,6 +31,7 @@ __all__ = [
     "MEAN_JSON",
     "MEAN_NPY",
     "RECORDS",
+    "RESOLVED_PARAMS",
     "SUMMARY",
     "database",
     "histogram",
@@ -47,6 +48,9 @@ RECORDS = "data/tmp/records"  # Snakemake's per-shard intermediates (temp(): del
 MEAN_BINARYPROTO = "data/mean/mean.binaryproto"
 MEAN_NPY = "data/mean/mean.npy"
 MEAN_JSON = "reports/mean.json"
+# params.yaml with every default filled in (`datumdb pipeline check --output`), which dvc.yaml's
+# stages list their params from: DVC itself would refuse a key left to its default as missing.
+RESOLVED_PARAMS = "reports/params.json"
 SUMMARY = "reports/summary.md"
 
 
