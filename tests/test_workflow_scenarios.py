@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -454,3 +455,24 @@ def test_the_data_is_on_disk_once_after_snakemake_and_after_dvc_repro(built: Pat
     replace_in_params(repo, "encoding: png", "encoding: jpg")
     dvc("repro", cwd=repo)
     assert data_files(repo) and all(path.stat().st_nlink == 2 for path in data_files(repo))  # dvc repro
+
+
+def ran_stages(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def test_dvc_add_of_an_input_folder_reruns_no_build(built: Path, tmp_path: Path) -> None:
+    """inputs/README.md's advice: `dvc add inputs/images` writes inputs/images.dvc and
+    inputs/.gitignore inside the `inputs` dependency; only the files the source reads count."""
+    repo = pulled_clone(built, tmp_path / "repo")
+    images = repo / "inputs" / "images"
+    images.mkdir()
+    for index in range(3):
+        (images / f"{index}.txt").write_text(f"not read by the synthetic source {index}")
+    dvc("add", "inputs/images", cwd=repo)
+    assert (repo / "inputs" / "images.dvc").is_file() and (repo / "inputs" / ".gitignore").is_file()
+    commit_all(repo)
+    result = dvc("repro", cwd=repo)
+    assert ran_stages(result.stdout + result.stderr) <= {"params"}
+    assert status_clean(repo) and nothing_to_do(repo)
+    assert digests(repo) == digests(built)

@@ -371,7 +371,9 @@ def _add_pipeline_commands(commands: Any) -> None:
         return p
 
     p = step("check", _pipeline_check, "check the params file (schema; YAML 1.1 = 1.2) and print it resolved as JSON")
-    p.add_argument("--output", type=_path, metavar="OUT.json", help="write the JSON there instead (DVC's params)")
+    p.add_argument(
+        "--output", type=_path, metavar="OUT.json", help="write it there, with the input files' digest (DVC's params)"
+    )
     p = step("stale", _pipeline_stale, "list missing outputs and those whose fingerprint does not match the params")
     p.add_argument("--root", type=_path, default=Path("."), help="folder the outputs are under")
     p = step("records", _pipeline_records, "encode one shard's samples into record files (one per split)")
@@ -839,12 +841,13 @@ def _config(args: argparse.Namespace) -> Any:
 def _pipeline_check(args: argparse.Namespace) -> int:
     from datumdb.files import atomic_write
     from datumdb.pipeline.config import resolved_json
+    from datumdb.pipeline.fingerprint import input_digest
 
-    resolved = resolved_json(_config(args))
+    config = _config(args)
     if args.output is None:
-        print(resolved.decode("utf-8"), end="")
+        print(resolved_json(config).decode("utf-8"), end="")
     else:
-        atomic_write(args.output, resolved)
+        atomic_write(args.output, resolved_json(config, input_digest(config)))
     return 0
 
 

@@ -173,7 +173,7 @@ def record_in_dvc():
     if dvc is None:
         print("datumdb: outputs not recorded in DVC: no dvc beside Snakemake's Python nor on PATH")
         return
-    atomic_write(outputs.RESOLVED_PARAMS, resolved_json(CONFIG))  # what the DVC stages read their params from
+    atomic_write(outputs.RESOLVED_PARAMS, resolved_json(CONFIG, INPUTS))  # what the DVC stages read their params from
     print("datumdb: recording the outputs in DVC (dvc commit --force)", flush=True)
     if subprocess.run([dvc, "commit", "--force", "--quiet"], check=False).returncode != 0:
         print("datumdb: dvc commit failed; run it again by hand to record the outputs")
