@@ -198,7 +198,7 @@ def shard_mem_mb(wildcards, attempt):
     return (400 + 3 * chunk // 2**20) * attempt
 
 
-DATUMDB = datumdb_command()  # in the rules' shell commands as {DATUMDB}
+DATUMDB = datumdb_command()  # the rules' params.datumdb
 CONFIG = load_config_or_exit()
 FINGERPRINTED = [
     *(f"{outputs.database(split)}/{MANIFEST_NAME}" for split in SPLITS),
