@@ -49,11 +49,11 @@ $(TEST_DEPS): $(DATASET_DEPS) requirements-test.lock requirements-torch.lock
 	$(PIP) check
 	touch $@
 
-# Snakemake builds; `dvc commit` then stores the outputs in DVC's cache and checks them against
-# dvc.lock (unchanged when the bytes are identical), so `dvc status` is clean and `dvc push` works.
+# Snakemake builds and, at its end (onsuccess, workflow/rules/common.smk), runs `dvc commit`,
+# which stores the outputs in DVC's cache and checks them against dvc.lock (unchanged when the
+# bytes are identical), so `dvc status` is clean and `dvc push` works.
 dataset: $(DATASET_DEPS)
 	PATH="$(BIN):$$PATH" $(BIN)/snakemake --cores $(CORES)
-	PATH="$(BIN):$$PATH" $(BIN)/dvc commit --force
 	PATH="$(BIN):$$PATH" $(BIN)/dvc status
 
 # The same pipeline through DVC (one stage at a time). DVC reads params.yaml itself before any stage

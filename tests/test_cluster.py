@@ -15,7 +15,6 @@ SIGINT, which Snakemake honours by cancelling its jobs.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -56,10 +55,10 @@ def _tiny_repo(path: Path) -> Path:
     return path
 
 
-def _on_cluster(repo: Path, cluster: LocalSlurmCluster, *extra: str, path_prefix: Path | None = None):
+def _on_cluster(repo: Path, cluster: LocalSlurmCluster, *extra: str, datumdb: Path | None = None):
     env = {**ENV, **{k: v for k, v in cluster.env.items() if k == "SLURM_CONF"}}
-    if path_prefix is not None:
-        env["PATH"] = f"{path_prefix}{os.pathsep}{env['PATH']}"
+    if datumdb is not None:  # the command the rules run instead of the datumdb beside Snakemake's Python
+        env["DATUMDB_COMMAND"] = str(datumdb)
     return subprocess.run(
         ["timeout", "-s", "INT", "-k", "30", str(SNAKEMAKE_TIMEOUT), str(BIN / "snakemake"),
          "--profile", "workflow/profiles/slurm", *TEST_CLUSTER_FLAGS, *extra],
@@ -124,7 +123,7 @@ def test_a_job_failing_on_the_cluster_fails_the_run_and_the_rerun_resumes(
         f'exec {BIN / "datumdb"} "$@"\n'
     )
     (shim / "datumdb").chmod(0o755)
-    first = _on_cluster(repo, cluster, "--retries", "0", path_prefix=shim)
+    first = _on_cluster(repo, cluster, "--retries", "0", datumdb=shim / "datumdb")
     first_log = first.stdout + first.stderr
     assert first.returncode != 0
     assert "Error in rule build" in first_log

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from collections.abc import Iterator
@@ -428,3 +429,30 @@ def test_float_arrays_become_float_datums_and_verify(tmp_path: Path, capsys: pyt
     assert main(["pipeline", "build-all", "--params", str(png), str(tmp_path / "png" / "lmdb"), "--jobs", "1"]) == 2
     assert "needs uint8 images" in capsys.readouterr().err
     assert not any((tmp_path / "png" / "lmdb" / split).exists() for split in SPLITS)
+
+
+def test_build_all_removes_only_the_record_folders_of_dead_builds_of_this_host(tmp_path: Path) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    host = socket.gethostname().split(".")[0].replace("-", "_") or "host"
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(finished.stdout)  # a process that has ended
+    lmdb = tmp_path / "lmdb"
+    folders = {
+        "dead": lmdb / f".records-{host}-{dead}-abc",
+        "alive": lmdb / f".records-{host}-{os.getpid()}-abc",
+        "other host": lmdb / f".records-elsewhere-{dead}-abc",
+        "foreign file": lmdb / f".records-{host}-{dead}-def",
+    }
+    for folder in folders.values():
+        (folder / "0").mkdir(parents=True)
+        (folder / "0" / "train.rec").write_bytes(b"records")
+    (folders["foreign file"] / "notes.txt").write_text("not datumdb's")
+    params = _params(tmp_path / "p")
+    assert main(["--no-progress", "pipeline", "build-all", "--params", str(params), str(lmdb), "--jobs", "1"]) == 0
+    assert {name for name, folder in folders.items() if folder.exists()} == {"alive", "other host", "foreign file"}
+    assert sorted(p.name for p in lmdb.iterdir() if p.name.startswith(".records-")) == sorted(
+        folders[name].name for name in ("alive", "other host", "foreign file")
+    )

@@ -610,3 +610,27 @@ def test_every_step_refuses_hostile_params_before_any_work(tmp_path: Path, text:
         assert result.returncode == 2, (args, result.stderr)
         assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"datumdb pipeline: error: {params}: ")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # nothing made
+
+
+_WITHOUT_MODULE = """
+import importlib.abc, sys
+class Missing(importlib.abc.MetaPathFinder):  # as if `pip install datumdb` without the workflow extra
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == sys.argv[1]:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Missing())
+from datumdb.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("module", ["ruamel", "jsonschema"])
+@pytest.mark.parametrize("step", ["check", "stale"])
+def test_pipeline_steps_without_the_workflow_extra_say_how_to_install_it(module: str, step: str) -> None:
+    argv = ["pipeline", step, "--params", str(REPO / "params.yaml")]
+    result = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_MODULE, module, *argv], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and 'pip install "datumdb[workflow]"' in result.stderr
+    assert "internal error" not in result.stderr

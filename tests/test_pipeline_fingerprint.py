@@ -27,7 +27,7 @@ from datumdb.pipeline.fingerprint import (
     fingerprint,
     input_digest,
 )
-from datumdb.pipeline.outputs import stale_outputs
+from datumdb.pipeline.outputs import missing_outputs, output_files, stale_outputs
 from datumdb.pipeline.splits import SPLITS
 
 pytestmark = pytest.mark.integration
@@ -78,6 +78,8 @@ def _run_pipeline(params: Path, root: Path) -> None:
     argv = [*p, "mean", "--params", str(params), str(root / outputs.database("train"))]
     argv += ["--binaryproto", str(root / outputs.MEAN_BINARYPROTO), "--npy", str(root / outputs.MEAN_NPY)]
     assert main([*argv, "--json", str(root / outputs.MEAN_JSON)]) == 0
+    argv = [*p, "report", "--params", str(params), *(str(root / outputs.verify_details(s)) for s in SPLITS)]
+    assert main([*argv, "--mean", str(root / outputs.MEAN_JSON), "--output", str(root / outputs.SUMMARY)]) == 0
 
 
 @pytest.fixture(scope="module")
@@ -98,11 +100,27 @@ def test_nothing_is_stale_right_after_a_run(built: Path, capsys: pytest.CaptureF
     assert stale_outputs(config, built) == {}
     capsys.readouterr()
     assert main(["pipeline", "stale", "--params", str(built / "params.yaml"), "--root", str(built)]) == 0
-    assert "every existing output matches the params" in capsys.readouterr().out
+    assert "every output exists and matches the params" in capsys.readouterr().out
 
 
-def test_missing_outputs_are_not_stale(tmp_path: Path, built: Path) -> None:
+def test_missing_outputs_are_not_stale_but_the_stale_step_lists_them(
+    tmp_path: Path, built: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert stale_outputs(load_config(built / "params.yaml"), tmp_path) == {}
+    capsys.readouterr()
+    assert main(["pipeline", "stale", "--params", str(built / "params.yaml"), "--root", str(tmp_path)]) == 1
+    assert capsys.readouterr().out.splitlines()[:2] == [
+        "data/lmdb/train/data.mdb: missing",
+        "data/lmdb/train/datumdb.json: missing",
+    ]
+    assert missing_outputs(tmp_path) == output_files()
+    assert missing_outputs(built) == []
+    (built / "reports" / "summary.md").rename(tmp_path / "summary.md")
+    try:
+        assert main(["pipeline", "stale", "--params", str(built / "params.yaml"), "--root", str(built)]) == 1
+        assert capsys.readouterr().out == "reports/summary.md: missing\n"
+    finally:
+        (tmp_path / "summary.md").rename(built / "reports" / "summary.md")
 
 
 @pytest.mark.parametrize(

@@ -380,8 +380,11 @@ def _add_pipeline_commands(commands: Any) -> None:
         p.set_defaults(func=func)
         return p
 
-    step("check", _pipeline_check, "check the params file (schema; YAML 1.1 = 1.2) and print it resolved as JSON")
-    p = step("stale", _pipeline_stale, "list outputs whose recorded fingerprint does not match the params")
+    p = step("check", _pipeline_check, "check the params file (schema; YAML 1.1 = 1.2) and print it resolved as JSON")
+    p.add_argument(
+        "--output", type=_path, metavar="OUT.json", help="write it there, with the input files' digest (DVC's params)"
+    )
+    p = step("stale", _pipeline_stale, "list missing outputs and those whose fingerprint does not match the params")
     p.add_argument("--root", type=_path, default=Path("."), help="folder the outputs are under")
     p = step("records", _pipeline_records, "encode one shard's samples into record files (one per split)")
     p.add_argument("--shard", type=_non_negative, required=True)
@@ -844,19 +847,30 @@ def _config(args: argparse.Namespace) -> Any:
 
 
 def _pipeline_check(args: argparse.Namespace) -> int:
-    print(json.dumps(_config(args).as_dict(), indent=2))
+    from datumdb.files import atomic_write
+    from datumdb.pipeline.config import resolved_json
+    from datumdb.pipeline.fingerprint import input_digest
+
+    config = _config(args)
+    if args.output is None:
+        print(resolved_json(config).decode("utf-8"), end="")
+    else:
+        atomic_write(args.output, resolved_json(config, input_digest(config)))
     return 0
 
 
 def _pipeline_stale(args: argparse.Namespace) -> int:
-    from datumdb.pipeline.outputs import stale_outputs
+    from datumdb.pipeline.outputs import missing_outputs, stale_outputs
 
     stale = stale_outputs(_config(args), args.root)
+    missing = missing_outputs(args.root)
+    for path in missing:
+        print(f"{path}: missing")
     for path, reasons in stale.items():
         print(f"{path}: stale: {'; '.join(reasons)}")
-    if not stale:
-        print("every existing output matches the params")
-    return 1 if stale else 0
+    if not stale and not missing:
+        print("every output exists and matches the params")
+    return 1 if stale or missing else 0
 
 
 def _pipeline_records(args: argparse.Namespace) -> int:

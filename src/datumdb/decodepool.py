@@ -43,7 +43,16 @@ import cv2
 
 from datumdb.errors import DatumDBError, DecodeWorkerError, InputError
 
-__all__ = ["CHUNK_BYTES", "WINDOW_BYTES", "DecodeTask", "Failure", "ordered_results", "tune_malloc", "usable_cores"]
+__all__ = [
+    "CHUNK_BYTES",
+    "WINDOW_BYTES",
+    "DecodeTask",
+    "Failure",
+    "die_with_parent",
+    "ordered_results",
+    "tune_malloc",
+    "usable_cores",
+]
 
 Shape = tuple[int, int, int]
 Record = tuple[bytes, Shape]
@@ -371,16 +380,22 @@ def _start_worker(
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if _CAN_MASK:  # held by the parent while it forked
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os._exit(1)
+    die_with_parent(parent)
     cv2.setNumThreads(1)  # the parallelism is the processes; OpenCV's own pool would oversubscribe
     cv2.utils.logging.setLogLevel(log_level)  # as quiet as the parent (spawn does not inherit it)
     tune_malloc()
     watchdog = _Watchdog(timeout, timed_out) if timeout is not None else None
     _WORKER = _Worker(task, state, timed_out, skip_errors, bad, watchdog)
+
+
+def die_with_parent(parent: int) -> None:
+    """In a worker process: get SIGKILL when the parent (pid ``parent``) dies (Linux), so even a
+    ``kill -9`` of the parent leaves no orphan blocked on its queue; exit now if it already died."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
 
 
 def _run_chunk(start: int, stop: int) -> tuple[list[Record | Failure], DatumDBError | None]:

@@ -3,6 +3,9 @@
 import json
 import math
 import os
+import shlex
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -13,8 +16,9 @@ from datumdb.errors import DatumDBError
 from datumdb.manifest import DATA_NAME, MANIFEST_NAME
 from datumdb.pipeline import outputs
 from datumdb.pipeline.build import READ_CHUNK, records_path
-from datumdb.pipeline.config import SCHEMA_PATH, read_params, to_config, validate_params
-from datumdb.pipeline.fingerprint import build_fingerprints, input_digest, verify_record
+from datumdb.files import atomic_write
+from datumdb.pipeline.config import SCHEMA_PATH, read_params, resolved_json, to_config, validate_params
+from datumdb.pipeline.fingerprint import input_digest
 from datumdb.pipeline.outputs import MEAN_BINARYPROTO, MEAN_JSON, MEAN_NPY, RECORDS, SUMMARY, stale_outputs
 from datumdb.pipeline.splits import SPLITS
 
@@ -23,12 +27,35 @@ INPUT_HASHES = Path(".snakemake/datumdb/input-hashes.json")  # stat-keyed cache 
 STALE_STAMPS = Path(".snakemake/datumdb/stamps")
 
 
+def datumdb_command():
+    """How the rules call datumdb, quoted for the shell: never assumed to be on PATH.
+
+    ``$DATUMDB_COMMAND`` if set, else the console script beside the Python that runs Snakemake
+    (``.venv/bin/snakemake`` from a shell without the venv activated finds ``.venv/bin/datumdb``),
+    else ``datumdb`` on PATH. Found nowhere: the run stops here, before any job deletes an output.
+    (Not ``python -m datumdb``: ``-m`` puts the working directory first on ``sys.path``.)
+    """
+    chosen = os.environ.get("DATUMDB_COMMAND")
+    beside = Path(sys.executable).parent / "datumdb"
+    if not chosen and os.access(beside, os.X_OK) and beside.is_file():
+        chosen = str(beside)
+    chosen = chosen or shutil.which("datumdb")
+    if not chosen:
+        sys.exit(
+            f"datumdb: command not found: not beside {sys.executable} (the Python running Snakemake) nor on "
+            "PATH; run 'make dataset' (creates .venv) or install \"datumdb[workflow]\" where Snakemake is installed"
+        )
+    return shlex.quote(chosen)
+
+
 def load_config_or_exit():
     """The typed config; bad params stop the run before any job, naming the key."""
     try:
         raw = read_params(PARAMS)  # first: YAML 1.1 and 1.2 read every value alike
+        # then the schema, plus what it cannot say: one line naming the key (Snakemake's own
+        # validate, which fills the defaults into `config`, prints the whole schema)
+        from_file = validate_params(raw, str(PARAMS))
         validate(config, schema=str(SCHEMA_PATH))
-        from_file = validate_params(raw, str(PARAMS))  # the same schema, plus what it cannot say
         if validate_params(config, str(PARAMS)) != from_file:
             raise DatumDBError(
                 f"{PARAMS}: Snakemake's config differs from the file (--config or several config files?); "
@@ -120,6 +147,37 @@ def source_inputs():
     return [ancient(str(folder / name)) for name in names]
 
 
+def record_in_dvc():
+    """After a successful run, record the outputs in DVC (``dvc commit --force``), as ``make
+    dataset`` used to do alone: then ``dvc repro`` and ``dvc status`` see them as fresh.
+
+    Only when that is true: in a DVC repository, on params.yaml (dvc.yaml's params file), with
+    every output present and matching the params by its fingerprint, and the summary written
+    after the reports it sums up (a run of some targets only can leave others stale). The dvc
+    beside the Python running Snakemake is used, else the one on PATH; without one, a note.
+    """
+    if not Path(".dvc").is_dir() or Path(PARAMS).resolve() != Path("params.yaml").resolve():
+        return
+    missing = outputs.missing_outputs()
+    stale = stale_outputs(CONFIG, ".", inputs=INPUTS) if not missing else {}
+    if missing or stale:
+        print(f"datumdb: outputs not recorded in DVC, some are missing or stale: {(missing or list(stale))[0]}")
+        return
+    summed = [MEAN_JSON, *(outputs.verify_details(split) for split in SPLITS)]
+    if Path(SUMMARY).stat().st_mtime_ns < max(Path(path).stat().st_mtime_ns for path in summed):
+        print(f"datumdb: outputs not recorded in DVC: {SUMMARY} is older than the reports")
+        return
+    beside = Path(sys.executable).parent / "dvc"
+    dvc = str(beside) if os.access(beside, os.X_OK) and beside.is_file() else shutil.which("dvc")
+    if dvc is None:
+        print("datumdb: outputs not recorded in DVC: no dvc beside Snakemake's Python nor on PATH")
+        return
+    atomic_write(outputs.RESOLVED_PARAMS, resolved_json(CONFIG, INPUTS))  # what the DVC stages read their params from
+    print("datumdb: recording the outputs in DVC (dvc commit --force)", flush=True)
+    if subprocess.run([dvc, "commit", "--force", "--quiet"], check=False).returncode != 0:
+        print("datumdb: dvc commit failed; run it again by hand to record the outputs")
+
+
 def database_files(split):
     """The files of a split's database folder (declared as files: directory() outputs get a marker)."""
     folder = outputs.database(split)
@@ -139,6 +197,7 @@ def shard_mem_mb(wildcards, attempt):
     return (400 + 3 * chunk // 2**20) * attempt
 
 
+DATUMDB = datumdb_command()  # the rules' params.datumdb
 CONFIG = load_config_or_exit()
 FINGERPRINTED = [
     *(f"{outputs.database(split)}/{MANIFEST_NAME}" for split in SPLITS),
@@ -147,6 +206,8 @@ FINGERPRINTED = [
 ]
 SHARDS = list(range(CONFIG.partition.count))
 INPUTS = hash_inputs(CONFIG)
-BUILD_FINGERPRINT = build_fingerprints(CONFIG, INPUTS)
-VERIFY_FINGERPRINT = {split: verify_record(CONFIG, split, BUILD_FINGERPRINT)["fingerprint"] for split in SPLITS}
 STALE = mark_stale_outputs(CONFIG, INPUTS)
+
+
+onsuccess:
+    record_in_dvc()

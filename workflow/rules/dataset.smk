@@ -9,9 +9,9 @@ rule records:
     output:
         records=temp([str(records_path(RECORDS, "{shard}", split)) for split in SPLITS]),
     params:
+        datumdb=DATUMDB,  # quoted for the shell already
         params_file=PARAMS,
         records=lambda wildcards, output: Path(output.records[0]).parents[1],
-        fingerprint=lambda wildcards: BUILD_FINGERPRINT["train"],
     benchmark:  # wall time, peak RSS, I/O of each job (Snakemake measures it)
         "logs/benchmarks/records/{shard}.tsv"
     log:
@@ -23,7 +23,7 @@ rule records:
         mem_mb=shard_mem_mb,
         runtime=15,
     shell:
-        "datumdb --no-progress pipeline records --params {params.params_file:q} --shard {wildcards.shard}"
+        "{params.datumdb} --no-progress pipeline records --params {params.params_file:q} --shard {wildcards.shard}"
         " {params.records:q} > {log:q} 2>&1"
 
 
@@ -35,10 +35,10 @@ rule build:
         mdb=database_files("{split}")[0],
         manifest=database_files("{split}")[1],
     params:
+        datumdb=DATUMDB,  # quoted for the shell already
         params_file=PARAMS,
         records=lambda wildcards, input: Path(input.records[0]).parents[1],
         db=lambda wildcards, output: Path(output.manifest).parent,
-        fingerprint=lambda wildcards: BUILD_FINGERPRINT[wildcards.split],
     benchmark:  # wall time, peak RSS, I/O of each job (Snakemake measures it)
         "logs/benchmarks/build/{split}.tsv"
     log:
@@ -50,5 +50,5 @@ rule build:
         mem_mb=1000,
         runtime=60,
     shell:
-        "datumdb --no-progress pipeline build --params {params.params_file:q} --split {wildcards.split}"
+        "{params.datumdb} --no-progress pipeline build --params {params.params_file:q} --split {wildcards.split}"
         " {params.records:q} {params.db:q} > {log:q} 2>&1"

@@ -28,10 +28,10 @@ rule verify:
             labels={"split": "{split}", "figure": "contact sheet"},
         ),
     params:
+        datumdb=DATUMDB,  # quoted for the shell already
         params_file=PARAMS,
         db=lambda wildcards, input: Path(input.db[0]).parent,
         train=lambda wildcards, input: Path(input.train[0]).parent,
-        fingerprint=lambda wildcards: VERIFY_FINGERPRINT[wildcards.split],
     benchmark:  # wall time, peak RSS, I/O of each job (Snakemake measures it)
         "logs/benchmarks/verify/{split}.tsv"
     log:
@@ -43,7 +43,7 @@ rule verify:
         mem_mb=1000,
         runtime=30,
     shell:
-        "datumdb --no-progress pipeline verify --params {params.params_file:q} --split {wildcards.split}"
+        "{params.datumdb} --no-progress pipeline verify --params {params.params_file:q} --split {wildcards.split}"
         " {params.db:q} --train-db {params.train:q} --details {output.details:q} --metrics {output.metrics:q}"
         " --histogram {output.histogram:q} --sheet {output.sheet:q} > {log:q} 2>&1"
 
@@ -62,9 +62,9 @@ rule mean:
             labels={"figure": "per-channel mean"},
         ),
     params:
+        datumdb=DATUMDB,  # quoted for the shell already
         params_file=PARAMS,
         db=lambda wildcards, input: Path(input.db[0]).parent,
-        fingerprint=BUILD_FINGERPRINT["train"],
     benchmark:  # wall time, peak RSS, I/O of each job (Snakemake measures it)
         "logs/benchmarks/mean/train.tsv"
     log:
@@ -74,7 +74,7 @@ rule mean:
         mem_mb=1000,
         runtime=30,
     shell:
-        "datumdb --no-progress pipeline mean --params {params.params_file:q} {params.db:q}"
+        "{params.datumdb} --no-progress pipeline mean --params {params.params_file:q} {params.db:q}"
         " --binaryproto {output.binaryproto:q} --npy {output.npy:q} --json {output.json:q} > {log:q} 2>&1"
 
 
@@ -90,6 +90,7 @@ rule report:
             labels={"figure": "summary"},
         ),
     params:
+        datumdb=DATUMDB,  # quoted for the shell already
         params_file=PARAMS,
     benchmark:  # wall time, peak RSS, I/O of each job (Snakemake measures it)
         "logs/benchmarks/report/summary.tsv"
@@ -100,5 +101,5 @@ rule report:
         mem_mb=500,
         runtime=5,
     shell:
-        "datumdb --no-progress pipeline report --params {params.params_file:q} {input.details:q}"
+        "{params.datumdb} --no-progress pipeline report --params {params.params_file:q} {input.details:q}"
         " --mean {input.mean:q} --output {output.summary:q} > {log:q} 2>&1"

@@ -15,6 +15,7 @@ import contextlib
 import multiprocessing
 import os
 import shutil
+import socket
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from datumdb.codec import encode_sample
+from datumdb.decodepool import die_with_parent
 from datumdb.errors import InputError
 from datumdb.imageset import ImageFailure, read_class_folders, serialize_images
 from datumdb.keys import index_key
@@ -170,13 +172,47 @@ def build_split(
     return read_manifest(Path(db))
 
 
+_RECORDS_PREFIX = ".records-"  # build_all's private folder: .records-HOST-PID-random
+_HOST = socket.gethostname().split(".")[0].replace("-", "_") or "host"
+
+
+def _remove_dead_records_folders(databases: Path) -> None:
+    """Remove the record folders that killed ``build_all`` runs of this host left behind.
+
+    Only folders named by a dead process of this host (a live build here, or any build on another
+    node of a shared file system, is left alone) and holding only what build_all writes: shard
+    folders (digits) of files.
+    """
+    for folder in databases.glob(f"{_RECORDS_PREFIX}*"):
+        host, _, rest = folder.name[len(_RECORDS_PREFIX) :].partition("-")
+        pid = rest.split("-", 1)[0]
+        if host != _HOST or not pid.isdigit() or _process_alive(int(pid)) or folder.is_symlink():
+            continue
+        shards = list(folder.iterdir())
+        if all(s.name.isdigit() and s.is_dir() and not s.is_symlink() for s in shards) and all(
+            f.is_file() and not f.is_symlink() for s in shards for f in s.iterdir()
+        ):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def build_all(
     config: PipelineConfig, databases: str | os.PathLike[str], *, jobs: int | None = None
 ) -> dict[str, dict[str, Any]]:
     """Every split's database under ``databases/<split>``, the shards encoded in ``jobs`` processes.
 
     The record files go to a private folder beside the databases, removed at the end, whatever
-    happens. Processes are forked before any LMDB environment is open.
+    happens; one that a ``kill -9`` left is removed at the next start. The worker processes die
+    with this one. Processes are forked before any LMDB environment is open.
     """
     databases = Path(databases)
     for split in SPLITS:  # a database it may not replace is refused before the shards' work
@@ -184,7 +220,8 @@ def build_all(
     databases.mkdir(parents=True, exist_ok=True)
     inputs = input_digest(config)
     jobs = max(1, min(jobs or os.cpu_count() or 1, config.partition.count))
-    work = Path(tempfile.mkdtemp(prefix=".records-", dir=databases))
+    _remove_dead_records_folders(databases)
+    work = Path(tempfile.mkdtemp(prefix=f"{_RECORDS_PREFIX}{_HOST}-{os.getpid()}-", dir=databases))
     try:
         shards = range(config.partition.count)
         if jobs == 1:
@@ -192,7 +229,8 @@ def build_all(
                 make_records(config, shard, work)
         else:
             context = multiprocessing.get_context("fork")
-            with ProcessPoolExecutor(jobs, mp_context=context) as pool:
+            pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=die_with_parent, initargs=(os.getpid(),))
+            with pool:
                 for future in [pool.submit(make_records, config, s, work) for s in shards]:
                     future.result()
         return {split: build_split(config, split, work, databases / split, inputs=inputs) for split in SPLITS}

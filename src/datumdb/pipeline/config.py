@@ -26,6 +26,7 @@ Why this module reads ``params.yaml`` itself instead of taking values on the com
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import re
@@ -63,6 +64,7 @@ __all__ = [
     "PipelineConfig",
     "load_config",
     "read_params",
+    "resolved_json",
     "to_config",
     "validate_params",
     "yaml_disagreements",
@@ -205,6 +207,15 @@ class PipelineConfig:
         return _plain(self)
 
 
+def resolved_json(config: PipelineConfig, inputs: str | None = None) -> bytes:
+    """Every parameter, defaults filled in, as JSON, and ``inputs`` (the input files' digest) as
+    ``input_files`` if given: DVC's stages track their params and inputs in this form
+    (outputs.RESOLVED_PARAMS), so a key left out of params.yaml takes its default under DVC too,
+    and only the files the source reads count as its inputs (not a `.dvc` file beside them)."""
+    resolved = config.as_dict() if inputs is None else {**config.as_dict(), "input_files": inputs}
+    return (json.dumps(resolved, indent=2) + "\n").encode("utf-8")
+
+
 # ----------------------------------------------------------------------------- reading
 
 
@@ -333,10 +344,28 @@ def _join(name: str, key: str) -> str:
     return f"{name}.{key}" if name else key
 
 
+def _require_workflow_extra() -> None:
+    """The pipeline steps read params with ruamel.yaml and jsonschema, which only the ``workflow``
+    extra installs (``pip install datumdb`` gives the library and the other commands): say so."""
+    import importlib.util
+
+    for module in ("ruamel.yaml", "jsonschema"):
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:  # the parent package (ruamel) is missing
+            found = False
+        if not found:
+            raise InputError(
+                f"the pipeline steps need the workflow extra (module {module} is missing): "
+                'pip install "datumdb[workflow]"'
+            )
+
+
 def _load_yaml_12(text: str, path: Path) -> Any:
     """What DVC sees: ruamel.yaml's safe loader (YAML 1.2), as dvc.utils.serialize does."""
     import warnings
 
+    _require_workflow_extra()
     from ruamel.yaml import YAML
     from ruamel.yaml.error import YAMLError, YAMLFutureWarning
 
@@ -388,6 +417,7 @@ def validate_params(params: Mapping[str, Any], where: str = "params.yaml") -> di
     """
     import copy
 
+    _require_workflow_extra()
     from jsonschema import Draft202012Validator, validators
 
     schema = _schema()

@@ -31,10 +31,13 @@ __all__ = [
     "MEAN_JSON",
     "MEAN_NPY",
     "RECORDS",
+    "RESOLVED_PARAMS",
     "SUMMARY",
     "database",
     "histogram",
     "metrics",
+    "missing_outputs",
+    "output_files",
     "sheet",
     "stale_outputs",
     "verify_details",
@@ -45,6 +48,9 @@ RECORDS = "data/tmp/records"  # Snakemake's per-shard intermediates (temp(): del
 MEAN_BINARYPROTO = "data/mean/mean.binaryproto"
 MEAN_NPY = "data/mean/mean.npy"
 MEAN_JSON = "reports/mean.json"
+# params.yaml with every default filled in (`datumdb pipeline check --output`), which dvc.yaml's
+# stages list their params from: DVC itself would refuse a key left to its default as missing.
+RESOLVED_PARAMS = "reports/params.json"
 SUMMARY = "reports/summary.md"
 
 
@@ -66,6 +72,25 @@ def histogram(split: str) -> str:
 
 def sheet(split: str) -> str:
     return f"reports/verify/{split}_samples.png"
+
+
+def output_files() -> list[str]:
+    """Every file the pipeline produces (a database as its two files), in the order they are made."""
+    from datumdb.manifest import DATA_NAME
+
+    return [
+        *(f"{database(split)}/{name}" for split in SPLITS for name in (DATA_NAME, MANIFEST_NAME)),
+        *(path(split) for split in SPLITS for path in (verify_details, metrics, histogram, sheet)),
+        MEAN_BINARYPROTO,
+        MEAN_NPY,
+        MEAN_JSON,
+        SUMMARY,
+    ]
+
+
+def missing_outputs(root: str | Path = ".") -> list[str]:
+    """The pipeline's output files absent under ``root`` (a run has yet to make them)."""
+    return [name for name in output_files() if not (Path(root) / name).is_file()]
 
 
 def _recorded(path: Path, *keys: str) -> Any:
