@@ -62,7 +62,7 @@ def _fds_to(identity: tuple[int, int]) -> int:
 
 def _open_versions(identity: tuple[int, int]) -> int:
     """1 while this process has the file open as a pinned version (its environment included)."""
-    return int(identity in reader_module._PINS or identity in reader_module._OPEN)
+    return int(identity in reader_module._FILES or identity in reader_module._OPEN)
 
 
 def _assert_reads(reader: DatumReader, images: np.ndarray, labels: np.ndarray) -> None:
@@ -275,7 +275,7 @@ _CLOSE_WHILE_READING = """
 import sys, threading
 import numpy as np
 from datumdb import DatumReader
-from datumdb.reader import _OPEN, _PINS
+from datumdb.reader import _FILES, _OPEN
 
 path, closes = sys.argv[1], int(sys.argv[2])
 reader = DatumReader(path)
@@ -319,7 +319,7 @@ for thread in threads:
 reader.close()
 assert not errors, errors
 assert min(rounds) >= 1, rounds
-assert identity not in _PINS and identity not in _OPEN, "environment still open after every reader closed"
+assert identity not in _FILES and identity not in _OPEN, "environment still open after every reader closed"
 print("ok", sum(rounds))
 """
 
