@@ -162,3 +162,35 @@ def test_a_node_offset_past_the_end_in_the_last_page_is_an_error_not_sigbus(tmp_
     assert result.returncode == 1, (result.returncode, result.stderr[-2000:])
     assert "datumdb.errors" in result.stderr.strip().splitlines()[-1], result.stderr[-2000:]
     assert not verify_database(folder, isolate=True)["ok"]
+
+
+def test_a_forged_page_number_cannot_make_reading_and_verify_disagree(tmp_path: Path) -> None:
+    """The offset index once took the map's base from the page number in the header of the page
+    holding record 0: an 8-byte edit there (with a freed copy of the records where the forged base
+    pointed) made it serve the previous record's image and label while verify passed. The base
+    now comes from the kernel's account of LMDB's map, so the edit changes nothing the reader
+    serves; and verify compares what the index serves with what LMDB returns."""
+    from conftest import read_lmdb_items
+    from damaged_lmdb import Layout
+
+    from datumdb.codec import datum_to_array, decode
+    from datumdb.verify import content_digest
+
+    intact = _write(tmp_path / "intact", 150, (3, 8, 8), 5)
+    (intact / "datumdb.json").unlink()  # as a Caffe-made database: nothing but the records to verify
+    data = (intact / "data.mdb").read_bytes()
+    page = Layout(data).values[0][0] // 4096  # the leaf page holding record 0
+    expected = [(datum_to_array(decode(v, k), key=k), decode(v, k).label) for k, v in read_lmdb_items(intact)]
+    for forged in (page - 1, page + 1, page + 3, 0, 2**40):
+        folder = tmp_path / f"forged{forged}"
+        folder.mkdir()
+        (folder / "data.mdb").write_bytes(data[: page * 4096] + struct.pack("<Q", forged) + data[page * 4096 + 8 :])
+        report = verify_database(folder)
+        assert report["ok"], report["problems"]  # LMDB never reads that field: the records are intact
+        assert report["digest"] == content_digest(intact)
+        with DatumReader(folder) as reader:
+            assert reader.build_index()  # the index does not depend on the forged field
+            images, labels = reader.read_batch(np.arange(len(reader)))
+            for i, (image, label) in enumerate(expected):
+                assert np.array_equal(reader[i][0], image) and reader[i][1] == label, (forged, i)
+                assert np.array_equal(images[i], image) and labels[i] == label, (forged, i)

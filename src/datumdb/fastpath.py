@@ -132,6 +132,11 @@ class OffsetIndex:
         """The (C, H, W) read-only view of one record's payload in the map, and its label."""
         return self.images[self.record_offsets[position]], self.record_labels[position]
 
+    def payloads(self, start: int, stop: int) -> np.ndarray:
+        """A copy of the payloads of records ``start`` to ``stop`` (exclusive), one row each."""
+        rows = self._rows[self.offsets[start:stop]]
+        return rows.view(np.uint8).reshape(len(rows), self.layout.size)
+
     def gather(self, indices: np.ndarray, out: np.ndarray) -> np.ndarray:
         # Advanced indexing walks the overlapping view as is (np.take would first copy all of it
         # into a contiguous array: hundreds of gigabytes).
