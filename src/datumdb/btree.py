@@ -61,6 +61,8 @@ def check_tree(data: np.ndarray, page_size: int, last_page: int, root: int, dept
         return None
     if not 1 <= depth <= 32:  # LMDB's cursor holds at most 32 levels
         return f"the tree has depth {depth}"
+    if not 2 <= root <= last_page:
+        return f"its root is page {root}, outside the file"
     visited = np.zeros(last_page + 1, dtype=bool)
     level = np.array([root], dtype=np.int64)
     records = 0

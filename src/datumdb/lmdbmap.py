@@ -33,6 +33,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -59,19 +60,19 @@ def map_size_for(file_size: int) -> int:
 Mapping = tuple[int, int, int, int]  # start, end, file offset, inode
 
 
+# A mapping of a file from its start: "START-END PERMS 00000000 DEV INODE" (offset 0, inode not 0).
+_FILE_START = re.compile(rb"^([0-9a-f]+)-([0-9a-f]+) \S+ 0+ \S+ ([1-9][0-9]*)", re.MULTILINE)
+
+
 def mappings() -> set[Mapping] | None:
-    """The file mappings of this process (None where ``/proc/self/maps`` does not exist)."""
+    """The mappings of files from their first byte in this process (None where
+    ``/proc/self/maps`` does not exist); a process using PyTorch has thousands of mappings, so
+    the listing is scanned by one regular expression, not line by line."""
     if sys.platform != "linux" or not os.path.exists(_MAPS):
         return None
-    found: set[Mapping] = set()
     with open(_MAPS, "rb") as maps:
-        for line in maps:
-            fields = line.split(maxsplit=5)
-            if len(fields) < 5 or fields[4] == b"0":
-                continue
-            start, end = (int(x, 16) for x in fields[0].split(b"-"))
-            found.add((start, end, int(fields[2], 16), int(fields[4])))
-    return found
+        listing = maps.read()
+    return {(int(start, 16), int(end, 16), 0, int(inode)) for start, end, inode in _FILE_START.findall(listing)}
 
 
 def locate(env: lmdb.Environment, before: set[Mapping] | None, inode: int, file_size: int) -> LmdbMap | None:

@@ -179,9 +179,11 @@ class _File:
         checked = self.lmdb_map
         previous = b""
         count = 0
-        records = self.txn.cursor().iternext()
+        records = None
         while True:
             try:
+                if records is None:
+                    records = self.txn.cursor().iternext()  # positions on the first record now
                 key_view, value_view = next(records)  # views: nothing is read until checked
             except StopIteration:
                 break
@@ -511,6 +513,12 @@ def _pin_version(folder: Path, expected: DatabaseVersion | None) -> _Pin:
             raise DatabaseChangedError(
                 f"{folder / DATA_NAME}: modified in place while open in this process "
                 f"(open: {DatabaseVersion(*file.identity, None)}; now: {version}); databases must be replaced whole"
+            )
+        counted = manifest.get("count") if manifest is not None else None
+        if isinstance(counted, int) and counted != file.length:
+            # e.g. a damaged meta page makes LMDB read the empty tree of the database's first one
+            raise DatabaseError(
+                f"{folder / DATA_NAME}: damaged: the record count is {file.length} but the manifest says {counted}"
             )
         # Another folder may hold this very file (a hardlink): the file is shared, the manifest
         # (hence decode mode and digest) is this folder's own.
