@@ -456,8 +456,8 @@ def test_a_truncated_database_is_named_in_one_line(inputs: Path, verb: str) -> N
 
 @pytest.mark.parametrize("in_process", [True, False], ids=["main", "subprocess"])
 def test_a_page_that_makes_lmdb_abort_is_one_line_naming_the_database(inputs: Path, in_process: bool) -> None:
-    """LMDB asserts (and aborts) on this zeroed page: the reading verbs run in a forked child,
-    so the command survives, and LMDB's own message is folded into the one line."""
+    """LMDB asserts (and aborts) on this zeroed page: the reader's check of the B-tree refuses
+    it before LMDB walks it (and the reading verbs run in a forked child besides), in one line."""
     with scratch(inputs) as out:
         damaged_copy(inputs / "db", out / "db", "zero-page", [(0.5, 1)])
         argv = ["--no-progress", "digest", str(out / "db")]
@@ -468,7 +468,8 @@ def test_a_page_that_makes_lmdb_abort_is_one_line_naming_the_database(inputs: Pa
             code, err = child.returncode, child.stderr.decode("utf-8")
             check_outcome(argv, code, err)
         assert code == 2, err
-        assert err.startswith(f"datumdb digest: error: {out / 'db'}: damaged or not an LMDB database: "), err
+        assert err.startswith(f"datumdb digest: error: {out / 'db' / 'data.mdb'}: damaged B-tree: page "), err
+        assert err.count("\n") == 1, err
 
 
 @pytest.mark.parametrize("name", ["--strict", "--allow-nonfinite", "--heartbeat=5", "--no-progress"])

@@ -215,14 +215,15 @@ def test_the_numpy_address_fallback_builds_the_same_index(tmp_path: Path, monkey
     arrays = [rng.integers(0, 256, SHAPE, dtype=np.uint8) for _ in range(100)]
     path = _build(tmp_path / "db", arrays, [LABELS[i % len(LABELS)] for i in range(100)])
     with DatumReader(path) as reader:
-        pin = reader._pinned()
-        quick = OffsetIndex.build(pin.env, pin.data, pin.raw_layout())
+        file = reader._pinned().file
+        arguments = (file.env, file.lmdb_map, file.data, file.raw_layout(path), len(reader))
+        quick = OffsetIndex.build(*arguments)
         monkeypatch.setattr(fastpath, "_BUFFER_FIELD", None)
-        slow = OffsetIndex.build(pin.env, pin.data, pin.raw_layout())
+        slow = OffsetIndex.build(*arguments)
         assert quick is not None and slow is not None
         assert np.array_equal(quick.offsets, slow.offsets) and np.array_equal(quick.labels, slow.labels)
         monkeypatch.setattr(fastpath, "_BUFFER_FIELD", 0)  # a wrong guess (the reference count) ...
-        assert OffsetIndex.build(pin.env, pin.data, pin.raw_layout()) is None  # ... fails the build
+        assert OffsetIndex.build(*arguments) is None  # ... fails the build
 
 
 def _read_in_child(reader: DatumReader, parent_index: int, results) -> None:

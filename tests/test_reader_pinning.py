@@ -62,7 +62,7 @@ def _fds_to(identity: tuple[int, int]) -> int:
 
 def _open_versions(identity: tuple[int, int]) -> int:
     """1 while this process has the file open as a pinned version (its environment included)."""
-    return int(identity in reader_module._PINS or identity in reader_module._OPEN)
+    return int(identity in reader_module._FILES or identity in reader_module._OPEN)
 
 
 def _assert_reads(reader: DatumReader, images: np.ndarray, labels: np.ndarray) -> None:
@@ -275,7 +275,7 @@ _CLOSE_WHILE_READING = """
 import sys, threading
 import numpy as np
 from datumdb import DatumReader
-from datumdb.reader import _OPEN, _PINS
+from datumdb.reader import _FILES, _OPEN
 
 path, closes = sys.argv[1], int(sys.argv[2])
 reader = DatumReader(path)
@@ -319,7 +319,7 @@ for thread in threads:
 reader.close()
 assert not errors, errors
 assert min(rounds) >= 1, rounds
-assert identity not in _PINS and identity not in _OPEN, "environment still open after every reader closed"
+assert identity not in _FILES and identity not in _OPEN, "environment still open after every reader closed"
 print("ok", sum(rounds))
 """
 
@@ -407,3 +407,71 @@ def test_indices_must_be_integers(tmp_path: Path, indexed: bool) -> None:
                 reader.read_batch(bad)
         with pytest.raises(IndexError, match="out of range"):
             reader.read_batch(np.array([2**64 - 1], dtype=np.uint64))  # not wrapped to -1
+
+
+# --------------------------------------------------------------------------- one file, two folders
+
+
+def _hardlinked_color_and_gray(caffe_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """``--encoded`` and ``--encoded --gray`` of the same PNGs: byte-identical data.mdb, two
+    manifests; then one inode, as DVC's hardlink cache (``dvc checkout --relink``) leaves them."""
+    from datumdb.cli import main
+
+    color, gray = tmp_path / "color", tmp_path / "gray"
+    for db, flags in ((color, []), (gray, ["--gray"])):
+        root = str(caffe_dir / "images") + "/"
+        assert (
+            main(["--no-progress", "convert-imageset", root, str(caffe_dir / "list.txt"), str(db), "--encoded", *flags])
+            == 0
+        )
+    assert (color / "data.mdb").read_bytes() == (gray / "data.mdb").read_bytes()
+    (gray / "data.mdb").unlink()
+    os.link(color / "data.mdb", gray / "data.mdb")
+    assert (color / "data.mdb").stat().st_ino == (gray / "data.mdb").stat().st_ino
+    return color, gray
+
+
+def _what_each_reads(readers: tuple[DatumReader, DatumReader]) -> list[tuple[int, str, str, int, int]]:
+    """Per reader: channels of record 0, decode mode, the manifest's channel order, and the
+    channels of every record through a batch and through iteration (one value when all agree)."""
+    seen = []
+    for reader in readers:
+        channels = {array.shape[0] for array, _ in reader} | {reader[i][0].shape[0] for i in range(len(reader))}
+        assert len(channels) == 1, channels
+        seen.append(
+            (reader[0][0].shape[0], reader.decode_mode, reader.manifest["channel_order"], channels.pop(), len(reader))
+        )
+    return seen
+
+
+def test_two_folders_sharing_one_data_mdb_each_read_with_their_own_manifest(caffe_dir: Path, tmp_path: Path) -> None:
+    color, gray = _hardlinked_color_and_gray(caffe_dir, tmp_path)
+    for order in ((color, gray), (gray, color)):  # whichever is opened first
+        readers = tuple(DatumReader(path) for path in order)
+        assert readers[0].version.inode == readers[1].version.inode  # one file, one environment
+        seen = dict(zip(order, _what_each_reads(readers), strict=True))
+        assert seen[color][:2] == (3, "color") and seen[color][3] == 3, seen
+        assert seen[gray][:2] == (1, "gray") and seen[gray][3] == 1, seen
+        assert seen[color][2] != seen[gray][2]
+        assert readers[0].manifest != readers[1].manifest
+        for reader in readers:
+            reader.close()
+
+
+def _read_pickled(readers: tuple[DatumReader, DatumReader]) -> list[tuple[int, str, str, int, int]]:
+    return _what_each_reads(readers)
+
+
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_two_folders_sharing_one_data_mdb_keep_their_manifests_in_workers(
+    caffe_dir: Path, tmp_path: Path, method: str
+) -> None:
+    color, gray = _hardlinked_color_and_gray(caffe_dir, tmp_path)
+    readers = (DatumReader(color).pin(), DatumReader(gray).pin())
+    here = _what_each_reads(readers)  # both open in the parent: a fork inherits both pins of one file
+    with multiprocessing.get_context(method).Pool(1) as pool:
+        there = pool.apply(_read_pickled, (readers,))
+        flipped = pool.apply(_read_pickled, ((readers[1], readers[0]),))
+    assert there == here and flipped == here[::-1]
+    assert here[0][:2] == (3, "color") and here[1][:2] == (1, "gray")

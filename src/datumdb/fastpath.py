@@ -7,9 +7,9 @@ and both fall back to the general path (:func:`datumdb.codec.decode`) for anythi
 * :class:`datumdb.codec.RawLayout` checks a value against the expected header and tail with two
   byte comparisons and slices the payload, instead of parsing field by field.
 * :class:`OffsetIndex` records, once per process, where each value's payload sits in
-  ``data.mdb`` (from the address LMDB returns for it and the page number in the header of the
-  page holding it), checks every record's header and label tail in the file, compares a sample
-  of payloads with what LMDB returns, and then reads through an overlapping strided view of a
+  ``data.mdb`` (the address LMDB returns for it, less the base of LMDB's map as the kernel
+  reports it: :mod:`datumdb.lmdbmap`), checks every record's header and label tail in the file,
+  compares a sample of payloads with what LMDB returns, and then reads through an overlapping strided view of a
   read-only map of the file: a batch is one NumPy fancy index and a single record one integer
   index, the same operations as on a ``.npy`` memmap. The map is handed in by the caller, made
   from the very file the LMDB environment has open (:mod:`datumdb.reader` maps the descriptor it
@@ -23,50 +23,21 @@ import array
 import ctypes
 import mmap
 import random
-import sys
 
 import lmdb
 import numpy as np
 
 from datumdb.codec import RawLayout
+from datumdb.lmdbmap import BUFFER_FIELD, LmdbMap, numpy_address
 
 __all__ = ["OffsetIndex"]
+
+_BUFFER_FIELD = BUFFER_FIELD  # where a memoryview keeps its address (None: ask NumPy)
 
 _VALIDATED_SAMPLE = 64  # payloads compared byte for byte with LMDB's own answer
 _CHECK_CHUNK = 1 << 16  # records whose headers and tails are checked in one vectorised step
 
 Buffer = bytes | memoryview | mmap.mmap  # anything NumPy can view as bytes without a copy
-
-
-def _numpy_address(view: memoryview) -> int:
-    return np.frombuffer(view, dtype=np.uint8).ctypes.data
-
-
-def _find_buffer_field() -> int | None:
-    """Where CPython keeps a memoryview's buffer pointer inside the object, if we can tell.
-
-    Asking NumPy for the address of each value costs ~1.5 µs (a ctypes object per call), most of
-    an index build. CPython stores the ``Py_buffer`` inline in the memoryview, so its ``buf``
-    pointer is a word at a fixed offset: found here by matching NumPy's answer on several
-    buffers, and used only when exactly one offset matches them all (else None: NumPy is asked).
-    Reading that word never leaves the object, and every offset it yields is checked against
-    the file before use (:meth:`OffsetIndex.build`), so a wrong guess fails the build, never a read.
-    """
-    if sys.implementation.name != "cpython":
-        return None
-    buffers = [bytes(range(n % 256)) * 3 + b"x" for n in (5, 77, 200)]
-    views = [memoryview(b)[i:] for i, b in enumerate(buffers)]
-    size = sys.getsizeof(views[0])
-    word = ctypes.sizeof(ctypes.c_void_p)
-    found = [
-        offset
-        for offset in range(0, size - word + 1, word)
-        if all(ctypes.c_void_p.from_address(id(v) + offset).value == _numpy_address(v) for v in views)
-    ]
-    return found[0] if len(found) == 1 else None
-
-
-_BUFFER_FIELD = _find_buffer_field()
 
 
 class OffsetIndex:
@@ -96,38 +67,51 @@ class OffsetIndex:
         )
 
     @classmethod
-    def build(cls, env: lmdb.Environment, data: Buffer, layout: RawLayout) -> OffsetIndex | None:
-        """Scan once; None unless every record has ``layout`` and the offsets check out.
+    def build(
+        cls, env: lmdb.Environment, lmdb_map: LmdbMap, data: Buffer, layout: RawLayout, count: int
+    ) -> OffsetIndex | None:
+        """Scan once; None unless the ``count`` records all have ``layout`` and the offsets check out.
 
         ``data`` is a read-only map (e.g. :class:`mmap.mmap`) of the whole file ``env`` has open:
         the same file, not merely the same path, or the index reads another version's pixels.
-        The scan only asks LMDB where each value is (its pages are not read); the headers and
-        label tails are then checked in the file, a chunk of records at a time.
+        ``lmdb_map`` is where LMDB mapped that file (from the kernel, never from bytes in the
+        file: see :mod:`datumdb.lmdbmap`), so a value's file offset is its address minus the
+        map's base, and the index serves exactly the bytes LMDB serves. The scan only asks LMDB
+        where each value is (its pages are not read); every value must lie inside the file, and
+        the headers and label tails are then checked in the file, a chunk of records at a time.
+        ``count`` is the number of records the caller found in key order (the scan stops there).
         """
-        field = _BUFFER_FIELD
         file = np.frombuffer(data, dtype=np.uint8)
+        if count == 0 or len(file) != lmdb_map.size:
+            return None
+        try:
+            return cls._build(env, lmdb_map, data, file, layout, count)
+        except lmdb.Error:  # the caller's own walk found these records: the general path says what is wrong
+            return None
+
+    @classmethod
+    def _build(
+        cls, env: lmdb.Environment, lmdb_map: LmdbMap, data: Buffer, file: np.ndarray, layout: RawLayout, count: int
+    ) -> OffsetIndex | None:
+        field = _BUFFER_FIELD
         with env.begin(buffers=True) as txn:  # values as views of the map: their addresses are what we want
-            page_size = int(txn.stat()["psize"])
-            count = int(txn.stat()["entries"])
             picked = set(random.Random(count).sample(range(count), min(count, _VALIDATED_SAMPLE))) | {0, count - 1}
-            addresses, lengths, sample = array.array("q"), array.array("q"), {}
-            first = None
+            addresses, lengths, views = array.array("q"), array.array("q"), {}
             from_address = ctypes.c_void_p.from_address
             for position, value in enumerate(txn.cursor().iternext(keys=False, values=True)):
-                addresses.append(from_address(id(value) + field).value if field is not None else _numpy_address(value))
+                if position == count:
+                    return None  # more records than the caller found: not the same B-tree walk
+                addresses.append(from_address(id(value) + field).value if field is not None else numpy_address(value))
                 lengths.append(len(value))
                 if position in picked:
-                    sample[position] = bytes(value)
-                    if position == 0:  # the map's start, from the page number in this page's header
-                        first = _numpy_address(value)
-                        page_start = first - first % page_size
-                        base = page_start - ctypes.c_uint64.from_address(page_start).value * page_size
-            if first is None:
+                    views[position] = value
+            if len(addresses) != count:
                 return None
-        starts = np.frombuffer(addresses, dtype=np.int64) - base
-        ends = starts + np.frombuffer(lengths, dtype=np.int64)
-        if first - base != starts[0] or starts.min() < 0 or ends.max() > len(file):
-            return None
+            starts = np.frombuffer(addresses, dtype=np.int64) - lmdb_map.base
+            ends = starts + np.frombuffer(lengths, dtype=np.int64)
+            if starts.min() < 0 or ends.max() > len(file):
+                return None  # a value outside the file: the general path names it
+            sample = {position: bytes(view) for position, view in views.items()}  # inside the file: checked
         labels = _checked_labels(file, starts, ends, layout)
         if labels is None:
             return None
@@ -147,6 +131,11 @@ class OffsetIndex:
     def record(self, position: int) -> tuple[np.ndarray, int]:
         """The (C, H, W) read-only view of one record's payload in the map, and its label."""
         return self.images[self.record_offsets[position]], self.record_labels[position]
+
+    def payloads(self, start: int, stop: int) -> np.ndarray:
+        """A copy of the payloads of records ``start`` to ``stop`` (exclusive), one row each."""
+        rows = self._rows[self.offsets[start:stop]]
+        return rows.view(np.uint8).reshape(len(rows), self.layout.size)
 
     def gather(self, indices: np.ndarray, out: np.ndarray) -> np.ndarray:
         # Advanced indexing walks the overlapping view as is (np.take would first copy all of it

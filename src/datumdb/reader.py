@@ -26,7 +26,14 @@
   leak an environment.
 * **One environment per file per process**, shared by all readers pinned to it, because py-lmdb
   refuses a second ``open`` of a file one process has open. An environment inherited across
-  ``fork`` is never used in the child: the child closes its copy and opens its own.
+  ``fork`` is never used in the child: the child closes its copy and opens its own. Two folders
+  may hold one file (hardlinks, reflinks, DVC's cache link identical files): they share the
+  environment, but each reads with its own manifest, decode mode and digest.
+* **A damaged file is an error, never a signal.** Every key and value LMDB hands out is checked
+  to lie inside the file before it is copied (:mod:`datumdb.lmdbmap`), keys must increase and
+  number what the meta page says, and LMDB's own reads past the file read zeros: a damaged
+  ``data.mdb`` raises :class:`~datumdb.errors.DatumError` (naming the file and the key) or
+  :class:`~datumdb.errors.DatabaseError` (naming the file and the record).
 """
 
 from __future__ import annotations
@@ -45,10 +52,12 @@ from typing import Any, Literal, NamedTuple, overload
 import lmdb
 import numpy as np
 
+from datumdb.btree import check_tree
 from datumdb.codec import Datum, ImreadMode, RawLayout, datum_to_array, decode
 from datumdb.errors import DatabaseChangedError, DatabaseError, DatabaseNotFoundError, DatumDBError, DatumError
 from datumdb.fastpath import OffsetIndex
 from datumdb.keys import MAX_KEY_BYTES
+from datumdb.lmdbmap import locate, map_size_for, mappings
 from datumdb.manifest import DATA_NAME, decode_mode, read_manifest
 
 __all__ = ["DatabaseVersion", "DatumReader", "open_environment"]
@@ -76,14 +85,17 @@ class DatabaseVersion(NamedTuple):
         return f"inode {self.inode} on device {self.device}, {self.size} bytes, digest {self.digest or 'none'}"
 
 
-class _Pin:
-    """One open version of a database in this process, shared by every reader pinned to it.
+class _File:
+    """One open ``data.mdb`` in this process, shared by every folder and reader pinned to it.
 
     Holds the environment, one long-lived read transaction (the file never changes, so one
     snapshot is correct and the cheapest way to read), a read-only map of the same file for the
-    offset index, the manifest read beside it, and what is computed once per version. Every read
-    holds the pin while it runs; when the last reader and read let go, a finalizer closes the
-    environment (see :func:`_pin_version`), so nothing is closed under a running read.
+    offset index, LMDB's own map (:class:`~datumdb.lmdbmap.LmdbMap`: every key and value is
+    checked against the file before it is copied), and what is computed once per file. Two
+    folders may hold this one file (hardlinks, reflinks, DVC's cache); what belongs to a folder
+    (its manifest, hence its decode mode and digest) is in the :class:`_Pin` of that folder,
+    never here. Every read holds a pin, and so this file, while it runs; when the last lets go,
+    a finalizer closes the environment (see :func:`_pin_version`), never under a running read.
     """
 
     __slots__ = (
@@ -92,38 +104,28 @@ class _Pin:
         "_layout",
         "_lock",
         "_offsets",
-        "auto_mode",
         "data",
         "env",
+        "identity",
         "length",
-        "manifest",
-        "manifest_error",
+        "lmdb_map",
         "pid",
         "single_reads",
         "txn",
-        "version",
     )
 
-    def __init__(
-        self,
-        folder: Path,
-        fd: int,
-        version: DatabaseVersion,
-        manifest: dict[str, Any] | None,
-        manifest_error: Exception | None,
-    ) -> None:
-        self.version = version
-        self.manifest = manifest
-        self.manifest_error = manifest_error
-        self.auto_mode: ImreadMode = decode_mode(manifest)  # type: ignore[assignment]
+    def __init__(self, folder: Path, fd: int, identity: tuple[int, int, int, int]) -> None:
+        self.identity = identity  # device, inode, size, mtime_ns
+        size = identity[2]
         self.pid = _PID
-        self._lock = threading.Lock()  # made in this process: a pin never crosses a fork in use
+        self._lock = threading.Lock()  # made in this process: a file never crosses a fork in use
         self._keys: tuple[bytes, ...] | None = None
         self._layout: RawLayout | bool | None = False  # False: not looked at yet
         self._offsets: OffsetIndex | bool | None = False
         self.single_reads = 0  # through the general path: the offset index is built after enough
         # bytes: py-lmdb encodes a str path as strict UTF-8, which a non-UTF-8 folder name is not
         name = os.fsencode(f"{_FD_DIR}/{fd}" if _FD_DIR is not None else folder / DATA_NAME)
+        before = mappings()
         try:
             self.env = lmdb.open(
                 name,
@@ -133,56 +135,113 @@ class _Pin:
                 readahead=False,  # random access is the common case; readahead thrashes the cache
                 max_readers=1,
                 max_dbs=0,
+                map_size=map_size_for(size),  # the file and zero pages past it (see datumdb.lmdbmap)
             )
         except lmdb.Error as exc:
             raise DatabaseError(f"{folder}: cannot open LMDB database: {exc}") from exc
         try:
-            if _FD_DIR is None and _identity(folder) != (version.device, version.inode):
+            if _FD_DIR is None and _identity(folder) != identity[:2]:
                 # opened by path, and the path moved on: not the file we checked
                 raise DatabaseChangedError(f"{folder / DATA_NAME}: replaced while being opened; try again")
-            # A data.mdb shorter than its last page would kill the process with SIGBUS when that
-            # page is read through the map: refuse it as damaged instead.
-            needed = (int(self.env.info()["last_pgno"]) + 1) * int(self.env.stat()["psize"])
-            if version.size < needed:
-                raise DatabaseError(
-                    f"{folder}: {DATA_NAME} is truncated ({version.size} bytes, its pages need {needed})"
-                )
+            self.lmdb_map = locate(self.env, before, identity[1], size)
+            # A data.mdb shorter than its last page would have LMDB read past its end: refuse it
+            # as damaged (every page LMDB accepts then lies inside the file).
+            page_size = int(self.env.stat()["psize"])
+            needed = (int(self.env.info()["last_pgno"]) + 1) * page_size
+            if size < needed:
+                raise DatabaseError(f"{folder}: {DATA_NAME} is truncated ({size} bytes, its pages need {needed})")
             # The map for the offset index, of the pinned descriptor itself (mmap keeps its own dup).
-            self.data = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if version.size else None
-            self.txn = self.env.begin(buffers=False)
+            self.data = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if size else None
+            _check_structure(folder, self.env, self.data, page_size)
+            self.txn = self.env.begin(buffers=True)  # views of the map, checked before they are copied
             self.length = int(self.txn.stat()["entries"])
         except BaseException:
             self.env.close()  # not registered yet: closed here, or py-lmdb refuses the next open
             raise
 
-    def keys(self) -> tuple[bytes, ...]:
+    def value(self, folder: Path, key: bytes) -> bytes | None:
+        """The value stored under ``key`` (None: no such key), checked to lie inside the file."""
+        try:
+            view = self.txn.get(key)
+        except lmdb.Error as exc:
+            raise DatumError(f"{folder / DATA_NAME}: damaged: LMDB cannot find this record: {exc}", key) from None
+        if view is None or self.lmdb_map is None:
+            return None if view is None else bytes(view)
+        return self.lmdb_map.copy(view, folder, key)
+
+    def items(self, folder: Path, values: bool = True) -> Iterator[tuple[bytes, bytes]]:
+        """``(key, value)`` in key order (values ``b""`` unless ``values``), each checked.
+
+        Keys and values are checked to lie inside the file before they are copied; keys must
+        increase strictly and number what the meta page says, or the B-tree is damaged (a
+        damaged tree can make LMDB go round in circles: the order check stops that).
+        """
+        checked = self.lmdb_map
+        previous = b""
+        count = 0
+        records = None
+        while True:
+            try:
+                if records is None:
+                    records = self.txn.cursor().iternext()  # positions on the first record now
+                key_view, value_view = next(records)  # views: nothing is read until checked
+            except StopIteration:
+                break
+            except lmdb.Error as exc:
+                where = f"after key {_text(previous)!r}" if count else "at the first record"
+                raise DatabaseError(
+                    f"{folder / DATA_NAME}: damaged: LMDB cannot read record {count} ({where}): {exc}"
+                ) from None
+            if checked is not None and checked.offset(key_view) is None:
+                raise DatabaseError(f"{folder / DATA_NAME}: damaged: the key of record {count} lies outside the file")
+            key = bytes(key_view)
+            if key <= previous or count >= self.length:
+                where = f"comes after key {_text(previous)!r}" if key <= previous else f"is past {self.length} records"
+                raise DatabaseError(
+                    f"{folder / DATA_NAME}: damaged B-tree: record {count}, key {_text(key)!r}, {where}"
+                )
+            previous = key
+            count += 1
+            if not values:
+                yield key, b""
+            elif checked is not None:
+                yield key, checked.copy(value_view, folder, key)
+            else:
+                yield key, bytes(value_view)
+        if count != self.length:
+            raise DatabaseError(
+                f"{folder / DATA_NAME}: damaged B-tree: {count} records found, its meta page says {self.length}"
+            )
+
+    def keys(self, folder: Path) -> tuple[bytes, ...]:
         keys = self._keys
         if keys is None:
             with self._lock:
                 if self._keys is None:
-                    self._keys = tuple(self.txn.cursor().iternext(keys=True, values=False))
+                    self._keys = tuple(key for key, _ in self.items(folder, values=False))
                 keys = self._keys
         return keys
 
-    def raw_layout(self) -> RawLayout | None:
+    def raw_layout(self, folder: Path) -> RawLayout | None:
         layout = self._layout
         if layout is False:
+            keys = self.keys(folder)  # not under the lock: keys() takes it
             with self._lock:
                 if self._layout is False:
-                    first = next(iter(self.txn.cursor()), None)
-                    self._layout = RawLayout.of(first[1]) if first is not None else None
+                    first = self.value(folder, keys[0]) if keys else None
+                    self._layout = RawLayout.of(first) if first is not None else None
                 layout = self._layout
         return layout  # type: ignore[return-value]
 
-    def inherit(self, parent: _Pin) -> None:
-        """Take what a pin of this same version in the parent process computed (fork only).
+    def inherit(self, parent: _File) -> None:
+        """Take what this same file's state in the parent process computed (fork only).
 
         The keys, the layout and the offset index are facts about the file, and the index's map
         of it is valid in a forked child: so a ``DataLoader`` worker forked from a process that
         built the index reads at full speed from its first batch instead of scanning the file.
         The environment, transaction and lock are never taken over (LMDB forbids using them).
         """
-        if parent.version != self.version:
+        if parent.identity != self.identity:
             return
         if parent._keys is not None:
             self._keys = parent._keys
@@ -196,36 +255,149 @@ class _Pin:
         offsets = self._offsets
         return None if offsets is False else offsets  # type: ignore[return-value]
 
-    def index_for_single_reads(self) -> OffsetIndex | None:
+    def index_for_single_reads(self, folder: Path) -> OffsetIndex | None:
         """The offset index if built, or built now that enough single reads went without it."""
         offsets = self._offsets
         if offsets is False:
             self.single_reads += 1  # not atomic across threads: a count off by a few is harmless
             if self.single_reads < _INDEX_AFTER_READS * self.length:
                 return None
-            return self.offset_index()
+            return self.offset_index(folder)
         return offsets  # type: ignore[return-value]
 
-    def offset_index(self) -> OffsetIndex | None:
+    def offset_index(self, folder: Path) -> OffsetIndex | None:
         offsets = self._offsets
         if offsets is False:
-            layout = self.raw_layout()
+            layout = self.raw_layout(folder)
+            count = len(self.keys(folder))  # checks the B-tree once: the scan below finds the same records
             with self._lock:
                 if self._offsets is False:
-                    usable = layout is not None and self.data is not None
-                    self._offsets = OffsetIndex.build(self.env, self.data, layout) if usable else None  # type: ignore[arg-type]
+                    usable = layout is not None and self.data is not None and self.lmdb_map is not None
+                    self._offsets = (
+                        OffsetIndex.build(self.env, self.lmdb_map, self.data, layout, count)  # type: ignore[arg-type]
+                        if usable
+                        else None
+                    )
                 offsets = self._offsets
         return offsets  # type: ignore[return-value]
 
 
-# (device, inode) -> the open version of that file in this process. Weak: a version stays open
-# exactly as long as a reader (or a read in progress) holds it.
-_PINS: weakref.WeakValueDictionary[tuple[int, int], _Pin] = weakref.WeakValueDictionary()
-# (device, inode) -> its environment, until that is closed. Outlives the pin by a moment: the pin's
+class _Pin:
+    """One folder's version of a database in this process: its file, and its own manifest.
+
+    ``file`` may be shared with other folders holding the same ``data.mdb`` inode; the manifest,
+    the decode mode it implies and the version (whose digest is the manifest's) are this
+    folder's. A reader holds its pin, and every read holds it while it runs.
+    """
+
+    __slots__ = ("auto_mode", "file", "folder", "manifest", "manifest_error", "version")
+
+    def __init__(
+        self,
+        folder: Path,
+        file: _File,
+        version: DatabaseVersion,
+        manifest: dict[str, Any] | None,
+        manifest_error: Exception | None,
+    ) -> None:
+        self.folder = folder
+        self.file = file
+        self.version = version
+        self.manifest = manifest
+        self.manifest_error = manifest_error
+        self.auto_mode: ImreadMode = decode_mode(manifest)  # type: ignore[assignment]
+
+    @property
+    def pid(self) -> int:
+        return self.file.pid
+
+    @property
+    def length(self) -> int:
+        return self.file.length
+
+    @property
+    def env(self) -> lmdb.Environment:
+        return self.file.env
+
+    def value(self, key: bytes) -> bytes | None:
+        return self.file.value(self.folder, key)
+
+    def items(self) -> Iterator[tuple[bytes, bytes]]:
+        return self.file.items(self.folder)
+
+    def keys(self) -> tuple[bytes, ...]:
+        return self.file.keys(self.folder)
+
+    def raw_layout(self) -> RawLayout | None:
+        return self.file.raw_layout(self.folder)
+
+    def built_offset_index(self) -> OffsetIndex | None:
+        return self.file.built_offset_index()
+
+    def index_for_single_reads(self) -> OffsetIndex | None:
+        return self.file.index_for_single_reads(self.folder)
+
+    def offset_index(self) -> OffsetIndex | None:
+        return self.file.offset_index(self.folder)
+
+
+# The main database of a meta page: md_pad (u32), md_flags (u16) after the page header (16),
+# magic, version, address, map size (24) and the free-page database (48); md_root at 128 and the
+# txnid at 144.
+_MAIN_DB_PAD, _MAIN_DB_FLAGS, _MAIN_DB_ROOT, _META_TXNID = 88, 92, 128, 144
+
+
+def _check_structure(folder: Path, env: lmdb.Environment, data: mmap.mmap | None, page_size: int) -> None:
+    """A DatabaseError unless the meta page LMDB uses and the B-tree it roots are sound.
+
+    Caffe and datumdb write one unnamed database without flags. Flags a damaged meta page
+    claims (sorted duplicates, fixed-size keys) would make LMDB read nodes as sub-pages or keys
+    at strides the file never had; they are refused, and the tree is checked before LMDB walks
+    it (:func:`datumdb.btree.check_tree`).
+    """
+    info, stat = env.info(), env.stat()
+    txnid = int(info["last_txnid"])
+    if data is None:
+        return
+    for meta in (0, page_size):  # LMDB uses the meta page with the higher txnid (the first of equals)
+        if len(data) < meta + _META_TXNID + 8:
+            continue
+        if int.from_bytes(data[meta + _META_TXNID : meta + _META_TXNID + 8], "little") != txnid:
+            continue
+        pad = int.from_bytes(data[meta + _MAIN_DB_PAD : meta + _MAIN_DB_PAD + 4], "little")
+        flags = int.from_bytes(data[meta + _MAIN_DB_FLAGS : meta + _MAIN_DB_FLAGS + 2], "little")
+        if pad or flags:
+            raise DatabaseError(
+                f"{folder / DATA_NAME}: damaged meta page: the database claims flags {flags:#x} and key size {pad}, "
+                "not a plain key-value database as Caffe and datumdb write"
+            )
+        root = int.from_bytes(data[meta + _MAIN_DB_ROOT : meta + _MAIN_DB_ROOT + 8], "little")
+        problem = check_tree(
+            np.frombuffer(data, dtype=np.uint8),
+            page_size,
+            int(info["last_pgno"]),
+            root,
+            int(stat["depth"]),
+            int(stat["entries"]),
+        )
+        if problem is not None:
+            raise DatabaseError(f"{folder / DATA_NAME}: damaged B-tree: {problem}")
+        return
+    raise DatabaseError(f"{folder / DATA_NAME}: damaged meta pages: neither is the one LMDB reads (txn {txnid})")
+
+
+def _text(key: bytes) -> str:
+    return key.decode("utf-8", "backslashreplace")
+
+
+# (device, inode) -> the open file in this process. Weak: a file stays open exactly as long as a
+# pin (of a reader, or a read in progress) holds it.
+_FILES: weakref.WeakValueDictionary[tuple[int, int], _File] = weakref.WeakValueDictionary()
+# (device, inode) -> its environment, until that is closed. Outlives the file by a moment: its
 # finalizer closes the environment, and until then py-lmdb refuses to open the file again.
 _OPEN: dict[tuple[int, int], lmdb.Environment] = {}
 _KEPT: dict[tuple[int, int], _Pin] = {}  # versions handed out by open_environment: kept for good
-# Guards _PINS and _OPEN. Re-entrant: a pin may die, and its finalizer run, inside a locked section.
+# Guards _FILES and _OPEN. Re-entrant: a file may die, and its finalizer run, inside a locked section.
 _LOCK = threading.RLock()
 _PID = os.getpid()  # kept current by the fork hook: cheaper than a getpid() call per read
 # Single reads build the offset index (one scan of the file) once the reads through the general
@@ -259,7 +431,7 @@ def open_environment(folder: str | os.PathLike[str]) -> lmdb.Environment:
 
 
 def _close_environment(key: tuple[int, int], env: lmdb.Environment) -> None:
-    """Finalizer of a pin: close its environment, now that no reader or read holds the pin."""
+    """Finalizer of a file: close its environment, now that no pin (reader or read) holds it."""
     with _LOCK:
         if _OPEN.get(key) is env:
             del _OPEN[key]
@@ -294,7 +466,7 @@ def _open_file(folder: Path) -> tuple[int, os.stat_result, dict[str, Any] | None
                 manifest: dict[str, Any] | None = read_manifest(folder)
                 error: Exception | None = None
             except (DatumDBError, OSError) as exc:  # absent or damaged: readable, decoded as Caffe would
-                manifest, error = None, exc
+                manifest, error = None, copy.copy(exc)  # without its traceback: its frames would hold the pin
             if _identity(folder) == (stat.st_dev, stat.st_ino):
                 return fd, stat, manifest, error
         except BaseException:
@@ -322,28 +494,35 @@ def _pin_version(folder: Path, expected: DatabaseVersion | None) -> _Pin:
                 "create a new DatumReader to read the new one"
             )
         key = (version.device, version.inode)
-        pin = inherited = _PINS.get(key)
-        if pin is not None and pin.pid != _PID:
-            pin = None  # inherited across fork: never used here (but what it computed is reused)
+        identity = (version.device, version.inode, version.size, version.mtime_ns)
+        file = inherited = _FILES.get(key)
+        if file is not None and file.pid != _PID:
+            file = None  # inherited across fork: never used here (but what it computed is reused)
         else:
             inherited = None
-        if pin is None:
-            stale = _OPEN.pop(key, None)  # inherited, or its pin died and the finalizer waits for us
+        if file is None:
+            stale = _OPEN.pop(key, None)  # inherited, or its file died and the finalizer waits for us
             if stale is not None:
                 stale.close()  # no read holds it: each holds its pin
-        else:
-            if pin.version != version:
-                raise DatabaseChangedError(
-                    f"{folder / DATA_NAME}: modified in place while open in this process "
-                    f"(open: {pin.version}; now: {version}); databases must be replaced whole"
-                )
-            return pin
-        pin = _PINS[key] = _Pin(folder, fd, version, manifest, manifest_error)
-        if inherited is not None:
-            pin.inherit(inherited)
-        _OPEN[key] = pin.env
-        weakref.finalize(pin, _close_environment, key, pin.env)
-        return pin
+            file = _FILES[key] = _File(folder, fd, identity)
+            if inherited is not None:
+                file.inherit(inherited)
+            _OPEN[key] = file.env
+            weakref.finalize(file, _close_environment, key, file.env)
+        elif file.identity != identity:
+            raise DatabaseChangedError(
+                f"{folder / DATA_NAME}: modified in place while open in this process "
+                f"(open: {DatabaseVersion(*file.identity, None)}; now: {version}); databases must be replaced whole"
+            )
+        counted = manifest.get("count") if manifest is not None else None
+        if isinstance(counted, int) and counted != file.length:
+            # e.g. a damaged meta page makes LMDB read the empty tree of the database's first one
+            raise DatabaseError(
+                f"{folder / DATA_NAME}: damaged: the record count is {file.length} but the manifest says {counted}"
+            )
+        # Another folder may hold this very file (a hardlink): the file is shared, the manifest
+        # (hence decode mode and digest) is this folder's own.
+        return _Pin(folder, file, version, manifest, manifest_error)
     finally:
         os.close(fd)  # the environment and the map hold descriptors of their own
 
@@ -544,7 +723,7 @@ class DatumReader(Sequence[tuple[np.ndarray, int]]):
         return self._value(self._pinned(), _as_bytes(key))
 
     def _value(self, pin: _Pin, key: bytes) -> bytes:
-        value = pin.txn.get(key) if 0 < len(key) <= MAX_KEY_BYTES else None
+        value = pin.value(key) if 0 < len(key) <= MAX_KEY_BYTES else None
         if value is None:
             raise KeyError(f"{self.path}: no record with key {key.decode('utf-8', 'backslashreplace')!r}")
         return value
@@ -574,20 +753,20 @@ class DatumReader(Sequence[tuple[np.ndarray, int]]):
     def __iter__(self) -> Iterator[tuple[np.ndarray, int]]:
         pin = self._pinned()
         mode = self._mode(pin)
-        for key, value in pin.txn.cursor():
+        for key, value in pin.items():
             datum = decode(value, key)
             yield datum_to_array(datum, imread=mode, key=key), datum.label
 
     def datums(self) -> Iterator[tuple[bytes, Datum]]:
         """``(key, Datum)`` for every record in key order, streaming (no key list is built)."""
         pin = self._pinned()  # held by the generator: the environment stays open until it ends
-        for key, value in pin.txn.cursor():
+        for key, value in pin.items():
             yield key, decode(value, key)
 
     def items(self) -> Iterator[tuple[bytes, bytes]]:
         """``(key, serialized value)`` for every record in key order."""
         pin = self._pinned()
-        yield from pin.txn.cursor()
+        yield from pin.items()
 
     def read_batch(
         self, indices: Sequence[int] | np.ndarray, out: np.ndarray | None = None

@@ -50,6 +50,7 @@ import datumdb
 from datumdb._progress import progress as progress_bar
 from datumdb.codec import RawLayout, datum_to_array, decode, shape_name
 from datumdb.errors import DatabaseNotFoundError, DatumDBError, InputError
+from datumdb.fastpath import OffsetIndex
 from datumdb.framing import BackgroundDigest, FramedRecords, frame_items
 from datumdb.manifest import (
     DATA_NAME,
@@ -282,9 +283,18 @@ def _scan(
         """Check ``items`` a chunk at a time: in bulk where the chunk allows, else record by record."""
         nonlocal previous
         size = _chunk_records(layout)
+        index = reader._offset_index()  # what the reader will serve these records from, if anything
+        position = 0
         while True:
             chunk, error = _read_chunk(items, size)
             uniform = _uniform_chunk(chunk, previous, layout) if chunk else None
+            if uniform is not None and index is not None and not _served_alike(index, position, chunk, uniform[1]):
+                problems.append(
+                    f"{path}: records {position}..{position + len(chunk) - 1} (from key {_text(chunk[0][0])!r}) "
+                    "read through the offset index differ from what LMDB returns"
+                )
+                return
+            position += len(chunk)
             if uniform is not None:
                 records, found = uniform
                 hasher.submit(records)
@@ -363,6 +373,18 @@ def _uniform_chunk(
     records = frame_items(keys, [value for _, value in chunk])
     found = layout.labels(records.buffer, records.value_starts, records.value_ends)
     return None if found is None else (records, found)
+
+
+def _served_alike(index: OffsetIndex, start: int, chunk: list[tuple[bytes, bytes]], labels: np.ndarray) -> bool:
+    """Whether the reader's offset index serves exactly these records (pixels and labels) at
+    positions ``start``...: verify checks what the reader will serve, not only what LMDB returns."""
+    layout = index.layout
+    begin = len(layout.header)
+    expected = np.frombuffer(b"".join(value[begin : begin + layout.size] for _, value in chunk), dtype=np.uint8)
+    served = index.payloads(start, start + len(chunk))
+    return np.array_equal(served.reshape(-1), expected) and np.array_equal(
+        index.labels[start : start + len(chunk)], labels
+    )
 
 
 def _text(key: bytes) -> str:
