@@ -319,6 +319,35 @@ class DatabaseWriter:
         self._append(key, bytes(value), datum.label, shape, dtype, encoding)
         return key
 
+    def add_copied(self, key: bytes, value: bytes) -> bytes:
+        """Append a value copied verbatim from another datumdb database, without parsing it.
+
+        For assembling shards: the value was checked when its own database was written and
+        verified, so it is not decoded again; the manifest's per-record statistics (labels,
+        shapes, dtypes, encodings) come from the sources' manifests through
+        :meth:`merge_statistics`. The content digest is computed from the bytes as usual.
+        """
+        key = self._key(key)
+        if self._hasher:
+            self._hasher.wait()
+        self._batch.append((key, value))
+        self._digest.update(key, value)
+        self._count += 1
+        if self._first_key is None:
+            self._first_key = key
+        self._last_key = key
+        self._payload_bytes += len(value)
+        if len(self._batch) >= self.batch_size:
+            self._flush()
+        return key
+
+    def merge_statistics(self, statistics: dict[str, Any]) -> None:
+        """Add other databases' per-record statistics (see :func:`datumdb.shardset.merged_statistics`)."""
+        self._labels.update(statistics["labels"])
+        self._shapes.update(statistics["shapes"])
+        self._dtypes.update(statistics["dtypes"])
+        self._encodings.update(statistics["encodings"])
+
     def close(self) -> Path:
         """Commit what is left, write the manifest and publish the database at ``path``."""
         if self.published:
