@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import lmdb
 import numpy as np
 import pytest
@@ -61,7 +63,7 @@ def test_cut_shards_covers_everything_within_bounds(mean: int) -> None:
     hashes = sample_hashes(array_identities(20_000), 0)[:, 1]
     ranges = cut_shards(hashes, mean)
     assert ranges[0][0] == 0 and ranges[-1][1] == len(hashes)
-    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
     sizes = np.array([stop - start for start, stop in ranges])
     assert sizes.max() <= 4 * mean
     assert (sizes[:-1] >= max(1, mean // 4)).all()
