@@ -219,3 +219,21 @@ def test_a_damaged_index_is_one_clear_error(tmp_path) -> None:
     index.write_text(text.replace('"name": "', '"name": "../', 1))
     with pytest.raises(VerificationError, match="16-hex-digit"):
         read_shard_index(folder)
+
+
+def test_cli_assemble_publishes_once_and_refuses_bad_input(tmp_path, capsys) -> None:
+    from datumdb.cli import main
+
+    folder, plan, *_ = build_set(tmp_path)
+    db = tmp_path / "train_lmdb"
+    assert main(["assemble", str(folder), str(db)]) == 0
+    assert f"{plan.counts()['train']} records" in capsys.readouterr().out
+    assert main(["assemble", str(folder), str(db)]) == 2  # exists: needs --overwrite
+    assert "overwrite" in capsys.readouterr().err
+    assert main(["assemble", str(folder), str(db), "--overwrite"]) == 0
+    capsys.readouterr()
+    (folder / SHARD_INDEX).write_text("{")
+    assert main(["assemble", str(folder), str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and SHARD_INDEX in err
+    assert not (tmp_path / "other").exists()

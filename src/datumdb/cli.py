@@ -347,6 +347,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--overwrite", action="store_true", help="replace OUT.npz if it already exists")
     p.set_defaults(func=_export, isolate=True)
+    p = commands.add_parser(
+        "assemble",
+        help="a shard set -> one Caffe database of all its records, in its seeded shuffled order",
+        description="Copies every record of the shard set SHARDS/ (a folder with shards.json) into one "
+        "LMDB, as stored (nothing is decoded), keyed by its rank in the order of its seeded hash "
+        "(%%08d_<path> for image files), so Caffe's Data layer reads a shuffled set.",
+    )
+    p.add_argument("shards", type=_path, metavar="SHARDS/")
+    p.add_argument("db", type=_path, metavar="DB")
+    _add_build_options(p)
+    p.set_defaults(func=_assemble)
     _add_pipeline_commands(commands)
     return parser
 
@@ -716,6 +727,16 @@ def _verify(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0 if report["ok"] else 1
+
+
+def _assemble(args: argparse.Namespace) -> int:
+    from datumdb.shardset import assemble
+
+    manifest = assemble(
+        args.shards, args.db, overwrite=args.overwrite, batch_size=args.batch_size, map_size=args.map_size
+    )
+    print(f"{args.db}: {manifest['count']} records, digest {manifest['digest']}")
+    return 0
 
 
 def _digest(args: argparse.Namespace) -> int:
