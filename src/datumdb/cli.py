@@ -356,7 +356,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("shards", type=_path, metavar="SHARDS/")
     p.add_argument("db", type=_path, metavar="DB")
-    _add_build_options(p)
+    p.add_argument("--overwrite", action="store_true", help="replace DB if it already holds a database")
+    p.add_argument(
+        "--batch-size",
+        type=_positive,
+        default=DEFAULT_BATCH_SIZE,
+        metavar="N",
+        help="records per LMDB write transaction (default %(default)s); the map is sized from the shards",
+    )
     p.set_defaults(func=_assemble)
     _add_pipeline_commands(commands)
     return parser
@@ -732,9 +739,7 @@ def _verify(args: argparse.Namespace) -> int:
 def _assemble(args: argparse.Namespace) -> int:
     from datumdb.shardset import assemble
 
-    manifest = assemble(
-        args.shards, args.db, overwrite=args.overwrite, batch_size=args.batch_size, map_size=args.map_size
-    )
+    manifest = assemble(args.shards, args.db, overwrite=args.overwrite, batch_size=args.batch_size)
     print(f"{args.db}: {manifest['count']} records, digest {manifest['digest']}")
     return 0
 

@@ -338,6 +338,12 @@ def write_shard(
     return read_manifest(Path(path))
 
 
+def _map_size_for(folders: Sequence[Path]) -> int:
+    """An initial map for an assembly: the shards' files together, plus an eighth, in MiB."""
+    total = sum((folder / DATA_NAME).stat().st_size for folder in folders)
+    return max(1 << 20, (total + total // 8 + (1 << 20)) >> 20 << 20)
+
+
 def assemble(
     shard_set: str | os.PathLike[str],
     db: str | os.PathLike[str],
@@ -375,7 +381,12 @@ def assemble(
     try:
         keys = [reader.keys() for reader in readers]
         options = {"encoding": first.get("encoding") if first.get("encoding") in ("png", "jpg") else "none"}
-        options |= {"channel_order": first.get("channel_order", "BGR")} | writer_options
+        # The assembled database is derived locally and checked through its content digest: the
+        # whole-file sha256 (a second pass over every byte) is left out of its manifest.
+        options |= {"channel_order": first.get("channel_order", "BGR"), "hash_file": False}
+        # A map that holds every shard's file from the start: growing it replays a whole batch.
+        options["map_size"] = _map_size_for(folders)
+        options |= writer_options
         with DatabaseWriter(
             db, overwrite=overwrite, metadata={**(metadata or {}), "assembled_from": index["split"]}, **options
         ) as writer:
