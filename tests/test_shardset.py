@@ -237,3 +237,84 @@ def test_cli_assemble_publishes_once_and_refuses_bad_input(tmp_path, capsys) -> 
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and SHARD_INDEX in err
     assert not (tmp_path / "other").exists()
+
+
+def expected_records(plan, ids, images, labels):
+    return [(images[ids[m]], labels[ids[m]]) for shard in plan.shards["train"] for m in shard.members.tolist()]
+
+
+def test_reader_opens_a_shard_set_as_one_sequence(tmp_path) -> None:
+    from datumdb.reader import DatumReader
+    from datumdb.shardset import ShardSetReader
+
+    folder, plan, ids, images, labels = build_set(tmp_path)
+    expected = expected_records(plan, ids, images, labels)
+    with DatumReader(folder) as reader:
+        assert isinstance(reader, ShardSetReader)
+        assert len(reader) == len(expected)
+        for i in (0, 1, len(expected) // 2, len(expected) - 1, -1):
+            image, label = reader[i]
+            assert np.array_equal(image, expected[i][0]) and label == expected[i][1]
+        assert [label for _, label in reader] == [label for _, label in expected]
+        keys = reader.keys()
+        assert len(set(keys)) == len(keys) == len(expected)
+        assert reader.get(keys[7])[1] == expected[7][1]
+        assert decode(reader.value(keys[7])).label == expected[7][1]
+        order = np.random.default_rng(0).permutation(len(expected))[:50]
+        batch, batch_labels = reader.read_batch(order)
+        assert np.array_equal(batch, np.stack([expected[i][0] for i in order]))
+        assert batch_labels.tolist() == [expected[i][1] for i in order]
+        assert reader.manifest["count"] == len(expected)
+        assert reader.manifest["shapes"] == {"3x4x5": len(expected)}
+        with pytest.raises(IndexError, match="out of range"):
+            reader[len(expected)]
+        with pytest.raises(KeyError):
+            reader.get(b"nonsense/00000000")
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_shard_set_reader_in_other_processes(tmp_path, method: str) -> None:
+    import multiprocessing
+
+    from datumdb.errors import DatabaseChangedError
+    from datumdb.reader import DatumReader
+
+    folder, plan, ids, images, labels = build_set(tmp_path)
+    expected = expected_records(plan, ids, images, labels)
+    reader = DatumReader(folder).pin()
+    with multiprocessing.get_context(method).Pool(1) as pool:
+        labels_there = pool.apply(_labels_of, (reader,))
+    assert labels_there == [label for _, label in expected]
+    index = folder / SHARD_INDEX
+    index.write_text(index.read_text().replace('"seed": 0', '"seed": 1'))
+    with multiprocessing.get_context(method).Pool(1) as pool, pytest.raises(DatabaseChangedError):
+        pool.apply(_pinned_labels_of, (reader,))
+
+
+def _labels_of(reader) -> list[int]:
+    return [int(label) for _, label in reader]
+
+
+def _pinned_labels_of(reader) -> list[int]:
+    reader.pin()
+    return _labels_of(reader)
+
+
+def test_torch_dataset_over_a_shard_set(tmp_path) -> None:
+    torch = pytest.importorskip("torch")
+    from torch.utils.data import DataLoader
+
+    from datumdb.torch_dataset import DatumDataset
+
+    folder, plan, ids, images, labels = build_set(tmp_path)
+    expected = expected_records(plan, ids, images, labels)
+    dataset = DatumDataset(folder)
+    assert len(dataset) == len(expected)
+    seen = []
+    for batch, batch_labels in DataLoader(dataset, batch_size=32, num_workers=2):
+        assert batch.shape[1:] == (3, 4, 5)
+        seen.extend(batch_labels.tolist())
+    assert seen == [label for _, label in expected]
+    images_batch, labels_batch = dataset[[5, 0, len(expected) - 1]]
+    assert torch.equal(images_batch[1], torch.from_numpy(expected[0][0]))
+    assert labels_batch.tolist() == [expected[5][1], expected[0][1], expected[-1][1]]

@@ -30,6 +30,7 @@ and :class:`~datumdb.torch_dataset.DatumDataset` open the folder as one sequence
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -38,14 +39,16 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
-from datumdb.errors import DatabaseNotFoundError, InputError, VerificationError
+from datumdb.codec import ImreadMode
+from datumdb.errors import DatabaseChangedError, DatabaseNotFoundError, DatumError, InputError, VerificationError
 from datumdb.keys import index_key
 from datumdb.limits import MAX_MANIFEST_BYTES, read_regular_file
 from datumdb.manifest import DATA_NAME, MANIFEST_NAME, read_manifest
+from datumdb.reader import DatabaseVersion, DatumReader
 
 __all__ = [
     "DEFAULT_MEAN_SHARD",
@@ -53,6 +56,7 @@ __all__ = [
     "SPLIT_NAMES",
     "Shard",
     "ShardPlan",
+    "ShardSetReader",
     "array_identities",
     "assembled_key",
     "assembly_order",
@@ -360,7 +364,6 @@ def assemble(
     added up; its content digest is computed afresh while writing, so ``datumdb verify``
     checks it like any other database.
     """
-    from datumdb.reader import DatumReader
     from datumdb.writer import DatabaseWriter
 
     index = read_shard_index(shard_set)
@@ -398,3 +401,211 @@ def assemble(
         for reader in readers:
             reader.close()
     return read_manifest(Path(db))
+
+
+# ---------------------------------------------------------------------- reading a shard set
+
+
+class ShardSetReader(DatumReader):
+    """A shard set read as one sequence: what ``DatumReader(folder)`` gives for a shard-set folder.
+
+    Record ``i`` is record ``i - start[s]`` of shard ``s``, the shards in the index's order,
+    so one index spans every shard and ``DistributedSampler``, ``read_batch`` and
+    :class:`~datumdb.torch_dataset.DatumDataset` work as on one database. Each shard is read by
+    its own :class:`DatumReader` (pinned, lock-free, fork- and spawn-safe as always); the index
+    file is pinned too: a reader pickled into another process raises
+    :class:`~datumdb.errors.DatabaseChangedError` there if the set was rebuilt meanwhile.
+    Keys are ``<shard name>/<key in the shard>``, unique across the set.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, imread: ImreadMode | Literal["auto"] = "auto") -> None:
+        if imread not in ("auto", "unchanged", "color", "gray"):
+            raise ValueError(f"imread must be 'auto', 'unchanged', 'color' or 'gray', got {imread!r}")
+        self.path = Path(path)
+        self.imread = imread
+        self._index_text = (self.path / SHARD_INDEX).read_bytes()
+        self._setup(read_shard_index(self.path))
+
+    def _setup(self, index: dict[str, Any]) -> None:
+        self._index = index
+        self._names = [shard["name"] for shard in index["shards"]]
+        self._parts = [DatumReader(self.path / name, imread=self.imread) for name in self._names]
+        counts = np.array([shard["count"] for shard in index["shards"]], dtype=np.int64)
+        self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self._fast = None
+        self._merged: dict[str, Any] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "imread": self.imread, "index": self._index_text, "parts": self._parts}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.path = state["path"]
+        self.imread = state["imread"]
+        self._index_text = state["index"]
+        self._parts = state["parts"]
+        self._index = json.loads(self._index_text)
+        self._names = [shard["name"] for shard in self._index["shards"]]
+        counts = np.array([shard["count"] for shard in self._index["shards"]], dtype=np.int64)
+        self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self._fast = None
+        self._merged = None
+
+    def _check_index(self) -> None:
+        try:
+            current = (self.path / SHARD_INDEX).read_bytes()
+        except OSError:
+            current = None
+        if current != self._index_text:
+            raise DatabaseChangedError(f"{self.path}: the shard set was rebuilt since this reader was pinned")
+
+    def pin(self) -> ShardSetReader:
+        self._check_index()
+        for part, count in zip(self._parts, np.diff(self._starts).tolist(), strict=True):
+            part.pin()
+            if len(part) != count:
+                raise VerificationError(f"{part.path}: holds {len(part)} records, {SHARD_INDEX} says {count}")
+        return self
+
+    @property
+    def version(self) -> tuple[DatabaseVersion, ...]:  # type: ignore[override]
+        """The pinned version of every shard, in order."""
+        return tuple(part.version for part in self._parts)
+
+    def close(self) -> None:
+        for part in self._parts:
+            part.close()
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def _locate(self, index: Any) -> tuple[int, int]:
+        position = self._position(index)
+        count = len(self)
+        if not -count <= position < count:
+            raise IndexError(f"{self.path}: index {position} out of range for {count} records")
+        position %= count
+        shard = int(np.searchsorted(self._starts, position, side="right")) - 1
+        return shard, position - int(self._starts[shard])
+
+    def keys(self) -> tuple[bytes, ...]:
+        return tuple(
+            name.encode() + b"/" + key
+            for name, part in zip(self._names, self._parts, strict=True)
+            for key in part.keys()  # noqa: SIM118 (a reader iterates over records, not keys)
+        )
+
+    def key(self, index: int) -> bytes:
+        shard, local = self._locate(index)
+        return self._names[shard].encode() + b"/" + self._parts[shard].key(local)
+
+    def _part_for(self, key: bytes | str) -> tuple[DatumReader, bytes]:
+        raw = key.encode("utf-8") if isinstance(key, str) else key
+        name, _, local = raw.partition(b"/")
+        try:
+            return self._parts[self._names.index(name.decode("ascii"))], local
+        except (ValueError, UnicodeDecodeError):
+            raise KeyError(f"{self.path}: no record with key {raw.decode('utf-8', 'backslashreplace')!r}") from None
+
+    def __getitem__(self, index: int | slice) -> Any:  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        shard, local = self._locate(index)
+        return self._parts[shard][local]
+
+    def datum(self, key_or_index: bytes | str | int) -> Any:
+        if isinstance(key_or_index, (bytes, str)):
+            part, local = self._part_for(key_or_index)
+            return part.datum(local)
+        shard, local = self._locate(key_or_index)
+        return self._parts[shard].datum(local)
+
+    def value(self, key: bytes | str) -> bytes:
+        part, local = self._part_for(key)
+        return part.value(local)
+
+    def get(self, key: bytes | str) -> tuple[np.ndarray, int]:
+        part, local = self._part_for(key)
+        return part.get(local)
+
+    def __iter__(self) -> Any:
+        for part in self._parts:
+            yield from part
+
+    def datums(self) -> Any:
+        for name, part in zip(self._names, self._parts, strict=True):
+            for key, datum in part.datums():
+                yield name.encode() + b"/" + key, datum
+
+    def items(self) -> Any:
+        for name, part in zip(self._names, self._parts, strict=True):
+            for key, value in part.items():
+                yield name.encode() + b"/" + key, value
+
+    def build_index(self) -> bool:
+        return all([part.build_index() for part in self._parts])
+
+    def read_batch(
+        self, indices: Sequence[int] | np.ndarray, out: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """One batch across shards: each shard's records gathered by its own reader, then placed."""
+        given = np.asarray(indices)
+        if given.size and given.dtype.kind not in "iu":
+            raise TypeError(f"{self.path}: record indices must be integers, not {given.dtype} values")
+        given = given.reshape(-1)
+        if out is not None and len(out) != len(given):
+            raise ValueError(f"out holds {len(out)} records but {len(given)} indices were given")
+        count = len(self)
+        if len(given) and (given.min() < -count or given.max() >= count):
+            bad = given[(given < -count) | (given >= count)][0]
+            raise IndexError(f"{self.path}: index {bad} out of range for {count} records")
+        positions = given.astype(np.int64) % max(count, 1)
+        shards = np.searchsorted(self._starts, positions, side="right") - 1
+        labels = np.empty(len(positions), dtype=np.int64)
+        for shard in np.unique(shards).tolist():
+            rows = np.flatnonzero(shards == shard)
+            images, part_labels = self._parts[shard].read_batch(positions[rows] - self._starts[shard])
+            if out is None:
+                out = np.empty((len(positions), *images.shape[1:]), dtype=images.dtype)
+            if images.shape[1:] != out.shape[1:] or images.dtype != out.dtype:
+                raise DatumError(
+                    f"{self._parts[shard].path}: records are {images.dtype} {images.shape[1:]}, "
+                    f"the batch is {out.dtype} {out.shape[1:]}"
+                )
+            out[rows] = images
+            labels[rows] = part_labels
+        if out is None:
+            raise ValueError("read_batch needs at least one index (or a preallocated out array)")
+        return out, labels
+
+    @property
+    def decode_mode(self) -> ImreadMode:
+        return self._parts[0].decode_mode if self._parts else "unchanged"
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        """One manifest for the set: the shards' statistics added up, and the index."""
+        if self._merged is None:
+            manifests = [part.manifest for part in self._parts]
+            stats = merged_statistics(manifests)
+            self._merged = {
+                "format": SHARD_INDEX_FORMAT,
+                "count": len(self),
+                "shapes": dict(sorted(stats["shapes"].items())),
+                "dtype": _single_or_mixed(stats["dtypes"]),
+                "encoding": _single_or_mixed(stats["encodings"]),
+                "channel_order": manifests[0]["channel_order"] if manifests else "BGR",
+                "label_histogram": {str(label): stats["labels"][label] for label in sorted(stats["labels"])},
+                "payload_bytes": stats["payload_bytes"],
+                "shards": self._index["shards"],
+                "metadata": manifests[0].get("metadata", {}) if manifests else {},
+            }
+        return copy.deepcopy(self._merged)
+
+    def __repr__(self) -> str:
+        return f"DatumReader({str(self.path)!r})  # a shard set of {len(self._parts)} shards"
+
+
+def _single_or_mixed(counter: Counter[str]) -> str | None:
+    if not counter:
+        return None
+    return next(iter(counter)) if len(counter) == 1 else "mixed"
