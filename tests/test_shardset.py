@@ -318,3 +318,30 @@ def test_torch_dataset_over_a_shard_set(tmp_path) -> None:
     images_batch, labels_batch = dataset[[5, 0, len(expected) - 1]]
     assert torch.equal(images_batch[1], torch.from_numpy(expected[0][0]))
     assert labels_batch.tolist() == [expected[5][1], expected[0][1], expected[-1][1]]
+
+
+@pytest.mark.slow  # each shard is verified in a child process of its own
+def test_verify_a_shard_set_checks_every_shard_against_the_index(tmp_path, capsys) -> None:
+    import json
+
+    from datumdb.cli import main
+
+    folder, plan, *_ = build_set(tmp_path)
+    assert main(["verify", str(folder)]) == 0
+    assert f"{plan.counts()['train']} records" in capsys.readouterr().out
+    index = json.loads((folder / SHARD_INDEX).read_text())
+    victim = index["shards"][2]["name"]
+    index["shards"][2]["digest"] = "0" * 64
+    (folder / SHARD_INDEX).write_text(json.dumps(index))
+    assert main(["verify", str(folder)]) == 1
+    assert victim in capsys.readouterr().err
+    index["shards"][2]["digest"] = read_manifest(folder / victim)["digest"]
+    (folder / SHARD_INDEX).write_text(json.dumps(index))
+    assert main(["verify", str(folder)]) == 0
+    capsys.readouterr()
+    data = folder / victim / "data.mdb"
+    raw = bytearray(data.read_bytes())
+    raw[-100] ^= 0xFF  # damage the last page of one shard
+    data.write_bytes(bytes(raw))
+    assert main(["verify", str(folder)]) == 1
+    assert victim in capsys.readouterr().err

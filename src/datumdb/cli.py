@@ -285,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
         "verify",
         help="decode every record and check the content digest and manifest",
         description="Exit 0 only if every record decodes and count, digest, label histogram and "
-        "shapes match datumdb.json.",
+        "shapes match datumdb.json. DB may be a shard set (a folder with shards.json): every shard "
+        "is verified, and its count and digest checked against the index.",
     )
     p.add_argument("db", type=_path, metavar="DB")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -702,9 +703,11 @@ def _compute_mean(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    from datumdb.shardset import is_shard_set, verify_shard_set
     from datumdb.verify import verify_database
 
-    report = verify_database(
+    check = verify_shard_set if is_shard_set(args.db) else verify_database
+    report = check(
         args.db,
         progress=args.progress,
         isolate=not args.in_process,

@@ -609,3 +609,42 @@ def _single_or_mixed(counter: Counter[str]) -> str | None:
     if not counter:
         return None
     return next(iter(counter)) if len(counter) == 1 else "mixed"
+
+
+def verify_shard_set(folder: str | os.PathLike[str], **options: Any) -> dict[str, Any]:
+    """``datumdb verify`` of a shard set: its index, then every shard as a database of its own.
+
+    One report, as for a database: ``ok`` only if the index holds (every shard present, counts
+    adding up) and every shard passes with the count and content digest the index records.
+    Problems name the shard. ``options`` are :func:`~datumdb.verify.verify_database`'s.
+    """
+    from datumdb.verify import verify_database
+
+    folder = Path(folder)
+    index = read_shard_index(folder)
+    problems: list[str] = []
+    warnings: list[str] = []
+    bad = 0
+    for shard in index["shards"]:
+        report = verify_database(folder / shard["name"], **options)
+        problems += report["problems"]
+        warnings += report["warnings"]
+        bad += report.get("bad_records") or 0
+        if report["ok"] and (report["count"], report["digest"]) != (shard["count"], shard.get("digest")):
+            problems.append(
+                f"{folder / shard['name']}: {report['count']} records, digest {report['digest']}; "
+                f"{SHARD_INDEX} says {shard['count']}, {shard.get('digest')}"
+            )
+    known = {shard["name"] for shard in index["shards"]}
+    problems += [f"{stray}: a shard folder {SHARD_INDEX} does not list" for stray in stray_shards(folder, known)]
+    digest = hashlib.sha256("".join(str(shard.get("digest")) for shard in index["shards"]).encode()).hexdigest()
+    return {
+        "path": str(folder),
+        "ok": not problems,
+        "count": index["count"],
+        "shards": len(index["shards"]),
+        "digest": f"shards:{digest}",
+        "problems": problems,
+        "warnings": warnings,
+        "bad_records": bad,
+    }
