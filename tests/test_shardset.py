@@ -345,3 +345,18 @@ def test_verify_a_shard_set_checks_every_shard_against_the_index(tmp_path, capsy
     data.write_bytes(bytes(raw))
     assert main(["verify", str(folder)]) == 1
     assert victim in capsys.readouterr().err
+
+
+def test_the_readme_example_runs(tmp_path, monkeypatch) -> None:
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "plan_shards(" in b)
+    rng = np.random.default_rng(0)
+    namespace = {"images": rng.integers(0, 256, (500, 3, 8, 8), dtype=np.uint8), "labels": np.arange(500) % 10}
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, "README.md", "exec"), namespace)
+    train = namespace["train"]
+    assert len(train) == read_manifest(tmp_path / "lmdb" / "train")["count"] > 300
+    assert verify_database(tmp_path / "lmdb" / "train")["ok"]
