@@ -34,6 +34,7 @@ from benchmarks.photos import copy_repo
 from benchmarks.reading import dataloader_epochs, single_reads
 from benchmarks.scale import curve, flatness
 from benchmarks.scale import markdown as scale_markdown
+from benchmarks.shards import measure as measure_shards
 from datumdb import DatumReader
 from datumdb.decodepool import usable_cores
 from datumdb.proto.datum_pb2 import Datum
@@ -68,7 +69,7 @@ def build_h5py(images: np.ndarray, labels: np.ndarray, path: Path) -> None:
         handle.create_dataset("y", data=labels)
 
 
-SECTIONS = ("build", "reads", "loader", "memory", "jpeg", "imageset", "pipeline", "scale")
+SECTIONS = ("build", "reads", "loader", "memory", "jpeg", "imageset", "pipeline", "scale", "shards")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -102,6 +103,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             pipeline_row(table, work, cores, quick=args.quick)
         if "scale" in wanted:
             extra["scale"] = scale_rows(table, work, quick=args.quick)
+        if "shards" in wanted:
+            extra["shards"] = shard_rows(table, work / "shards", repeats, quick=args.quick)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return {"machine": machine(), "count": count, "repeats": repeats, "page_cache": "warm",
@@ -267,6 +270,16 @@ def scale_rows(table: Table, work: Path, *, quick: bool) -> dict[str, Any]:
               None, None, note="bounded: < 300 MB")  # fmt: skip
     table.rows[-1]["met"] = flat["peak_anonymous_mb"] < 300
     return {"rows": rows, "flatness": flat, "markdown": scale_markdown(rows)}
+
+
+def shard_rows(table: Table, work: Path, repeats: int, *, quick: bool) -> dict[str, Any]:
+    figures = measure_shards(work, repeats, quick=quick)
+    rate = figures["shard_bytes"] / 2**20 / figures["ours_s"]
+    what = f"assemble {figures['records']} records from shards vs copying their values"
+    ours = f"{figures['ours_s']:.2f} s ({rate:,.0f} MiB/s)"
+    baseline = f"{figures['copy_s']:.2f} s (read + write + fsync)"
+    table.add(what, ours, baseline, figures["copy_s"] / figures["ours_s"], 0.8)
+    return figures
 
 
 def machine() -> dict[str, Any]:

@@ -295,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
         "verify",
         help="decode every record and check the content digest and manifest",
         description="Exit 0 only if every record decodes and count, digest, label histogram and "
-        "shapes match datumdb.json.",
+        "shapes match datumdb.json. DB may be a shard set (a folder with shards.json): every shard "
+        "is verified, and its count and digest checked against the index.",
     )
     p.add_argument("db", type=_path, metavar="DB")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -357,6 +358,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--overwrite", action="store_true", help="replace OUT.npz if it already exists")
     p.set_defaults(func=_export, isolate=True)
+    p = commands.add_parser(
+        "assemble",
+        help="a shard set -> one Caffe database of all its records, in its seeded shuffled order",
+        description="Copies every record of the shard set SHARDS/ (a folder with shards.json) into one "
+        "LMDB, as stored (nothing is decoded), keyed by its rank in the order of its seeded hash "
+        "(%%08d_<path> for image files), so Caffe's Data layer reads a shuffled set.",
+    )
+    p.add_argument("shards", type=_path, metavar="SHARDS/")
+    p.add_argument("db", type=_path, metavar="DB")
+    p.add_argument("--overwrite", action="store_true", help="replace DB if it already holds a database")
+    p.add_argument(
+        "--batch-size",
+        type=_positive,
+        default=DEFAULT_BATCH_SIZE,
+        metavar="N",
+        help="records per LMDB write transaction (default %(default)s); the map is sized from the shards",
+    )
+    p.set_defaults(func=_assemble)
     _add_pipeline_commands(commands)
     return parser
 
@@ -698,9 +717,11 @@ def _compute_mean(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    from datumdb.shardset import is_shard_set, verify_shard_set
     from datumdb.verify import verify_database
 
-    report = verify_database(
+    check = verify_shard_set if is_shard_set(args.db) else verify_database
+    report = check(
         args.db,
         progress=args.progress,
         isolate=not args.in_process,
@@ -728,6 +749,14 @@ def _verify(args: argparse.Namespace) -> int:
             counts += f", {report['bad_records']} bad record(s)"
         print(_printable(f"{args.db}: FAILED ({counts})"), file=sys.stderr)
     return 0 if report["ok"] else 1
+
+
+def _assemble(args: argparse.Namespace) -> int:
+    from datumdb.shardset import assemble
+
+    manifest = assemble(args.shards, args.db, overwrite=args.overwrite, batch_size=args.batch_size)
+    print(f"{args.db}: {manifest['count']} records, digest {manifest['digest']}")
+    return 0
 
 
 def _digest(args: argparse.Namespace) -> int:

@@ -558,6 +558,15 @@ class DatumReader(Sequence[tuple[np.ndarray, int]]):
     until the reader is garbage collected.
     """
 
+    def __new__(cls, path: str | os.PathLike[str] | None = None, *args: Any, **kwargs: Any) -> DatumReader:
+        """A folder of shards (:mod:`datumdb.shardset`) opens as one :class:`~datumdb.shardset.ShardSetReader`."""
+        if cls is DatumReader and path is not None:
+            from datumdb.shardset import ShardSetReader, is_shard_set
+
+            if is_shard_set(path):
+                return super().__new__(ShardSetReader)
+        return super().__new__(cls)
+
     def __init__(self, path: str | os.PathLike[str], *, imread: ImreadMode | Literal["auto"] = "auto") -> None:
         if imread not in ("auto", "unchanged", "color", "gray"):
             raise ValueError(f"imread must be 'auto', 'unchanged', 'color' or 'gray', got {imread!r}")

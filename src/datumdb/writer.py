@@ -99,6 +99,7 @@ DEFAULT_MAP_SIZE = 64 << 20  # grows by doubling; on Linux an unused map costs n
 # pieces are alive at once: being written, being hashed), big enough that NumPy and hashlib
 # calls cost nothing per record.
 FRAME_BYTES = 8 << 20
+_COPIED_PER_HASH = 256  # add_copied records per hand-over to the digest thread
 MAX_MAP_SIZE = 1 << 44  # 16 TiB: a runaway record fails instead of exhausting address space
 LOCK_NAME = "lock.mdb"
 # Everything a datumdb database folder may hold: a folder with anything else is not ours to replace.
@@ -143,6 +144,7 @@ class DatabaseWriter:
         key_width: int = 8,
         metadata: dict[str, Any] | None = None,
         only_replace_own: bool = False,
+        hash_file: bool = True,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -159,6 +161,7 @@ class DatabaseWriter:
         self.channel_order = channel_order
         self.key_width = key_width
         self.metadata = dict(metadata or {})
+        self.hash_file = hash_file
         self._check_target()
         if self.path.parent.is_dir():
             restored = restore_interrupted_publish(self.path)  # before anything is removed
@@ -205,6 +208,12 @@ class DatabaseWriter:
         # decodes, hashes and writes at once. One commit at a time, in order: the same bytes.
         self._committer = ThreadPoolExecutor(1, thread_name_prefix="datumdb-commit", initializer=_leave_signals_to_main)
         self._committing: Future[None] | None = None
+        # add_copied's records are hashed in a thread of their own while LMDB writes the last batch.
+        self._committer_digest = ThreadPoolExecutor(
+            1, thread_name_prefix="datumdb-digest", initializer=_leave_signals_to_main
+        )
+        self._copied: list[tuple[bytes, bytes]] = []
+        self._copy_hashing: Future[None] | None = None
 
     # ------------------------------------------------------------------ public API
 
@@ -334,6 +343,52 @@ class DatabaseWriter:
         self._append(key, bytes(value), datum.label, shape, dtype, encoding)
         return key
 
+    def add_copied(self, key: bytes, value: bytes) -> bytes:
+        """Append a value copied verbatim from another datumdb database, without parsing it.
+
+        For assembling shards: the value was checked when its own database was written and
+        verified, so it is not decoded again; the manifest's per-record statistics (labels,
+        shapes, dtypes, encodings) come from the sources' manifests through
+        :meth:`merge_statistics`. The content digest is computed from the bytes as usual.
+        """
+        key = self._key(key)
+        if self._hasher:
+            self._hasher.wait()
+        self._batch.append((key, value))
+        self._copied.append((key, value))
+        self._count += 1
+        if self._first_key is None:
+            self._first_key = key
+        self._last_key = key
+        self._payload_bytes += len(value)
+        if len(self._copied) >= _COPIED_PER_HASH:
+            self._hash_copied()
+        if len(self._batch) >= self.batch_size:
+            self._flush()
+        return key
+
+    def _hash_copied(self) -> None:
+        """Hand the copied records so far to the digest thread (one at a time, in order)."""
+        if not self._copied:
+            return
+        if self._copy_hashing is not None:
+            self._copy_hashing.result()
+        pairs, self._copied = self._copied, []
+        self._copy_hashing = self._committer_digest.submit(_digest_pairs, self._digest, pairs)
+
+    def _wait_copied(self) -> None:
+        self._hash_copied()
+        if self._copy_hashing is not None:
+            hashing, self._copy_hashing = self._copy_hashing, None
+            hashing.result()
+
+    def merge_statistics(self, statistics: dict[str, Any]) -> None:
+        """Add other databases' per-record statistics (see :func:`datumdb.shardset.merged_statistics`)."""
+        self._labels.update(statistics["labels"])
+        self._shapes.update(statistics["shapes"])
+        self._dtypes.update(statistics["dtypes"])
+        self._encodings.update(statistics["encodings"])
+
     def close(self) -> Path:
         """Commit what is left, write the manifest and publish the database at ``path``."""
         if self.published:
@@ -350,8 +405,9 @@ class DatabaseWriter:
             # commit wrote its final bytes (sync and close write none), so it is hashed in a
             # thread from now on, while the content digest finishes and the fsync runs.
             with ThreadPoolExecutor(1, thread_name_prefix="datumdb-sha256") as pool:
-                data_sha256 = pool.submit(file_sha256, self._work / DATA_NAME)
+                data_sha256 = pool.submit(file_sha256, self._work / DATA_NAME) if self.hash_file else None
                 manifest = self.manifest()
+                self._committer_digest.shutdown()
                 self._hasher.close()
                 self._env.sync(True)
                 self._env.close()
@@ -364,10 +420,11 @@ class DatabaseWriter:
                     "records_per_chunk": RECORDS_PER_CHUNK,
                     "sha256": self._digest.chunk_digests,
                 }
-                manifest["data_mdb"] = {
-                    "bytes": (self._work / DATA_NAME).stat().st_size,
-                    "sha256": data_sha256.result(),
-                }
+                if data_sha256 is not None:
+                    manifest["data_mdb"] = {
+                        "bytes": (self._work / DATA_NAME).stat().st_size,
+                        "sha256": data_sha256.result(),
+                    }
             write_manifest(self._work, manifest)
             _fsync_dir(self._work)
             _check_interrupt()  # the last moment a stop can still keep the previous version
@@ -384,6 +441,7 @@ class DatabaseWriter:
             futures.wait([self._committing])
             self._committing = None
         self._committer.shutdown(wait=True)
+        self._committer_digest.shutdown(wait=True)
         self._hasher.close()
         if self._env is not None:
             with contextlib.suppress(lmdb.Error):
@@ -394,6 +452,7 @@ class DatabaseWriter:
     def manifest(self) -> dict[str, Any]:
         """The manifest of what has been added so far (written beside data.mdb on close)."""
         self._hasher.wait()
+        self._wait_copied()
         self._wait_commit()
         labels = {str(label): self._labels[label] for label in sorted(self._labels)}
         shapes = dict(self._shapes)
@@ -457,6 +516,8 @@ class DatabaseWriter:
     ) -> None:
         if self._hasher:  # add_batch's chunks go first
             self._hasher.wait()
+        if self._copied or self._copy_hashing is not None:  # and add_copied's records
+            self._wait_copied()
         self._batch.append((key, value))
         self._digest.update(key, value)
         self._count += 1
@@ -592,6 +653,11 @@ def _leave_signals_to_main() -> None:
     """
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
+def _digest_pairs(digest: ContentDigest, pairs: list[tuple[bytes, bytes]]) -> None:
+    for key, value in pairs:
+        digest.update(key, value)
 
 
 def _single_or_mixed(counter: Counter[str]) -> str | None:
