@@ -38,6 +38,7 @@ __all__ = [
     "DATA_NAME",
     "MANIFEST_NAME",
     "RECORD_FRAME",
+    "SHARD_INDEX",
     "ContentDigest",
     "decode_mode",
     "describe_labels",
@@ -52,6 +53,7 @@ __all__ = [
 
 DATA_NAME = "data.mdb"  # LMDB's data file: the only file Caffe opens
 MANIFEST_NAME = "datumdb.json"  # ours, beside it: never inside the database, which Caffe parses
+SHARD_INDEX = "shards.json"  # a shard set's index, beside its shard folders (datumdb.shardset)
 MANIFEST_FORMAT = "datumdb-manifest/1"
 _DIGEST_DOMAIN = b"datumdb content digest v1\n"
 # What precedes each (key, value) in the digested stream: key length (LMDB keys are < 512

@@ -58,7 +58,7 @@ from datumdb.errors import DatabaseChangedError, DatabaseError, DatabaseNotFound
 from datumdb.fastpath import OffsetIndex
 from datumdb.keys import MAX_KEY_BYTES
 from datumdb.lmdbmap import locate, map_size_for, mappings
-from datumdb.manifest import DATA_NAME, decode_mode, read_manifest
+from datumdb.manifest import DATA_NAME, SHARD_INDEX, decode_mode, read_manifest
 
 __all__ = ["DatabaseVersion", "DatumReader", "open_environment"]
 
@@ -560,11 +560,10 @@ class DatumReader(Sequence[tuple[np.ndarray, int]]):
 
     def __new__(cls, path: str | os.PathLike[str] | None = None, *args: Any, **kwargs: Any) -> DatumReader:
         """A folder of shards (:mod:`datumdb.shardset`) opens as one :class:`~datumdb.shardset.ShardSetReader`."""
-        if cls is DatumReader and path is not None:
-            from datumdb.shardset import ShardSetReader, is_shard_set
+        if cls is DatumReader and path is not None and (Path(path) / SHARD_INDEX).is_file():
+            from datumdb.shardset import ShardSetReader  # only then: a step reading a database never loads it
 
-            if is_shard_set(path):
-                return super().__new__(ShardSetReader)
+            return super().__new__(ShardSetReader)
         return super().__new__(cls)
 
     def __init__(self, path: str | os.PathLike[str], *, imread: ImreadMode | Literal["auto"] = "auto") -> None:

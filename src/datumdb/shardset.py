@@ -47,7 +47,7 @@ from datumdb.codec import ImreadMode
 from datumdb.errors import DatabaseChangedError, DatabaseNotFoundError, DatumError, InputError, VerificationError
 from datumdb.keys import index_key
 from datumdb.limits import MAX_MANIFEST_BYTES, read_regular_file
-from datumdb.manifest import DATA_NAME, MANIFEST_NAME, read_manifest
+from datumdb.manifest import DATA_NAME, MANIFEST_NAME, SHARD_INDEX, read_manifest
 from datumdb.reader import DatabaseVersion, DatumReader
 
 __all__ = [
@@ -71,7 +71,6 @@ __all__ = [
     "write_shard_index",
 ]
 
-SHARD_INDEX = "shards.json"
 SHARD_INDEX_FORMAT = "datumdb-shards/1"
 DEFAULT_MEAN_SHARD = 2048  # samples: ~400 MB of 256x256 raw photos, ~220 MB of ImageNet JPEGs
 SPLIT_NAMES = ("train", "val", "test")
