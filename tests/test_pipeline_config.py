@@ -508,8 +508,7 @@ def test_values_over_the_command_lines_maxima_are_refused(tmp_path: Path, text: 
 
 
 def test_the_maxima_are_the_command_lines() -> None:
-    from datumdb.limits import INT31_MAX, MAX_TIMEOUT
-    from datumdb.writer import MAX_MAP_SIZE
+    from datumdb.limits import INT31_MAX, MAX_MAP_SIZE, MAX_TIMEOUT
 
     at_most = _write(
         Path(tempfile.mkdtemp()),

@@ -61,13 +61,14 @@ from datumdb.limits import (
     DEFAULT_DECODE_TIMEOUT,
     DEFAULT_MAX_EXPORT_BYTES,
     INT31_MAX,
+    MAX_MAP_SIZE,
     MAX_RESIZE,
     MAX_RESIZE_PIXELS,
     MAX_TIMEOUT,
     SEED_MAX,
 )
 from datumdb.pipeline.splits import SPLITS
-from datumdb.writer import DEFAULT_BATCH_SIZE, DEFAULT_MAP_SIZE, MAX_MAP_SIZE, clear_interrupt, note_interrupt
+from datumdb.writer import DEFAULT_BATCH_SIZE, DEFAULT_MAP_SIZE, clear_interrupt, note_interrupt
 
 __all__ = ["EXIT_FAILED", "EXIT_INTERNAL", "EXIT_OK", "EXIT_USAGE", "MAX_RESIZE", "MAX_RESIZE_PIXELS", "main"]
 

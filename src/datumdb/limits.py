@@ -53,6 +53,7 @@ __all__ = [
     "MAX_INPUT_BYTES_ENV",
     "MAX_JPEG_SCANS",
     "MAX_MANIFEST_BYTES",
+    "MAX_MAP_SIZE",
     "MAX_RESIZE",
     "MAX_RESIZE_PIXELS",
     "MAX_TIMEOUT",
@@ -69,6 +70,7 @@ __all__ = [
 DEFAULT_MAX_INPUT_BYTES = 2 << 30
 MAX_INPUT_BYTES_ENV = "DATUMDB_MAX_INPUT_BYTES"
 MAX_MANIFEST_BYTES = 64 << 20
+MAX_MAP_SIZE = 1 << 44  # LMDB map, bytes (16 TiB): a runaway record fails instead of exhausting address space
 MAX_IMAGE_PIXELS = 1 << 27
 DECODED_BYTES_PER_PIXEL = 4
 MAX_JPEG_SCANS = 100

@@ -69,6 +69,7 @@ from datumdb.errors import (
     WriteError,
 )
 from datumdb.framing import BackgroundDigest, frame_raw_images, index_key_digits
+from datumdb.limits import MAX_MAP_SIZE
 from datumdb.manifest import (
     DATA_NAME,
     MANIFEST_FORMAT,
@@ -100,7 +101,6 @@ DEFAULT_MAP_SIZE = 64 << 20  # grows by doubling; on Linux an unused map costs n
 # calls cost nothing per record.
 FRAME_BYTES = 8 << 20
 _COPIED_PER_HASH = 256  # add_copied records per hand-over to the digest thread
-MAX_MAP_SIZE = 1 << 44  # 16 TiB: a runaway record fails instead of exhausting address space
 LOCK_NAME = "lock.mdb"
 # Everything a datumdb database folder may hold: a folder with anything else is not ours to replace.
 DATABASE_FILES = frozenset({DATA_NAME, MANIFEST_NAME, LOCK_NAME})

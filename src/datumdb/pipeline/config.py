@@ -13,7 +13,7 @@ Why this module reads ``params.yaml`` itself instead of taking values on the com
 * **One home for each default:** ``params.schema.yaml`` beside this module (Snakemake's
   ``validate`` uses the same file). Missing keys take the schema's default; unknown keys and
   wrong types are errors naming the key. The maxima come from the constants the command line
-  uses (:mod:`datumdb.limits`, :data:`datumdb.writer.MAX_MAP_SIZE`), added to the schema here.
+  uses (:mod:`datumdb.limits`, :data:`datumdb.limits.MAX_MAP_SIZE`), added to the schema here.
 * **Nothing that makes a loader hang or crash.** Before any YAML is built into values, one pass
   over the parser's events refuses anchors and aliases (a 3 kB "billion laughs" file expands to
   a billion values in Snakemake's, DVC's and jsonschema's walks), nesting deeper than
@@ -40,13 +40,13 @@ from datumdb.errors import InputError
 from datumdb.limits import (
     INT31_MAX,
     MAX_IMAGE_PIXELS,
+    MAX_MAP_SIZE,
     MAX_RESIZE,
     MAX_RESIZE_PIXELS,
     MAX_TIMEOUT,
     read_regular_file,
 )
 from datumdb.pipeline.splits import SPLITS
-from datumdb.writer import MAX_MAP_SIZE
 
 __all__ = [
     "MAX_INTEGER_DIGITS",

@@ -59,6 +59,7 @@ _COMMON = (
     "__init__.py",  # the version, recorded in every manifest
     "errors.py",
     "files.py",
+    "limits.py",
     "pipeline/__init__.py",
     "pipeline/config.py",
     "pipeline/params.schema.yaml",
@@ -67,7 +68,17 @@ _COMMON = (
     "pipeline/splits.py",
 )
 _SOURCES = ("sources.py", "synthetic.py", "imageset.py", "decodepool.py", "pipeline/sources.py")
-_READ = ("codec.py", "pnggray.py", "manifest.py", "reader.py", "fastpath.py")
+_READ = (
+    "codec.py",
+    "imageheader.py",
+    "pnggray.py",
+    "manifest.py",
+    "reader.py",
+    "btree.py",
+    "lmdbmap.py",
+    "fastpath.py",
+    "keys.py",
+)
 STEP_CODE: dict[str, tuple[str, ...]] = {
     "build": tuple(
         sorted(
@@ -75,6 +86,7 @@ STEP_CODE: dict[str, tuple[str, ...]] = {
                 *_COMMON,
                 *_SOURCES,
                 "codec.py",
+                "imageheader.py",
                 "pnggray.py",
                 "framing.py",
                 "keys.py",
@@ -93,6 +105,7 @@ STEP_CODE: dict[str, tuple[str, ...]] = {
                 "framing.py",
                 "keys.py",
                 "verify.py",
+                "writer.py",  # imported by verify (restoring an interrupted publish), imageset and sources
                 "pipeline/check.py",
                 "pipeline/sheet.py",
                 "pipeline/summary.py",
