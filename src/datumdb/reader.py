@@ -786,17 +786,8 @@ class DatumReader(Sequence[tuple[np.ndarray, int]]):
         (TypeError for floats, strings or booleans, as for ``reader[i]``).
         """
         pin = self._pinned()
-        given = np.asarray(indices)
-        if given.size and given.dtype.kind not in "iu":
-            raise TypeError(f"{self.path}: record indices must be integers, not {given.dtype} values")
-        given = given.reshape(-1)
-        if out is not None and len(out) != len(given):
-            raise ValueError(f"out holds {len(out)} records but {len(given)} indices were given")
         count = pin.length
-        if len(given) and (given.min() < -count or given.max() >= count):  # before int64 wraps a uint64
-            bad = given[(given < -count) | (given >= count)][0]
-            raise IndexError(f"{self.path}: index {bad} out of range for {count} records")
-        indices = given.astype(np.int64)
+        indices = batch_indices(self.path, indices, out, count)
         index = pin.offset_index() if len(indices) else None
         if index is not None:
             shape = index.layout.shape
@@ -843,6 +834,20 @@ class DatumReader(Sequence[tuple[np.ndarray, int]]):
 
     def __repr__(self) -> str:
         return f"DatumReader({str(self.path)!r})"
+
+
+def batch_indices(path: Path, indices: Sequence[int] | np.ndarray, out: np.ndarray | None, count: int) -> np.ndarray:
+    """``read_batch``'s indices as int64, checked: integers, in range, as many as ``out`` holds."""
+    given = np.asarray(indices)
+    if given.size and given.dtype.kind not in "iu":
+        raise TypeError(f"{path}: record indices must be integers, not {given.dtype} values")
+    given = given.reshape(-1)
+    if out is not None and len(out) != len(given):
+        raise ValueError(f"out holds {len(out)} records but {len(given)} indices were given")
+    if len(given) and (given.min() < -count or given.max() >= count):  # before int64 wraps a uint64
+        bad = given[(given < -count) | (given >= count)][0]
+        raise IndexError(f"{path}: index {bad} out of range for {count} records")
+    return given.astype(np.int64)
 
 
 def _as_bytes(key: bytes | str) -> bytes:

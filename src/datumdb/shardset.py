@@ -48,7 +48,7 @@ from datumdb.errors import DatabaseChangedError, DatabaseNotFoundError, DatumErr
 from datumdb.keys import index_key
 from datumdb.limits import MAX_MANIFEST_BYTES, read_regular_file
 from datumdb.manifest import DATA_NAME, MANIFEST_NAME, SHARD_INDEX, read_manifest
-from datumdb.reader import DatabaseVersion, DatumReader
+from datumdb.reader import DatabaseVersion, DatumReader, batch_indices
 
 __all__ = [
     "DEFAULT_MEAN_SHARD",
@@ -549,17 +549,8 @@ class ShardSetReader(DatumReader):
         self, indices: Sequence[int] | np.ndarray, out: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """One batch across shards: each shard's records gathered by its own reader, then placed."""
-        given = np.asarray(indices)
-        if given.size and given.dtype.kind not in "iu":
-            raise TypeError(f"{self.path}: record indices must be integers, not {given.dtype} values")
-        given = given.reshape(-1)
-        if out is not None and len(out) != len(given):
-            raise ValueError(f"out holds {len(out)} records but {len(given)} indices were given")
         count = len(self)
-        if len(given) and (given.min() < -count or given.max() >= count):
-            bad = given[(given < -count) | (given >= count)][0]
-            raise IndexError(f"{self.path}: index {bad} out of range for {count} records")
-        positions = given.astype(np.int64) % max(count, 1)
+        positions = batch_indices(self.path, indices, out, count) % max(count, 1)
         shards = np.searchsorted(self._starts, positions, side="right") - 1
         labels = np.empty(len(positions), dtype=np.int64)
         for shard in np.unique(shards).tolist():

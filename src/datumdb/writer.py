@@ -105,7 +105,9 @@ LOCK_NAME = "lock.mdb"
 # Everything a datumdb database folder may hold: a folder with anything else is not ours to replace.
 DATABASE_FILES = frozenset({DATA_NAME, MANIFEST_NAME, LOCK_NAME})
 # Build folders are named after the host and PID that own them (no "-" or "." in the host part).
-_HOST = socket.gethostname().split(".")[0].replace("-", "_") or "host"
+# Names of private build folders carry the host and PID that made them, so a later build can tell
+# a dead build's leftovers (this host, no such process) from a live one's or another node's.
+HOST_TAG = socket.gethostname().split(".")[0].replace("-", "_") or "host"
 
 Encoding = Literal["none", "png", "jpg"]
 
@@ -170,7 +172,7 @@ class DatabaseWriter:
                 self._check_target()  # the restored previous version needs overwrite=True like any other
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._work = Path(
-            tempfile.mkdtemp(prefix=f".{self.path.name}.partial-{_HOST}-{os.getpid()}-", dir=self.path.parent)
+            tempfile.mkdtemp(prefix=f".{self.path.name}.partial-{HOST_TAG}-{os.getpid()}-", dir=self.path.parent)
         )
         os.chmod(self._work, 0o777 & ~_current_umask())  # mkdtemp's 0700 would be published as is
         try:
@@ -606,7 +608,7 @@ class DatabaseWriter:
 
     def _aside_and_rename(self, target: Path) -> Path:
         """The fallback without an atomic exchange: previous version aside, new one in."""
-        aside = target.parent / f".{target.name}.old-{_HOST}-{os.getpid()}-{os.urandom(4).hex()}"
+        aside = target.parent / f".{target.name}.old-{HOST_TAG}-{os.getpid()}-{os.urandom(4).hex()}"
         os.rename(target, aside)
         try:
             os.rename(self._work, target)
@@ -881,7 +883,7 @@ def _dead_builds(target: Path) -> list[tuple[str, Path]]:
         kind, _, rest = candidate.name[len(prefix) :].partition("-")
         host, _, rest = rest.partition("-")
         pid_text = rest.split("-", 1)[0]
-        if kind in ("partial", "old") and host == _HOST and pid_text.isdigit() and not _process_alive(int(pid_text)):
+        if kind in ("partial", "old") and host == HOST_TAG and pid_text.isdigit() and not process_alive(int(pid_text)):
             found.append((kind, candidate))
     return found
 
@@ -900,7 +902,8 @@ def _current_umask() -> int:
     return mask
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host exists (this process always does)."""
     if pid == os.getpid():
         return True
     try:

@@ -15,7 +15,6 @@ import contextlib
 import multiprocessing
 import os
 import shutil
-import socket
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -34,7 +33,7 @@ from datumdb.pipeline.fingerprint import build_params, build_record, input_diges
 from datumdb.pipeline.records import RecordFile, RecordWriter
 from datumdb.pipeline.sources import ImageFiles, Source, open_source
 from datumdb.pipeline.splits import SPLITS, assign_splits, positions_in_split, shard_range
-from datumdb.writer import DatabaseWriter, check_target
+from datumdb.writer import HOST_TAG, DatabaseWriter, check_target, process_alive
 
 __all__ = ["build_all", "build_split", "make_records", "records_path"]
 
@@ -173,7 +172,6 @@ def build_split(
 
 
 _RECORDS_PREFIX = ".records-"  # build_all's private folder: .records-HOST-PID-random
-_HOST = socket.gethostname().split(".")[0].replace("-", "_") or "host"
 
 
 def _remove_dead_records_folders(databases: Path) -> None:
@@ -186,23 +184,13 @@ def _remove_dead_records_folders(databases: Path) -> None:
     for folder in databases.glob(f"{_RECORDS_PREFIX}*"):
         host, _, rest = folder.name[len(_RECORDS_PREFIX) :].partition("-")
         pid = rest.split("-", 1)[0]
-        if host != _HOST or not pid.isdigit() or _process_alive(int(pid)) or folder.is_symlink():
+        if host != HOST_TAG or not pid.isdigit() or process_alive(int(pid)) or folder.is_symlink():
             continue
         shards = list(folder.iterdir())
         if all(s.name.isdigit() and s.is_dir() and not s.is_symlink() for s in shards) and all(
             f.is_file() and not f.is_symlink() for s in shards for f in s.iterdir()
         ):
             shutil.rmtree(folder, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def build_all(
@@ -221,7 +209,7 @@ def build_all(
     inputs = input_digest(config)
     jobs = max(1, min(jobs or os.cpu_count() or 1, config.partition.count))
     _remove_dead_records_folders(databases)
-    work = Path(tempfile.mkdtemp(prefix=f"{_RECORDS_PREFIX}{_HOST}-{os.getpid()}-", dir=databases))
+    work = Path(tempfile.mkdtemp(prefix=f"{_RECORDS_PREFIX}{HOST_TAG}-{os.getpid()}-", dir=databases))
     try:
         shards = range(config.partition.count)
         if jobs == 1:
