@@ -25,6 +25,10 @@ from datumdb.pipeline.splits import SPLITS
 # PARAMS: the params file (workflow/rules/params.smk, which checked it before configfile:).
 INPUT_HASHES = Path(".snakemake/datumdb/input-hashes.json")  # stat-keyed cache of input file hashes
 STALE_STAMPS = Path(".snakemake/datumdb/stamps")
+# The build jobs' declared outputs: one receipt per split, never the database itself. Snakemake
+# deletes a job's outputs before running it (and after it fails), so a killed or failed build
+# would lose the previous database; datumdb's writer replaces a database whole by rename.
+BUILT = Path(".snakemake/datumdb/done/build")
 
 
 def datumdb_command():
@@ -178,6 +182,29 @@ def record_in_dvc():
         print("datumdb: dvc commit failed; run it again by hand to record the outputs")
 
 
+def built_receipt(split):
+    """The receipt of split ``split``'s database: the build job's output, the consumers' input."""
+    return str(BUILT / f"{split}.done")
+
+
+def reconcile_receipts(stale):
+    """Make each split's receipt say whether its database is there and fresh.
+
+    Both files present and the manifest's fingerprint matching: a missing receipt is written (a
+    fresh clone after `dvc pull`, or a database DVC made), so nothing reruns. A file missing: the
+    receipt is removed, so its build reruns (and what follows). Present but stale: the stamp
+    (mark_stale_outputs) reruns the build; no receipt is written for it.
+    """
+    BUILT.mkdir(parents=True, exist_ok=True)
+    for split in SPLITS:
+        receipt = Path(built_receipt(split))
+        files = database_files(split)
+        if not all(Path(path).is_file() for path in files):
+            receipt.unlink(missing_ok=True)
+        elif not receipt.exists() and files[1] not in stale:
+            receipt.write_text("found at start-up, matching the params\n")
+
+
 def database_files(split):
     """The files of a split's database folder (declared as files: directory() outputs get a marker)."""
     folder = outputs.database(split)
@@ -207,6 +234,7 @@ FINGERPRINTED = [
 SHARDS = list(range(CONFIG.partition.count))
 INPUTS = hash_inputs(CONFIG)
 STALE = mark_stale_outputs(CONFIG, INPUTS)
+reconcile_receipts(STALE)
 
 
 onsuccess:
