@@ -28,3 +28,5 @@ rule all:
         MEAN_BINARYPROTO,
         MEAN_NPY,
         [outputs.sheet(split) for split in SPLITS],
+        # the builds' receipts: a database file deleted since (the receipt goes too) is rebuilt
+        [built_receipt(split) for split in SPLITS],

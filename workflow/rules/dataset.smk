@@ -8,7 +8,8 @@
 
 rule records:
     input:
-        source_inputs(),
+        source=source_inputs(),
+        stamp=records_stamp,
     output:
         records=temp([str(records_path(RECORDS, "{shard}", split)) for split in SPLITS]),
     params:
