@@ -24,7 +24,7 @@ include: "workflow/rules/report.smk"
 rule all:
     default_target: True
     input:
-        SUMMARY,
-        MEAN_BINARYPROTO,
-        MEAN_NPY,
-        [outputs.sheet(split) for split in SPLITS],
+        # every output file (a job reruns for a missing one only if it is asked for), the
+        # databases as their builds' receipts (a receipt goes when a database file does)
+        [path for path in outputs.output_files() if not path.startswith(f"{outputs.DATABASES}/")],
+        [built_receipt(split) for split in SPLITS],

@@ -22,6 +22,7 @@ from datumdb.codec import decode, encode_sample
 from datumdb.manifest import read_manifest
 from datumdb.pipeline.config import load_config
 from datumdb.pipeline.fingerprint import build_fingerprints, input_digest, mean_record, verify_record
+from datumdb.pipeline.outputs import stale_records
 from datumdb.pipeline.splits import SPLITS, assign_splits
 from datumdb.synthetic import generate
 
@@ -157,6 +158,26 @@ def test_a_record_file_made_with_other_params_is_refused(tmp_path: Path, capsys:
     assert main(["pipeline", "build", "--params", str(old), "--split", "val", str(tmp_path / "rec"), str(db)]) == 2
     assert str(tmp_path / "rec" / "1" / "val.rec") in capsys.readouterr().err
     assert not db.exists()
+
+
+def test_stale_records_lists_the_shards_whose_record_files_a_build_refuses(tmp_path: Path) -> None:
+    """The Snakefile reruns these shards' records jobs (a killed run leaves temp() files behind)."""
+    old, rec = _params(tmp_path / "old", shards=2), tmp_path / "rec"
+    assert stale_records(load_config(old), rec) == {}  # nothing made yet: nothing stale
+    for shard in ("0", "1"):
+        assert main(["--no-progress", "pipeline", "records", "--params", str(old), "--shard", shard, str(rec)]) == 0
+    assert stale_records(load_config(old), rec) == {}
+    for changed in (_params(tmp_path / "seed", shards=2, seed=SEED + 1), _params(tmp_path / "more", shards=3)):
+        found = stale_records(load_config(changed), rec)
+        assert set(found) == {0, 1} and "made with other params" in found[0]
+        db = tmp_path / "refused" / "val"  # and the build agrees: it refuses them
+        assert main(["pipeline", "build", "--params", str(changed), "--split", "val", str(rec), str(db)]) == 2
+    assert main(["pipeline", "build", "--params", str(old), "--split", "val", str(rec), str(tmp_path / "db")]) == 0
+    shutil.copy(rec / "1" / "train.rec", rec / "1" / "val.rec")  # another split's file under the name
+    assert set(stale_records(load_config(old), rec)) == {1}
+    (rec / "0" / "test.rec").write_bytes((rec / "0" / "test.rec").read_bytes()[:-3])  # cut short
+    found = stale_records(load_config(old), rec)
+    assert set(found) == {0, 1} and "truncated" in found[0]
 
 
 def test_a_missing_record_file_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -597,3 +598,123 @@ def test_dvc_add_of_an_input_folder_reruns_no_build(built: Path, tmp_path: Path)
     assert ran_stages(result.stdout + result.stderr) <= {"params"}
     assert status_clean(repo) and nothing_to_do(repo)
     assert digests(repo) == digests(built)
+
+
+# ----------------------------------------------------------------------------- killed or failed under Snakemake
+
+
+def output_bytes(repo: Path) -> dict[str, bytes]:
+    """Every database file, mean and report, with its bytes (a deleted one is missing here)."""
+    folders = [repo / "data" / "lmdb" / split for split in SPLITS] + [repo / "data" / "mean", repo / "reports"]
+    return {
+        str(path.relative_to(repo)): path.read_bytes()
+        for folder in folders
+        for path in folder.rglob("*")
+        if path.is_file()
+    }
+
+
+def leftovers(repo: Path) -> list[str]:
+    """Build folders, asides and record files an interrupted job could leave behind."""
+    lmdb = repo / "data" / "lmdb"
+    found = [*lmdb.glob(".*.partial-*"), *lmdb.glob(".*.old-*"), *lmdb.glob(".records-*")]
+    found += [path for path in (repo / "data" / "tmp").rglob("*") if path.is_file()]
+    return sorted(str(path.relative_to(repo)) for path in found)
+
+
+def snakemake_with_previous_run(built: Path, target: Path) -> Path:
+    repo = clone(built, target)
+    for folder in ("data", "reports", ".snakemake"):  # the outputs, and Snakemake's own records
+        shutil.copytree(built / folder, repo / folder, dirs_exist_ok=True)
+    return repo
+
+
+def test_killing_snakemake_while_a_build_runs_deletes_nothing_and_leaves_nothing(built: Path, tmp_path: Path) -> None:
+    """SIGTERM, then SIGKILL, to Snakemake's process group while a build job writes its database:
+    the previous databases and reports stay byte for byte (Snakemake deletes a job's outputs
+    before it runs it; a build's output is its receipt), no process is left, and the rerun
+    removes the killed writer's folder and ends fresh, recorded in DVC."""
+    repo = snakemake_with_previous_run(built, tmp_path / "repo")
+    before = output_bytes(repo)
+    replace_in_params(repo, "count: 240", "count: 60000")  # a build long enough to be killed mid-way
+    running = subprocess.Popen(
+        [str(BIN / "snakemake"), "--cores", "2"],
+        cwd=repo,
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group: the jobs are in it too
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not any((repo / "data" / "lmdb").glob(".*.partial-*")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert any((repo / "data" / "lmdb").glob(".*.partial-*")), "no build job started"
+        os.killpg(running.pid, signal.SIGTERM)  # Snakemake's own shutdown, then no more chances
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            running.wait(10)
+        os.killpg(running.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass  # the whole group had ended after the SIGTERM
+    finally:
+        running.kill()
+        running.wait(60)
+    time.sleep(1)
+    assert running.returncode != 0
+    assert processes_in(repo.resolve()) == []  # no datumdb (nor anything else) left running there
+    assert output_bytes(repo) == before  # every previous database file and report, byte for byte
+    replace_in_params(repo, "count: 60000", "count: 300")
+    made = snakemake("--cores", "2", cwd=repo)
+    assert "recording the outputs in DVC" in made.stdout + made.stderr
+    assert leftovers(repo) == []
+    assert read_manifest(repo / "data" / "lmdb" / "train")["count"] < 300 < 60000
+    assert run(["datumdb", "pipeline", "stale"], repo).returncode == 0
+    assert nothing_to_do(repo) and status_clean(repo)
+
+
+@pytest.mark.parametrize(
+    ("step", "old", "new"), [("build", "encoding: png", "encoding: jpg"), ("verify", "sample: 8", "sample: 5")]
+)
+def test_a_failing_job_under_snakemake_leaves_the_previous_outputs_in_place(
+    built: Path, tmp_path: Path, step: str, old: str, new: str
+) -> None:
+    repo = snakemake_with_previous_run(built, tmp_path / "repo")
+    before = output_bytes(repo)
+    replace_in_params(repo, old, new)  # the step must run again
+    failed = run_with(killing_shim(tmp_path / "shim", step), [str(BIN / "snakemake"), "--cores", "2"], repo)
+    assert failed.returncode != 0
+    assert f"Error in rule {step}" in failed.stdout + failed.stderr
+    assert output_bytes(repo) == before  # the failed job's outputs are the previous ones, byte for byte
+    made = snakemake("--cores", "2", cwd=repo)  # the rerun redoes what failed
+    assert f"rule {step}:" in made.stdout + made.stderr
+    assert leftovers(repo) == []
+    assert run(["datumdb", "pipeline", "stale"], repo).returncode == 0
+    assert nothing_to_do(repo) and status_clean(repo)
+
+
+@pytest.mark.parametrize(
+    ("deleted", "jobs"),
+    [
+        # the records jobs write every split's records, so every split is rebuilt (the same bytes)
+        ("data/lmdb/val/data.mdb", {"records": "2", "build": "3", "verify": "1", "report": "1", "all": "1"}),
+        (
+            "data/lmdb/train/datumdb.json",
+            {"records": "2", "build": "3", "verify": "3", "mean": "1", "report": "1", "all": "1"},
+        ),
+        ("reports/verify/test_labels.csv", {"verify": "1", "report": "1", "all": "1"}),
+        ("data/mean/mean.npy", {"mean": "1", "report": "1", "all": "1"}),
+        ("reports/summary.md", {"report": "1", "all": "1"}),
+    ],
+)
+def test_a_deleted_output_makes_its_job_rerun_under_snakemake(
+    built: Path, tmp_path: Path, deleted: str, jobs: dict[str, str]
+) -> None:
+    repo = snakemake_with_previous_run(built, tmp_path / "repo")
+    assert nothing_to_do(repo)
+    (repo / deleted).unlink()
+    plan = snakemake("-n", cwd=repo)
+    planned = dict(re.findall(r"^(\w+)\s+(\d+)$", plan.stdout + plan.stderr, re.M))
+    assert {k: v for k, v in planned.items() if k != "total"} == jobs
+    if deleted.startswith("data/lmdb/val"):  # and the run puts it back: fresh for both orchestrators
+        snakemake("--cores", "2", cwd=repo)
+        assert digests(repo) == digests(built) and nothing_to_do(repo) and status_clean(repo)

@@ -19,12 +19,16 @@ from datumdb.pipeline.build import READ_CHUNK, records_path
 from datumdb.files import atomic_write
 from datumdb.pipeline.config import SCHEMA_PATH, read_params, resolved_json, to_config, validate_params
 from datumdb.pipeline.fingerprint import input_digest
-from datumdb.pipeline.outputs import MEAN_BINARYPROTO, MEAN_JSON, MEAN_NPY, RECORDS, SUMMARY, stale_outputs
+from datumdb.pipeline.outputs import MEAN_BINARYPROTO, MEAN_JSON, MEAN_NPY, RECORDS, SUMMARY, stale_outputs, stale_records
 from datumdb.pipeline.splits import SPLITS
 
 # PARAMS: the params file (workflow/rules/params.smk, which checked it before configfile:).
 INPUT_HASHES = Path(".snakemake/datumdb/input-hashes.json")  # stat-keyed cache of input file hashes
 STALE_STAMPS = Path(".snakemake/datumdb/stamps")
+# The build jobs' declared outputs: one receipt per split, never the database itself. Snakemake
+# deletes a job's outputs before running it (and after it fails), so a killed or failed build
+# would lose the previous database; datumdb's writer replaces a database whole by rename.
+BUILT = Path(".snakemake/datumdb/done/build")
 
 
 def datumdb_command():
@@ -97,19 +101,46 @@ def mark_stale_outputs(config_, inputs):
         sys.exit(f"datumdb: {exc}")
     STALE_STAMPS.mkdir(parents=True, exist_ok=True)
     for path in FINGERPRINTED:
-        stamp = STALE_STAMPS / stamp_name(path)
         if path in stale:
             print(f"datumdb: {path} is stale ({stale[path][0]}); it will be remade", file=sys.stderr)
-            stamp.write_text(f"{time.time_ns()} {'; '.join(stale[path])}\n")
-        else:  # fresh (again): a stamp older than any output triggers nothing
-            if not stamp.exists() or stamp.read_text() != "fresh\n":
-                stamp.write_text("fresh\n")
-            os.utime(stamp, ns=(0, 0))
+        set_stamp(STALE_STAMPS / stamp_name(path), stale.get(path))
     return stale
+
+
+def mark_stale_records(config_, inputs):
+    """Make the records jobs of stale record files rerun (a stamp among their inputs, as above).
+
+    A run killed (or failed) after its records jobs leaves their temp() files; after a param
+    change the build would refuse them, and Snakemake, which sees complete files, would not
+    remake them.
+    """
+    try:
+        stale = stale_records(config_, RECORDS, inputs=inputs)
+    except DatumDBError as exc:
+        sys.exit(f"datumdb: {exc}")
+    for shard in range(config_.partition.count):
+        if shard in stale:
+            print(f"datumdb: {stale[shard]}; shard {shard}'s records will be remade", file=sys.stderr)
+        set_stamp(STALE_STAMPS / f"records__{shard}.stamp", [stale[shard]] if shard in stale else None)
+
+
+def set_stamp(stamp, reasons):
+    """Write ``stamp`` now (its job reruns) for ``reasons``; without reasons, leave it old."""
+    if reasons:
+        stamp.write_text(f"{time.time_ns()} {'; '.join(reasons)}\n")
+    else:  # fresh (again): a stamp older than any output triggers nothing
+        if not stamp.exists() or stamp.read_text() != "fresh\n":
+            stamp.write_text("fresh\n")
+        os.utime(stamp, ns=(0, 0))
 
 
 def stamp_name(path):
     return "__".join(Path(path).parts) + ".stamp"
+
+
+def records_stamp(wildcards):
+    """An input function: the stamp of the records job of shard ``wildcards.shard``."""
+    return str(STALE_STAMPS / f"records__{wildcards.shard}.stamp")
 
 
 def stamp_of(pattern):
@@ -128,8 +159,11 @@ def upstream(pattern, files):
 
 
 def report_inputs(files):
-    """The report's inputs: ancient() unless one of the reports it summarises is stale."""
-    return files if any(f in STALE for f in FINGERPRINTED[3:]) else ancient(files)
+    """The report's inputs: ancient() unless a job before it reruns: one of the reports it
+    summarises is stale, or an output (of a build, verify or mean) is missing. (An ancient input
+    that exists stops Snakemake's "updated by another job" from reaching the report.)"""
+    rerun = any(f in STALE for f in FINGERPRINTED[3:]) or any(f != SUMMARY for f in outputs.missing_outputs())
+    return files if rerun else ancient(files)
 
 
 def source_inputs():
@@ -178,6 +212,29 @@ def record_in_dvc():
         print("datumdb: dvc commit failed; run it again by hand to record the outputs")
 
 
+def built_receipt(split):
+    """The receipt of split ``split``'s database: the build job's output, the consumers' input."""
+    return str(BUILT / f"{split}.done")
+
+
+def reconcile_receipts(stale):
+    """Make each split's receipt say whether its database is there and fresh.
+
+    Both files present and the manifest's fingerprint matching: a missing receipt is written (a
+    fresh clone after `dvc pull`, or a database DVC made), so nothing reruns. A file missing: the
+    receipt is removed, so its build reruns (and what follows). Present but stale: the stamp
+    (mark_stale_outputs) reruns the build; no receipt is written for it.
+    """
+    BUILT.mkdir(parents=True, exist_ok=True)
+    for split in SPLITS:
+        receipt = Path(built_receipt(split))
+        files = database_files(split)
+        if not all(Path(path).is_file() for path in files):
+            receipt.unlink(missing_ok=True)
+        elif not receipt.exists() and files[1] not in stale:
+            receipt.write_text("found at start-up, matching the params\n")
+
+
 def database_files(split):
     """The files of a split's database folder (declared as files: directory() outputs get a marker)."""
     folder = outputs.database(split)
@@ -207,6 +264,8 @@ FINGERPRINTED = [
 SHARDS = list(range(CONFIG.partition.count))
 INPUTS = hash_inputs(CONFIG)
 STALE = mark_stale_outputs(CONFIG, INPUTS)
+mark_stale_records(CONFIG, INPUTS)
+reconcile_receipts(STALE)
 
 
 onsuccess:

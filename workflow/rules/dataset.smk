@@ -1,11 +1,15 @@
 # records (one job per shard, temp) -> build one LMDB per split (its only writer).
 # Every step reads params.yaml itself (`--params`): no value is joined into a shell command.
 # Inputs are ancient(): reruns follow fingerprints (common.smk), not file times.
+# A build declares a receipt (.snakemake/datumdb/done/build/{split}.done), not the database:
+# Snakemake deletes a job's outputs before it runs and after it fails, and the step replaces the
+# database whole by rename itself, so a killed or failed build leaves the previous one in place.
 
 
 rule records:
     input:
-        source_inputs(),
+        source=source_inputs(),
+        stamp=records_stamp,
     output:
         records=temp([str(records_path(RECORDS, "{shard}", split)) for split in SPLITS]),
     params:
@@ -32,13 +36,13 @@ rule build:
         records=[str(records_path(RECORDS, shard, "{split}")) for shard in SHARDS],
         stamp=stamp_of(database_files("{split}")[1]),
     output:
-        mdb=database_files("{split}")[0],
-        manifest=database_files("{split}")[1],
+        # Snakemake writes the receipt once the step succeeded (the database is in place then)
+        receipt=touch(built_receipt("{split}")),
     params:
         datumdb=DATUMDB,  # quoted for the shell already
         params_file=PARAMS,
         records=lambda wildcards, input: Path(input.records[0]).parents[1],
-        db=lambda wildcards, output: Path(output.manifest).parent,
+        db=lambda wildcards: outputs.database(wildcards.split),
     benchmark:  # wall time, peak RSS, I/O of each job (Snakemake measures it)
         "logs/benchmarks/build/{split}.tsv"
     log:

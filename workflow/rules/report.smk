@@ -1,37 +1,41 @@
 # verify each split against its source -> mean of train -> the summary report.
+# The databases come in as their builds' receipts (dataset.smk). The outputs are update(): small
+# files Snakemake keeps (and backs up) instead of deleting them before the job runs; each step
+# replaces them by rename only once it succeeded, so a killed or failed job leaves the previous
+# reports in place (Snakemake restores its backup after a failure).
 
 
 rule verify:
     input:
-        db=upstream(outputs.verify_details("{split}"), database_files("{split}")),
-        train=upstream(outputs.verify_details("{split}"), database_files("train")),
+        db=upstream(outputs.verify_details("{split}"), [built_receipt("{split}")]),
+        train=upstream(outputs.verify_details("{split}"), [built_receipt("train")]),
         source=source_inputs(),
         stamp=stamp_of(outputs.verify_details("{split}")),
     output:
-        details=report(
+        details=update(report(
             outputs.verify_details("{split}"),
             caption="../report/verify_metrics.rst",
             category="Verification",
             labels={"split": "{split}", "figure": "report"},
-        ),
-        metrics=outputs.metrics("{split}"),
-        histogram=report(
+        )),
+        metrics=update(outputs.metrics("{split}")),
+        histogram=update(report(
             outputs.histogram("{split}"),
             caption="../report/label_histogram.rst",
             category="Verification",
             labels={"split": "{split}", "figure": "label histogram"},
-        ),
-        sheet=report(
+        )),
+        sheet=update(report(
             outputs.sheet("{split}"),
             caption="../report/contact_sheet.rst",
             category="Verification",
             labels={"split": "{split}", "figure": "contact sheet"},
-        ),
+        )),
     params:
         datumdb=DATUMDB,  # quoted for the shell already
         params_file=PARAMS,
-        db=lambda wildcards, input: Path(input.db[0]).parent,
-        train=lambda wildcards, input: Path(input.train[0]).parent,
+        db=lambda wildcards: outputs.database(wildcards.split),
+        train=outputs.database("train"),
     benchmark:  # wall time, peak RSS, I/O of each job (Snakemake measures it)
         "logs/benchmarks/verify/{split}.tsv"
     log:
@@ -50,21 +54,21 @@ rule verify:
 
 rule mean:
     input:
-        db=upstream(MEAN_JSON, database_files("train")),
+        db=upstream(MEAN_JSON, [built_receipt("train")]),
         stamp=stamp_of(MEAN_JSON),
     output:
-        binaryproto=MEAN_BINARYPROTO,
-        npy=MEAN_NPY,
-        json=report(
+        binaryproto=update(MEAN_BINARYPROTO),
+        npy=update(MEAN_NPY),
+        json=update(report(
             MEAN_JSON,
             caption="../report/mean.rst",
             category="Mean",
             labels={"figure": "per-channel mean"},
-        ),
+        )),
     params:
         datumdb=DATUMDB,  # quoted for the shell already
         params_file=PARAMS,
-        db=lambda wildcards, input: Path(input.db[0]).parent,
+        db=outputs.database("train"),
     benchmark:  # wall time, peak RSS, I/O of each job (Snakemake measures it)
         "logs/benchmarks/mean/train.tsv"
     log:
@@ -83,12 +87,12 @@ rule report:
         details=report_inputs([outputs.verify_details(split) for split in SPLITS]),
         mean=report_inputs([MEAN_JSON]),
     output:
-        summary=report(
+        summary=update(report(
             SUMMARY,
             caption="../report/summary.rst",
             category="Summary",
             labels={"figure": "summary"},
-        ),
+        )),
     params:
         datumdb=DATUMDB,  # quoted for the shell already
         params_file=PARAMS,

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from datumdb.errors import InputError
 from datumdb.manifest import MANIFEST_NAME
 from datumdb.pipeline.config import PipelineConfig
 from datumdb.pipeline.fingerprint import (
@@ -40,6 +41,7 @@ __all__ = [
     "output_files",
     "sheet",
     "stale_outputs",
+    "stale_records",
     "verify_details",
 ]
 
@@ -132,4 +134,37 @@ def stale_outputs(config: PipelineConfig, root: str | Path = ".", *, inputs: str
         recorded = _recorded(path, *keys)
         if not isinstance(recorded, dict) or recorded.get("fingerprint") != record["fingerprint"]:
             stale[name] = describe_difference(recorded, record) or ["fingerprint differs"]
+    return stale
+
+
+def stale_records(config: PipelineConfig, records: str | Path, *, inputs: str | None = None) -> dict[int, str]:
+    """The shards whose existing record files the build step would refuse: shard -> why.
+
+    A records job that completed before its run was killed, or before a build failed, leaves its
+    ``temp()`` files; after a param change the build refuses them (made with other params), and
+    Snakemake, which sees complete files, would not remake them: the Snakefile reruns these
+    shards' jobs (a stamp among their inputs). The header is compared as
+    :func:`datumdb.pipeline.build.build_split` does (kept here so that the build step's code, and
+    so every database's fingerprint, stays as it is; a test checks the two agree). Missing files
+    are not listed: Snakemake makes those anyway.
+    """
+    from datumdb.pipeline.build import records_path
+    from datumdb.pipeline.records import RecordFile
+
+    inputs = inputs if inputs is not None else input_digest(config)
+    stale: dict[int, str] = {}
+    for split in SPLITS:
+        params = build_record(config, split, inputs)["params"]
+        for shard in range(config.partition.count):
+            path = records_path(records, shard, split)
+            if shard in stale or not path.is_file():
+                continue
+            try:
+                header = RecordFile(path).header
+            except InputError as exc:
+                stale[shard] = str(exc)
+                continue
+            expected = {"shard": shard, "shards": config.partition.count, "params": params, "split": split}
+            if {key: header.get(key) for key in expected} != expected:
+                stale[shard] = f"{path}: made with other params"
     return stale
