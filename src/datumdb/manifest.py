@@ -22,7 +22,7 @@ import hashlib
 import json
 import os
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +48,7 @@ __all__ = [
     "listed_shapes",
     "read_manifest",
     "shape_summary",
+    "single_or_mixed",
     "write_manifest",
 ]
 
@@ -314,6 +315,13 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:
         handle.flush()
         os.fsync(handle.fileno())
     return path
+
+
+def single_or_mixed(counter: Mapping[str, int]) -> str | None:
+    """A manifest's ``dtype`` or ``encoding``: the one value every record has, or "mixed" (None: no record)."""
+    if not counter:
+        return None
+    return next(iter(counter)) if len(counter) == 1 else "mixed"
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:

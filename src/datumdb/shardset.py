@@ -44,16 +44,23 @@ from typing import Any, Literal
 import numpy as np
 
 from datumdb.codec import ImreadMode
-from datumdb.errors import DatabaseChangedError, DatabaseNotFoundError, DatumError, InputError, VerificationError
+from datumdb.errors import (
+    DatabaseChangedError,
+    DatabaseNotFoundError,
+    DatumDBError,
+    DatumError,
+    InputError,
+    VerificationError,
+)
 from datumdb.keys import index_key
 from datumdb.limits import MAX_MANIFEST_BYTES, read_regular_file
-from datumdb.manifest import DATA_NAME, MANIFEST_NAME, SHARD_INDEX, read_manifest
+from datumdb.manifest import DATA_NAME, MANIFEST_NAME, SHARD_INDEX, read_manifest, single_or_mixed
+from datumdb.pipeline.splits import SPLITS  # the split names (a pure module: no pipeline code runs)
 from datumdb.reader import DatabaseVersion, DatumReader, batch_indices
 
 __all__ = [
     "DEFAULT_MEAN_SHARD",
     "SHARD_INDEX",
-    "SPLIT_NAMES",
     "Shard",
     "ShardPlan",
     "ShardSetReader",
@@ -64,6 +71,7 @@ __all__ = [
     "is_shard_set",
     "plan_shards",
     "read_shard_index",
+    "read_shard_index_bytes",
     "sample_hashes",
     "shard_key",
     "shard_name",
@@ -73,7 +81,6 @@ __all__ = [
 
 SHARD_INDEX_FORMAT = "datumdb-shards/1"
 DEFAULT_MEAN_SHARD = 2048  # samples: ~400 MB of 256x256 raw photos, ~220 MB of ImageNet JPEGs
-SPLIT_NAMES = ("train", "val", "test")
 _PERSON = b"datumdb-shard/1"  # blake2b personalisation: these hashes are used for nothing else
 _NAME = re.compile(r"^[0-9a-f]{16}$")
 
@@ -186,7 +193,7 @@ def plan_shards(identities: Sequence[bytes], seed: int, fractions: Sequence[floa
     order = sorted(range(len(identities)), key=identities.__getitem__)
     by_identity = np.asarray(order, dtype=np.int64)
     shards: dict[str, list[Shard]] = {}
-    for number, split in enumerate(SPLIT_NAMES):
+    for number, split in enumerate(SPLITS):
         members = by_identity[splits[by_identity] == number]
         order_hashes = hashes[members, 1]
         shards[split] = [
@@ -228,18 +235,25 @@ def write_shard_index(folder: str | os.PathLike[str], split: str, seed: int, nam
     return index
 
 
-def read_shard_index(folder: str | os.PathLike[str]) -> dict[str, Any]:
+def read_shard_index_bytes(folder: str | os.PathLike[str]) -> bytes:
+    """The bytes of the index of the shard set ``folder`` (a regular file of bounded size)."""
+    path = Path(folder) / SHARD_INDEX
+    if not path.exists():
+        raise DatabaseNotFoundError(f"{folder}: not a shard set (no {SHARD_INDEX})")
+    return read_regular_file(path, "shard index", MAX_MANIFEST_BYTES)
+
+
+def read_shard_index(folder: str | os.PathLike[str], data: bytes | None = None) -> dict[str, Any]:
     """The index of the shard set ``folder``, checked: every shard named exists, counts add up.
 
-    A damaged or hand-edited index is a :class:`~datumdb.errors.VerificationError` naming the
-    file and the field, never a traceback or a shard read from outside the folder.
+    ``data``: the index's bytes, if already read (so that what is checked is what the caller
+    pins). A damaged or hand-edited index is a :class:`~datumdb.errors.VerificationError`
+    naming the file and the field, never a traceback or a shard read from outside the folder.
     """
     folder = Path(folder)
     path = folder / SHARD_INDEX
-    if not path.exists():
-        raise DatabaseNotFoundError(f"{folder}: not a shard set (no {SHARD_INDEX})")
     try:
-        index = json.loads(read_regular_file(path, "shard index", MAX_MANIFEST_BYTES))
+        index = json.loads(read_shard_index_bytes(folder) if data is None else data)
     except (ValueError, UnicodeDecodeError) as exc:
         raise VerificationError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(index, dict) or index.get("format") != SHARD_INDEX_FORMAT:
@@ -424,13 +438,15 @@ class ShardSetReader(DatumReader):
             raise ValueError(f"imread must be 'auto', 'unchanged', 'color' or 'gray', got {imread!r}")
         self.path = Path(path)
         self.imread = imread
-        self._index_text = (self.path / SHARD_INDEX).read_bytes()
-        self._setup(read_shard_index(self.path))
+        self._index_text = read_shard_index_bytes(self.path)  # read once: what is checked is what is pinned
+        index = read_shard_index(self.path, self._index_text)
+        self._setup(index, [DatumReader(self.path / shard["name"], imread=imread) for shard in index["shards"]])
 
-    def _setup(self, index: dict[str, Any]) -> None:
+    def _setup(self, index: dict[str, Any], parts: list[DatumReader]) -> None:
+        """What the reader derives from its pinned index and its shards' readers."""
         self._index = index
         self._names = [shard["name"] for shard in index["shards"]]
-        self._parts = [DatumReader(self.path / name, imread=self.imread) for name in self._names]
+        self._parts = parts
         counts = np.array([shard["count"] for shard in index["shards"]], dtype=np.int64)
         self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self._fast = None
@@ -443,18 +459,12 @@ class ShardSetReader(DatumReader):
         self.path = state["path"]
         self.imread = state["imread"]
         self._index_text = state["index"]
-        self._parts = state["parts"]
-        self._index = json.loads(self._index_text)
-        self._names = [shard["name"] for shard in self._index["shards"]]
-        counts = np.array([shard["count"] for shard in self._index["shards"]], dtype=np.int64)
-        self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        self._fast = None
-        self._merged = None
+        self._setup(json.loads(self._index_text), state["parts"])
 
     def _check_index(self) -> None:
         try:
-            current = (self.path / SHARD_INDEX).read_bytes()
-        except OSError:
+            current = read_shard_index_bytes(self.path)
+        except (OSError, DatumDBError):  # gone, or no longer a regular file: not the pinned index
             current = None
         if current != self._index_text:
             raise DatabaseChangedError(f"{self.path}: the shard set was rebuilt since this reader was pinned")
@@ -583,8 +593,8 @@ class ShardSetReader(DatumReader):
                 "format": SHARD_INDEX_FORMAT,
                 "count": len(self),
                 "shapes": dict(sorted(stats["shapes"].items())),
-                "dtype": _single_or_mixed(stats["dtypes"]),
-                "encoding": _single_or_mixed(stats["encodings"]),
+                "dtype": single_or_mixed(stats["dtypes"]),
+                "encoding": single_or_mixed(stats["encodings"]),
                 "channel_order": manifests[0]["channel_order"] if manifests else "BGR",
                 "label_histogram": {str(label): stats["labels"][label] for label in sorted(stats["labels"])},
                 "payload_bytes": stats["payload_bytes"],
@@ -595,12 +605,6 @@ class ShardSetReader(DatumReader):
 
     def __repr__(self) -> str:
         return f"DatumReader({str(self.path)!r})  # a shard set of {len(self._parts)} shards"
-
-
-def _single_or_mixed(counter: Counter[str]) -> str | None:
-    if not counter:
-        return None
-    return next(iter(counter)) if len(counter) == 1 else "mixed"
 
 
 def verify_shard_set(folder: str | os.PathLike[str], **options: Any) -> dict[str, Any]:

@@ -81,6 +81,7 @@ from datumdb.manifest import (
     listed_shapes,
     read_manifest,
     shape_summary,
+    single_or_mixed,
     write_manifest,
 )
 
@@ -211,7 +212,7 @@ class DatabaseWriter:
         self._committer = ThreadPoolExecutor(1, thread_name_prefix="datumdb-commit", initializer=_leave_signals_to_main)
         self._committing: Future[None] | None = None
         # add_copied's records are hashed in a thread of their own while LMDB writes the last batch.
-        self._committer_digest = ThreadPoolExecutor(
+        self._copy_digester = ThreadPoolExecutor(
             1, thread_name_prefix="datumdb-digest", initializer=_leave_signals_to_main
         )
         self._copied: list[tuple[bytes, bytes]] = []
@@ -356,17 +357,10 @@ class DatabaseWriter:
         key = self._key(key)
         if self._hasher:
             self._hasher.wait()
-        self._batch.append((key, value))
         self._copied.append((key, value))
-        self._count += 1
-        if self._first_key is None:
-            self._first_key = key
-        self._last_key = key
-        self._payload_bytes += len(value)
         if len(self._copied) >= _COPIED_PER_HASH:
             self._hash_copied()
-        if len(self._batch) >= self.batch_size:
-            self._flush()
+        self._store(key, value)
         return key
 
     def _hash_copied(self) -> None:
@@ -376,7 +370,7 @@ class DatabaseWriter:
         if self._copy_hashing is not None:
             self._copy_hashing.result()
         pairs, self._copied = self._copied, []
-        self._copy_hashing = self._committer_digest.submit(_digest_pairs, self._digest, pairs)
+        self._copy_hashing = self._copy_digester.submit(_digest_pairs, self._digest, pairs)
 
     def _wait_copied(self) -> None:
         self._hash_copied()
@@ -409,7 +403,7 @@ class DatabaseWriter:
             with ThreadPoolExecutor(1, thread_name_prefix="datumdb-sha256") as pool:
                 data_sha256 = pool.submit(file_sha256, self._work / DATA_NAME) if self.hash_file else None
                 manifest = self.manifest()
-                self._committer_digest.shutdown()
+                self._copy_digester.shutdown()
                 self._hasher.close()
                 self._env.sync(True)
                 self._env.close()
@@ -443,7 +437,7 @@ class DatabaseWriter:
             futures.wait([self._committing])
             self._committing = None
         self._committer.shutdown(wait=True)
-        self._committer_digest.shutdown(wait=True)
+        self._copy_digester.shutdown(wait=True)
         self._hasher.close()
         if self._env is not None:
             with contextlib.suppress(lmdb.Error):
@@ -466,8 +460,8 @@ class DatabaseWriter:
             "digest": self._digest.hexdigest,
             "shapes": listed_shapes(shapes),
             **({"shape_summary": summary} if summary is not None else {}),
-            "dtype": _single_or_mixed(self._dtypes),
-            "encoding": _single_or_mixed(self._encodings),
+            "dtype": single_or_mixed(self._dtypes),
+            "encoding": single_or_mixed(self._encodings),
             **encodings,
             "channel_order": self.channel_order,
             "label_histogram": labels,
@@ -520,16 +514,20 @@ class DatabaseWriter:
             self._hasher.wait()
         if self._copied or self._copy_hashing is not None:  # and add_copied's records
             self._wait_copied()
-        self._batch.append((key, value))
         self._digest.update(key, value)
-        self._count += 1
-        if self._first_key is None:
-            self._first_key = key
-        self._last_key = key
         self._labels[label] += 1
         self._shapes[_shape_name(shape)] += 1
         self._dtypes[dtype] += 1
         self._encodings[encoding] += 1
+        self._store(key, value)
+
+    def _store(self, key: bytes, value: bytes) -> None:
+        """Queue one record for the next commit (every add path ends here)."""
+        self._batch.append((key, value))
+        self._count += 1
+        if self._first_key is None:
+            self._first_key = key
+        self._last_key = key
         self._payload_bytes += len(value)
         if len(self._batch) >= self.batch_size:
             self._flush()
@@ -660,12 +658,6 @@ def _leave_signals_to_main() -> None:
 def _digest_pairs(digest: ContentDigest, pairs: list[tuple[bytes, bytes]]) -> None:
     for key, value in pairs:
         digest.update(key, value)
-
-
-def _single_or_mixed(counter: Counter[str]) -> str | None:
-    if not counter:
-        return None
-    return next(iter(counter)) if len(counter) == 1 else "mixed"
 
 
 def _text(key: bytes | None) -> str | None:
