@@ -31,6 +31,13 @@ STALE_STAMPS = Path(".snakemake/datumdb/stamps")
 BUILT = Path(".snakemake/datumdb/done/build")
 
 
+def beside_python(name):
+    """The command ``name`` beside the Python running Snakemake (its environment), else on PATH;
+    None if neither has it."""
+    beside = Path(sys.executable).parent / name
+    return str(beside) if os.access(beside, os.X_OK) and beside.is_file() else shutil.which(name)
+
+
 def datumdb_command():
     """How the rules call datumdb, quoted for the shell: never assumed to be on PATH.
 
@@ -39,11 +46,7 @@ def datumdb_command():
     else ``datumdb`` on PATH. Found nowhere: the run stops here, before any job deletes an output.
     (Not ``python -m datumdb``: ``-m`` puts the working directory first on ``sys.path``.)
     """
-    chosen = os.environ.get("DATUMDB_COMMAND")
-    beside = Path(sys.executable).parent / "datumdb"
-    if not chosen and os.access(beside, os.X_OK) and beside.is_file():
-        chosen = str(beside)
-    chosen = chosen or shutil.which("datumdb")
+    chosen = os.environ.get("DATUMDB_COMMAND") or beside_python("datumdb")
     if not chosen:
         sys.exit(
             f"datumdb: command not found: not beside {sys.executable} (the Python running Snakemake) nor on "
@@ -201,8 +204,7 @@ def record_in_dvc():
     if Path(SUMMARY).stat().st_mtime_ns < max(Path(path).stat().st_mtime_ns for path in summed):
         print(f"datumdb: outputs not recorded in DVC: {SUMMARY} is older than the reports")
         return
-    beside = Path(sys.executable).parent / "dvc"
-    dvc = str(beside) if os.access(beside, os.X_OK) and beside.is_file() else shutil.which("dvc")
+    dvc = beside_python("dvc")
     if dvc is None:
         print("datumdb: outputs not recorded in DVC: no dvc beside Snakemake's Python nor on PATH")
         return
