@@ -1,4 +1,5 @@
-# datumdb pipeline: params.yaml -> records (per shard) -> one LMDB per split -> verify, mean -> report.
+# datumdb pipeline: params.yaml -> plan -> shards (per part) -> a shard set and one assembled LMDB per split
+# -> verify, mean -> report.
 # The same steps run under DVC (dvc.yaml); both call `datumdb pipeline STEP --params params.yaml`,
 # so they write the same bytes. Defaults and options for users: profiles/default/config.yaml.
 from snakemake.utils import min_version
@@ -24,7 +25,7 @@ include: "workflow/rules/report.smk"
 rule all:
     default_target: True
     input:
-        # every output file (a job reruns for a missing one only if it is asked for), the
-        # databases as their builds' receipts (a receipt goes when a database file does)
-        [path for path in outputs.output_files() if not path.startswith(f"{outputs.DATABASES}/")],
+        # every report file (a job reruns for a missing one only if it is asked for); the shard
+        # sets and databases as their jobs' receipts (a receipt goes when what it stands for does)
+        [path for path in outputs.output_files() if path.startswith("reports/") or path.startswith("data/mean/")],
         [built_receipt(split) for split in SPLITS],

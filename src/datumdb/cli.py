@@ -406,18 +406,20 @@ def _add_pipeline_commands(commands: Any) -> None:
     )
     p = step("stale", _pipeline_stale, "list missing outputs and those whose fingerprint does not match the params")
     p.add_argument("--root", type=_path, default=Path("."), help="folder the outputs are under")
-    p = step("records", _pipeline_records, "encode one shard's samples into record files (one per split)")
-    p.add_argument("--shard", type=_non_negative, required=True)
+    p = step("shards", _pipeline_shards, "build the planned shards that are missing or stale, and index each split")
+    p.add_argument("shards", type=_path, metavar="SHARDS/", help="the shard sets go to SHARDS/<split>")
     p.add_argument(
-        "records", type=_path, metavar="RECORDS/", help="folder of the record files (RECORDS/<shard>/<split>.rec)"
+        "--part",
+        type=_path,
+        metavar="PART.json",
+        help="build only this part plan's shards (a Snakemake job; the splits are indexed by assemble)",
     )
-    p = step("build", _pipeline_build, "build one split's LMDB from the shards' record files (single writer)")
-    p.add_argument("--split", choices=SPLITS, required=True)
-    p.add_argument("records", type=_path, metavar="RECORDS/")
-    p.add_argument("db", type=_path, metavar="DB")
-    p = step("build-all", _pipeline_build_all, "build every split's LMDB, the shards in parallel processes (DVC)")
-    p.add_argument("databases", type=_path, metavar="DATABASES/", help="the databases go to DATABASES/<split>")
     p.add_argument("--jobs", type=_positive, default=None, help="processes (default: the CPU count)")
+    p = step("assemble", _pipeline_assemble, "index a split's shard set and derive its one Caffe database")
+    p.add_argument("--split", choices=SPLITS, required=True)
+    p.add_argument("--split-plan", type=_path, metavar="SPLIT.json", help="index the shard set as this plan says")
+    p.add_argument("shard_set", type=_path, metavar="SHARDS/SPLIT")
+    p.add_argument("db", type=_path, metavar="DB")
     p = step("verify", _pipeline_verify, "verify a split against its source; write its reports (exit 1 on mismatch)")
     p.add_argument("--split", choices=SPLITS, required=True)
     p.add_argument("db", type=_path, metavar="DB")
@@ -731,7 +733,7 @@ def _verify(args: argparse.Namespace) -> int:
         allow_nonfinite=args.allow_nonfinite,
     )
     if args.params is not None:
-        from datumdb.pipeline.fingerprint import database_matches_params
+        from datumdb.pipeline.outputs import database_matches_params
 
         problems = database_matches_params(args.db, args.params)
         report["problems"] = [*report["problems"], *problems]
@@ -880,12 +882,15 @@ def _pipeline_check(args: argparse.Namespace) -> int:
     from datumdb.files import atomic_write
     from datumdb.pipeline.config import resolved_json
     from datumdb.pipeline.fingerprint import input_digest
+    from datumdb.pipeline.plan import load_hash_cache, save_hash_cache
 
     config = _config(args)
     if args.output is None:
         print(resolved_json(config).decode("utf-8"), end="")
     else:
-        atomic_write(args.output, resolved_json(config, input_digest(config)))
+        cache = load_hash_cache()  # shared with the other steps: each input file hashed once
+        atomic_write(args.output, resolved_json(config, input_digest(config, cache)))
+        save_hash_cache(cache)
     return 0
 
 
@@ -903,36 +908,41 @@ def _pipeline_stale(args: argparse.Namespace) -> int:
     return 1 if stale or missing else 0
 
 
-def _pipeline_records(args: argparse.Namespace) -> int:
+def _pipeline_shards(args: argparse.Namespace) -> int:
     from datumdb.decodepool import tune_malloc
-    from datumdb.pipeline.build import make_records
+    from datumdb.pipeline.plan import read_part
+    from datumdb.pipeline.shards import build_part, build_shard_sets
 
-    tune_malloc()  # records of photos: see tune_malloc
-
-    counts = make_records(_config(args), args.shard, args.records)
-    print(f"{args.records}: shard {args.shard}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    tune_malloc()  # shards of photos: see tune_malloc
+    config = _config(args)
+    if args.part is not None:
+        tasks = read_part(args.part)
+        built = build_part(config, tasks, args.shards, workers=args.jobs or 1)
+        print(f"{args.part}: {len(built)} of {len(tasks)} shards built, the others current")
+        return 0
+    for split, index in build_shard_sets(config, args.shards, jobs=args.jobs).items():
+        print(f"{args.shards / split}: {index['count']} records in {len(index['shards'])} shards")
     return 0
 
 
-def _pipeline_build(args: argparse.Namespace) -> int:
+def _pipeline_assemble(args: argparse.Namespace) -> int:
     from datumdb.decodepool import tune_malloc
-    from datumdb.pipeline.build import build_split
+    from datumdb.pipeline.assemble import assemble_step
+    from datumdb.pipeline.plan import read_split_plan
+    from datumdb.pipeline.shards import finish_split
 
-    tune_malloc()  # records of photos: see tune_malloc
-
-    build_split(_config(args), args.split, args.records, args.db)
+    tune_malloc()
+    config = _config(args)
+    if args.split_plan is not None:
+        plan = read_split_plan(args.split_plan)
+        if plan.get("split") != args.split:
+            raise InputError(f"{args.split_plan}: the plan of split {plan.get('split')!r}, not {args.split!r}")
+        finish_split(plan, args.shard_set, config.seed)
+    assemble_step(config, args.shard_set, args.db)
+    if not config.build.assemble:
+        print(f"{args.db}: not assembled (build.assemble is false)")
+        return 0
     return _report_built(args.db)
-
-
-def _pipeline_build_all(args: argparse.Namespace) -> int:
-    from datumdb.decodepool import tune_malloc
-    from datumdb.pipeline.build import build_all
-
-    tune_malloc()  # records of photos: see tune_malloc
-
-    for split, manifest in build_all(_config(args), args.databases, jobs=args.jobs).items():
-        print(f"{args.databases / split}: {manifest['count']} records, {manifest['digest']}")
-    return 0
 
 
 def _pipeline_verify(args: argparse.Namespace) -> int:

@@ -301,8 +301,9 @@ def file_sha256(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:
-    """Write ``datumdb.json`` durably (fsync) with a stable layout: same content, same bytes.
+def write_manifest(folder: Path, manifest: dict[str, Any], *, durable: bool = True) -> Path:
+    """Write ``datumdb.json`` durably (fsync, unless the caller syncs later) with a stable
+    layout: same content, same bytes.
 
     A ``checksum`` of the other fields is added last, so that :func:`read_manifest` notices any
     change to any byte of the file, not only to the fields verification recomputes.
@@ -313,7 +314,8 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> Path:
     with open(path, "w", encoding="utf-8") as handle:
         handle.write(_render(manifest))
         handle.flush()
-        os.fsync(handle.fileno())
+        if durable:
+            os.fsync(handle.fileno())
     return path
 
 

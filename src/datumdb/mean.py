@@ -30,12 +30,18 @@ __all__ = ["channel_means", "compute_mean", "read_binaryproto", "write_binarypro
 
 
 def compute_mean(db_path: str | os.PathLike[str], *, progress: bool | None = None) -> np.ndarray:
-    """The float32 (C, H, W) mean image of every record in ``db_path``, Caffe-exact."""
+    """The float32 (C, H, W) mean image of every record in ``db_path``, Caffe-exact.
+
+    A shard set is read in the order of its assembled database (what Caffe's tool would read),
+    so its mean is byte-identical to the assembled database's.
+    """
     reader = DatumReader(db_path, imread="unchanged")
     total: np.ndarray | None = None
     count = 0
     try:
-        records = progress_bar(reader.datums(), enabled=progress, total=len(reader), desc="compute-mean", unit="rec")
+        positions = getattr(reader, "assembly_positions", None)
+        datums = ((reader.key(i), reader.datum(i)) for i in positions().tolist()) if positions else reader.datums()
+        records = progress_bar(datums, enabled=progress, total=len(reader), desc="compute-mean", unit="rec")
         with np.errstate(over="raise"):  # Caffe would silently write an infinite mean
             for key, datum in records:
                 array = datum_to_array(datum, imread="unchanged", key=key)  # Caffe's DecodeDatumNative

@@ -13,11 +13,13 @@ bytes, and so their files in DVC's cache and remote, as they were.
 * **Split** from the first hash alone: ``u = hash / 2**64`` falls in train's, val's or test's
   share of [0, 1). A sample's split depends on its identity and the seed only, so an append
   never moves an existing sample to another split; the fractions are the *expected* shares.
-* **Shards.** Within a split, samples are taken in identity order (sorted bytes), and a shard
-  ends after a sample whose second hash is below a threshold (1 in ``mean - min`` samples), as
-  content-defined chunking cuts a byte stream, with at least ``mean // 4`` and at most
-  ``4 * mean`` samples. A shard is named by its first member's hash, so an unchanged shard keeps
-  its name and its bytes.
+* **Shards.** Within a split, samples are taken in sequence order (the order given: an image
+  list's lines, an array's rows), and a shard ends after a sample whose second hash is below a
+  threshold (1 in ``mean - min`` samples), as content-defined chunking cuts a byte stream, with
+  at least ``mean // 4`` and at most ``4 * mean`` samples. Samples appended to the sequence
+  land in its last shards; an inserted, removed or relabelled sample changes the shard it falls
+  in. A shard is named by its first member's hash, so an unchanged shard keeps its name and
+  its bytes.
 * **Order for Caffe.** Caffe's Data layer reads one LMDB front to back, so :func:`assemble`
   derives one database per split whose records follow the second hash (a seeded shuffle that
   needs no global permutation), keyed as datumdb keys today: ``%08d_<path>`` for image files,
@@ -112,7 +114,7 @@ def split_of(split_hashes: np.ndarray, fractions: Sequence[float]) -> np.ndarray
 
 
 def cut_shards(order_hashes: np.ndarray, mean: int) -> list[tuple[int, int]]:
-    """Content-defined shard ranges ``[start, stop)`` of samples already in identity order.
+    """Content-defined shard ranges ``[start, stop)`` of samples already in sequence order.
 
     A shard ends after a sample whose hash is below ``2**64 / (mean - min)``, once it holds at
     least ``min = max(1, mean // 4)`` samples, and at ``4 * mean`` whatever the hashes say:
@@ -147,7 +149,7 @@ def shard_key(position: int, tail: bytes = b"") -> bytes:
     """A record's key inside its shard: its position there, ``%08d``, then the identity's tail.
 
     For image files the tail is ``_<path>``, so every shard is keyed as Caffe's convert_imageset
-    keys a database of just those files (in identity order).
+    keys a database of just those files (in sequence order).
     """
     return b"%08d" % position + tail
 
@@ -159,7 +161,7 @@ def assembled_key(rank: int, count: int, tail: bytes) -> bytes:
 
 @dataclass(frozen=True)
 class Shard:
-    """One planned shard: its name and its members (indices into the sample list, identity order)."""
+    """One planned shard: its name and its members (indices into the sample list, in order)."""
 
     name: str
     members: np.ndarray
@@ -172,7 +174,7 @@ class Shard:
 class ShardPlan:
     """Which split and which shard every sample belongs to, and each sample's order hash."""
 
-    shards: dict[str, list[Shard]]  # split name -> shards in identity order
+    shards: dict[str, list[Shard]]  # split name -> shards in sequence order
     order_hashes: np.ndarray  # uint64 per sample (the shuffle of the assembled database)
 
     def counts(self) -> dict[str, int]:
@@ -180,9 +182,10 @@ class ShardPlan:
 
 
 def plan_shards(identities: Sequence[bytes], seed: int, fractions: Sequence[float], mean: int) -> ShardPlan:
-    """Split ``identities`` by hash and cut each split into content-defined shards.
+    """Split ``identities`` (in sequence order) by hash and cut each split into content-defined shards.
 
-    Duplicate identities are refused: a sample must be one thing (list files name a path once).
+    Duplicate identities are refused: a sample must be one thing (the pipeline numbers a path
+    listed again, :mod:`datumdb.pipeline.plan`).
     """
     if len(set(identities)) != len(identities):
         seen: set[bytes] = set()
@@ -190,8 +193,7 @@ def plan_shards(identities: Sequence[bytes], seed: int, fractions: Sequence[floa
         raise InputError(f"sample {duplicate.decode('utf-8', 'backslashreplace')!r} is listed twice")
     hashes = sample_hashes(identities, seed)
     splits = split_of(hashes[:, 0], fractions)
-    order = sorted(range(len(identities)), key=identities.__getitem__)
-    by_identity = np.asarray(order, dtype=np.int64)
+    by_identity = np.arange(len(identities), dtype=np.int64)  # the sequence order, as given
     shards: dict[str, list[Shard]] = {}
     for number, split in enumerate(SPLITS):
         members = by_identity[splits[by_identity] == number]
@@ -211,11 +213,19 @@ def is_shard_set(path: str | os.PathLike[str]) -> bool:
     return (Path(path) / SHARD_INDEX).is_file()
 
 
-def write_shard_index(folder: str | os.PathLike[str], split: str, seed: int, names: Sequence[str]) -> dict[str, Any]:
+def write_shard_index(
+    folder: str | os.PathLike[str],
+    split: str,
+    seed: int,
+    names: Sequence[str],
+    *,
+    pipeline: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     """Write the index of the shard set ``folder`` from its shards' manifests; the index.
 
     Fixed key order, no timestamps: the same shards give the same bytes. Written under a
-    temporary name and renamed, so a reader never sees half an index.
+    temporary name and renamed, so a reader never sees half an index. ``pipeline``: what the
+    pipeline records of the set (its plan's fingerprint).
     """
     folder = Path(folder)
     shards = []
@@ -228,6 +238,7 @@ def write_shard_index(folder: str | os.PathLike[str], split: str, seed: int, nam
         "seed": seed,
         "count": sum(shard["count"] for shard in shards),
         "shards": shards,
+        **({"pipeline": dict(pipeline)} if pipeline is not None else {}),
     }
     temporary = folder / f".{SHARD_INDEX}.tmp-{os.getpid()}"
     temporary.write_text(json.dumps(index, indent=1) + "\n", encoding="utf-8")
@@ -339,7 +350,7 @@ def write_shard(
 ) -> dict[str, Any]:
     """Write one shard database at ``path`` from ``(tail, value, shape, order_hash)`` records.
 
-    The records come in identity order; each is keyed :func:`shard_key` of its position and its
+    The records come in sequence order; each is keyed :func:`shard_key` of its position and its
     tail, and its order hash is kept in the manifest (``metadata.order``), which is all
     :func:`assemble` needs to place it without reading any other shard. Published atomically,
     replacing a previous version of the same shard.
@@ -347,13 +358,18 @@ def write_shard(
     from datumdb.writer import DatabaseWriter
 
     order: list[str] = []
+    shapes: Counter[str] = Counter()
     with DatabaseWriter(
         path, overwrite=True, only_replace_own=True, metadata=dict(metadata), **writer_options
     ) as writer:
         for position, (tail, value, shape, order_hash) in enumerate(records):
             writer.add_serialized(value, shard_key(position, tail), shape=shape)
             order.append(f"{int(order_hash):016x}")
+            if shape is not None:
+                shapes["x".join(map(str, shape))] += 1
         writer.metadata["order"] = order
+        # every shape, where the manifest names only the most common: a set's whole histogram
+        writer.metadata["all_shapes"] = dict(sorted(shapes.items()))
     return read_manifest(Path(path))
 
 
@@ -554,6 +570,18 @@ class ShardSetReader(DatumReader):
 
     def build_index(self) -> bool:
         return all([part.build_index() for part in self._parts])
+
+    def assembly_positions(self) -> np.ndarray:
+        """The set's record indices in the order :func:`assemble` writes them (the seeded
+        shuffle): what reads the set as Caffe would read its assembled database (the mean)."""
+        orders = []
+        for part in self._parts:
+            order = (part.manifest.get("metadata") or {}).get("order")
+            if not isinstance(order, list) or len(order) != len(part):
+                raise VerificationError(f"{part.path}/{MANIFEST_NAME}: its order hashes do not match its records")
+            orders.append(order)
+        placement = assembly_order(orders)
+        return np.array([int(self._starts[shard]) + position for shard, position in placement], dtype=np.int64)
 
     def read_batch(
         self, indices: Sequence[int] | np.ndarray, out: np.ndarray | None = None

@@ -13,22 +13,25 @@ from pathlib import Path
 from snakemake.utils import validate
 
 from datumdb.errors import DatumDBError
-from datumdb.manifest import DATA_NAME, MANIFEST_NAME
 from datumdb.pipeline import outputs
-from datumdb.pipeline.build import READ_CHUNK, records_path
 from datumdb.files import atomic_write
+from datumdb.pipeline.assemble import NOT_ASSEMBLED, assembled_record
 from datumdb.pipeline.config import SCHEMA_PATH, read_params, resolved_json, to_config, validate_params
 from datumdb.pipeline.fingerprint import input_digest
-from datumdb.pipeline.outputs import MEAN_BINARYPROTO, MEAN_JSON, MEAN_NPY, RECORDS, SUMMARY, stale_outputs, stale_records
+from datumdb.pipeline.outputs import MEAN_BINARYPROTO, MEAN_JSON, MEAN_NPY, SUMMARY, stale_outputs
+from datumdb.pipeline.plan import INPUT_HASHES, load_hash_cache, make_plan, part_file, save_hash_cache, split_file, write_plan
+from datumdb.pipeline.shards import stale_tasks
 from datumdb.pipeline.splits import SPLITS
+from datumdb.shardset import stray_shards
 
 # PARAMS: the params file (workflow/rules/params.smk, which checked it before configfile:).
-INPUT_HASHES = Path(".snakemake/datumdb/input-hashes.json")  # stat-keyed cache of input file hashes
+PLAN_DIR = Path(".snakemake/datumdb/plan")  # the plan's files: one per part, one per split
 STALE_STAMPS = Path(".snakemake/datumdb/stamps")
-# The build jobs' declared outputs: one receipt per split, never the database itself. Snakemake
-# deletes a job's outputs before running it (and after it fails), so a killed or failed build
-# would lose the previous database; datumdb's writer replaces a database whole by rename.
-BUILT = Path(".snakemake/datumdb/done/build")
+# The jobs' declared outputs: receipts, never the shard sets or databases themselves. Snakemake
+# deletes a job's outputs before running it (and after it fails), so a killed or failed job
+# would lose them; datumdb replaces each shard, index and database whole by rename.
+BUILT = Path(".snakemake/datumdb/done/build")  # per split: its shard set indexed and assembled
+SHARDS_BUILT = Path(".snakemake/datumdb/done/shards")  # per part: its shards current
 
 
 def beside_python(name):
@@ -73,58 +76,43 @@ def load_config_or_exit():
         sys.exit(f"datumdb: {exc}")
 
 
-def hash_inputs(config_):
-    """The input files' digest, re-hashing only files whose size, mtime or inode changed."""
+def plan_or_exit(config_):
+    """The plan (its files written where their content changed) and the inputs' digest.
+
+    Input files are hashed once, and not at all while their size, mtime and inode match the
+    cache DVC's stages and the steps share (.datumdb/input-hashes.json).
+    """
+    cache = load_hash_cache()
     try:
-        cache = json.loads(INPUT_HASHES.read_text()) if INPUT_HASHES.exists() else {}
-    except ValueError:
-        cache = {}
-    try:
-        digest = input_digest(config_, cache)
+        plan = make_plan(config_, cache)
+        inputs = input_digest(config_, cache)
     except DatumDBError as exc:
         sys.exit(f"datumdb: {exc}")
-    INPUT_HASHES.parent.mkdir(parents=True, exist_ok=True)
-    INPUT_HASHES.write_text(json.dumps(cache))
-    return digest
+    save_hash_cache(cache)
+    write_plan(plan, PLAN_DIR)
+    return plan, inputs
 
 
-def mark_stale_outputs(config_, inputs):
+def mark_stale_outputs(config_, plan):
     """Make the jobs of stale outputs rerun: their output records another fingerprint.
 
     Snakemake's own records (.snakemake/metadata) catch a params change only where it ran
-    before; a fresh clone after `dvc pull` has none. So every fingerprinted output has a stamp
-    file among its job's inputs: written now when the output is stale (an input newer than the
+    before; a fresh clone after `dvc pull` has none. So every fingerprinted report has a stamp
+    file among its job's inputs: written now when the report is stale (an input newer than the
     outputs makes Snakemake rerun the job), left old otherwise. The inputs that come from other
     jobs are ancient() (file times do not matter) unless the consuming output is stale, so a
     rerun upstream carries on downstream exactly when the fingerprints say it must.
     """
     try:
-        stale = stale_outputs(config_, ".", inputs=inputs)
+        stale = stale_outputs(config_, ".", plan=plan)
     except DatumDBError as exc:
         sys.exit(f"datumdb: {exc}")
     STALE_STAMPS.mkdir(parents=True, exist_ok=True)
+    for path in stale:
+        print(f"datumdb: {path} is stale ({stale[path][0]}); it will be remade", file=sys.stderr)
     for path in FINGERPRINTED:
-        if path in stale:
-            print(f"datumdb: {path} is stale ({stale[path][0]}); it will be remade", file=sys.stderr)
         set_stamp(STALE_STAMPS / stamp_name(path), stale.get(path))
     return stale
-
-
-def mark_stale_records(config_, inputs):
-    """Make the records jobs of stale record files rerun (a stamp among their inputs, as above).
-
-    A run killed (or failed) after its records jobs leaves their temp() files; after a param
-    change the build would refuse them, and Snakemake, which sees complete files, would not
-    remake them.
-    """
-    try:
-        stale = stale_records(config_, RECORDS, inputs=inputs)
-    except DatumDBError as exc:
-        sys.exit(f"datumdb: {exc}")
-    for shard in range(config_.partition.count):
-        if shard in stale:
-            print(f"datumdb: {stale[shard]}; shard {shard}'s records will be remade", file=sys.stderr)
-        set_stamp(STALE_STAMPS / f"records__{shard}.stamp", [stale[shard]] if shard in stale else None)
 
 
 def set_stamp(stamp, reasons):
@@ -139,11 +127,6 @@ def set_stamp(stamp, reasons):
 
 def stamp_name(path):
     return "__".join(Path(path).parts) + ".stamp"
-
-
-def records_stamp(wildcards):
-    """An input function: the stamp of the records job of shard ``wildcards.shard``."""
-    return str(STALE_STAMPS / f"records__{wildcards.shard}.stamp")
 
 
 def stamp_of(pattern):
@@ -165,7 +148,9 @@ def report_inputs(files):
     """The report's inputs: ancient() unless a job before it reruns: one of the reports it
     summarises is stale, or an output (of a build, verify or mean) is missing. (An ancient input
     that exists stops Snakemake's "updated by another job" from reaching the report.)"""
-    rerun = any(f in STALE for f in FINGERPRINTED[3:]) or any(f != SUMMARY for f in outputs.missing_outputs())
+    rerun = any(f in STALE for f in FINGERPRINTED) or any(
+        f != SUMMARY for f in outputs.missing_outputs(assemble=CONFIG.build.assemble)
+    )
     return files if rerun else ancient(files)
 
 
@@ -195,8 +180,8 @@ def record_in_dvc():
     """
     if not Path(".dvc").is_dir() or Path(PARAMS).resolve() != Path("params.yaml").resolve():
         return
-    missing = outputs.missing_outputs()
-    stale = stale_outputs(CONFIG, ".", inputs=INPUTS) if not missing else {}
+    missing = outputs.missing_outputs(assemble=CONFIG.build.assemble)
+    stale = stale_outputs(CONFIG, ".", plan=PLAN) if not missing else {}
     if missing or stale:
         print(f"datumdb: outputs not recorded in DVC, some are missing or stale: {(missing or list(stale))[0]}")
         return
@@ -215,58 +200,70 @@ def record_in_dvc():
 
 
 def built_receipt(split):
-    """The receipt of split ``split``'s database: the build job's output, the consumers' input."""
+    """The receipt of split ``split``: its shard set indexed and its database assembled."""
     return str(BUILT / f"{split}.done")
 
 
-def reconcile_receipts(stale):
-    """Make each split's receipt say whether its database is there and fresh.
+def part_receipt(part):
+    """The receipt of part ``part``: every shard of it current."""
+    return str(SHARDS_BUILT / f"{part}.done")
 
-    Both files present and the manifest's fingerprint matching: a missing receipt is written (a
-    fresh clone after `dvc pull`, or a database DVC made), so nothing reruns. A file missing: the
-    receipt is removed, so its build reruns (and what follows). Present but stale: the stamp
-    (mark_stale_outputs) reruns the build; no receipt is written for it.
+
+def split_current(split, stale):
+    """Whether the shard set of ``split`` is indexed as planned, without strays, and its
+    database (or the note that it is not assembled) matches."""
+    shard_set = outputs.shard_set(split)
+    names = [task.name for task in PLAN.shards[split]]
+    if f"{shard_set}/shards.json" in stale or not Path(f"{shard_set}/shards.json").is_file():
+        return False
+    if stray_shards(shard_set, names):
+        return False
+    files = outputs.database_files(split, CONFIG.build.assemble)
+    return all(Path(path).is_file() for path in files) and files[-1] not in stale
+
+
+def reconcile_receipts(stale):
+    """Make each receipt say whether what it stands for is there and current.
+
+    Current (a fresh clone after `dvc pull`, or outputs DVC made): a missing receipt is written,
+    so nothing reruns. Missing or stale: the receipt is removed, so its job reruns (and, through
+    the stamps, what follows).
     """
+    SHARDS_BUILT.mkdir(parents=True, exist_ok=True)
     BUILT.mkdir(parents=True, exist_ok=True)
+    for part in PARTS:
+        receipt = Path(part_receipt(part))
+        if stale_tasks(PLAN.part(part), outputs.SHARDS):
+            receipt.unlink(missing_ok=True)
+        elif not receipt.exists():
+            receipt.write_text("found at start-up, matching the plan\n")
+    for receipt in SHARDS_BUILT.glob("*.done"):  # parts that are no more
+        if not receipt.stem.isdigit() or int(receipt.stem) not in PARTS:
+            receipt.unlink(missing_ok=True)
     for split in SPLITS:
         receipt = Path(built_receipt(split))
-        files = database_files(split)
-        if not all(Path(path).is_file() for path in files):
+        if not split_current(split, stale):
             receipt.unlink(missing_ok=True)
-        elif not receipt.exists() and files[1] not in stale:
-            receipt.write_text("found at start-up, matching the params\n")
-
-
-def database_files(split):
-    """The files of a split's database folder (declared as files: directory() outputs get a marker)."""
-    folder = outputs.database(split)
-    return [f"{folder}/{DATA_NAME}", f"{folder}/{MANIFEST_NAME}"]
+        elif not receipt.exists():
+            receipt.write_text("found at start-up, matching the plan\n")
 
 
 def shard_mem_mb(wildcards, attempt):
-    """A records job holds one read chunk of samples a few times over, plus ~400 MB of runtime.
-
-    The chunk's bytes: READ_CHUNK samples of the synthetic shape, or a 256 MB guess for files
-    (decoded images can be larger than on disk). Doubles on each retry.
-    """
+    """A shards job holds one shard's records a few times over (at most four times
+    build.shard_size samples), plus ~400 MB of runtime. Doubles on each retry."""
     if CONFIG.dataset.source == "synthetic":
-        chunk = READ_CHUNK * math.prod(CONFIG.dataset.shape)
+        sample = math.prod(CONFIG.dataset.shape)
     else:
-        chunk = 256 * 2**20
-    return (400 + 3 * chunk // 2**20) * attempt
+        sample = 1 << 20  # a guess for image files: decoded photos can be larger than on disk
+    return (400 + 3 * 4 * CONFIG.build.shard_size * sample // 2**20) * attempt
 
 
 DATUMDB = datumdb_command()  # the rules' params.datumdb
 CONFIG = load_config_or_exit()
-FINGERPRINTED = [
-    *(f"{outputs.database(split)}/{MANIFEST_NAME}" for split in SPLITS),
-    *(outputs.verify_details(split) for split in SPLITS),
-    MEAN_JSON,
-]
-SHARDS = list(range(CONFIG.partition.count))
-INPUTS = hash_inputs(CONFIG)
-STALE = mark_stale_outputs(CONFIG, INPUTS)
-mark_stale_records(CONFIG, INPUTS)
+FINGERPRINTED = [*(outputs.verify_details(split) for split in SPLITS), MEAN_JSON]
+PARTS = list(range(CONFIG.partition.count))
+PLAN, INPUTS = plan_or_exit(CONFIG)
+STALE = mark_stale_outputs(CONFIG, PLAN)
 reconcile_receipts(STALE)
 
 

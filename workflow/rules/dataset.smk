@@ -1,52 +1,54 @@
-# records (one job per shard, temp) -> build one LMDB per split (its only writer).
+# shards (one job per part of the plan) -> assemble (per split: index the shard set, derive its
+# one Caffe database). The plan is made when Snakemake starts (common.smk): each part's plan file
+# lists its shards and their members, and a part's job builds only the shards whose manifest
+# records another fingerprint, so a run's work follows what changed.
 # Every step reads params.yaml itself (`--params`): no value is joined into a shell command.
-# Inputs are ancient(): reruns follow fingerprints (common.smk), not file times.
-# A build declares a receipt (.snakemake/datumdb/done/build/{split}.done), not the database:
-# Snakemake deletes a job's outputs before it runs and after it fails, and the step replaces the
-# database whole by rename itself, so a killed or failed build leaves the previous one in place.
+# Jobs declare receipts (.snakemake/datumdb/done/...), not the shard sets or databases:
+# Snakemake deletes a job's outputs before it runs and after it fails; the steps replace each
+# shard, index and database whole by rename themselves, so a killed or failed job loses nothing.
+# Receipts go (and the job reruns) when what they stand for is missing or stale (common.smk).
 
 
-rule records:
+rule shards:
     input:
-        source=source_inputs(),
-        stamp=records_stamp,
+        part=ancient(str(part_file(PLAN_DIR, "{part}"))),
     output:
-        records=temp([str(records_path(RECORDS, "{shard}", split)) for split in SPLITS]),
+        receipt=touch(part_receipt("{part}")),
     params:
         datumdb=DATUMDB,  # quoted for the shell already
         params_file=PARAMS,
-        records=lambda wildcards, output: Path(output.records[0]).parents[1],
+        shards=outputs.SHARDS,
     benchmark:  # wall time, peak RSS, I/O of each job (Snakemake measures it)
-        "logs/benchmarks/records/{shard}.tsv"
+        "logs/benchmarks/shards/{part}.tsv"
     log:
-        "logs/records/{shard}.log",
+        "logs/shards/{part}.log",
     wildcard_constraints:
-        shard=r"\d+",
+        part=r"\d+",
     threads: 1
     resources:
         mem_mb=shard_mem_mb,
-        runtime=15,
+        runtime=60,
     shell:
-        "{params.datumdb} --no-progress pipeline records --params {params.params_file:q} --shard {wildcards.shard}"
-        " {params.records:q} > {log:q} 2>&1"
+        "{params.datumdb} --no-progress pipeline shards --params {params.params_file:q} --part {input.part:q}"
+        " --jobs {threads} {params.shards:q} > {log:q} 2>&1"
 
 
-rule build:
+rule assemble:
     input:
-        records=[str(records_path(RECORDS, shard, "{split}")) for shard in SHARDS],
-        stamp=stamp_of(database_files("{split}")[1]),
+        parts=ancient([part_receipt(part) for part in PARTS]),
+        plan=ancient(str(split_file(PLAN_DIR, "{split}"))),
     output:
-        # Snakemake writes the receipt once the step succeeded (the database is in place then)
+        # Snakemake writes the receipt once the step succeeded (index and database in place then)
         receipt=touch(built_receipt("{split}")),
     params:
         datumdb=DATUMDB,  # quoted for the shell already
         params_file=PARAMS,
-        records=lambda wildcards, input: Path(input.records[0]).parents[1],
+        shard_set=lambda wildcards: outputs.shard_set(wildcards.split),
         db=lambda wildcards: outputs.database(wildcards.split),
     benchmark:  # wall time, peak RSS, I/O of each job (Snakemake measures it)
-        "logs/benchmarks/build/{split}.tsv"
+        "logs/benchmarks/assemble/{split}.tsv"
     log:
-        "logs/build/{split}.log",
+        "logs/assemble/{split}.log",
     wildcard_constraints:
         split="|".join(SPLITS),
     threads: 1
@@ -54,5 +56,5 @@ rule build:
         mem_mb=1000,
         runtime=60,
     shell:
-        "{params.datumdb} --no-progress pipeline build --params {params.params_file:q} --split {wildcards.split}"
-        " {params.records:q} {params.db:q} > {log:q} 2>&1"
+        "{params.datumdb} --no-progress pipeline assemble --params {params.params_file:q} --split {wildcards.split}"
+        " --split-plan {input.plan:q} {params.shard_set:q} {params.db:q} > {log:q} 2>&1"

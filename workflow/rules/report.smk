@@ -1,5 +1,5 @@
-# verify each split against its source -> mean of train -> the summary report.
-# The databases come in as their builds' receipts (dataset.smk). The outputs are update(): small
+# verify each split's shard set against its source -> mean of train -> the summary report.
+# The shard sets come in as their splits' receipts (dataset.smk). The outputs are update(): small
 # files Snakemake keeps (and backs up) instead of deleting them before the job runs; each step
 # replaces them by rename only once it succeeded, so a killed or failed job leaves the previous
 # reports in place (Snakemake restores its backup after a failure).
@@ -34,8 +34,8 @@ rule verify:
     params:
         datumdb=DATUMDB,  # quoted for the shell already
         params_file=PARAMS,
-        db=lambda wildcards: outputs.database(wildcards.split),
-        train=outputs.database("train"),
+        db=lambda wildcards: outputs.shard_set(wildcards.split),
+        train=outputs.shard_set("train"),
     benchmark:  # wall time, peak RSS, I/O of each job (Snakemake measures it)
         "logs/benchmarks/verify/{split}.tsv"
     log:
@@ -68,7 +68,7 @@ rule mean:
     params:
         datumdb=DATUMDB,  # quoted for the shell already
         params_file=PARAMS,
-        db=outputs.database("train"),
+        db=outputs.shard_set("train"),
     benchmark:  # wall time, peak RSS, I/O of each job (Snakemake measures it)
         "logs/benchmarks/mean/train.tsv"
     log:

@@ -1,11 +1,13 @@
 """Check a built split against the source it came from, and score it with a simple classifier.
 
-:func:`datumdb.verify.verify_database` proves a database matches its own manifest. That is not
-enough for a pipeline: a bug could write a self-consistent database of the wrong images. So
-:func:`check_split` also goes back to the source (not to an intermediate: those are not kept):
+:func:`datumdb.verify.verify_database` proves a database matches its own manifest (the shards
+job runs it on every shard it writes). That is not enough for a pipeline: a bug could write a
+self-consistent database of the wrong images. So :func:`check_split` also goes back to the
+source:
 
-* the expected record count and label histogram are recomputed from the source's labels and the
-  (pure) split assignment, and compared with the manifest and the records;
+* the shard set must hold exactly the planned shards (:mod:`datumdb.pipeline.plan`, recomputed
+  from the params and inputs), each recording its planned fingerprint; the expected record
+  count and label histogram come from the plan's members and are compared with the manifests;
 * a seeded random sample of records is decoded and compared pixel for pixel with the source's
   sample at the same global index (for lossy JPEG: with the sample put through the same,
   deterministic, JPEG encoder and decoder);
@@ -15,26 +17,28 @@ enough for a pipeline: a bug could write a self-consistent database of the wrong
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import cv2
 import numpy as np
 
-from datumdb.codec import Datum, ImreadMode, datum_to_array, decode_image, encode_png_or_jpg, shape_name
+from datumdb.codec import Datum, ImreadMode, datum_to_array, decode_image, encode_png_or_jpg, hwc_to_chw, shape_name
 from datumdb.errors import InputError
-from datumdb.imageset import keeps_file_bytes
-from datumdb.keys import index_key
-from datumdb.manifest import read_manifest
+from datumdb.imageset import keeps_file_bytes, load_image
+from datumdb.manifest import SHARD_INDEX, listed_shapes, read_manifest, shape_summary
 from datumdb.pipeline.config import PipelineConfig
+from datumdb.pipeline.plan import Plan, ShardTask, imageset_identities, load_hash_cache, make_plan, save_hash_cache
 from datumdb.pipeline.sheet import SHEET_MAX, contact_sheet
-from datumdb.pipeline.sources import ImageFiles, Source, open_source
-from datumdb.pipeline.splits import SPLITS, assign_splits
+from datumdb.pipeline.sources import ImageFiles, Source, imageset_options, listed_images, open_source
+from datumdb.pipeline.splits import SPLITS
 from datumdb.reader import DatumReader
-from datumdb.verify import verify_database
+from datumdb.shardset import read_shard_index, shard_key
 
 __all__ = ["check_split", "nearest_class_mean"]
 
@@ -123,114 +127,192 @@ def nearest_class_mean(
 
 
 def check_split(
-    config: PipelineConfig, split: str, db: str | os.PathLike[str], train_db: str | os.PathLike[str]
+    config: PipelineConfig,
+    split: str,
+    db: str | os.PathLike[str],
+    train_db: str | os.PathLike[str],
+    *,
+    plan: Plan | None = None,
 ) -> tuple[dict[str, Any], list[str], bytes]:
-    """Verify one split; returns (details, problems, contact sheet PNG). ``problems`` empty = OK."""
+    """Verify one split's shard set; returns (details, problems, contact sheet PNG). ``problems`` empty = OK.
+
+    The plan (recomputed from the params and inputs, the input hashes from the shared cache)
+    says which shards the set must hold and what each must record; each shard's records were
+    checked against their manifest by the job that wrote them, so this reads manifests, the
+    sampled records and the classifier's sample only.
+    """
     db = Path(db)
     if split not in SPLITS:
         raise InputError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if plan is None:
+        cache = load_hash_cache()
+        plan = make_plan(config, cache)
+        save_hash_cache(cache)
+    tasks = plan.shards[split]
+    split_plan = plan.split_plan(split)
     source = open_source(config.dataset, config.seed, config.encoding)
-    files = source.files
-    all_labels = source.labels()
-    assignment = assign_splits(source.count, config.seed, config.split.fractions)
-    members = np.flatnonzero(assignment == SPLITS.index(split))  # global indices, in key order
-
-    report = verify_database(db)  # digest, count, histogram and data.mdb hash vs the manifest
-    problems: list[str] = list(report["problems"])
-    manifest = read_manifest(db)
-    skipped = manifest.get("metadata", {}).get("skipped", []) if files is not None else []
-    left_out = _left_out(skipped, members, files, db, problems)
-    kept = members[~np.isin(np.arange(len(members)), sorted(left_out))] if left_out else members
-    expected_histogram = {str(k): int(v) for k, v in sorted(Counter(all_labels[kept].tolist()).items())}
-    checks = [
-        ("count", report["count"], len(kept)),
-        ("label histogram", report["label_histogram"], expected_histogram),
-        ("manifest label histogram", manifest.get("label_histogram"), expected_histogram),
-        ("dtype", manifest.get("dtype"), "uint8" if files is not None else _dtype(source)),
-    ]
-    if source.shape is not None:
-        checks.append(("decoded shapes", report["shapes"], {shape_name(source.shape): len(kept)}))
-    for name, found, expected in checks:
-        if found != expected:
-            problems.append(f"{db}: {name} is {found!r}, expected {expected!r} from the source")
-
-    rng = np.random.default_rng([config.seed, _VERIFY_TAG, SPLITS.index(split)])
-    picked = np.sort(rng.choice(len(members), size=min(config.verify.sample, len(members)), replace=False))
-    encoding = manifest.get("encoding")
-    worst = 0.0
-    sheet_images, sheet_labels, sheet_keys = [], [], []
-    with DatumReader(db) as reader:
-        for position in picked.tolist():
-            if position in left_out:
+    files = _listed_files(config) if config.dataset.source == "imageset" else None
+    problems: list[str] = []
+    index = read_shard_index(db)
+    names = [shard["name"] for shard in index["shards"]]
+    if names != [task.name for task in tasks]:
+        problems.append(f"{db}/{SHARD_INDEX}: lists {len(names)} shards, the plan {len(tasks)} (or in another order)")
+    if (index.get("pipeline") or {}).get("fingerprint") != split_plan["fingerprint"]:
+        problems.append(f"{db}/{SHARD_INDEX}: made for other params or inputs than these")
+    kept: list[tuple[ShardTask, int, int]] = []  # (task, member number, position in the shard)
+    skipped: list[dict[str, Any]] = []
+    labels: Counter[int] = Counter()
+    shapes: Counter[str] = Counter()
+    manifests = []
+    for task, entry in zip(tasks, index["shards"], strict=False):
+        manifest = read_manifest(db / task.name)
+        manifests.append(manifest)
+        metadata = manifest.get("metadata") or {}
+        if (metadata.get("pipeline") or {}).get("fingerprint") != task.fingerprint:
+            problems.append(f"{db / task.name}: built from other members or params than the plan's")
+            continue
+        left_out = {s.get("position") for s in metadata.get("skipped") or []}
+        for sample in metadata.get("skipped") or []:
+            position = sample.get("position")
+            if not isinstance(position, int) or not 0 <= position < len(task.members) or files is None:
+                problems.append(f"{db / task.name}: the manifest lists a skipped sample not in the shard: {sample!r}")
+            elif task.members[position][0].split("\0")[0] != sample.get("path"):
+                problems.append(f"{db / task.name}: skipped sample {sample!r} is not member {position}")
+            skipped.append({k: sample.get(k) for k in ("path", "line", "reason")})
+        local = 0
+        for number, member in enumerate(task.members):
+            if number in left_out:
                 continue
-            index = int(members[position])
-            key = files.key(index, position) if files is not None else index_key(position, len(members))
-            raw = source.load(index)
-            label = int(all_labels[index])
+            kept.append((task, number, local))
+            labels[int(member[1])] += 1
+            local += 1
+        if manifest["count"] != local or entry["count"] != local or entry.get("digest") != manifest["digest"]:
+            problems.append(
+                f"{db / task.name}: holds {manifest['count']} records, the plan {local} (or the index differs)"
+            )
+        shapes.update(metadata.get("all_shapes") or {})
+    expected_histogram = {str(k): int(v) for k, v in sorted(labels.items())}
+    with DatumReader(db) as reader:
+        merged = reader.manifest
+        checks = [
+            ("count", len(reader), len(kept)),
+            ("label histogram", merged["label_histogram"], expected_histogram),
+            ("dtype", merged.get("dtype"), "uint8" if files is not None else _dtype(source)),
+        ]
+        if source.shape is not None:
+            checks.append(("decoded shapes", dict(shapes), {shape_name(source.shape): len(kept)}))
+        for name, found, expected in checks:
+            if found != expected:
+                problems.append(f"{db}: {name} is {found!r}, expected {expected!r} from the source")
+        rng = np.random.default_rng([config.seed, _VERIFY_TAG, SPLITS.index(split)])
+        picked = np.sort(rng.choice(len(kept), size=min(config.verify.sample, len(kept)), replace=False))
+        worst = 0.0
+        sheet_images, sheet_labels, sheet_keys = [], [], []
+        for position in picked.tolist():
+            task, number, local = kept[position]
+            identity, label, _ = task.members[number]
+            index_of = files.index_of[identity] if files is not None else int(identity)
+            tail = b"_" + files.entries[index_of].path.encode("utf-8") if files is not None else b""
+            key = task.name.encode() + b"/" + shard_key(local, tail)
+            raw = files.load(index_of) if files is not None else source.load(index_of)
             try:
                 datum = reader.datum(key)
                 if files is not None and config.encoding != "none":
-                    array, expected, differs = _compare_file(datum, files, index, raw, key)
+                    array, expected, differs = _compare_file(datum, files.files, index_of, raw, key)
                 else:
                     array = datum_to_array(datum, key=key)
-                    expected = _lossy(raw, key) if encoding == "jpg" else raw
+                    expected = _lossy(raw, key) if config.encoding == "jpg" else raw
                     differs = array.shape != expected.shape or array.dtype != expected.dtype
                     differs = differs or not np.array_equal(array, expected)
             except (KeyError, ValueError) as exc:
-                problems.append(f"{db}: sampled record {key.decode(errors='replace')} (sample {index}): {exc}")
+                problems.append(f"{db}: sampled record {key.decode(errors='replace')} ({identity}): {exc}")
                 continue
             name = key.decode(errors="replace")
             if datum.label != label:
-                problems.append(f"{db}: record {name} has label {datum.label}, sample {index} has {label}")
+                problems.append(f"{db}: record {name} has label {datum.label}, sample {identity} has {label}")
             if array.shape != raw.shape:
-                problems.append(f"{db}: record {name} is {array.shape}, sample {index} is {raw.shape}")
+                problems.append(f"{db}: record {name} is {array.shape}, sample {identity} is {raw.shape}")
                 continue
             diff = float(np.abs(array.astype(np.float64) - raw.astype(np.float64)).mean())
             worst = max(worst, diff)
             if differs:
-                problems.append(f"{db}: record {name} differs from sample {index} (mean |diff| {diff:.3f})")
+                problems.append(f"{db}: record {name} differs from sample {identity} (mean |diff| {diff:.3f})")
             if len(sheet_images) < SHEET_MAX:
                 sheet_images.append(np.array(array))
                 sheet_labels.append(datum.label)
                 sheet_keys.append(name)
     mixed = source.shape is None
-    imread: ImreadMode = "unchanged" if files is None else ("gray" if files.options.gray else "color")
+    imread: ImreadMode = "unchanged" if files is None else ("gray" if config.dataset.imageset.gray else "color")
     ncm = nearest_class_mean(train_db, db, mixed=mixed, seed=config.seed, imread=imread)
+    digest = hashlib.sha256("".join(str(shard.get("digest")) for shard in index["shards"]).encode()).hexdigest()
     details = {
         "split": split,
         "ok": not problems,
-        "count": report["count"],
-        "digest": report["digest"],
-        "data_mdb_sha256": report["data_mdb_sha256"],
+        "count": len(kept),
+        "shards": len(tasks),
+        "digest": f"shards:{digest}",
         "shape": list(source.shape) if source.shape is not None else None,
-        "dtype": manifest.get("dtype"),
-        "encoding": encoding,
+        "dtype": merged.get("dtype"),
+        "encoding": merged.get("encoding"),
         "source": source.name,
-        "sampled": len(picked) - len(left_out.intersection(picked.tolist())),
+        "sampled": len(picked),
         "sample_max_mean_abs_diff": round(worst, 6),
         "ncm_accuracy": ncm["accuracy"],
         "chance_accuracy": ncm["chance"],
-        "label_histogram": report["label_histogram"],
+        "label_histogram": expected_histogram,
     }
-    if manifest.get("encodings"):  # "mixed": how many of each (the file bytes of a folder of JPEGs and PNGs)
-        details["encodings"] = manifest["encodings"]
+    encodings = Counter()
+    for manifest in manifests:
+        encodings.update(
+            manifest.get("encodings") or ({manifest["encoding"]: manifest["count"]} if manifest["count"] else {})
+        )
+    if len(encodings) > 1:  # "mixed": how many of each (the file bytes of a folder of JPEGs and PNGs)
+        details["encodings"] = dict(sorted(encodings.items()))
     if files is not None:
         details["skipped"] = skipped
-        details["shapes"] = report["shapes"] if mixed else None  # at most SHAPES_LISTED, the most common
-        if mixed and report.get("shape_summary") is not None:
-            details["shape_summary"] = report["shape_summary"]
+        all_shapes = dict(shapes)
+        details["shapes"] = listed_shapes(all_shapes) if mixed else None  # at most SHAPES_LISTED, the most common
+        summary = shape_summary(all_shapes) if mixed else None
+        if summary is not None:
+            details["shape_summary"] = summary
         details["params_encoding"] = config.encoding  # "original": the records are the files' own bytes
-        if files.classes is not None:
-            details["classes"] = files.classes
+        if files.files.classes is not None:
+            details["classes"] = files.files.classes
     by_label = sorted(range(len(sheet_keys)), key=lambda i: (sheet_labels[i], sheet_keys[i]))  # classes side by side
     sheet = contact_sheet(
         [sheet_images[i] for i in by_label],
         [sheet_labels[i] for i in by_label],
         [sheet_keys[i] for i in by_label],
         source.channel_order,
-        classes=files.classes if files is not None else None,
+        classes=files.files.classes if files is not None else None,
     )
     return details, problems, sheet
+
+
+@dataclass(frozen=True)
+class _Listed:
+    """An imageset's files in listed order, found by identity (what the plan names)."""
+
+    files: ImageFiles
+    index_of: dict[str, int]
+
+    @property
+    def entries(self) -> list[Any]:
+        return self.files.entries
+
+    def load(self, index: int) -> np.ndarray:
+        image, _ = load_image(self.files.paths[index], self.files.entries[index], self.files.options, self.files.where)
+        return hwc_to_chw(image)
+
+
+def _listed_files(config: PipelineConfig) -> _Listed:
+    dataset = config.dataset
+    entries, paths, where, classes = listed_images(dataset)
+    options = imageset_options(dataset, config.seed, config.encoding)
+    files = ImageFiles(
+        entries, paths, options, where, classes, dataset.imageset.on_error, dataset.imageset.decode_timeout
+    )
+    return _Listed(files, {identity: i for i, identity in enumerate(imageset_identities(entries))})
 
 
 def _dtype(source: Source) -> str:
@@ -240,22 +322,6 @@ def _dtype(source: Source) -> str:
 def _lossy(raw: np.ndarray, key: bytes) -> np.ndarray:
     """A raw sample put through the same, deterministic, JPEG encoder and decoder."""
     return decode_image(encode_png_or_jpg(raw, "jpg", key), "unchanged", key)
-
-
-def _left_out(
-    skipped: list[dict[str, Any]], members: np.ndarray, files: ImageFiles | None, db: Path, problems: list[str]
-) -> set[int]:
-    """Positions the manifest says were skipped, each checked against the file it names."""
-    positions: set[int] = set()
-    for sample in skipped:
-        position = sample.get("position")
-        if not isinstance(position, int) or not 0 <= position < len(members) or files is None:
-            problems.append(f"{db}: the manifest lists a skipped sample that is not in this split: {sample!r}")
-            continue
-        if files.describe(int(members[position])) != {"path": sample.get("path"), "line": sample.get("line")}:
-            problems.append(f"{db}: skipped sample {sample!r} is not the file at position {position} of the split")
-        positions.add(position)
-    return positions
 
 
 def _compare_file(

@@ -85,6 +85,7 @@ SCHEMA_MAXIMA: dict[tuple[str, ...], int | float] = {
     ("dataset", "imageset", "decode_timeout"): MAX_TIMEOUT,
     ("build", "batch_size"): INT31_MAX,
     ("build", "map_size"): MAX_MAP_SIZE,
+    ("build", "shard_size"): INT31_MAX,
     ("verify", "sample"): INT31_MAX,
 }
 PATH_KEYS = (
@@ -184,6 +185,8 @@ class PartitionConfig:
 class BuildConfig:
     batch_size: int
     map_size: int
+    shard_size: int
+    assemble: bool
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,11 +37,9 @@ from datumdb.pipeline.splits import SPLITS
 __all__ = [
     "PACKAGE_DIR",
     "STEP_CODE",
-    "build_fingerprints",
-    "build_record",
     "code_digest",
-    "database_matches_params",
     "describe_difference",
+    "file_sha256",
     "fingerprint",
     "input_digest",
     "input_files",
@@ -64,7 +62,6 @@ _COMMON = (
     "pipeline/config.py",
     "pipeline/params.schema.yaml",
     "pipeline/fingerprint.py",
-    "pipeline/records.py",
     "pipeline/splits.py",
 )
 _SOURCES = ("sources.py", "synthetic.py", "imageset.py", "decodepool.py", "pipeline/sources.py")
@@ -79,33 +76,24 @@ _READ = (
     "fastpath.py",
     "keys.py",
 )
+_SHARDS = (  # what writes (and, right after, checks) a shard set
+    *_COMMON,
+    *_SOURCES,
+    *_READ,
+    "framing.py",
+    "shardset.py",
+    "verify.py",
+    "writer.py",
+    "pipeline/plan.py",
+    "pipeline/shards.py",
+)
 STEP_CODE: dict[str, tuple[str, ...]] = {
-    "build": tuple(
-        sorted(
-            {
-                *_COMMON,
-                *_SOURCES,
-                "codec.py",
-                "imageheader.py",
-                "pnggray.py",
-                "framing.py",
-                "keys.py",
-                "manifest.py",
-                "writer.py",
-                "pipeline/build.py",
-            }
-        )
-    ),
+    "shards": tuple(sorted(set(_SHARDS))),
+    "assemble": tuple(sorted({*_SHARDS, "pipeline/assemble.py"})),
     "verify": tuple(
         sorted(
             {
-                *_COMMON,
-                *_SOURCES,
-                *_READ,
-                "framing.py",
-                "keys.py",
-                "verify.py",
-                "writer.py",  # imported by verify (restoring an interrupted publish), imageset and sources
+                *_SHARDS,
                 "pipeline/check.py",
                 "pipeline/sheet.py",
                 "pipeline/summary.py",
@@ -118,6 +106,7 @@ STEP_CODE: dict[str, tuple[str, ...]] = {
                 *_COMMON,
                 *_READ,
                 "mean.py",
+                "shardset.py",
                 "proto/__init__.py",
                 "proto/datum_pb2.py",
                 "pipeline/mean.py",
@@ -188,11 +177,12 @@ def input_digest(config: PipelineConfig, cache: dict[str, Any] | None = None) ->
     """
     digest = hashlib.sha256()
     for name, path in input_files(config):
-        digest.update(b"%d:%s" % (len(name.encode()), name.encode()) + _file_sha256(path, cache).encode())
+        digest.update(b"%d:%s" % (len(name.encode()), name.encode()) + file_sha256(path, cache).encode())
     return "sha256:" + digest.hexdigest()
 
 
-def _file_sha256(path: Path, cache: dict[str, Any] | None) -> str:
+def file_sha256(path: Path, cache: dict[str, Any] | None) -> str:
+    """A file's sha256 (hex); with ``cache``, taken from it while size, mtime and inode match."""
     try:
         handle = open_regular_file(path, "input file", limit=1 << 62)  # any size: hashed in chunks
     except FileNotFoundError:
@@ -224,21 +214,12 @@ def build_params(config: PipelineConfig) -> dict[str, Any]:
         "seed": config.seed,
         "split": list(config.split.fractions),
         "encoding": config.encoding,
-        "build": {"batch_size": config.build.batch_size, "map_size": config.build.map_size},
+        "build": {
+            "batch_size": config.build.batch_size,
+            "map_size": config.build.map_size,
+            "shard_size": config.build.shard_size,
+        },
     }
-
-
-def build_record(config: PipelineConfig, split: str, inputs: str) -> dict[str, Any]:
-    """What a split's database records in its manifest (``metadata.pipeline``)."""
-    _check_split(split)
-    what = {
-        "step": "build",
-        "split": split,
-        "params": build_params(config),
-        "inputs": inputs,
-        "code": code_digest("build"),
-    }
-    return {**what, "fingerprint": fingerprint(what)}
 
 
 def verify_record(config: PipelineConfig, split: str, databases: Mapping[str, str]) -> dict[str, Any]:
@@ -266,21 +247,21 @@ def report_record(verify: Mapping[str, str], mean: str) -> dict[str, Any]:
     return {**what, "fingerprint": fingerprint(what)}
 
 
-def build_fingerprints(config: PipelineConfig, inputs: str) -> dict[str, str]:
-    """The build fingerprint each split's database should record, per the params and inputs."""
-    return {split: build_record(config, split, inputs)["fingerprint"] for split in SPLITS}
-
-
 def recorded_build_fingerprint(db: str | os.PathLike[str]) -> str:
-    """The build fingerprint a database records: what the steps that read it record in turn, so
-    they need not hash the inputs again (the database already stands for them)."""
+    """The build fingerprint a shard set (its index: the plan's) or a database (its manifest)
+    records: what the steps that read it record in turn, so they need not hash the inputs again
+    (it already stands for them)."""
     from datumdb.manifest import read_manifest
+    from datumdb.shardset import is_shard_set, read_shard_index
 
-    metadata = read_manifest(Path(db)).get("metadata")
-    pipeline = metadata.get("pipeline") if isinstance(metadata, dict) else None
+    if is_shard_set(db):
+        pipeline = read_shard_index(db).get("pipeline")
+    else:
+        metadata = read_manifest(Path(db)).get("metadata")
+        pipeline = metadata.get("pipeline") if isinstance(metadata, dict) else None
     value = pipeline.get("fingerprint") if isinstance(pipeline, dict) else None
     if not isinstance(value, str):
-        raise InputError(f"{db}: not built by the datumdb pipeline (its manifest records no build fingerprint)")
+        raise InputError(f"{db}: not built by the datumdb pipeline (it records no build fingerprint)")
     return value
 
 
@@ -311,6 +292,10 @@ def _diff(recorded: Any, expected: Any, where: str) -> Iterable[str]:
     elif recorded != expected:
         if where == "inputs":
             yield "the input files changed"
+        elif where == "members":
+            yield "its members (samples, labels or file contents) changed"
+        elif where == "shards":
+            yield "made from another version of the shard set"
         elif where == "code":
             yield "the datumdb code of this step changed"
         elif where.startswith(("databases.", "verify.", "mean")):
@@ -322,26 +307,3 @@ def _diff(recorded: Any, expected: Any, where: str) -> Iterable[str]:
 def _short(value: Any) -> str:
     text = json.dumps(value)
     return text if len(text) <= 80 else text[:77] + "..."
-
-
-def database_matches_params(db: str | os.PathLike[str], params: str | os.PathLike[str]) -> list[str]:
-    """Problems (empty if none) with ``db`` being the database ``params`` and the inputs imply.
-
-    Compares the build record in the manifest with the one the params file gives for the
-    database's split, key by key: ``dataset.params.encoding: "none" in the output, "png" in the
-    params``, ``input files changed``, ``code changed``.
-    """
-    from datumdb.manifest import read_manifest
-    from datumdb.pipeline.config import load_config
-
-    config = load_config(params)
-    manifest = read_manifest(Path(db))
-    metadata = manifest.get("metadata") if isinstance(manifest.get("metadata"), dict) else {}
-    recorded = metadata.get("pipeline")
-    split = recorded.get("split") if isinstance(recorded, dict) else metadata.get("split")
-    if split not in SPLITS:
-        return [f"{db}: not built by the datumdb pipeline (no split recorded in its manifest)"]
-    expected = build_record(config, split, input_digest(config))
-    if isinstance(recorded, dict) and recorded.get("fingerprint") == expected["fingerprint"]:
-        return []
-    return [f"{db}: does not match {params}: {reason}" for reason in describe_difference(recorded, expected)]

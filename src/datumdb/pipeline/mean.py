@@ -1,5 +1,8 @@
 """The mean step: Caffe's mean image of the train split, as ``.binaryproto``, ``.npy`` and JSON.
 
+It reads the train shard set in its assembled order, so the mean is byte-identical to Caffe's
+``compute_image_mean`` of the assembled database, whether or not that database is made.
+
 The JSON (per-channel means, shape) also records the step's fingerprint, so a stale mean is
 noticed like a stale database.
 
@@ -15,16 +18,15 @@ from __future__ import annotations
 
 import io
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from datumdb.files import atomic_write, check_output_names
-from datumdb.manifest import read_manifest
 from datumdb.mean import channel_means, compute_mean, mean_files
 from datumdb.pipeline.fingerprint import mean_record, recorded_build_fingerprint
 from datumdb.pipeline.summary import json_bytes
+from datumdb.reader import DatumReader
 
 __all__ = ["mean_step"]
 
@@ -39,7 +41,8 @@ def mean_step(
 ) -> dict[str, Any]:
     """Compute the mean of ``train_db`` and write the three files; returns the JSON summary."""
     check_output_names([binaryproto, npy, summary], [train_db])
-    manifest = read_manifest(Path(train_db))
+    with DatumReader(train_db) as reader:  # a shard set's manifest: its shards' added up
+        manifest = reader.manifest
     shapes = manifest.get("shapes") or {}
     if len(shapes) > 1:
         distinct = (manifest.get("shape_summary") or {}).get("distinct", len(shapes))

@@ -10,20 +10,14 @@ in a fresh clone where Snakemake has no records of its own.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
-from datumdb.errors import InputError
-from datumdb.manifest import MANIFEST_NAME
+from datumdb.manifest import MANIFEST_NAME, SHARD_INDEX
 from datumdb.pipeline.config import PipelineConfig
-from datumdb.pipeline.fingerprint import (
-    build_fingerprints,
-    build_record,
-    describe_difference,
-    input_digest,
-    mean_record,
-    verify_record,
-)
+from datumdb.pipeline.fingerprint import describe_difference, mean_record, verify_record
+from datumdb.pipeline.plan import INPUT_HASHES, Plan, load_hash_cache, make_plan, save_hash_cache
 from datumdb.pipeline.splits import SPLITS
 
 __all__ = [
@@ -31,22 +25,25 @@ __all__ = [
     "MEAN_BINARYPROTO",
     "MEAN_JSON",
     "MEAN_NPY",
-    "RECORDS",
     "RESOLVED_PARAMS",
+    "SHARDS",
     "SUMMARY",
     "database",
+    "database_files",
+    "database_matches_params",
+    "expected_records",
     "histogram",
     "metrics",
     "missing_outputs",
     "output_files",
+    "shard_set",
     "sheet",
     "stale_outputs",
-    "stale_records",
     "verify_details",
 ]
 
-DATABASES = "data/lmdb"
-RECORDS = "data/tmp/records"  # Snakemake's per-shard intermediates (temp(): deleted after the build)
+DATABASES = "data/lmdb"  # each split's one Caffe database, assembled from its shards (not uploaded)
+SHARDS = "data/shards"  # each split's shard set (versioned: what DVC stores and pushes)
 MEAN_BINARYPROTO = "data/mean/mean.binaryproto"
 MEAN_NPY = "data/mean/mean.npy"
 MEAN_JSON = "reports/mean.json"
@@ -58,6 +55,10 @@ SUMMARY = "reports/summary.md"
 
 def database(split: str) -> str:
     return f"{DATABASES}/{split}"
+
+
+def shard_set(split: str) -> str:
+    return f"{SHARDS}/{split}"
 
 
 def verify_details(split: str) -> str:
@@ -76,12 +77,20 @@ def sheet(split: str) -> str:
     return f"reports/verify/{split}_samples.png"
 
 
-def output_files() -> list[str]:
-    """Every file the pipeline produces (a database as its two files), in the order they are made."""
+def database_files(split: str, assemble: bool = True) -> list[str]:
+    """The files of a split's assembled database folder (or of its note, when not assembled)."""
     from datumdb.manifest import DATA_NAME
+    from datumdb.pipeline.assemble import NOT_ASSEMBLED
 
+    names = (DATA_NAME, MANIFEST_NAME) if assemble else (NOT_ASSEMBLED,)
+    return [f"{database(split)}/{name}" for name in names]
+
+
+def output_files(assemble: bool = True) -> list[str]:
+    """Every file the pipeline produces (a shard set as its index, a database as its files), in order."""
     return [
-        *(f"{database(split)}/{name}" for split in SPLITS for name in (DATA_NAME, MANIFEST_NAME)),
+        *(f"{shard_set(split)}/{SHARD_INDEX}" for split in SPLITS),
+        *(path for split in SPLITS for path in database_files(split, assemble)),
         *(path(split) for split in SPLITS for path in (verify_details, metrics, histogram, sheet)),
         MEAN_BINARYPROTO,
         MEAN_NPY,
@@ -90,9 +99,9 @@ def output_files() -> list[str]:
     ]
 
 
-def missing_outputs(root: str | Path = ".") -> list[str]:
+def missing_outputs(root: str | Path = ".", assemble: bool = True) -> list[str]:
     """The pipeline's output files absent under ``root`` (a run has yet to make them)."""
-    return [name for name in output_files() if not (Path(root) / name).is_file()]
+    return [name for name in output_files(assemble) if not (Path(root) / name).is_file()]
 
 
 def _recorded(path: Path, *keys: str) -> Any:
@@ -105,66 +114,96 @@ def _recorded(path: Path, *keys: str) -> Any:
         return None
 
 
-def stale_outputs(config: PipelineConfig, root: str | Path = ".", *, inputs: str | None = None) -> dict[str, list[str]]:
+def expected_records(config: PipelineConfig, plan: Plan) -> dict[str, tuple[dict[str, Any], tuple[str, ...]]]:
+    """What each fingerprinted output must record, per the params and the plan: path -> (record,
+    where in the file). A shard set's index records its plan's fingerprint; an assembled
+    database, the set's; a verify report, the sets it read; the mean, the train set's."""
+    from datumdb.pipeline.assemble import assembled_record
+
+    sets = dict(plan.split_fingerprints)
+    expected: dict[str, tuple[dict[str, Any], tuple[str, ...]]] = {}
+    for split in SPLITS:
+        expected[f"{shard_set(split)}/{SHARD_INDEX}"] = ({"fingerprint": sets[split]}, ("pipeline",))
+        if config.build.assemble:
+            expected[f"{database(split)}/{MANIFEST_NAME}"] = (
+                assembled_record(config, sets[split]),
+                ("metadata", "pipeline"),
+            )
+        expected[verify_details(split)] = (verify_record(config, split, sets), ("pipeline",))
+    expected[MEAN_JSON] = (mean_record(sets["train"]), ("pipeline",))
+    return expected
+
+
+def stale_outputs(config: PipelineConfig, root: str | Path = ".", *, plan: Plan | None = None) -> dict[str, list[str]]:
     """Existing outputs whose recorded fingerprint is not the expected one: path -> reasons.
 
     Missing outputs are not listed (every orchestrator makes those anyway). The path given is the
-    file that records the fingerprint (the manifest for a database).
+    file that records the fingerprint (the index of a shard set, the manifest of a database).
     """
     root = Path(root)
-    inputs = inputs if inputs is not None else input_digest(config)
-    builds = build_fingerprints(config, inputs)
-    expected: dict[str, tuple[Path, dict[str, Any], tuple[str, ...]]] = {}
-    for split in SPLITS:
-        expected[f"{database(split)}/{MANIFEST_NAME}"] = (
-            root / database(split) / MANIFEST_NAME,
-            build_record(config, split, inputs),
-            ("metadata", "pipeline"),
-        )
-        expected[verify_details(split)] = (
-            root / verify_details(split),
-            verify_record(config, split, builds),
-            ("pipeline",),
-        )
-    expected[MEAN_JSON] = (root / MEAN_JSON, mean_record(builds["train"]), ("pipeline",))
+    if plan is None:
+        cache = load_hash_cache(root / INPUT_HASHES)
+        plan = make_plan(config, cache)
+        save_hash_cache(cache, root / INPUT_HASHES)
     stale = {}
-    for name, (path, record, keys) in expected.items():
+    for name, (record, keys) in expected_records(config, plan).items():
+        path = root / name
         if not path.exists():
             continue
         recorded = _recorded(path, *keys)
         if not isinstance(recorded, dict) or recorded.get("fingerprint") != record["fingerprint"]:
-            stale[name] = describe_difference(recorded, record) or ["fingerprint differs"]
+            stale[name] = describe_difference(recorded, record) if "step" in record else []
+            stale[name] = stale[name] or ["made from other samples, params or inputs"]
     return stale
 
 
-def stale_records(config: PipelineConfig, records: str | Path, *, inputs: str | None = None) -> dict[int, str]:
-    """The shards whose existing record files the build step would refuse: shard -> why.
+def database_matches_params(db: str | os.PathLike[str], params: str | os.PathLike[str]) -> list[str]:
+    """Problems (empty if none) with ``db`` being what ``params`` and the inputs imply.
 
-    A records job that completed before its run was killed, or before a build failed, leaves its
-    ``temp()`` files; after a param change the build refuses them (made with other params), and
-    Snakemake, which sees complete files, would not remake them: the Snakefile reruns these
-    shards' jobs (a stamp among their inputs). The header is compared as
-    :func:`datumdb.pipeline.build.build_split` does (kept here so that the build step's code, and
-    so every database's fingerprint, stays as it is; a test checks the two agree). Missing files
-    are not listed: Snakemake makes those anyway.
+    ``db``: a split's shard set, one of its shards, or an assembled database. The record it
+    holds is compared with the one the params and inputs give (the plan), key by key for a
+    shard or an assembled database: ``params.encoding: recorded "none", expected "png"``,
+    ``the datumdb code of this step changed``; for a shard set, shard by shard.
     """
-    from datumdb.pipeline.build import records_path
-    from datumdb.pipeline.records import RecordFile
+    from datumdb.manifest import read_manifest
+    from datumdb.pipeline.assemble import assembled_record
+    from datumdb.pipeline.config import load_config
+    from datumdb.shardset import is_shard_set, read_shard_index
 
-    inputs = inputs if inputs is not None else input_digest(config)
-    stale: dict[int, str] = {}
-    for split in SPLITS:
-        params = build_record(config, split, inputs)["params"]
-        for shard in range(config.partition.count):
-            path = records_path(records, shard, split)
-            if shard in stale or not path.is_file():
-                continue
-            try:
-                header = RecordFile(path).header
-            except InputError as exc:
-                stale[shard] = str(exc)
-                continue
-            expected = {"shard": shard, "shards": config.partition.count, "params": params, "split": split}
-            if {key: header.get(key) for key in expected} != expected:
-                stale[shard] = f"{path}: made with other params"
-    return stale
+    config = load_config(params)
+    cache = load_hash_cache()
+    plan = make_plan(config, cache)
+    save_hash_cache(cache)
+    if is_shard_set(db):
+        index = read_shard_index(db)
+        split = index.get("split")
+        if split not in SPLITS or (index.get("pipeline") or {}).get("fingerprint") == plan.split_fingerprints[split]:
+            return [] if split in SPLITS else [f"{db}: not built by the datumdb pipeline (no split in its index)"]
+        problems = []
+        listed = {shard["name"] for shard in index["shards"]}
+        for task in plan.shards[split]:
+            if task.name not in listed:
+                problems.append(f"{db}: does not match {params}: shard {task.name} is missing")
+            else:
+                problems += database_matches_params(Path(db) / task.name, params)
+        problems += [f"{db}: does not match {params}: shard {name} is no longer planned"
+                     for name in sorted(listed - {task.name for task in plan.shards[split]})]  # fmt: skip
+        return problems or [f"{db}: does not match {params}: its index is out of date"]
+    metadata = read_manifest(Path(db)).get("metadata")
+    metadata = metadata if isinstance(metadata, dict) else {}
+    recorded = metadata.get("pipeline") if isinstance(metadata.get("pipeline"), dict) else None
+    split = metadata.get("split") or metadata.get("assembled_from")
+    if recorded is None or split not in SPLITS:
+        return [f"{db}: not built by the datumdb pipeline (no pipeline record in its manifest)"]
+    if recorded.get("step") == "assemble":
+        expected = assembled_record(config, plan.split_fingerprints[split])
+    else:
+        tasks = {task.name: task for task in plan.shards[split]}
+        task = tasks.get(Path(db).name)
+        if task is None:
+            return [f"{db}: does not match {params}: the plan has no shard {Path(db).name} in {split}"]
+        expected = task.record
+    if recorded.get("fingerprint") == expected["fingerprint"]:
+        return []
+    reasons = describe_difference(recorded, expected)
+    return [f"{db}: does not match {params}: {reason}" for reason in reasons or ["fingerprint differs"]]

@@ -40,10 +40,13 @@ __all__ = [
     "ImageFiles",
     "Source",
     "imageset_options",
+    "listed_entries",
+    "listed_images",
     "open_source",
     "read_cifar10",
     "read_idx",
     "read_mnist",
+    "resolve_entries",
 ]
 
 CIFAR10_RECORD = 1 + 3 * 32 * 32  # one label byte, then 32x32 R, G and B planes
@@ -241,21 +244,37 @@ def imageset_options(dataset: DatasetConfig, seed: int, encoding: str) -> Images
     )
 
 
-def _imageset(dataset: DatasetConfig, seed: int, encoding: str) -> Source:
+def listed_entries(dataset: DatasetConfig) -> tuple[list[ListEntry], Path, list[str] | None]:
+    """An imageset's entries as listed (no shuffle), what messages name, and the class names."""
     options = dataset.imageset
     folder = Path(dataset.input_dir)
-    root_path = folder / options.root
-    imageset = imageset_options(dataset, seed, encoding)
-    classes = None
     if options.layout == "folders":
+        root_path = folder / options.root
         listed, classes = read_class_folders(root_path)
-        where = root_path
-    else:
-        where = folder / options.list_file
-        listed = read_list_file(where)
-    entries = ordered_entries(listed, imageset)
+        return listed, root_path, classes
+    where = folder / options.list_file
+    return read_list_file(where), where, None
+
+
+def resolve_entries(dataset: DatasetConfig, entries: Sequence[ListEntry], where: Path) -> list[Path]:
+    """The files of ``entries``, resolved and checked as the build resolves them."""
+    root_path = Path(dataset.input_dir) / dataset.imageset.root
     real_root = os.path.realpath(root_path)
-    paths = [resolve_path(root_path, entry, where, real_root=real_root) for entry in entries]
+    return [resolve_path(root_path, entry, where, real_root=real_root) for entry in entries]
+
+
+def listed_images(dataset: DatasetConfig) -> tuple[list[ListEntry], list[Path], Path, list[str] | None]:
+    """An imageset's entries as listed, their files, what messages name, and the class names."""
+    entries, where, classes = listed_entries(dataset)
+    return entries, resolve_entries(dataset, entries, where), where, classes
+
+
+def _imageset(dataset: DatasetConfig, seed: int, encoding: str) -> Source:
+    options = dataset.imageset
+    imageset = imageset_options(dataset, seed, encoding)
+    listed, where, classes = listed_entries(dataset)
+    entries = ordered_entries(listed, imageset)
+    paths = resolve_entries(dataset, entries, where)
     files = ImageFiles(entries, paths, imageset, where, classes, options.on_error, options.decode_timeout)
 
     def load(index: int) -> np.ndarray:

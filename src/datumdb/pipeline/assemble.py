@@ -1,0 +1,102 @@
+"""The assemble step: each split's one Caffe database, derived locally from its shard set.
+
+Caffe's Data layer reads one LMDB front to back, so the pipeline derives ``data/lmdb/<split>``
+from ``data/shards/<split>`` (:func:`datumdb.shardset.assemble`: the shards' values copied in a
+seeded shuffled order, keyed ``%08d_<path>`` as Caffe's ``convert_imageset`` keys them). It is
+derived, not versioned: DVC does not upload it (``cache: false``), ``make pull`` and ``dvc repro``
+make it again from the pulled shards, byte for byte. Its manifest records the fingerprint of the
+shard set it came from, so a current one is left as it is.
+
+``build.assemble: false`` skips it (disk matters at ImageNet scale, and PyTorch reads the shard
+sets directly): a database datumdb assembled there before is removed, and the folder holds only
+:data:`NOT_ASSEMBLED`, a note saying so (an output both orchestrators can track).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from datumdb.errors import DatabaseExistsError
+from datumdb.files import atomic_write
+from datumdb.manifest import MANIFEST_NAME, read_manifest
+from datumdb.pipeline.config import PipelineConfig
+from datumdb.pipeline.fingerprint import code_digest, fingerprint
+from datumdb.shardset import assemble, read_shard_index
+
+__all__ = ["NOT_ASSEMBLED", "assemble_step", "assembled_record", "shard_set_fingerprint"]
+
+NOT_ASSEMBLED = "NOT-ASSEMBLED.txt"
+_NOTE = (
+    "build.assemble is false in params.yaml: this split was not assembled into one Caffe database.\n"
+    "Read its shard set (data/shards/<split>) with datumdb's DatumReader, or set build.assemble: true.\n"
+)
+
+
+def shard_set_fingerprint(shard_set: str | os.PathLike[str]) -> str:
+    """The plan fingerprint a pipeline-made shard set records in its index."""
+    from datumdb.errors import InputError
+
+    pipeline = read_shard_index(shard_set).get("pipeline")
+    value = pipeline.get("fingerprint") if isinstance(pipeline, dict) else None
+    if not isinstance(value, str):
+        raise InputError(f"{shard_set}: not made by the datumdb pipeline (its index records no fingerprint)")
+    return value
+
+
+def assembled_record(config: PipelineConfig, shards: str) -> dict[str, Any]:
+    """What an assembled database records: the shard set's fingerprint, the writer's options, the code."""
+    what = {
+        "step": "assemble",
+        "shards": shards,
+        "params": {"assemble": config.build.assemble, "batch_size": config.build.batch_size},
+        "code": code_digest("assemble"),
+    }
+    return {**what, "fingerprint": fingerprint(what)}
+
+
+def _recorded(db: Path) -> str | None:
+    try:
+        value = read_manifest(db).get("metadata", {}).get("pipeline", {}).get("fingerprint")
+    except Exception:
+        return None
+    return value if isinstance(value, str) else None
+
+
+def assemble_step(
+    config: PipelineConfig, shard_set: str | os.PathLike[str], db: str | os.PathLike[str]
+) -> dict[str, Any]:
+    """Assemble ``shard_set`` into ``db`` unless the database there is current; its record."""
+    shard_set, db = Path(shard_set), Path(db)
+    record = assembled_record(config, shard_set_fingerprint(shard_set))
+    note = db / NOT_ASSEMBLED
+    if not config.build.assemble:
+        if (db / MANIFEST_NAME).is_file():
+            _remove_assembled(db)
+        db.mkdir(parents=True, exist_ok=True)
+        if not note.is_file() or note.read_text(encoding="utf-8") != _NOTE:
+            atomic_write(note, _NOTE.encode("utf-8"))
+        return record
+    if _recorded(db) == record["fingerprint"]:
+        return record
+    if note.is_file() and note.read_text(encoding="utf-8") == _NOTE:
+        note.unlink()
+    assemble(
+        shard_set,
+        db,
+        overwrite=True,
+        only_replace_own=True,
+        metadata={"pipeline": record},
+        batch_size=config.build.batch_size,
+    )
+    return record
+
+
+def _remove_assembled(db: Path) -> None:
+    """Remove the database datumdb assembled at ``db``; one it did not write is refused."""
+    from datumdb.writer import remove_database_folder, written_by_datumdb
+
+    if not written_by_datumdb(db) or _recorded(db) is None:
+        raise DatabaseExistsError(f"{db}: a database datumdb did not assemble is there; move it away first")
+    remove_database_folder(db)
