@@ -974,8 +974,8 @@ def _pipeline_verify(args: argparse.Namespace) -> int:
 def _pipeline_mean(args: argparse.Namespace) -> int:
     from datumdb.pipeline.mean import mean_step
 
-    _config(args)  # refuses a params file the orchestrators would read differently, before any work
-    result = mean_step(args.db, binaryproto=args.binaryproto, npy=args.npy, summary=args.json)
+    config = _config(args)  # refuses a params file the orchestrators would read differently, before any work
+    result = mean_step(args.db, binaryproto=args.binaryproto, npy=args.npy, summary=args.json, seed=config.seed)
     for channel, value in enumerate(result["channel_means"]):
         print(f"mean_value channel [{channel}]: {value:.6f}")
     return 0

@@ -64,27 +64,38 @@ Mapping = tuple[int, int, int, int]  # start, end, file offset, inode
 _FILE_START = re.compile(rb"^([0-9a-f]+)-([0-9a-f]+) \S+ 0+ \S+ ([1-9][0-9]*)", re.MULTILINE)
 
 
-def mappings() -> set[Mapping] | None:
+def mappings(inode: int | None = None) -> set[Mapping] | None:
     """The mappings of files from their first byte in this process (None where
-    ``/proc/self/maps`` does not exist); a process using PyTorch has thousands of mappings, so
-    the listing is scanned by one regular expression, not line by line."""
+    ``/proc/self/maps`` does not exist), or only those of the file ``inode``; a process using
+    PyTorch (or reading a shard set of thousands of databases) has thousands of mappings, so the
+    listing is scanned by one regular expression, not line by line."""
     if sys.platform != "linux" or not os.path.exists(_MAPS):
         return None
     with open(_MAPS, "rb") as maps:
         listing = maps.read()
-    return {(int(start, 16), int(end, 16), 0, int(inode)) for start, end, inode in _FILE_START.findall(listing)}
+    if inode is None:
+        found = _FILE_START.findall(listing)
+    else:  # only this file's lines: the pattern fails fast on every other one
+        found = re.findall(rb"^([0-9a-f]+)-([0-9a-f]+) \S+ 0+ \S+ (%d)\b" % inode, listing, re.MULTILINE)
+    return {(int(start, 16), int(end, 16), 0, int(number)) for start, end, number in found}
 
 
-def locate(env: lmdb.Environment, before: set[Mapping] | None, inode: int, file_size: int) -> LmdbMap | None:
+def locate(
+    env: lmdb.Environment,
+    before: set[Mapping] | None,
+    inode: int,
+    file_size: int,
+    *,
+    after: set[Mapping] | None = None,
+) -> LmdbMap | None:
     """LMDB's map of the file ``env`` has open: the new mapping since ``before`` (see the module
-    docstring), its part past the file replaced by zero pages; None if it cannot be told."""
-    after = mappings()
+    docstring), its part past the file replaced by zero pages; None if it cannot be told.
+    ``after``: the mappings now, if the caller has read them (for many files at once)."""
+    after = mappings(inode) if after is None else after
     if before is None or after is None:
         return None
     length = -(-int(env.info()["map_size"]) // mmap.PAGESIZE) * mmap.PAGESIZE
-    new = [m for m in after - before if m[1] - m[0] == length and m[2] == 0]
-    if len(new) > 1:  # another thread mapped a file of this very length meanwhile: the inode decides
-        new = [m for m in new if m[3] == inode]
+    new = [m for m in after - before if m[1] - m[0] == length and m[2] == 0 and m[3] == inode]
     if len(new) != 1:
         return None
     base = new[0][0]

@@ -28,6 +28,8 @@ from datumdb.reader import DatumReader
 
 __all__ = ["channel_means", "compute_mean", "read_binaryproto", "write_binaryproto"]
 
+_MEAN_TAG = 0x3EA11  # separates channel_means' sample from the other streams seeded with the seed
+
 
 def compute_mean(db_path: str | os.PathLike[str], *, progress: bool | None = None) -> np.ndarray:
     """The float32 (C, H, W) mean image of every record in ``db_path``, Caffe-exact.
@@ -65,21 +67,31 @@ def compute_mean(db_path: str | os.PathLike[str], *, progress: bool | None = Non
     return total / np.float32(count)
 
 
-def channel_means(db_path: str | os.PathLike[str], *, progress: bool | None = None) -> tuple[list[float], int]:
-    """The mean of each channel over every pixel of every record, and the number of records.
+def channel_means(
+    db_path: str | os.PathLike[str], *, progress: bool | None = None, sample: int | None = None, seed: int = 0
+) -> tuple[list[float], int]:
+    """The mean of each channel over every pixel of every record (or of a seeded ``sample`` of
+    records), and the number of records it read.
 
     What a Caffe user gives as ``transform_param { mean_value: ... }`` when the images have
     different sizes, so that no mean image exists (:func:`compute_mean` refuses, as Caffe's
     ``compute_image_mean`` does). One decoded image in memory at a time; images are decoded as
     the database's manifest says they were loaded (``auto``: BGR, or gray), so a grey JPEG among
     colour ones counts as three channels, as Caffe's data layer with ``force_color`` reads it.
-    Integer pixels are summed exactly (int64), float ones in float64.
+    Integer pixels are summed exactly (int64), float ones in float64. ``sample``: decoding a
+    million photos for three numbers costs more than building their database; a few hundred
+    give ``mean_value`` to about one grey level.
     """
     reader = DatumReader(db_path, imread="auto")
     sums: np.ndarray | None = None
     pixels = count = 0
     try:
-        records = progress_bar(reader.datums(), enabled=progress, total=len(reader), desc="channel-means", unit="rec")
+        positions = range(len(reader))
+        if sample is not None and len(reader) > sample:
+            positions = np.sort(np.random.default_rng([seed, _MEAN_TAG]).choice(len(reader), sample, replace=False))
+            positions = positions.tolist()
+        datums = ((reader.key(i), reader.datum(i)) for i in positions)
+        records = progress_bar(datums, enabled=progress, total=len(positions), desc="channel-means", unit="rec")
         for key, datum in records:
             array = datum_to_array(datum, imread=reader.decode_mode, key=key)
             if array.dtype.kind == "f" and not np.isfinite(array).all():

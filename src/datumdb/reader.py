@@ -57,7 +57,7 @@ from datumdb.codec import Datum, ImreadMode, RawLayout, datum_to_array, decode
 from datumdb.errors import DatabaseChangedError, DatabaseError, DatabaseNotFoundError, DatumDBError, DatumError
 from datumdb.fastpath import OffsetIndex
 from datumdb.keys import MAX_KEY_BYTES
-from datumdb.lmdbmap import locate, map_size_for, mappings
+from datumdb.lmdbmap import LmdbMap, locate, map_size_for, mappings
 from datumdb.manifest import DATA_NAME, SHARD_INDEX, decode_mode, read_manifest
 
 __all__ = ["DatabaseVersion", "DatumReader", "open_environment"]
@@ -100,21 +100,24 @@ class _File:
 
     __slots__ = (
         "__weakref__",
+        "_exclude",
         "_keys",
         "_layout",
+        "_lmdb_map",
         "_lock",
         "_offsets",
         "data",
         "env",
         "identity",
         "length",
-        "lmdb_map",
         "pid",
         "single_reads",
         "txn",
     )
 
-    def __init__(self, folder: Path, fd: int, identity: tuple[int, int, int, int]) -> None:
+    def __init__(
+        self, folder: Path, fd: int, identity: tuple[int, int, int, int], inherited: _File | None = None
+    ) -> None:
         self.identity = identity  # device, inode, size, mtime_ns
         size = identity[2]
         self.pid = _PID
@@ -125,7 +128,17 @@ class _File:
         self.single_reads = 0  # through the general path: the offset index is built after enough
         # bytes: py-lmdb encodes a str path as strict UTF-8, which a non-UTF-8 folder name is not
         name = os.fsencode(f"{_FD_DIR}/{fd}" if _FD_DIR is not None else folder / DATA_NAME)
-        before = mappings()
+        # The mappings of this file that are not LMDB's new one: none, unless the file was open
+        # in the parent of a fork (its map is in this process too). Which one is LMDB's is found
+        # later, for every file opened meanwhile at once (see lmdb_map): /proc/self/maps lists
+        # every mapping, so reading it at each open would make opening n shards O(n^2).
+        if inherited is None:
+            self._exclude: set[int] | None = set()
+        elif inherited._lmdb_map is not _UNLOCATED and inherited._lmdb_map is not None:
+            self._exclude = {inherited._lmdb_map.base}
+        else:
+            before = mappings(identity[1])
+            self._exclude = None if before is None else {m[0] for m in before}
         try:
             self.env = lmdb.open(
                 name,
@@ -143,7 +156,8 @@ class _File:
             if _FD_DIR is None and _identity(folder) != identity[:2]:
                 # opened by path, and the path moved on: not the file we checked
                 raise DatabaseChangedError(f"{folder / DATA_NAME}: replaced while being opened; try again")
-            self.lmdb_map = locate(self.env, before, identity[1], size)
+            self._lmdb_map: LmdbMap | object | None = _UNLOCATED
+            _PENDING_MAPS.append(weakref.ref(self))
             # A data.mdb shorter than its last page would have LMDB read past its end: refuse it
             # as damaged (every page LMDB accepts then lies inside the file).
             page_size = int(self.env.stat()["psize"])
@@ -158,6 +172,14 @@ class _File:
         except BaseException:
             self.env.close()  # not registered yet: closed here, or py-lmdb refuses the next open
             raise
+
+    @property
+    def lmdb_map(self) -> LmdbMap | None:
+        """LMDB's map of the file (None if it cannot be told): located on first use, together
+        with every other file opened since (one read of /proc/self/maps for all of them)."""
+        if self._lmdb_map is _UNLOCATED:
+            _locate_pending_maps()
+        return self._lmdb_map  # type: ignore[return-value]
 
     def value(self, folder: Path, key: bytes) -> bytes | None:
         """The value stored under ``key`` (None: no such key), checked to lie inside the file."""
@@ -399,6 +421,32 @@ _OPEN: dict[tuple[int, int], lmdb.Environment] = {}
 _KEPT: dict[tuple[int, int], _Pin] = {}  # versions handed out by open_environment: kept for good
 # Guards _FILES and _OPEN. Re-entrant: a file may die, and its finalizer run, inside a locked section.
 _LOCK = threading.RLock()
+_UNLOCATED = object()  # a _File's map not looked for yet
+_PENDING_MAPS: list[weakref.ref[_File]] = []  # files opened since /proc/self/maps was last read
+_MAPS_LOCK = threading.Lock()
+
+
+def _locate_pending_maps() -> None:
+    """Find LMDB's map of every file opened since the last look, from one listing of the maps."""
+    with _MAPS_LOCK:
+        pending = [
+            file
+            for ref in _PENDING_MAPS
+            if (file := ref()) is not None and file._lmdb_map is _UNLOCATED and file.pid == _PID
+        ]  # (a file the parent of a fork opened is never read here: its environment is not ours)
+        _PENDING_MAPS.clear()
+        if not pending:
+            return
+        listing = mappings()
+        for file in pending:
+            exclude = file._exclude
+            if listing is None or exclude is None:
+                file._lmdb_map = None
+                continue
+            own = {m for m in listing if m[3] == file.identity[1] and m[0] not in exclude}
+            file._lmdb_map = locate(file.env, set(), file.identity[1], file.identity[2], after=own)
+
+
 _PID = os.getpid()  # kept current by the fork hook: cheaper than a getpid() call per read
 # Single reads build the offset index (one scan of the file) once the reads through the general
 # path reach this fraction of the records: by then the scan costs about what it saves, and a
@@ -504,7 +552,7 @@ def _pin_version(folder: Path, expected: DatabaseVersion | None) -> _Pin:
             stale = _OPEN.pop(key, None)  # inherited, or its file died and the finalizer waits for us
             if stale is not None:
                 stale.close()  # no read holds it: each holds its pin
-            file = _FILES[key] = _File(folder, fd, identity)
+            file = _FILES[key] = _File(folder, fd, identity, inherited)
             if inherited is not None:
                 file.inherit(inherited)
             _OPEN[key] = file.env

@@ -467,6 +467,15 @@ class ShardSetReader(DatumReader):
         self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self._fast = None
         self._merged: dict[str, Any] | None = None
+        self._opened_in: int | None = None
+
+    def _open_parts(self) -> None:
+        """Open every shard at the first read in this process, before any is read: LMDB's maps
+        are then located from one listing of the process's mappings for all of them."""
+        if self._opened_in != os.getpid():
+            for part in self._parts:
+                part._pinned()
+            self._opened_in = os.getpid()
 
     def __getstate__(self) -> dict[str, Any]:
         return {"path": self.path, "imread": self.imread, "index": self._index_text, "parts": self._parts}
@@ -506,6 +515,7 @@ class ShardSetReader(DatumReader):
         return int(self._starts[-1])
 
     def _locate(self, index: Any) -> tuple[int, int]:
+        self._open_parts()
         position = self._position(index)
         count = len(self)
         if not -count <= position < count:
@@ -515,6 +525,7 @@ class ShardSetReader(DatumReader):
         return shard, position - int(self._starts[shard])
 
     def keys(self) -> tuple[bytes, ...]:
+        self._open_parts()
         return tuple(
             name.encode() + b"/" + key
             for name, part in zip(self._names, self._parts, strict=True)
@@ -526,6 +537,7 @@ class ShardSetReader(DatumReader):
         return self._names[shard].encode() + b"/" + self._parts[shard].key(local)
 
     def _part_for(self, key: bytes | str) -> tuple[DatumReader, bytes]:
+        self._open_parts()
         raw = key.encode("utf-8") if isinstance(key, str) else key
         name, _, local = raw.partition(b"/")
         try:
@@ -555,15 +567,18 @@ class ShardSetReader(DatumReader):
         return part.get(local)
 
     def __iter__(self) -> Any:
+        self._open_parts()
         for part in self._parts:
             yield from part
 
     def datums(self) -> Any:
+        self._open_parts()
         for name, part in zip(self._names, self._parts, strict=True):
             for key, datum in part.datums():
                 yield name.encode() + b"/" + key, datum
 
     def items(self) -> Any:
+        self._open_parts()
         for name, part in zip(self._names, self._parts, strict=True):
             for key, value in part.items():
                 yield name.encode() + b"/" + key, value

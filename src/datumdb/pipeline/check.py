@@ -28,7 +28,16 @@ from typing import Any
 import cv2
 import numpy as np
 
-from datumdb.codec import Datum, ImreadMode, datum_to_array, decode_image, encode_png_or_jpg, hwc_to_chw, shape_name
+from datumdb.codec import (
+    Datum,
+    ImreadMode,
+    datum_to_array,
+    decode_image,
+    encode_png_or_jpg,
+    hwc_to_chw,
+    imdecode,
+    shape_name,
+)
 from datumdb.errors import InputError
 from datumdb.imageset import keeps_file_bytes, load_image
 from datumdb.manifest import SHARD_INDEX, listed_shapes, read_manifest, shape_summary
@@ -54,8 +63,16 @@ enough to tell a classifier far above chance from one at chance, and cheap next 
 decode verify already does (each verify job reads the train split's sample too)."""
 
 
+# Photos of their own sizes are compared at NCM_SIDE x NCM_SIDE: JPEG decodes them at an eighth of
+# their size in the DCT (several times faster than a full decode), which is still larger than that.
+_PREVIEW_FLAGS = {"color": cv2.IMREAD_REDUCED_COLOR_8, "gray": cv2.IMREAD_REDUCED_GRAYSCALE_8}
+
+
 def _features(datum: Datum, key: bytes, mixed: bool, imread: ImreadMode) -> np.ndarray:
-    array = datum_to_array(datum, imread=imread, key=key)
+    if mixed and datum.encoded and imread in _PREVIEW_FLAGS:
+        array = hwc_to_chw(imdecode(datum.data, _PREVIEW_FLAGS[imread], key))
+    else:
+        array = datum_to_array(datum, imread=imread, key=key)
     if mixed:  # one feature length for every size: channels kept, area resize of each plane
         hwc = np.ascontiguousarray(array.transpose(1, 2, 0))
         small = cv2.resize(hwc, (NCM_SIDE, NCM_SIDE), interpolation=cv2.INTER_AREA).reshape(NCM_SIDE, NCM_SIDE, -1)
@@ -144,14 +161,15 @@ def check_split(
     db = Path(db)
     if split not in SPLITS:
         raise InputError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    listed = listed_images(config.dataset) if config.dataset.source == "imageset" else None
     if plan is None:
         cache = load_hash_cache()
-        plan = make_plan(config, cache)
+        plan = make_plan(config, cache, listed=listed)
         save_hash_cache(cache)
     tasks = plan.shards[split]
     split_plan = plan.split_plan(split)
-    source = open_source(config.dataset, config.seed, config.encoding)
-    files = _listed_files(config) if config.dataset.source == "imageset" else None
+    files = _listed_files(config, listed) if listed is not None else None
+    source = open_source(config.dataset, config.seed, config.encoding) if files is None else files.source(config)
     problems: list[str] = []
     index = read_shard_index(db)
     names = [shard["name"] for shard in index["shards"]]
@@ -304,10 +322,30 @@ class _Listed:
         image, _ = load_image(self.files.paths[index], self.files.entries[index], self.files.options, self.files.where)
         return hwc_to_chw(image)
 
+    def source(self, config: PipelineConfig) -> Source:
+        """What verify needs of the imageset source (its name, shape and channel order), without
+        listing and resolving every file again as :func:`open_source` would."""
+        options = config.dataset.imageset
+        channels = 1 if options.gray else 3
+        shape: tuple[int, int, int] | None = None
+        if options.resizes:
+            shape = (channels, options.resize_height, options.resize_width)
+        elif config.encoding == "none" and self.entries:  # raw pixels: every image has the first one's shape
+            first = self.load(0)
+            shape = (int(first.shape[0]), int(first.shape[1]), int(first.shape[2]))
+        unused = _unused_reader
+        return Source(
+            "imageset", len(self.entries), shape, "gray" if options.gray else "BGR", unused, unused, self.load
+        )
 
-def _listed_files(config: PipelineConfig) -> _Listed:
+
+def _unused_reader(*args: Any) -> Any:
+    raise AssertionError("verify reads an imageset's files one by one")
+
+
+def _listed_files(config: PipelineConfig, listed: Any) -> _Listed:
     dataset = config.dataset
-    entries, paths, where, classes = listed_images(dataset)
+    entries, paths, where, classes = listed
     options = imageset_options(dataset, config.seed, config.encoding)
     files = ImageFiles(
         entries, paths, options, where, classes, dataset.imageset.on_error, dataset.imageset.decode_timeout

@@ -10,8 +10,9 @@ Caffe's ``compute_image_mean`` needs one image size (it aborts otherwise, and so
 ``compute-mean``, naming the record). A database of photos stored at their own sizes has no
 mean image, and that is not a failed build: the step then writes an empty ``BlobProto`` (zero
 bytes: a valid message with no data), an empty ``.npy`` and a JSON saying why, with the mean of
-each channel over every pixel of every image (what Caffe's ``transform_param { mean_value }``
-takes instead of a ``mean_file``); the report carries both.
+each channel over every pixel of a seeded sample of :data:`CHANNEL_MEAN_SAMPLE` train images
+(what Caffe's ``transform_param { mean_value }`` takes instead of a ``mean_file``; decoding
+every photo for three numbers would cost more than the build); the report carries both.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ from datumdb.pipeline.fingerprint import mean_record, recorded_build_fingerprint
 from datumdb.pipeline.summary import json_bytes
 from datumdb.reader import DatumReader
 
-__all__ = ["mean_step"]
+__all__ = ["CHANNEL_MEAN_SAMPLE", "mean_step"]
+
+CHANNEL_MEAN_SAMPLE = 512  # images (a seeded sample of train) behind the channel means of mixed sizes
 
 
 def mean_step(
@@ -38,6 +41,7 @@ def mean_step(
     npy: str | os.PathLike[str],
     summary: str | os.PathLike[str],
     progress: bool | None = None,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Compute the mean of ``train_db`` and write the three files; returns the JSON summary."""
     check_output_names([binaryproto, npy, summary], [train_db])
@@ -46,12 +50,12 @@ def mean_step(
     shapes = manifest.get("shapes") or {}
     if len(shapes) > 1:
         distinct = (manifest.get("shape_summary") or {}).get("distinct", len(shapes))
-        means, images = channel_means(train_db, progress=progress)
+        means, images = channel_means(train_db, progress=progress, sample=CHANNEL_MEAN_SAMPLE, seed=seed)
         proto, npy_bytes = b"", _empty_npy()
         result: dict[str, Any] = {
             "skipped": f"the train images have {distinct} different sizes; a mean image needs one (as in Caffe)",
             "shape": None,
-            "channel_means": means,  # over every pixel of every image: Caffe's mean_value
+            "channel_means": means,  # over every pixel of the sampled images: Caffe's mean_value
             "channel_means_images": images,
         }
     else:

@@ -122,12 +122,13 @@ class Plan:
 # ----------------------------------------------------------------------------- planning
 
 
-def make_plan(config: PipelineConfig, cache: dict[str, Any] | None = None) -> Plan:
+def make_plan(config: PipelineConfig, cache: dict[str, Any] | None = None, *, listed: Any = None) -> Plan:
     """The plan for ``config``: its samples' members cut into content-defined shards per split.
 
-    ``cache``: the input-hash cache (:func:`load_hash_cache`), updated in place.
+    ``cache``: the input-hash cache (:func:`load_hash_cache`), updated in place. ``listed``: an
+    imageset's :func:`~datumdb.pipeline.sources.listed_images`, if the caller has it already.
     """
-    identities, members = _members(config, cache)
+    identities, members = _members(config, cache, listed)
     cut = plan_shards(
         [identity_bytes(identity) for identity in identities],
         config.seed,
@@ -159,13 +160,13 @@ def make_plan(config: PipelineConfig, cache: dict[str, Any] | None = None) -> Pl
     return Plan(config.partition.count, shards, split_fingerprints)
 
 
-def _members(config: PipelineConfig, cache: dict[str, Any] | None) -> tuple[list[Any], list[Member]]:
+def _members(config: PipelineConfig, cache: dict[str, Any] | None, listed: Any) -> tuple[list[Any], list[Member]]:
     """Every sample's identity and member entry, in sequence order."""
     from datumdb.pipeline.sources import listed_images, open_source
 
     dataset = config.dataset
     if dataset.source == "imageset":
-        entries, paths, _, _ = listed_images(dataset)
+        entries, paths, _, _ = listed if listed is not None else listed_images(dataset)
         identities = imageset_identities(entries)
         digests = [file_sha256(path, cache) for path in paths]
         return identities, [[i, e.label, d] for i, e, d in zip(identities, entries, digests, strict=True)]
