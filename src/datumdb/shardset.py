@@ -413,6 +413,8 @@ def assemble(
     first = manifests[0] if manifests else {}
     readers = [DatumReader(folder) for folder in folders]
     try:
+        for reader in readers:  # all opened before any is read: their maps are located at once
+            reader.pin()
         keys = [reader.keys() for reader in readers]
         options = {"encoding": first.get("encoding") if first.get("encoding") in ("png", "jpg") else "none"}
         # The assembled database is derived locally and checked through its content digest: the

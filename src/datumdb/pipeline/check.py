@@ -57,7 +57,7 @@ _NCM_TAG = 0x9C3A1  # the classifier's sample of a large database
 
 NCM_SIDE = 32
 """Images of varying sizes are resized (area) to NCM_SIDE x NCM_SIDE before the class means."""
-NCM_MAX_RECORDS = 2_000
+NCM_MAX_RECORDS = 1_000
 """At most this many records (a seeded sample) enter the class means, and as many are scored:
 enough to tell a classifier far above chance from one at chance, and cheap next to the full
 decode verify already does (each verify job reads the train split's sample too)."""
