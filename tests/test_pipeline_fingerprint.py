@@ -19,23 +19,18 @@ from hypothesis import strategies as st
 from datumdb.cli import main
 from datumdb.pipeline import outputs
 from datumdb.pipeline.config import load_config
-from datumdb.pipeline.fingerprint import (
-    PACKAGE_DIR,
-    STEP_CODE,
-    build_record,
-    database_matches_params,
-    fingerprint,
-    input_digest,
-)
-from datumdb.pipeline.outputs import missing_outputs, output_files, stale_outputs
+from datumdb.pipeline.fingerprint import PACKAGE_DIR, STEP_CODE, fingerprint, input_digest
+from datumdb.pipeline.outputs import database_matches_params, missing_outputs, output_files, stale_outputs
+from datumdb.pipeline.plan import make_plan
 from datumdb.pipeline.splits import SPLITS
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[1]
+INDEXES = {f"{outputs.shard_set(split)}/shards.json" for split in SPLITS}
 DATABASES = {f"{outputs.database(split)}/datumdb.json" for split in SPLITS}
 VERIFY = {outputs.verify_details(split) for split in SPLITS}
-ALL = DATABASES | VERIFY | {outputs.MEAN_JSON}
+ALL = INDEXES | DATABASES | VERIFY | {outputs.MEAN_JSON}
 
 
 def _params(root: Path, **changes: Any) -> Path:
@@ -46,7 +41,7 @@ def _params(root: Path, **changes: Any) -> Path:
         "partition": {"shards": [0, 1]},
         "split": {"train": 0.6, "val": 0.2, "test": 0.2},
         "encoding": "none",
-        "build": {"batch_size": 5, "map_size": 1 << 20},
+        "build": {"batch_size": 5, "map_size": 1 << 20, "shard_size": 4},
         "verify": {"sample": 4},
     }
     params.update(changes)
@@ -68,14 +63,17 @@ def _inputs(root: Path) -> None:
 def _run_pipeline(params: Path, root: Path) -> None:
     """Every step the workflow runs, writing to the paths of datumdb.pipeline.outputs under ``root``."""
     p = ["--no-progress", "pipeline"]
-    assert main([*p, "build-all", "--params", str(params), str(root / outputs.DATABASES), "--jobs", "1"]) == 0
+    assert main([*p, "shards", "--params", str(params), str(root / outputs.SHARDS), "--jobs", "1"]) == 0
     for split in SPLITS:
-        argv = [*p, "verify", "--params", str(params), "--split", split, str(root / outputs.database(split))]
-        argv += ["--train-db", str(root / outputs.database("train"))]
+        argv = [*p, "assemble", "--params", str(params), "--split", split, str(root / outputs.shard_set(split))]
+        assert main([*argv, str(root / outputs.database(split))]) == 0
+    for split in SPLITS:
+        argv = [*p, "verify", "--params", str(params), "--split", split, str(root / outputs.shard_set(split))]
+        argv += ["--train-db", str(root / outputs.shard_set("train"))]
         argv += ["--details", str(root / outputs.verify_details(split))]
         argv += ["--metrics", str(root / outputs.metrics(split)), "--histogram", str(root / outputs.histogram(split))]
         assert main([*argv, "--sheet", str(root / outputs.sheet(split))]) == 0
-    argv = [*p, "mean", "--params", str(params), str(root / outputs.database("train"))]
+    argv = [*p, "mean", "--params", str(params), str(root / outputs.shard_set("train"))]
     argv += ["--binaryproto", str(root / outputs.MEAN_BINARYPROTO), "--npy", str(root / outputs.MEAN_NPY)]
     assert main([*argv, "--json", str(root / outputs.MEAN_JSON)]) == 0
     argv = [*p, "report", "--params", str(params), *(str(root / outputs.verify_details(s)) for s in SPLITS)]
@@ -110,8 +108,8 @@ def test_missing_outputs_are_not_stale_but_the_stale_step_lists_them(
     capsys.readouterr()
     assert main(["pipeline", "stale", "--params", str(built / "params.yaml"), "--root", str(tmp_path)]) == 1
     assert capsys.readouterr().out.splitlines()[:2] == [
-        "data/lmdb/train/data.mdb: missing",
-        "data/lmdb/train/datumdb.json: missing",
+        "data/shards/train/shards.json: missing",
+        "data/shards/val/shards.json: missing",
     ]
     assert missing_outputs(tmp_path) == output_files()
     assert missing_outputs(built) == []
@@ -127,9 +125,9 @@ def test_missing_outputs_are_not_stale_but_the_stale_step_lists_them(
     ("changes", "stale", "reason"),
     [
         ({"encoding": "png"}, ALL, 'encoding: "none" in the output, "png" in the params'),
-        ({"seed": 3}, ALL, "seed: 2 in the output, 3 in the params"),
-        ({"split": {"train": 0.5, "val": 0.3, "test": 0.2}}, ALL, "split: [0.6, 0.2, 0.2] in the output"),
-        ({"build": {"batch_size": 6, "map_size": 1 << 20}}, ALL, "build.batch_size: 5 in the output, 6"),
+        ({"seed": 3}, ALL, None),
+        ({"split": {"train": 0.5, "val": 0.3, "test": 0.2}}, ALL, None),
+        ({"build": {"batch_size": 6, "map_size": 1 << 20, "shard_size": 4}}, ALL, None),
         ({"verify": {"sample": 5}}, VERIFY, "verify.sample: 4 in the output, 5 in the params"),
         ({"partition": {"shards": [0, 1, 2]}}, set(), None),  # cuts the work only
     ],
@@ -137,19 +135,21 @@ def test_missing_outputs_are_not_stale_but_the_stale_step_lists_them(
 def test_changed_params_make_exactly_the_outputs_they_shape_stale(
     built: Path, tmp_path: Path, changes: dict[str, Any], stale: set[str], reason: str | None
 ) -> None:
-    config = load_config(
-        _params(tmp_path, **{**changes, "dataset": {"source": "arrays", "input_dir": str(built / "in")}})
-    )
-    found = stale_outputs(config, built)
+    params = _params(tmp_path, **{**changes, "dataset": {"source": "arrays", "input_dir": str(built / "in")}})
+    found = stale_outputs(load_config(params), built)
     assert set(found) == stale
-    for name in stale:
-        if name in DATABASES or "verify" in changes:
-            assert any(r.startswith(reason) for r in found[name]), found[name]  # type: ignore[arg-type]
-        else:  # a verify report or the mean made from a database that would change
-            assert any(r.startswith("made from an older ") for r in found[name]), found[name]
+    for name in stale & (DATABASES | {outputs.MEAN_JSON} | (VERIFY - VERIFY if "verify" in changes else VERIFY)):
+        assert any(r.startswith(("made from an older ", "made from another version")) for r in found[name]), found
+    if reason is not None and "verify" in changes:
+        assert all(any(r.startswith(reason) for r in found[name]) for name in VERIFY), found
+    if reason is not None and "encoding" in changes:  # the shards themselves say which key differs
+        problems = database_matches_params(built / outputs.shard_set("val"), params)
+        assert problems and all(reason in problem for problem in problems), problems
 
 
-def test_changed_input_bytes_make_every_output_stale(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_changed_input_bytes_make_the_outputs_of_their_split_stale(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     root = tmp_path
     _inputs(root)
     params = _params(root)
@@ -157,16 +157,22 @@ def test_changed_input_bytes_make_every_output_stale(tmp_path: Path, capsys: pyt
     config = load_config(params)
     np.save(root / "in" / "y.npy", np.load(root / "in" / "y.npy"))  # rewritten, same bytes: not stale
     assert stale_outputs(config, root) == {}
+    plan = make_plan(config, {})
+    split = next(s for s in SPLITS for task in plan.shards[s] for member in task.members if member[0] == 0)
     labels = np.load(root / "in" / "y.npy")
     labels[0] = (labels[0] + 1) % 3
     np.save(root / "in" / "y.npy", labels)
     found = stale_outputs(config, root)
-    assert set(found) == ALL
-    assert all("the input files changed" in found[name] for name in DATABASES)
+    expected = {f"{outputs.shard_set(split)}/shards.json", f"{outputs.database(split)}/datumdb.json"}
+    expected |= VERIFY if split == "train" else {outputs.verify_details(split)}
+    expected |= {outputs.MEAN_JSON} if split == "train" else set()
+    assert set(found) == expected  # the other splits' outputs stay current
     capsys.readouterr()
     assert main(["pipeline", "stale", "--params", str(params), "--root", str(root)]) == 1
     out = capsys.readouterr().out
-    assert all(f"{name}: stale:" in out for name in ALL)
+    assert all(f"{name}: stale:" in out for name in expected)
+    problems = database_matches_params(root / outputs.shard_set(split), params)
+    assert len(problems) == 1 and "its members (samples, labels or file contents) changed" in problems[0], problems
 
 
 def test_a_damaged_record_of_the_fingerprint_is_stale(tmp_path: Path, built: Path) -> None:
@@ -185,17 +191,17 @@ def test_database_matches_params_and_the_verify_command(
 ) -> None:
     params = built / "params.yaml"
     for split in SPLITS:
-        db = built / outputs.database(split)
-        assert database_matches_params(db, params) == []
-        assert main(["--no-progress", "verify", str(db), "--params", str(params)]) == 0
+        for db in (built / outputs.shard_set(split), built / outputs.database(split)):
+            assert database_matches_params(db, params) == []
+            assert main(["--no-progress", "verify", str(db), "--params", str(params)]) == 0
     capsys.readouterr()
     other = _params(tmp_path, encoding="png", dataset={"source": "arrays", "input_dir": str(built / "in")})
     db = built / outputs.database("val")
     problems = database_matches_params(db, other)
-    assert problems == [f'{db}: does not match {other}: encoding: "none" in the output, "png" in the params']
+    assert problems == [f"{db}: does not match {other}: made from another version of the shard set"]
     assert main(["--no-progress", "verify", str(db), "--params", str(other)]) == 1
     err = capsys.readouterr().err
-    assert 'encoding: "none" in the output, "png" in the params' in err and "FAILED" in err
+    assert "made from another version of the shard set" in err and "FAILED" in err
     assert main(["--no-progress", "verify", str(db), "--params", str(tmp_path / "missing.yaml")]) == 2
 
 
@@ -210,13 +216,16 @@ def test_a_database_not_built_by_the_pipeline_does_not_match(tmp_path: Path, bui
     assert main(["--no-progress", "verify", "--in-process", str(db), "--params", str(built / "params.yaml")]) == 1
 
 
-def test_the_build_record_is_what_the_manifest_holds(built: Path) -> None:
+def test_each_shard_records_what_the_plan_says(built: Path) -> None:
     config = load_config(built / "params.yaml")
-    manifest = json.loads((built / outputs.database("test") / "datumdb.json").read_text())
-    record = build_record(config, "test", input_digest(config))
-    assert manifest["metadata"]["pipeline"] == record
-    what = {k: v for k, v in record.items() if k != "fingerprint"}
-    assert record["fingerprint"] == fingerprint(what)
+    plan = make_plan(config, {})
+    for task in plan.shards["test"]:
+        manifest = json.loads((built / outputs.shard_set("test") / task.name / "datumdb.json").read_text())
+        assert manifest["metadata"]["pipeline"] == task.record
+        what = {k: v for k, v in task.record.items() if k != "fingerprint"}
+        assert task.record["fingerprint"] == fingerprint(what)
+    index = json.loads((built / outputs.shard_set("test") / "shards.json").read_text())
+    assert index["pipeline"] == {"fingerprint": plan.split_fingerprints["test"]}
 
 
 # ----------------------------------------------------------------------------- fingerprints and digests
@@ -260,7 +269,7 @@ def test_input_digest_sees_names_and_bytes_and_its_cache_skips_unchanged_files(t
 
 
 def test_every_step_code_file_exists() -> None:
-    assert set(STEP_CODE) == {"build", "verify", "mean", "report"}
+    assert set(STEP_CODE) == {"shards", "assemble", "verify", "mean", "report"}
     for step, files in STEP_CODE.items():
         assert list(files) == sorted(set(files)), step
         for name in files:
@@ -290,7 +299,8 @@ def _module_file(name: str) -> str:
 
 
 STEP_MODULE = {
-    "build": "datumdb.pipeline.build",
+    "shards": "datumdb.pipeline.shards",
+    "assemble": "datumdb.pipeline.assemble",
     "verify": "datumdb.pipeline.check",
     "mean": "datumdb.pipeline.mean",
     "report": "datumdb.pipeline.summary",
@@ -299,14 +309,15 @@ STEP_MODULE = {
 
 def test_step_code_lists_every_datumdb_module_a_step_loads(built: Path, tmp_path: Path) -> None:
     params = str(built / "params.yaml")
-    lmdb = built / outputs.DATABASES
-    verify = [str(lmdb / "val"), "--train-db", str(lmdb / "train"), "--details", "v.json", "--metrics", "m.json"]
+    sets = built / outputs.SHARDS
+    verify = [str(sets / "val"), "--train-db", str(sets / "train"), "--details", "v.json", "--metrics", "m.json"]
     verify += ["--histogram", "h.csv", "--sheet", "s.png"]
-    mean = [str(lmdb / "train"), "--binaryproto", "m.bp", "--npy", "m.npy", "--json", "m.json"]
+    mean = [str(sets / "train"), "--binaryproto", "m.bp", "--npy", "m.npy", "--json", "m.json"]
     report = [str(built / outputs.verify_details(s)) for s in SPLITS]
     report += ["--mean", str(built / outputs.MEAN_JSON), "--output", "summary.md"]
     argv = {
-        "build": ["build-all", "--params", params, "lmdb", "--jobs", "1"],
+        "shards": ["shards", "--params", params, "shards", "--jobs", "1"],
+        "assemble": ["assemble", "--params", params, "--split", "val", str(sets / "val"), "val"],
         "verify": ["verify", "--params", params, "--split", "val", *verify],
         "mean": ["mean", "--params", params, *mean],
         "report": ["report", "--params", params, *report],

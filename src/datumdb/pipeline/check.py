@@ -174,7 +174,11 @@ def check_split(
     index = read_shard_index(db)
     names = [shard["name"] for shard in index["shards"]]
     if names != [task.name for task in tasks]:
-        problems.append(f"{db}/{SHARD_INDEX}: lists {len(names)} shards, the plan {len(tasks)} (or in another order)")
+        problems.append(
+            f"{db}/{SHARD_INDEX}: lists {len(names)} shards, the plan of {split} {len(tasks)} "
+            "(or others, or in another order): another split's set, or made for other samples"
+        )
+        return {"split": split, "ok": False}, problems, b""
     if (index.get("pipeline") or {}).get("fingerprint") != split_plan["fingerprint"]:
         problems.append(f"{db}/{SHARD_INDEX}: made for other params or inputs than these")
     kept: list[tuple[ShardTask, int, int]] = []  # (task, member number, position in the shard)
@@ -415,7 +419,7 @@ def verify_step(
         "count": report["count"],
         "ncm_accuracy": report["ncm_accuracy"],
         "chance_accuracy": report["chance_accuracy"],
-        "digest": report["digest"].removeprefix("sha256:")[:12],
+        "digest": report["digest"].split(":")[-1][:12],
     }
     atomic_write(details, json_bytes(report))
     atomic_write(metrics, json_bytes(small))

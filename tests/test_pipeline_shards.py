@@ -1,0 +1,450 @@
+"""The pipeline steps end to end through ``datumdb.cli.main``: plan -> shards -> assemble -> verify, mean, report."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+from conftest import read_lmdb_items
+
+from datumdb import DatabaseWriter, DatumReader
+from datumdb.cli import main
+from datumdb.codec import decode, encode_sample
+from datumdb.manifest import read_manifest
+from datumdb.pipeline.config import load_config
+from datumdb.pipeline.fingerprint import mean_record, verify_record
+from datumdb.pipeline.plan import make_plan, read_part, write_plan
+from datumdb.pipeline.splits import SPLITS
+from datumdb.shardset import read_shard_index
+from datumdb.synthetic import generate
+
+pytestmark = pytest.mark.integration
+
+COUNT, SHAPE, CLASSES, SEED = 60, (3, 6, 6), 3, 3
+FRACTIONS = (0.6, 0.2, 0.2)
+
+
+def _params(folder: Path, *, parts: int = 3, encoding: str = "none", sample: int = 5, **extra: Any) -> Path:
+    params: dict[str, Any] = {
+        "dataset": {"source": "synthetic", "count": COUNT, "shape": list(SHAPE), "classes": CLASSES},
+        "seed": SEED,
+        "partition": {"shards": list(range(parts))},
+        "split": dict(zip(SPLITS, FRACTIONS, strict=True)),
+        "encoding": encoding,
+        "build": {"batch_size": 7, "map_size": 1 << 20, "shard_size": 4},
+        "verify": {"sample": sample},
+    }
+    for key, value in extra.items():
+        params[key] = {**params[key], **value} if isinstance(params.get(key), dict) else value
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def _shards(params: Path, root: Path, jobs: int = 1) -> Path:
+    """The DVC way: every part in one command, each split indexed."""
+    assert main(["--no-progress", "pipeline", "shards", "--params", str(params), str(root / "shards"),
+                 "--jobs", str(jobs)]) == 0  # fmt: skip
+    return root / "shards"
+
+
+def _by_parts(params: Path, root: Path) -> Path:
+    """The Snakemake way: a plan written to files, one command per part, then one per split."""
+    config = load_config(params)
+    plan = make_plan(config, {})
+    write_plan(plan, root / "plan")
+    for part in range(config.partition.count):
+        assert main(["--no-progress", "pipeline", "shards", "--params", str(params), "--part",
+                     str(root / "plan" / f"part-{part}.json"), str(root / "shards")]) == 0  # fmt: skip
+    for split in SPLITS:
+        assert main(["--no-progress", "pipeline", "assemble", "--params", str(params), "--split", split,
+                     "--split-plan", str(root / "plan" / f"{split}.json"), str(root / "shards" / split),
+                     str(root / "lmdb" / split)]) == 0  # fmt: skip
+    return root / "shards"
+
+
+def _assemble(params: Path, root: Path) -> Path:
+    for split in SPLITS:
+        assert main(["--no-progress", "pipeline", "assemble", "--params", str(params), "--split", split,
+                     str(root / "shards" / split), str(root / "lmdb" / split)]) == 0  # fmt: skip
+    return root / "lmdb"
+
+
+def _verify_argv(params: Path, shards: Path, split: str, out: Path) -> list[str]:
+    return [
+        "--no-progress", "pipeline", "verify", "--params", str(params), "--split", split, str(shards / split),
+        "--train-db", str(shards / "train"), "--details", str(out / f"{split}.json"),
+        "--metrics", str(out / "metrics" / f"{split}.json"), "--histogram", str(out / f"{split}_labels.csv"),
+        "--sheet", str(out / f"{split}_samples.png"),
+    ]  # fmt: skip
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _inodes(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_ino for p in folder.rglob("data.mdb")}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(params, root with shards/ and lmdb/) of one build, read only: tests that change it copy it."""
+    root = tmp_path_factory.mktemp("built")
+    params = _params(root, sample=100)
+    _shards(params, root)
+    _assemble(params, root)
+    return params, root
+
+
+# ----------------------------------------------------------------------------- shards and assembly
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_parts_then_assemble_equal_the_one_command_build(tmp_path: Path, jobs: int) -> None:
+    """Snakemake's jobs (a part each, then a split each) and DVC's one stage write the same bytes."""
+    params = _params(tmp_path / "p")
+    a = _by_parts(params, tmp_path / "a")
+    b = _shards(params, tmp_path / "b", jobs=jobs)
+    _assemble(params, tmp_path / "b")
+    assert _files(a) == _files(b)
+    assert _files(tmp_path / "a" / "lmdb") == _files(tmp_path / "b" / "lmdb")
+    assert sum(len(read_shard_index(a / split)["shards"]) for split in SPLITS) > 6  # really sharded
+
+
+def test_the_number_of_parts_does_not_change_the_shards(tmp_path: Path) -> None:
+    a = _shards(_params(tmp_path / "p1", parts=1), tmp_path / "a")
+    b = _shards(_params(tmp_path / "p4", parts=4), tmp_path / "b", jobs=2)
+    assert _files(a) == _files(b)
+
+
+def test_every_sample_is_stored_once_in_its_split_with_its_label(built: tuple[Path, Path]) -> None:
+    params, root = built
+    images, labels = generate(SEED, 0, COUNT, SHAPE, CLASSES)
+    seen = {}
+    for split in SPLITS:
+        with DatumReader(root / "lmdb" / split) as reader:  # the assembled database: Caffe's keys, %08d
+            assert [key for key in reader.keys()] == [b"%08d" % i for i in range(len(reader))]  # noqa: C416
+        with DatumReader(root / "shards" / split) as reader:
+            for _key, datum in reader.datums():
+                array = np.frombuffer(datum.data, np.uint8).reshape(SHAPE)
+                matches = [i for i in range(COUNT) if np.array_equal(images[i], array)]
+                assert len(matches) == 1 and labels[matches[0]] == datum.label
+                assert matches[0] not in seen
+                seen[matches[0]] = split
+    assert sorted(seen) == list(range(COUNT))
+    assert all(20 <= sum(1 for s in seen.values() if s == "train") <= 50 for _ in [0])  # about 60%
+
+
+def test_a_second_run_rebuilds_nothing_and_an_edit_only_its_shard(tmp_path: Path) -> None:
+    """Relabelling one array sample rewrites the one shard holding it; every other shard keeps
+    its file (the same inode: DVC sees the same file); appended samples land in the last shards."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (200, 1, 4, 4), dtype=np.uint8)
+    labels = rng.integers(0, 5, 200)
+    np.save(inputs / "X.npy", images)
+    np.save(inputs / "y.npy", labels)
+    params = _params(tmp_path / "p", dataset={"source": "arrays", "input_dir": str(inputs)})
+    shards = _shards(params, tmp_path)
+    before = _inodes(shards)
+    _shards(params, tmp_path)
+    assert _inodes(shards) == before  # nothing rebuilt
+    labels[77] = (labels[77] + 1) % 5
+    np.save(inputs / "y.npy", labels)
+    _shards(params, tmp_path)
+    after = _inodes(shards)
+    assert len([name for name in after if after[name] != before.get(name)]) == 1
+    np.save(inputs / "X.npy", np.concatenate([images, images[:4]]))
+    np.save(inputs / "y.npy", np.concatenate([labels, labels[:4]]))
+    _shards(params, tmp_path)
+    changed = [name for name, inode in _inodes(shards).items() if after.get(name) != inode]
+    assert 1 <= len(changed) <= 4, changed  # the splits' last shards (and perhaps a new one)
+    assert sum(read_shard_index(shards / split)["count"] for split in SPLITS) == 204
+    out = tmp_path / "reports"
+    for split in SPLITS:
+        assert main(_verify_argv(params, shards, split, out)) == 0
+
+
+def test_a_shard_no_longer_planned_is_removed_but_never_a_folder_datumdb_did_not_write(
+    tmp_path: Path, caffe_dir: Path
+) -> None:
+    params = _params(tmp_path / "p")
+    shards = _shards(params, tmp_path)
+    stray_ours = shards / "val" / "0123456789abcdef"
+    shutil.copytree(next(p for p in (shards / "val").iterdir() if p.is_dir()), stray_ours)
+    stray_caffe = shards / "val" / "fedcba9876543210"
+    shutil.copytree(caffe_dir / "lmdb_png", stray_caffe)
+    _shards(params, tmp_path)
+    assert not stray_ours.exists()
+    assert stray_caffe.is_dir() and (stray_caffe / "data.mdb").is_file()
+
+
+def test_assemble_replaces_its_own_database_but_never_one_it_did_not_write(
+    tmp_path: Path, caffe_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    params = _params(tmp_path / "p")
+    _shards(params, tmp_path)
+    lmdb = _assemble(params, tmp_path)
+    first = (lmdb / "val" / "data.mdb").stat().st_ino
+    _assemble(params, tmp_path)
+    assert (lmdb / "val" / "data.mdb").stat().st_ino == first  # current: left as it is
+    shutil.rmtree(lmdb / "val")
+    shutil.copytree(caffe_dir / "lmdb_png", lmdb / "val")
+    before = _files(lmdb / "val")
+    capsys.readouterr()
+    argv = ["--no-progress", "pipeline", "assemble", "--params", str(params), "--split", "val",
+            str(tmp_path / "shards" / "val"), str(lmdb / "val")]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "did not write" in err, err
+    assert _files(lmdb / "val") == before
+
+
+def test_assemble_false_leaves_a_note_and_removes_only_its_own_database(tmp_path: Path) -> None:
+    params = _params(tmp_path / "p")
+    _shards(params, tmp_path)
+    lmdb = _assemble(params, tmp_path)
+    assert (lmdb / "train" / "data.mdb").is_file()
+    params = _params(tmp_path / "p", build={"assemble": False})
+    _assemble(params, tmp_path)
+    for split in SPLITS:
+        assert sorted(p.name for p in (lmdb / split).iterdir()) == ["NOT-ASSEMBLED.txt"]
+    params = _params(tmp_path / "p", build={"assemble": True})
+    _assemble(params, tmp_path)
+    assert sorted(p.name for p in (lmdb / "train").iterdir()) == ["data.mdb", "datumdb.json"]
+
+
+def test_a_part_plan_of_other_params_is_refused_by_the_index(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    params = _params(tmp_path / "p")
+    config = load_config(params)
+    write_plan(make_plan(config, {}), tmp_path / "plan")
+    assert read_part(tmp_path / "plan" / "part-0.json")
+    capsys.readouterr()
+    argv = ["--no-progress", "pipeline", "assemble", "--params", str(params), "--split", "val",
+            "--split-plan", str(tmp_path / "plan" / "val.json"), str(tmp_path / "shards" / "val"),
+            str(tmp_path / "lmdb" / "val")]  # fmt: skip
+    assert main(argv) == 2  # no part has run: its shards are missing, named
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "shard missing; build its part first" in err, err
+
+
+# ----------------------------------------------------------------------------- verify
+
+
+@pytest.mark.parametrize("encoding", ["none", "png", "jpg"])
+def test_verify_passes_and_writes_its_four_outputs(tmp_path: Path, encoding: str) -> None:
+    params = _params(tmp_path / "p", encoding=encoding, sample=6)
+    shards = _shards(params, tmp_path)
+    out = tmp_path / "reports"
+    config = load_config(params)
+    plan = make_plan(config, {})
+    for split in SPLITS:
+        assert main(_verify_argv(params, shards, split, out)) == 0
+        details = json.loads((out / f"{split}.json").read_text())
+        assert details["ok"] and details["encoding"] == encoding and details["sampled"] == 6
+        assert details["pipeline"]["fingerprint"] == verify_record(config, split, plan.split_fingerprints)["fingerprint"]
+        assert details["ncm_accuracy"] > 0.8 > details["chance_accuracy"] == round(1 / CLASSES, 6)
+        metrics = json.loads((out / "metrics" / f"{split}.json").read_text())
+        assert set(metrics) == {"count", "ncm_accuracy", "chance_accuracy", "digest"}
+        assert metrics["count"] == details["count"] == read_shard_index(shards / split)["count"]
+        assert re.fullmatch(r"[0-9a-f]{12}", metrics["digest"])
+        histogram = (out / f"{split}_labels.csv").read_text().splitlines()
+        assert histogram[0] == "label,count"
+        assert {k: int(v) for k, v in (line.split(",") for line in histogram[1:])} == details["label_histogram"]
+        sheet = cv2.imread(str(out / f"{split}_samples.png"))
+        assert sheet is not None and sheet.ndim == 3 and sheet.std() > 10
+
+
+def _rewrite(db: Path, change: Any) -> None:
+    """Write ``db`` again, every record through ``change(key, value) -> value``: a self-consistent manifest."""
+    items = read_lmdb_items(db)
+    manifest = read_manifest(db)
+    with DatabaseWriter(
+        db, overwrite=True, batch_size=7, map_size=1 << 20, channel_order=manifest["channel_order"],
+        metadata=manifest["metadata"],
+    ) as writer:  # fmt: skip
+        for key, value in items:
+            writer.add_serialized(change(key, value), key)
+
+
+def _outputs(out: Path) -> list[Path]:
+    return sorted(p for p in out.rglob("*") if p.is_file()) if out.exists() else []
+
+
+def _copy_set(root: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the shard sets, and one shard of val in it."""
+    copy = shutil.copytree(root / "shards", tmp_path / "shards")
+    shard = copy / "val" / read_shard_index(copy / "val")["shards"][0]["name"]
+    return copy, shard
+
+
+def test_verify_fails_and_writes_nothing_on_a_wrong_label(
+    tmp_path: Path, built: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    params, root = built
+    copy, shard = _copy_set(root, tmp_path)
+    victim = read_lmdb_items(shard)[0][0]
+
+    def relabel(key: bytes, value: bytes) -> bytes:
+        if key != victim:
+            return value
+        datum = decode(value, key)
+        return encode_sample(np.frombuffer(datum.data, np.uint8).reshape(SHAPE), (datum.label + 1) % CLASSES, "none")
+
+    _rewrite(shard, relabel)
+    assert main(["verify", "--in-process", str(shard)]) == 0  # self-consistent: only the source can tell
+    capsys.readouterr()
+    out = tmp_path / "reports"
+    assert main(_verify_argv(params, copy, "val", out)) == 1
+    err = capsys.readouterr().err
+    assert "label" in err and "no report written" in err, err
+    assert _outputs(out) == []
+
+
+def test_verify_fails_on_a_shard_set_of_another_split(tmp_path: Path, built: tuple[Path, Path]) -> None:
+    params, root = built
+    out = tmp_path / "reports"
+    argv = _verify_argv(params, root / "shards", "val", out)
+    argv[argv.index(str(root / "shards" / "val"))] = str(root / "shards" / "test")
+    assert main(argv) == 1
+    assert _outputs(out) == []
+
+
+def test_datumdb_verify_checks_a_shard_set_and_its_params(
+    tmp_path: Path, built: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    params, root = built
+    assert main(["verify", "--in-process", str(root / "shards" / "val"), "--params", str(params)]) == 0
+    assert main(["verify", "--in-process", str(root / "lmdb" / "val"), "--params", str(params)]) == 0
+    other = _params(tmp_path / "p", encoding="png")
+    capsys.readouterr()
+    assert main(["verify", "--in-process", str(root / "lmdb" / "val"), "--params", str(other)]) == 1
+    assert "made from another version of the shard set" in capsys.readouterr().err
+    assert main(["verify", "--in-process", str(root / "shards" / "val"), "--params", str(other)]) == 1
+    assert "encoding" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- mean and report
+
+
+def test_pipeline_mean_of_the_shards_equals_compute_mean_of_the_assembled_database(
+    tmp_path: Path, built: tuple[Path, Path]
+) -> None:
+    params, root = built
+    a, b = tmp_path / "pipeline", tmp_path / "cli"
+    argv = ["--no-progress", "pipeline", "mean", "--params", str(params), str(root / "shards" / "train")]
+    argv += ["--binaryproto", str(a / "m.binaryproto"), "--npy", str(a / "m.npy"), "--json", str(a / "m.json")]
+    assert main(argv) == 0
+    argv = ["--no-progress", "compute-mean", str(root / "lmdb" / "train"), str(b / "m.binaryproto")]
+    assert main([*argv, "--npy", str(b / "m.npy"), "--json", str(b / "m.json")]) == 0
+    assert (a / "m.binaryproto").read_bytes() == (b / "m.binaryproto").read_bytes()
+    assert (a / "m.npy").read_bytes() == (b / "m.npy").read_bytes()
+    ours, theirs = json.loads((a / "m.json").read_text()), json.loads((b / "m.json").read_text())
+    train = make_plan(load_config(params), {}).split_fingerprints["train"]
+    assert ours.pop("pipeline")["fingerprint"] == mean_record(train)["fingerprint"]
+    assert ours == theirs and ours["shape"] == list(SHAPE)
+
+
+def test_report_exit_code_follows_the_verify_reports(
+    tmp_path: Path, built: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    params, root = built
+    shards = root / "shards"
+    out = tmp_path / "reports"
+    for split in SPLITS:
+        assert main(_verify_argv(params, shards, split, out)) == 0
+    mean = tmp_path / "mean"
+    argv = ["pipeline", "mean", "--params", str(params), str(shards / "train"), "--binaryproto", str(mean / "m.bp")]
+    assert main([*argv, "--npy", str(mean / "m.npy"), "--json", str(mean / "m.json")]) == 0
+    details = [str(out / f"{split}.json") for split in SPLITS]
+    report = ["pipeline", "report", "--params", str(params), *details, "--mean", str(mean / "m.json")]
+    capsys.readouterr()
+    assert main([*report, "--output", str(out / "summary.md")]) == 0
+    text = (out / "summary.md").read_text()
+    assert capsys.readouterr().out == text
+    val = json.loads((out / "val.json").read_text())
+    assert f"| val | {val['count']} | 3x6x6 | none |" in text and "| NO |" not in text
+    (out / "val.json").write_text(json.dumps({**val, "ok": False}))
+    assert main([*report, "--output", str(out / "summary2.md")]) == 1
+    assert "| NO |" in (out / "summary2.md").read_text()
+    (out / "test.json").unlink()
+    assert main([*report, "--output", str(out / "summary3.md")]) == 2
+    assert "test.json: not found" in capsys.readouterr().err
+
+
+def _with(argv: list[str], option: str, value: Path) -> list[str]:
+    at = argv.index(option) + 1
+    return [*argv[:at], str(value), *argv[at + 1 :]]
+
+
+def test_pipeline_steps_refuse_outputs_that_collide_or_lie_in_their_inputs(
+    tmp_path: Path, built: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    params, root = built
+    shards = root / "shards"
+    before = _files(shards)
+    out = tmp_path / "out"
+    for split in SPLITS:
+        assert main(_verify_argv(params, shards, split, out)) == 0
+    mean = ["pipeline", "mean", "--params", str(params), str(shards / "train"), "--binaryproto", str(out / "m.bp")]
+    mean += ["--npy", str(out / "m.npy"), "--json", str(out / "m.json")]
+    assert main(mean) == 0
+    reports = _files(out)
+    details = [str(out / f"{split}.json") for split in SPLITS]
+    report = ["pipeline", "report", "--params", str(params), *details, "--mean", str(out / "m.json")]
+    verify = _verify_argv(params, shards, "val", out)
+    cases = [
+        ("named twice", _with(mean, "--json", out / "m.npy")),
+        ("lies inside the input", _with(mean, "--binaryproto", shards / "train" / "shards.json")),
+        ("is the input", [*report, "--output", str(out / "val.json")]),
+        ("named twice", _with(verify, "--metrics", out / "val.json")),
+        ("lies inside the input", _with(verify, "--sheet", shards / "train" / "sheet.png")),
+    ]
+    for message, argv in cases:
+        capsys.readouterr()
+        assert main(["--no-progress", *argv]) == 2, message
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+        assert _files(shards) == before
+        assert _files(out) == reports
+
+
+# ----------------------------------------------------------------------------- float arrays
+
+
+def test_float_arrays_become_float_datums_and_verify(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, 60)
+    images = (labels[:, None, None, None] * 3.0 + rng.normal(0, 0.5, (60, 2, 3, 3))).astype(np.float32)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    np.save(inputs / "X.npy", images)
+    np.save(inputs / "y.npy", labels)
+    dataset = {"source": "arrays", "input_dir": str(inputs)}
+    params = _params(tmp_path / "p", parts=2, dataset=dataset)
+    shards = _shards(params, tmp_path, jobs=2)
+    with DatumReader(shards / "val") as reader:
+        for _key, datum in reader.datums():
+            assert datum.data == b""
+            array = np.asarray(datum.float_data, np.float32).reshape(2, 3, 3)
+            index = next(i for i in range(60) if np.array_equal(images[i], array))
+            assert datum.label == labels[index]
+    out = tmp_path / "reports"
+    assert main(_verify_argv(params, shards, "val", out)) == 0
+    details = json.loads((out / "val.json").read_text())
+    assert (details["dtype"], details["shape"]) == ("float32", [2, 3, 3])
+    assert details["ncm_accuracy"] > 0.9
+    capsys.readouterr()
+    png = _params(tmp_path / "png", parts=2, dataset=dataset, encoding="png")
+    assert main(["pipeline", "shards", "--params", str(png), str(tmp_path / "png" / "shards"), "--jobs", "1"]) == 2
+    assert "needs uint8 images" in capsys.readouterr().err
