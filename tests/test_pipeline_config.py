@@ -597,11 +597,11 @@ def test_braces_in_file_names_are_refused_for_both_orchestrators(tmp_path: Path,
 )
 def test_every_step_refuses_hostile_params_before_any_work(tmp_path: Path, text: str) -> None:
     params = _write(tmp_path, text)
-    records, db = tmp_path / "records", tmp_path / "db"
+    shards, db = tmp_path / "shards", tmp_path / "db"
     for args in (
-        ["pipeline", "records", "--params", str(params), "--shard", "0", str(records)],
-        ["pipeline", "build", "--params", str(params), "--split", "train", str(records), str(db)],
-        ["pipeline", "build-all", "--params", str(params), str(db)],
+        ["pipeline", "shards", "--params", str(params), "--part", str(tmp_path / "part-0.json"), str(shards)],
+        ["pipeline", "shards", "--params", str(params), str(shards)],
+        ["pipeline", "assemble", "--params", str(params), "--split", "train", str(shards / "train"), str(db)],
         ["pipeline", "stale", "--params", str(params)],
     ):
         code = f"from datumdb.cli import main; raise SystemExit(main({args!r}))"

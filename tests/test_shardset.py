@@ -105,8 +105,8 @@ def test_removing_k_samples_changes_at_most_about_k_shards(data: st.DataObject) 
     content_b = {
         (split, tuple(kept[m] for m in s.members.tolist())) for split, shards in plan_b.shards.items() for s in shards
     }
-    assert len(content_b - content_a) <= 2 * k  # each removal: its shard, rarely a forced cut after it
-    assert sum(len(v) for v in names_a.values()) - 2 * k <= len(content_b & content_a)
+    assert len(content_b - content_a) <= 3 * k  # each removal: its shard, rarely forced cuts after it
+    assert sum(len(v) for v in names_a.values()) - 3 * k <= len(content_b & content_a)
 
 
 def test_duplicate_identities_are_refused() -> None:
