@@ -1,7 +1,7 @@
 """Image folders through the pipeline: varied sizes, original bytes, Caffe keys, bad files, class folders.
 
 Photos of many sizes are made from the Caffe fixture images (scaled and cropped, some PNG, some
-JPEG), built with ``pipeline build-all`` and checked with the pipeline's own verify, mean and
+JPEG), built with ``pipeline shards`` and ``assemble`` and checked with the pipeline's own verify, mean and
 report steps, then read back record by record against the files.
 """
 
@@ -28,6 +28,7 @@ from datumdb.errors import UnsafeInputError
 from datumdb.manifest import read_manifest
 from datumdb.pipeline.config import load_config
 from datumdb.pipeline.fingerprint import input_digest, input_files
+from datumdb.pipeline.mean import CHANNEL_MEAN_SAMPLE
 from datumdb.pipeline.sheet import TEXT_WIDTH, contact_sheet
 from datumdb.pipeline.splits import SPLITS
 
@@ -65,7 +66,7 @@ def _params(root: Path, *, encoding: str = "original", imageset: dict[str, Any] 
         "partition": {"shards": [0, 1, 2]},
         "split": {"train": 0.5, "val": 0.25, "test": 0.25},
         "encoding": encoding,
-        "build": {"batch_size": 5, "map_size": 1 << 20},
+        "build": {"batch_size": 5, "map_size": 1 << 20, "shard_size": 4},
         "verify": {"sample": 100},
     }
     path = root / "params.yaml"
@@ -81,13 +82,27 @@ def _inputs(root: Path, count: int = 24) -> list[tuple[str, int]]:
     return listed
 
 
+def _shards_of(lmdb: Path) -> Path:
+    """Where the tests keep the shard sets the assembled databases at ``lmdb`` come from."""
+    return lmdb.with_name(lmdb.name + "_shards")
+
+
+def _shards_argv(params: Path, out: Path, jobs: int = 2) -> list[str]:
+    return ["--no-progress", "pipeline", "shards", "--params", str(params), str(_shards_of(out)), "--jobs", str(jobs)]
+
+
 def _build(params: Path, out: Path) -> Path:
-    assert main(["--no-progress", "pipeline", "build-all", "--params", str(params), str(out), "--jobs", "2"]) == 0
+    """Shard sets beside ``out``, and the assembled databases in ``out/<split>``."""
+    assert main(_shards_argv(params, out)) == 0
+    for split in SPLITS:
+        argv = ["--no-progress", "pipeline", "assemble", "--params", str(params), "--split", split]
+        assert main([*argv, str(_shards_of(out) / split), str(out / split)]) == 0
     return out
 
 
 def _check_and_report(params: Path, lmdb: Path, out: Path) -> tuple[str, dict[str, Any]]:
     """Run verify on every split, mean and report through the CLI; (report text, mean JSON)."""
+    lmdb = _shards_of(lmdb)  # the steps read the shard sets
     for split in SPLITS:
         argv = [
             "--no-progress", "pipeline", "verify", "--params", str(params), "--split", split, str(lmdb / split),
@@ -124,7 +139,7 @@ def test_original_bytes_of_varied_sizes_keyed_by_file_each_in_one_split(tmp_path
             assert (datum.channels, datum.height, datum.width) == (0, 0, 0)  # as Caffe leaves an encoded Datum
             assert path not in seen, f"{path} in {seen.get(path)} and {split}"
             seen[path] = split
-        assert numbers == list(range(len(items)))  # numbered within the split, in list order
+        assert numbers == list(range(len(items)))  # numbered within the split (in its seeded shuffled order)
         manifest = read_manifest(lmdb / split)
         assert manifest["metadata"]["skipped"] == []
         assert len(manifest["shapes"]) > 1  # the decoded sizes are recorded, and they vary
@@ -161,16 +176,18 @@ def test_verify_notices_a_record_that_is_not_its_file(tmp_path: Path) -> None:
     lmdb = _build(params, tmp_path / "lmdb")
     import lmdb as py_lmdb
 
-    items = read_lmdb_items(lmdb / "val")
+    sets = _shards_of(lmdb)
+    shard = next(p for p in sorted((sets / "val").iterdir()) if p.is_dir() and len(read_lmdb_items(p)) >= 2)
+    items = read_lmdb_items(shard)
     (key_a, value_a), (key_b, value_b) = items[0], items[1]
-    env = py_lmdb.open(str(lmdb / "val"), lock=False)
+    env = py_lmdb.open(str(shard), lock=False)
     with env.begin(write=True) as txn:  # two files' bytes swapped: every record still decodes
         txn.put(key_a, value_b)
         txn.put(key_b, value_a)
     env.close()
     argv = [
-        "--no-progress", "pipeline", "verify", "--params", str(params), "--split", "val", str(lmdb / "val"),
-        "--train-db", str(lmdb / "train"), "--details", str(tmp_path / "v.json"), "--metrics", str(tmp_path / "m.json"),
+        "--no-progress", "pipeline", "verify", "--params", str(params), "--split", "val", str(sets / "val"),
+        "--train-db", str(sets / "train"), "--details", str(tmp_path / "v.json"), "--metrics", str(tmp_path / "m.json"),
         "--histogram", str(tmp_path / "h.csv"), "--sheet", str(tmp_path / "s.png"),
     ]  # fmt: skip
     assert main(argv) == 1
@@ -199,8 +216,7 @@ def test_png_encoding_keeps_png_files_and_reencodes_the_others(tmp_path: Path) -
 def test_raw_pixels_need_one_shape_or_a_resize(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _inputs(tmp_path, count=9)
     params = _params(tmp_path, encoding="none")
-    argv = ["--no-progress", "pipeline", "build-all", "--params", str(params), str(tmp_path / "a"), "--jobs", "1"]
-    assert main(argv) == 2
+    assert main(_shards_argv(params, tmp_path / "a", jobs=1)) == 2
     assert "need one shape" in capsys.readouterr().err
     params = _params(tmp_path, encoding="none", imageset={"resize_height": 12, "resize_width": 16})
     lmdb = _build(params, tmp_path / "b")
@@ -246,11 +262,10 @@ def test_on_error_stop_names_the_file_and_line(tmp_path: Path, capsys: pytest.Ca
     listed = _inputs(tmp_path, count=9)
     broken = _break_files(tmp_path / "inputs" / "images", listed)
     params = _params(tmp_path)
-    argv = ["--no-progress", "pipeline", "build-all", "--params", str(params), str(tmp_path / "lmdb"), "--jobs", "1"]
-    assert main(argv) == 2
+    assert main(_shards_argv(params, tmp_path / "lmdb", jobs=1)) == 2
     err = capsys.readouterr().err
     assert any(f"list.txt:{line}:" in err and name in err for name, line in broken.items()), err
-    assert not (tmp_path / "lmdb" / "train").exists()
+    assert not (_shards_of(tmp_path / "lmdb") / "train" / "shards.json").exists()
 
 
 def test_class_folders_give_sorted_labels_and_the_manifest_names_the_classes(tmp_path: Path) -> None:
@@ -298,7 +313,7 @@ def test_class_folders_with_symlinks_are_listed_once_and_never_leave_root(tmp_pa
     with pytest.raises(UnsafeInputError, match="c2/usr: a symlink to the folder /usr, outside ROOT"):
         input_digest(config)
     capsys.readouterr()
-    assert main(["--no-progress", "pipeline", "build-all", "--params", str(params), str(tmp_path / "again")]) == 2
+    assert main(_shards_argv(params, tmp_path / "again")) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "c2/usr: a symlink to the folder /usr, outside ROOT" in err, err
 
@@ -358,9 +373,8 @@ def test_long_jobs_write_progress_lines_to_their_logs_even_with_no_progress(tmp_
     lmdb, logs = tmp_path / "lmdb", tmp_path / "logs"
     logs.mkdir()
     tick = "0.000001"  # a line at (almost) every step
-    _datumdb(["--no-progress", "pipeline", "build-all", "--params", str(params), str(lmdb), "--jobs", "2"],
-             logs / "build.log", tick)  # fmt: skip
-    _datumdb(["--no-progress", "pipeline", "mean", "--params", str(params), str(lmdb / "train"),
+    _datumdb(_shards_argv(params, lmdb), logs / "build.log", tick)
+    _datumdb(["--no-progress", "pipeline", "mean", "--params", str(params), str(_shards_of(lmdb) / "train"),
               "--binaryproto", str(tmp_path / "m.bp"), "--npy", str(tmp_path / "m.npy"), "--json",
               str(tmp_path / "m.json")], logs / "mean.log", tick)  # fmt: skip
     (tmp_path / "list2.txt").write_text("".join(f"{name} {label}\n" for name, label in listed))
@@ -375,10 +389,10 @@ def test_long_jobs_write_progress_lines_to_their_logs_even_with_no_progress(tmp_
             match = PROGRESS_LINE.fullmatch(line)
             if match:
                 seen.setdefault(f"{log.stem}:{match['desc']}", []).append(match)
-    train = len(read_lmdb_items(lmdb / "train"))
+    with DatumReader(_shards_of(lmdb) / "train") as reader:
+        train = len(reader)
+    assert any(name.startswith("build:images ") for name in seen), seen  # a part's images, by list lines
     assert {
-        "build:images 1-10",
-        "build:0/train.rec",
         "mean:channel-means",
         "convert:convert-imageset",
         "verify:verify",
@@ -386,7 +400,7 @@ def test_long_jobs_write_progress_lines_to_their_logs_even_with_no_progress(tmp_
     for name, matches in seen.items():
         counts = [int(m["done"]) for m in matches]
         assert counts == sorted(counts) and counts[-1] <= int(matches[0]["total"]), name
-    assert int(seen["mean:channel-means"][0]["total"]) == train
+    assert int(seen["mean:channel-means"][0]["total"]) == min(train, CHANNEL_MEAN_SAMPLE)
     assert int(seen["convert:convert-imageset"][0]["total"]) == len(listed)
     # the default interval (10 s): a short job's log gets no progress line, only its result
     _datumdb(["--no-progress", "verify", str(tmp_path / "db")], logs / "quiet.log", None)

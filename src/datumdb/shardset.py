@@ -423,9 +423,13 @@ def assemble(
         # A map that holds every shard's file from the start: growing it replays a whole batch.
         options["map_size"] = _map_size_for(folders)
         options |= writer_options
-        with DatabaseWriter(
-            db, overwrite=overwrite, metadata={**(metadata or {}), "assembled_from": index["split"]}, **options
-        ) as writer:
+        carried: dict[str, Any] = {"assembled_from": index["split"]}
+        shard_metadata = [manifest.get("metadata") or {} for manifest in manifests]
+        if any("skipped" in m for m in shard_metadata):  # the images left out, as one database records them
+            carried["skipped"] = [sample for m in shard_metadata for sample in m.get("skipped") or []]
+        if shard_metadata and "classes" in shard_metadata[0]:
+            carried["classes"] = shard_metadata[0]["classes"]
+        with DatabaseWriter(db, overwrite=overwrite, metadata={**(metadata or {}), **carried}, **options) as writer:
             for rank, (shard, position) in enumerate(placement):
                 key = keys[shard][position]
                 writer.add_copied(assembled_key(rank, total, key[8:]), readers[shard].value(key))
