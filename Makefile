@@ -1,6 +1,7 @@
 # The README's commands work from a fresh clone on a machine with only python3 (3.11 or newer; 3.11 for tests):
 #   make dataset    build the default dataset (Snakemake, params.yaml), then record it in DVC's cache
 #   make pull       fetch the dataset that dvc.lock describes from the DVC remote instead of building it
+#                   (the shard sets; each split's one Caffe database is then assembled locally)
 #   make test       lint and run every test tier, including the reproducibility check (what CI runs)
 #   make test-fast  lint and run the quick tier only (no workflow runs, servers, cluster or fuzzing)
 # Each creates .venv itself. `make dataset` and `make pull` install only what building needs
@@ -62,9 +63,13 @@ repro: $(DATASET_DEPS)
 	$(BIN)/datumdb pipeline check --params params.yaml > /dev/null
 	PATH="$(BIN):$$PATH" $(BIN)/dvc repro
 
-# The dataset dvc.lock describes, from the default DVC remote (`dvc remote list`), and back.
+# The dataset dvc.lock describes, from the default DVC remote (`dvc remote list`), and back. The
+# remote holds the shard sets only: `dvc repro` then assembles each split's Caffe database from
+# them (its bytes are those dvc.lock records; nothing else reruns), as `dvc repro` would anyway.
 pull: $(DATASET_DEPS)
-	PATH="$(BIN):$$PATH" $(BIN)/dvc pull
+	PATH="$(BIN):$$PATH" $(BIN)/dvc pull --allow-missing
+	$(BIN)/datumdb pipeline check --params params.yaml > /dev/null
+	PATH="$(BIN):$$PATH" $(BIN)/dvc repro
 
 push: $(DATASET_DEPS)
 	PATH="$(BIN):$$PATH" $(BIN)/dvc push

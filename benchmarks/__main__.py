@@ -30,7 +30,7 @@ import numpy as np
 from benchmarks.build import measure as measure_build
 from benchmarks.common import BIN, DATUMDB, ROOT, Table, make_arrays, median_time, peak_rss_mb
 from benchmarks.imageset import measure as measure_imageset
-from benchmarks.photos import copy_repo
+from benchmarks.photos import copy_repo, make_photo_folder, rehearse
 from benchmarks.reading import dataloader_epochs, single_reads
 from benchmarks.scale import curve, flatness
 from benchmarks.scale import markdown as scale_markdown
@@ -69,7 +69,7 @@ def build_h5py(images: np.ndarray, labels: np.ndarray, path: Path) -> None:
         handle.create_dataset("y", data=labels)
 
 
-SECTIONS = ("build", "reads", "loader", "memory", "jpeg", "imageset", "pipeline", "scale", "shards")
+SECTIONS = ("build", "reads", "loader", "memory", "jpeg", "imageset", "pipeline", "versions", "scale", "shards")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -101,6 +101,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             extra["imageset"] = imageset_rows(table, work / "imageset", cores, repeats, quick=args.quick)
         if "pipeline" in wanted:
             pipeline_row(table, work, cores, quick=args.quick)
+        if "versions" in wanted:
+            extra["versions"] = version_rows(table, work / "versions", cores, quick=args.quick)
         if "scale" in wanted:
             extra["scale"] = scale_rows(table, work, quick=args.quick)
         if "shards" in wanted:
@@ -253,6 +255,29 @@ def pipeline_row(table: Table, work: Path, cores: int, *, quick: bool) -> None:
     many = median_time(lambda: build(cores), 1)
     table.add(f"pipeline, PNG encoding: snakemake --cores {cores} vs --cores 1", f"{many:.1f} s", f"{one:.1f} s",
               one / many, 0.9 * cores)  # fmt: skip
+
+
+def version_rows(table: Table, work: Path, cores: int, *, quick: bool) -> list[dict[str, Any]]:
+    """Issue 18's three numbers, on varied JPEG photos (20 000; 2 000 with --quick), original bytes:
+    the whole workflow against one bare convert-imageset of the same list, then a 1% change (photos
+    appended, one label fixed) rebuilt against the full run, and what its `dvc push` adds."""
+    count = 2_000 if quick else 20_000
+    photos = work / "inputs" / "photos"
+    make_photo_folder(photos, count)
+    rows = [rehearse(work, photos, name="original", encoding="original", resize=0, cores=cores, shards=cores,
+                     change=True)]  # fmt: skip
+    for row in rows:
+        table.add(f"pipeline (snakemake --cores {cores}, {count:,} photos, {row['name']}) vs one convert-imageset",
+                  f"{row['seconds']:.1f} s", f"{row['single_convert_imageset_seconds']:.1f} s",
+                  row["pipeline_vs_single"], 0.8)  # fmt: skip
+        table.add(f"1% change ({row['change_added_photos']} photos appended, one label fixed): rebuild vs full run",
+                  f"{row['change_seconds']:.1f} s", f"{row['seconds']:.1f} s", 1 / row["change_vs_full"], 2.0,
+                  note="rebuild <= 0.5x the full run")  # fmt: skip
+        added = row["change_remote_added_bytes"] / max(row["remote_bytes"], 1)
+        table.add("1% change: bytes the second dvc push adds to the remote", f"{added:.1%}", "100% (whole files)",
+                  None, None, note="<= 5%")  # fmt: skip
+        table.rows[-1]["met"] = added <= 0.05
+    return rows
 
 
 def scale_rows(table: Table, work: Path, *, quick: bool) -> dict[str, Any]:

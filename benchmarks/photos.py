@@ -7,15 +7,16 @@ The photos are crops and scales of scikit-image's sample photos (public domain /
 scikit-image is in the test lock, which ``make bench`` installs), saved as JPEG at varied
 qualities in ImageNet's layout (``root/<class>/<name>.JPEG``, folder-per-class), so sizes and
 compression vary as in a real collection. Two builds go through the whole workflow
-(records, build, verify, mean, report) on a copy of this repository:
+(plan, shards, assemble, verify, mean, report) on a copy of this repository:
 
 * ``encoding: original``, no resize: every file's bytes stored unchanged (the small-LMDB way);
 * ``resize 256x256`` and ``encoding: none``: raw pixels, Caffe's usual training input.
 
 For each: wall time and images per second, the peak RSS of every job (Snakemake's ``benchmark:``
-files), the disk used by the inputs, the intermediates (their peak, sampled while running) and
-the outputs, and the ratio to one ``datumdb convert-imageset`` of the same list with the same
-options (which writes one database, not three, and verifies nothing).
+files), the disk used by the inputs, the shard sets and all outputs, and the ratio to one
+``datumdb convert-imageset`` of the same list with the same options (which writes one database,
+not three, and verifies nothing). Then the next version: 1% new photos appended to the list and
+one label fixed, rebuilt, and the bytes the second ``dvc push`` adds to a local remote.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -115,27 +115,6 @@ def tree_bytes(*paths: Path) -> int:
     return total
 
 
-class PeakSize:
-    """The largest size a folder reaches while a block runs (sampled every ``interval`` seconds)."""
-
-    def __init__(self, folder: Path, interval: float = 0.5) -> None:
-        self.folder, self.interval, self.peak = folder, interval, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-
-    def _watch(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, tree_bytes(self.folder) if self.folder.exists() else 0)
-
-    def __enter__(self) -> PeakSize:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 def copy_repo(target: Path) -> Path:
     """This repository's tracked and new files (not tests) under ``target``, as a place to build."""
     listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True,
@@ -165,29 +144,58 @@ def job_stats(repo: Path) -> dict[str, dict[str, float]]:
     return stats
 
 
-def rehearse(work: Path, photos: Path, *, name: str, encoding: str, resize: int, cores: int, shards: int) -> dict:
+def _snakemake(repo: Path, cores: int) -> float:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    start = time.perf_counter()
+    subprocess.run([str(BIN / "snakemake"), "--cores", str(cores), "--quiet", "all"], cwd=repo, env=env,
+                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    return time.perf_counter() - start
+
+
+def _dvc(repo: Path, *args: str) -> None:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "DVC_NO_ANALYTICS": "1"}
+    subprocess.run([str(BIN / "dvc"), *args], cwd=repo, env=env, check=True, capture_output=True)
+
+
+def one_percent_change(photos: Path, listing: Path, seed: int = 1) -> int:
+    """Append 1% new photos to the list (new files) and fix one label: a typical next version."""
+    lines = listing.read_text().splitlines()
+    count = len(lines)
+    added = max(1, count // 100)
+    _make_chunk(str(photos), count, count + added, seed)
+    path, label = lines[len(lines) // 2].rsplit(" ", 1)
+    lines[len(lines) // 2] = f"{path} {(int(label) + 1) % CLASSES}"
+    lines += [f"{_photo_path(index)[0]} {_photo_path(index)[1]}" for index in range(count, count + added)]
+    listing.write_text("\n".join(lines) + "\n")
+    return added
+
+
+def rehearse(
+    work: Path, photos: Path, *, name: str, encoding: str, resize: int, cores: int, shards: int, change: bool
+) -> dict:
+    """The whole workflow on the photos (list layout), one bare convert-imageset of the same list;
+    with ``change``, then a 1% change (:func:`one_percent_change`) rebuilt, and what `dvc push`
+    adds to a local remote."""
     repo = copy_repo(work / f"repo-{name}")
+    listing = photos.parent / f"{name}.txt"
+    listing.write_text("".join(f"{path} {label}\n" for path, label in _listed(photos)))
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["dataset"].update(source="imageset", input_dir=str(photos.parent))
-    params["dataset"]["imageset"].update(layout="folders", root=photos.name, resize_height=resize, resize_width=resize)
+    params["dataset"]["imageset"].update(layout="list", root=photos.name, list_file=listing.name,
+                                         resize_height=resize, resize_width=resize)  # fmt: skip
     params["encoding"] = encoding
     params["partition"]["shards"] = list(range(shards))
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
-    start = time.perf_counter()
-    with PeakSize(repo / "data" / "tmp") as intermediates:
-        subprocess.run([str(BIN / "snakemake"), "--cores", str(cores), "--quiet", "all"], cwd=repo, env=env,
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    seconds = time.perf_counter() - start
+    for command in (["init", "-q"], ["add", "-A"], ["-c", "user.name=b", "-c", "user.email=b@b", "commit", "-qm", "b"]):
+        subprocess.run(["git", *command], cwd=repo, check=True, capture_output=True)
+    remote = work / f"remote-{name}"
+    _dvc(repo, "remote", "add", "-d", "-f", "bench", str(remote))
+    seconds = _snakemake(repo, cores)
     counts = {s: json.loads((repo / "reports" / "verify" / f"{s}.json").read_text())["count"] for s in
               ("train", "val", "test")}  # fmt: skip
+    jobs = job_stats(repo)
 
     # The same list, the same options, one convert-imageset (one database, no verify).
-    from datumdb.imageset import read_class_folders
-
-    entries, _ = read_class_folders(photos)
-    listing = work / f"{name}.txt"
-    listing.write_text("".join(f"{e.path} {e.label}\n" for e in entries))
     flags = ["--encoded"] if encoding == "original" else []
     if resize:
         flags += ["--resize-height", str(resize), "--resize-width", str(resize)]
@@ -200,41 +208,75 @@ def rehearse(work: Path, photos: Path, *, name: str, encoding: str, resize: int,
         "images": sum(counts.values()),
         "seconds": seconds,
         "images_per_second": sum(counts.values()) / seconds,
-        "jobs": job_stats(repo),
+        "jobs": jobs,
         "inputs_bytes": tree_bytes(photos),
-        "intermediates_peak_bytes": intermediates.peak,
-        "outputs_bytes": tree_bytes(repo / "data" / "lmdb", repo / "data" / "mean"),
+        "shard_sets_bytes": tree_bytes(repo / "data" / "shards"),
+        "outputs_bytes": tree_bytes(repo / "data" / "shards", repo / "data" / "lmdb", repo / "data" / "mean"),
         "single_convert_imageset_seconds": single,
         "single_convert_imageset_peak_rss_mb": single_rss,
         "single_database_bytes": tree_bytes(db),
         "pipeline_vs_single": single / seconds,
     }
-    shutil.rmtree(repo, ignore_errors=True)
     shutil.rmtree(db, ignore_errors=True)
+    if change:
+        _dvc(repo, "push", "-q")
+        pushed = tree_bytes(remote)
+        result["change_added_photos"] = one_percent_change(photos, listing)
+        result["change_seconds"] = _snakemake(repo, cores)
+        result["change_vs_full"] = result["change_seconds"] / seconds
+        _dvc(repo, "push", "-q")
+        result["remote_bytes"] = pushed
+        result["change_remote_added_bytes"] = tree_bytes(remote) - pushed
+        result["change_shards_built"] = sum(
+            int(line.split(":")[-1].split(" of ")[0])
+            for log in (repo / "logs" / "shards").glob("*.log")
+            for line in log.read_text().splitlines()
+            if " shards built" in line
+        )
+    shutil.rmtree(repo, ignore_errors=True)
+    shutil.rmtree(remote, ignore_errors=True)
     return result
+
+
+def _listed(photos: Path) -> list[tuple[str, int]]:
+    """The photos' (path, label), in the order make_photo_folder made them (by index)."""
+    found = [p.relative_to(photos).as_posix() for p in photos.glob("*/*.JPEG")]
+    found.sort(key=lambda path: int(path.rsplit("_", 1)[1].split(".")[0]))
+    return [(path, int(path.split("/")[0][1:])) for path in found]
 
 
 def markdown(rows: list[dict[str, Any]], cores: int) -> str:
     lines = [
         f"| build (snakemake --cores {cores}) | images | wall | images/s | peak RSS per job (MB) | inputs | "
-        "intermediates (peak) | outputs | one convert-imageset | pipeline vs it |",
+        "shard sets | all outputs | one convert-imageset | pipeline vs it |",
         "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         peaks = ", ".join(f"{rule} {job['max_rss_mb']:.0f}" for rule, job in sorted(row["jobs"].items()))
         lines.append(
-            f"| {row['name']} | {row['images']:,} | {row['seconds']:.0f} s | {row['images_per_second']:,.0f} | "
-            f"{peaks} | {row['inputs_bytes'] / 1e9:.2f} GB | {row['intermediates_peak_bytes'] / 1e9:.2f} GB | "
-            f"{row['outputs_bytes'] / 1e9:.2f} GB | {row['single_convert_imageset_seconds']:.0f} s, "
+            f"| {row['name']} | {row['images']:,} | {row['seconds']:.1f} s | {row['images_per_second']:,.0f} | "
+            f"{peaks} | {row['inputs_bytes'] / 1e9:.2f} GB | {row['shard_sets_bytes'] / 1e9:.2f} GB | "
+            f"{row['outputs_bytes'] / 1e9:.2f} GB | {row['single_convert_imageset_seconds']:.1f} s, "
             f"{row['single_convert_imageset_peak_rss_mb']:.0f} MB | {row['pipeline_vs_single']:.2f}x |"
         )
     lines += ["", "| build | rule: jobs, summed wall seconds (longest job) |", "|---|---|"]
     for row in rows:
         jobs = ", ".join(
-            f"{rule}: {job['jobs']:.0f}, {job['seconds']:.0f} s ({job['longest_s']:.0f} s)"
+            f"{rule}: {job['jobs']:.0f}, {job['seconds']:.1f} s ({job['longest_s']:.1f} s)"
             for rule, job in sorted(row["jobs"].items())
         )
         lines.append(f"| {row['name']} | {jobs} |")
+    changed = [row for row in rows if "change_seconds" in row]
+    if changed:
+        lines += ["", "| 1% change (photos appended, one label fixed) | rebuild | vs full run | shards rebuilt | "
+                  "added to the remote |", "|---|---:|---:|---:|---:|"]  # fmt: skip
+        for row in changed:
+            added = row["change_remote_added_bytes"]
+            lines.append(
+                f"| {row['name']}: +{row['change_added_photos']} photos | {row['change_seconds']:.1f} s | "
+                f"{row['change_vs_full']:.2f}x | {row['change_shards_built']} | {added / 1e6:.1f} MB "
+                f"({added / max(row['remote_bytes'], 1):.1%} of {row['remote_bytes'] / 1e6:.0f} MB) |"
+            )
     return "\n".join(lines)
 
 
@@ -242,7 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.photos", description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=100_000, help="photos to make (default %(default)s)")
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="snakemake --cores")
-    parser.add_argument("--shards", type=int, default=8, help="partition.shards: records jobs")
+    parser.add_argument("--shards", type=int, default=4, help="partition.shards: the parts (jobs) of the plan")
+    parser.add_argument("--no-change", action="store_true", help="skip the 1%% change and the DVC pushes")
+    parser.add_argument("--only", choices=("original", "resize"), default=None, help="one of the two builds")
     parser.add_argument("--tmp", type=Path, default=None, help="folder for the photos and builds")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "photos.json")
     args = parser.parse_args(argv)
@@ -252,12 +296,16 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         make_photo_folder(photos, args.count)
         made = time.perf_counter() - start
-        rows = [
-            rehearse(work, photos, name="original, no resize", encoding="original", resize=0, cores=args.cores,
-                     shards=args.shards),
-            rehearse(work, photos, name="resize 256 + none", encoding="none", resize=256, cores=args.cores,
-                     shards=args.shards),
-        ]  # fmt: skip
+        rows = []
+        if args.only in (None, "original"):
+            rows.append(rehearse(work, photos, name="original", encoding="original", resize=0, cores=args.cores,
+                                 shards=args.shards, change=not args.no_change))  # fmt: skip
+        if args.only in (None, "resize"):
+            if rows and not args.no_change:  # the change added photos: start again from the same folder
+                shutil.rmtree(photos)
+                make_photo_folder(photos, args.count)
+            rows.append(rehearse(work, photos, name="resize256-none", encoding="none", resize=256,
+                                 cores=args.cores, shards=args.shards, change=not args.no_change))  # fmt: skip
     finally:
         shutil.rmtree(work, ignore_errors=True)
     table = markdown(rows, args.cores)

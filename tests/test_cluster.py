@@ -81,8 +81,12 @@ def _job_times(cluster: LocalSlurmCluster, job_id: str) -> tuple[datetime, datet
 
 
 def _split_bytes(repo: Path) -> dict[str, tuple[str, bytes]]:
-    lmdb = repo / "data" / "lmdb"
-    return {s: (read_manifest(lmdb / s)["digest"], (lmdb / s / "data.mdb").read_bytes()) for s in SPLITS}
+    """Every assembled database's and every shard's digest and data.mdb bytes."""
+    found = {}
+    for folder in [repo / "data" / "lmdb" / s for s in SPLITS] + sorted((repo / "data" / "shards").glob("*/*")):
+        if (folder / "data.mdb").is_file():
+            found[str(folder.relative_to(repo))] = (read_manifest(folder)["digest"], (folder / "data.mdb").read_bytes())
+    return found
 
 
 def test_pipeline_runs_on_slurm_and_matches_a_local_run(cluster: LocalSlurmCluster, tmp_path: Path) -> None:
@@ -92,12 +96,12 @@ def test_pipeline_runs_on_slurm_and_matches_a_local_run(cluster: LocalSlurmClust
     assert result.returncode == 0, log[-4000:]
 
     jobs = _job_ids(log)
-    assert len(jobs.get("records", [])) == 2, jobs
-    assert len(jobs.get("build", [])) == 3, jobs
+    assert len(jobs.get("shards", [])) == 2, jobs  # one job per part of the plan, each on a node
+    assert len(jobs.get("assemble", [])) == 3, jobs
     times = {job_id: _job_times(cluster, job_id) for ids in jobs.values() for job_id in ids}
     assert {state for _, _, state in times.values()} == {"COMPLETED"}, times
-    # The two shard jobs of a step ran side by side (SLURM reports whole seconds).
-    for rule in ("records",):
+    # The two part jobs ran side by side (SLURM reports whole seconds).
+    for rule in ("shards",):
         (start_a, end_a, _), (start_b, end_b, _) = (times[i] for i in jobs[rule])
         assert start_a <= end_b and start_b <= end_a, (rule, times)
     assert not list((repo / "data" / "lmdb").rglob("lock.mdb"))
@@ -114,28 +118,28 @@ def test_a_job_failing_on_the_cluster_fails_the_run_and_the_rerun_resumes(
     cluster: LocalSlurmCluster, tmp_path: Path
 ) -> None:
     repo = _tiny_repo(tmp_path / "failing")
-    # A node-level fault: on the first run, `datumdb pipeline build` fails for the val split.
+    # A node-level fault: on the first run, `datumdb pipeline assemble` fails for the val split.
     shim = tmp_path / "faulty-bin"
     shim.mkdir()
     (shim / "datumdb").write_text(
         "#!/bin/sh\n"
-        'case "$*" in *"pipeline build "*"--split val"*) echo "simulated node fault: disk gone" >&2; exit 3;; esac\n'
+        'case "$*" in *"pipeline assemble "*"--split val"*) echo "simulated node fault: disk gone" >&2; exit 3;; esac\n'
         f'exec {BIN / "datumdb"} "$@"\n'
     )
     (shim / "datumdb").chmod(0o755)
     first = _on_cluster(repo, cluster, "--retries", "0", datumdb=shim / "datumdb")
     first_log = first.stdout + first.stderr
     assert first.returncode != 0
-    assert "Error in rule build" in first_log
+    assert "Error in rule assemble" in first_log
     assert "simulated node fault: disk gone" in first_log  # the failed job's log, shown
     finished = _job_ids(first_log)
-    assert len(finished["records"]) == 2
+    assert len(finished["shards"]) == 2
 
     second = _on_cluster(repo, cluster)  # the fault is gone
     second_log = second.stdout + second.stderr
     assert second.returncode == 0, second_log[-4000:]
     resubmitted = _job_ids(second_log)
-    assert "records" not in resubmitted, resubmitted  # the shards' record files were kept for val
-    assert "build" in resubmitted
+    assert "shards" not in resubmitted, resubmitted  # the parts' shards were kept: current
+    assert "assemble" in resubmitted
     dvc("commit", "--force", "--quiet", cwd=repo)
     assert status_clean(repo)

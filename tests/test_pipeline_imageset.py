@@ -398,6 +398,8 @@ def test_long_jobs_write_progress_lines_to_their_logs_even_with_no_progress(tmp_
         "verify:verify",
     } <= set(seen), seen
     for name, matches in seen.items():
+        if name == "build:verify":  # every shard's own check, a few records each (two processes interleave)
+            continue
         counts = [int(m["done"]) for m in matches]
         assert counts == sorted(counts) and counts[-1] <= int(matches[0]["total"]), name
     assert int(seen["mean:channel-means"][0]["total"]) == min(train, CHANNEL_MEAN_SAMPLE)

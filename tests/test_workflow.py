@@ -47,7 +47,17 @@ def ran_stages(output: str) -> set[str]:
 
 
 def digests(repo: Path) -> dict[str, str]:
-    return {split: content_digest(repo / "data" / "lmdb" / split) for split in SPLITS}
+    """The content digests of the assembled databases and of every shard."""
+    found = {split: content_digest(repo / "data" / "lmdb" / split) for split in SPLITS}
+    for split in SPLITS:
+        for shard in sorted((repo / "data" / "shards" / split).iterdir()):
+            if shard.is_dir():
+                found[f"{split}/{shard.name}"] = content_digest(shard)
+    return found
+
+
+ASSEMBLE = {"assemble@train", "assemble@val", "assemble@test"}
+VERIFY = {"verify@train", "verify@val", "verify@test"}
 
 
 def metric_digests(repo: Path) -> dict[str, str]:
@@ -117,7 +127,7 @@ def test_dvc_repro_in_a_fresh_clone_makes_what_snakemake_made(tiny: Path, tmp_pa
     assert not (fresh / "data").exists()
     output = dvc("repro", cwd=fresh).stdout
     # report's inputs come out byte-identical (they are in git), so DVC does not rerun it
-    assert ran_stages(output) == {"build", "verify@train", "verify@val", "verify@test", "mean"}
+    assert ran_stages(output) == {"shards", *ASSEMBLE, *VERIFY, "mean"}
     assert run(["git", "diff", "--exit-code", "dvc.lock"], fresh, check=False).returncode == 0
     assert run(["git", "status", "--porcelain"], fresh).stdout == ""
     found = {"fresh": digests(fresh), "tiny": digests(tiny), "fresh metrics": metric_digests(fresh)}
@@ -137,9 +147,12 @@ def test_push_then_pull_in_a_fresh_clone_gives_the_same_digests(tiny: Path, tmp_
     remote = dvc("remote", "list", "--local", cwd=tiny).stdout.split()[1]
     fresh = clone(tiny, tmp_path / "pulled")
     dvc("remote", "modify", "--local", "storage", "url", remote, cwd=fresh)
-    dvc("pull", cwd=fresh)
+    dvc("pull", "--allow-missing", cwd=fresh)  # the shard sets: the remote holds no assembled database
+    assert not (fresh / "data" / "lmdb" / "train").exists() and not status_clean(fresh)
+    assert ran_stages(dvc("repro", cwd=fresh).stdout) == ASSEMBLE  # derived locally, nothing else reruns
     assert digests(fresh) == digests(tiny)
     assert status_clean(fresh)
+    assert run(["git", "status", "--porcelain"], fresh).stdout == ""  # dvc.lock: the same bytes
     assert ran_stages(dvc("repro", cwd=fresh).stdout) == set()
     assert nothing_to_do(fresh)  # file times from the pull do not matter to Snakemake
     run(["datumdb", "verify", "data/lmdb/train", "--params", "params.yaml"], fresh)
@@ -150,11 +163,44 @@ def test_push_then_pull_in_a_fresh_clone_gives_the_same_digests(tiny: Path, tmp_
     assert nothing_to_do(fresh)
 
 
+def _remote_files(remote: Path) -> set[str]:
+    return {str(p.relative_to(remote)) for p in remote.rglob("*") if p.is_file()}
+
+
+def test_appended_samples_rebuild_and_push_only_the_shards_they_fall_in(tiny: Path, tmp_path: Path) -> None:
+    """A version's cost follows the change: 4 samples appended to 240 rebuild the last shards of
+    their splits (every other shard keeps its file), `dvc push` uploads only those, and both
+    orchestrators then agree there is nothing to do."""
+    dvc("push", cwd=tiny)
+    remote = Path(dvc("remote", "list", "--local", cwd=tiny).stdout.split()[1])
+    repo = clone(tiny, tmp_path / "append")
+    dvc("remote", "modify", "--local", "storage", "url", str(remote), cwd=repo)
+    dvc("pull", "--allow-missing", cwd=repo)
+    dvc("repro", cwd=repo)
+    before = {p: p.stat().st_ino for p in (repo / "data" / "shards").rglob("data.mdb")}
+    pushed = _remote_files(remote)
+    set_params(repo, dataset__count=244)
+    snakemake("--cores", "2", cwd=repo)
+    logs = "".join(p.read_text() for p in (repo / "logs" / "shards").glob("*.log"))
+    built = [int(n) for n in re.findall(r"(\d+) of \d+ shards built", logs)]
+    after = {p: p.stat().st_ino for p in (repo / "data" / "shards").rglob("data.mdb")}
+    kept = [p for p in after if before.get(p) == after[p]]
+    assert len(after) - len(kept) <= 6 and len(kept) >= len(before) - 3, (len(before), len(after), len(kept))
+    assert status_clean(repo)  # recorded in DVC by Snakemake's success hook
+    assert nothing_to_do(repo)
+    dvc("push", cwd=repo)
+    new = _remote_files(remote) - pushed
+    assert 1 <= len(new) <= 2 * (len(after) - len(kept)) + 6, sorted(new)  # the new shards' files, the .dir lists
+    assert sum(built) == len(after) - len(kept)  # what the part jobs say they built: only those
+    assert ran_stages(dvc("repro", cwd=repo).stdout) == set()
+
+
 def test_a_changed_param_reruns_only_the_stages_that_depend_on_it(tiny: Path, tmp_path: Path) -> None:
     repo = clone(tiny, tmp_path / "params")
     remote = dvc("remote", "list", "--local", cwd=tiny).stdout.split()[1]
     dvc("remote", "modify", "--local", "storage", "url", remote, cwd=repo)
-    dvc("pull", cwd=repo)
+    dvc("pull", "--allow-missing", cwd=repo)
+    dvc("repro", cwd=repo)  # assembles the databases
     set_params(repo, verify__sample=5)
     status = dvc("status", cwd=repo).stdout  # the params stage resolves params.yaml for the others
     assert set(re.findall(r"^(\S+):$", status, re.M)) == {"params"}
@@ -162,7 +208,7 @@ def test_a_changed_param_reruns_only_the_stages_that_depend_on_it(tiny: Path, tm
     assert ran == {"params", "verify@train", "verify@val", "verify@test", "report"}
     set_params(repo, encoding="none")
     ran = ran_stages(dvc("repro", cwd=repo).stdout)
-    assert ran == {"params", "build", "verify@train", "verify@val", "verify@test", "mean", "report"}
+    assert ran == {"params", "shards", *ASSEMBLE, *VERIFY, "mean", "report"}
     set_params(repo, partition__shards=[0, 1, 2])  # cuts the work differently; the bytes do not change
     assert ran_stages(dvc("repro", cwd=repo).stdout) == {"params"}
     # Snakemake sees the same dependency: a new verify sample size reruns only verify (and what follows).

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -46,7 +47,14 @@ pytestmark = pytest.mark.integration
 
 
 def digests(repo: Path) -> dict[str, str]:
-    return {split: content_digest(repo / "data" / "lmdb" / split) for split in SPLITS}
+    """The assembled databases' content digests, and each shard set's (as verify reports it)."""
+    found = {split: content_digest(repo / "data" / "lmdb" / split) for split in SPLITS}
+    for split in SPLITS:
+        index = json.loads((repo / "data" / "shards" / split / "shards.json").read_text())
+        found[f"shards/{split}"] = "shards:" + hashlib.sha256(
+            "".join(str(shard["digest"]) for shard in index["shards"]).encode()
+        ).hexdigest()
+    return found
 
 
 def nothing_to_do(repo: Path) -> bool:
@@ -85,7 +93,8 @@ def pulled_clone(built: Path, target: Path) -> Path:
     repo = clone(built, target)
     remote = dvc("remote", "list", "--local", cwd=built).stdout.split()[1]
     dvc("remote", "modify", "--local", "storage", "url", remote, cwd=repo)
-    dvc("pull", cwd=repo)
+    dvc("pull", "--allow-missing", cwd=repo)  # the shard sets
+    dvc("repro", cwd=repo)  # assembles each split's database (nothing else reruns)
     return repo
 
 
@@ -108,7 +117,7 @@ def test_a_killed_run_after_a_param_change_then_a_rerun_ends_fresh_under_snakema
         repo = pulled_clone(built, tmp_path / "repo")
     assert encodings(repo) == {"png"} and nothing_to_do(repo)
     replace_in_params(repo, "encoding: png", "encoding: jpg")
-    failed = run_with(killing_shim(tmp_path / "shim", "records"), [str(BIN / "snakemake"), "--cores", "2"], repo)
+    failed = run_with(killing_shim(tmp_path / "shim", "shards"), [str(BIN / "snakemake"), "--cores", "2"], repo)
     assert failed.returncode != 0
     assert encodings(repo) == {"png"}  # the databases were not touched: still the old version
     assert "is stale" in failed.stderr  # the run said why the build had to run
@@ -119,15 +128,15 @@ def test_a_killed_run_after_a_param_change_then_a_rerun_ends_fresh_under_snakema
     assert run(["datumdb", "pipeline", "stale"], repo).returncode == 0
     assert nothing_to_do(repo)
     metrics = json.loads((repo / "reports" / "verify" / "val.json").read_text())
-    assert metrics["encoding"] == "jpg" and metrics["digest"] == digests(repo)["val"]
+    assert metrics["encoding"] == "jpg" and metrics["digest"] == digests(repo)["shards/val"]
 
 
 def test_a_killed_dvc_repro_after_a_param_change_then_a_rerun_ends_fresh(built: Path, tmp_path: Path) -> None:
     repo = pulled_clone(built, tmp_path / "repo")
     replace_in_params(repo, "encoding: png", "encoding: jpg")
-    failed = run_with(killing_shim(tmp_path / "shim", "build-all"), [str(BIN / "dvc"), "repro"], repo)
+    failed = run_with(killing_shim(tmp_path / "shim", "shards"), [str(BIN / "dvc"), "repro"], repo)
     assert failed.returncode != 0
-    assert not any((repo / "data" / "lmdb").glob(".records-*"))
+    assert encodings(repo) == {"png"}  # the previous version, untouched
     dvc("repro", cwd=repo)
     assert encodings(repo) == {"jpg"}
     run(["datumdb", "pipeline", "stale"], repo)
@@ -286,8 +295,8 @@ def test_hostile_params_files_end_in_one_line_before_any_work_in_both_orchestrat
 
     db = repo / "data" / "lmdb" / "train"
     for args in (
-        ["pipeline", "build", "--params", "params.yaml", "--split", "train", "records", str(db)],
-        ["pipeline", "build-all", "--params", "params.yaml", "data/lmdb"],
+        ["pipeline", "assemble", "--params", "params.yaml", "--split", "train", "data/shards/train", str(db)],
+        ["pipeline", "shards", "--params", "params.yaml", "data/shards"],
         ["pipeline", "check", "--params", "params.yaml"],
     ):
         step = subprocess.run(
@@ -321,15 +330,17 @@ def tree_bytes(*folders: Path) -> int:
 
 
 def test_only_results_are_versioned_and_disk_stays_near_the_outputs(built: Path, tmp_path: Path) -> None:
-    outputs = tree_bytes(built / "data" / "lmdb", built / "data" / "mean", built / "reports")
+    versioned = tree_bytes(built / "data" / "shards", built / "data" / "mean", built / "reports")
+    derived = tree_bytes(built / "data" / "lmdb")  # the assembled databases: made here, never uploaded
     used = tree_bytes(built / "data", built / ".dvc" / "cache")
-    assert used <= 1.2 * outputs, (used, outputs)  # once: the workspace's files are the cache's, linked
+    assert used <= 1.2 * versioned + derived, (used, versioned, derived)  # the cache's files are linked
     remote = Path(dvc("remote", "list", "--local", cwd=built).stdout.split()[1])
-    assert tree_bytes(remote) <= 1.2 * outputs, (tree_bytes(remote), outputs)
-    stages = yaml.safe_load((built / "dvc.lock").read_text())["stages"].values()
-    tracked = {out["path"] for stage in stages for out in stage.get("outs", [])}
-    assert tracked >= {f"data/lmdb/{s}" for s in SPLITS}
-    assert not any("records" in path or "shards" in path for path in tracked)
+    assert tree_bytes(remote) <= 1.2 * versioned, (tree_bytes(remote), versioned)
+    stages = yaml.safe_load((built / "dvc.lock").read_text())["stages"]
+    tracked = {out["path"] for stage in stages.values() for out in stage.get("outs", [])}
+    assert tracked >= {f"data/shards/{s}" for s in SPLITS} | {f"data/lmdb/{s}" for s in SPLITS}
+    uploaded = {out["path"] for stage in stages.values() for out in stage.get("outs", []) if out.get("cache", True)}
+    assert not any(path.startswith("data/lmdb") for path in uploaded)
 
 
 def test_dvc_metrics_show_prints_a_few_numbers_per_split(built: Path) -> None:
@@ -399,7 +410,7 @@ def test_dvc_stages_that_cannot_find_datumdb_say_so_and_delete_nothing(built: Pa
     env = {**without_venv_on_path(), "DVC_ROOT": str(tmp_path / "elsewhere")}
     replace_in_params(repo, "encoding: png", "encoding: jpg")  # every stage must run
     # DVC itself needs its venv, so it is the launcher run as the stage would, not under DVC.
-    found = run_with(env, ["sh", "workflow/datumdb", "pipeline", "build-all", "--params", "params.yaml", "x"], repo)
+    found = run_with(env, ["sh", "workflow/datumdb", "pipeline", "shards", "--params", "params.yaml", "x"], repo)
     assert found.returncode == 127
     assert found.stderr.count("\n") == 1 and "datumdb: command not found" in found.stderr
     # Under DVC, with a datumdb that fails before any work (as a missing one does): nothing deleted.
@@ -673,7 +684,12 @@ def test_killing_snakemake_while_a_build_runs_deletes_nothing_and_leaves_nothing
 
 
 @pytest.mark.parametrize(
-    ("step", "old", "new"), [("build", "encoding: png", "encoding: jpg"), ("verify", "sample: 8", "sample: 5")]
+    ("step", "old", "new"),
+    [
+        ("shards", "encoding: png", "encoding: jpg"),
+        ("assemble", "encoding: png", "encoding: jpg"),
+        ("verify", "sample: 8", "sample: 5"),
+    ],
 )
 def test_a_failing_job_under_snakemake_leaves_the_previous_outputs_in_place(
     built: Path, tmp_path: Path, step: str, old: str, new: str
@@ -695,12 +711,10 @@ def test_a_failing_job_under_snakemake_leaves_the_previous_outputs_in_place(
 @pytest.mark.parametrize(
     ("deleted", "jobs"),
     [
-        # the records jobs write every split's records, so every split is rebuilt (the same bytes)
-        ("data/lmdb/val/data.mdb", {"records": "2", "build": "3", "verify": "1", "report": "1", "all": "1"}),
-        (
-            "data/lmdb/train/datumdb.json",
-            {"records": "2", "build": "3", "verify": "3", "mean": "1", "report": "1", "all": "1"},
-        ),
+        # an assembled database is derived from its shard set: only its split is assembled again
+        ("data/lmdb/val/data.mdb", {"assemble": "1", "verify": "1", "report": "1", "all": "1"}),
+        ("data/lmdb/train/datumdb.json", {"assemble": "1", "verify": "3", "mean": "1", "report": "1", "all": "1"}),
+        ("data/shards/test/shards.json", {"assemble": "1", "verify": "1", "report": "1", "all": "1"}),
         ("reports/verify/test_labels.csv", {"verify": "1", "report": "1", "all": "1"}),
         ("data/mean/mean.npy", {"mean": "1", "report": "1", "all": "1"}),
         ("reports/summary.md", {"report": "1", "all": "1"}),
@@ -715,6 +729,22 @@ def test_a_deleted_output_makes_its_job_rerun_under_snakemake(
     plan = snakemake("-n", cwd=repo)
     planned = dict(re.findall(r"^(\w+)\s+(\d+)$", plan.stdout + plan.stderr, re.M))
     assert {k: v for k, v in planned.items() if k != "total"} == jobs
-    if deleted.startswith("data/lmdb/val"):  # and the run puts it back: fresh for both orchestrators
+    if deleted.startswith(("data/lmdb/val", "data/shards")):  # the run puts it back: fresh for both orchestrators
         snakemake("--cores", "2", cwd=repo)
         assert digests(repo) == digests(built) and nothing_to_do(repo) and status_clean(repo)
+
+
+def test_a_deleted_shard_is_rebuilt_by_its_part_alone_and_nothing_else_changes(built: Path, tmp_path: Path) -> None:
+    repo = snakemake_with_previous_run(built, tmp_path / "repo")
+    index = json.loads((repo / "data" / "shards" / "val" / "shards.json").read_text())
+    shard = repo / "data" / "shards" / "val" / index["shards"][0]["name"]
+    shutil.rmtree(shard)
+    plan = snakemake("-n", cwd=repo)
+    planned = dict(re.findall(r"^(\w+)\s+(\d+)$", plan.stdout + plan.stderr, re.M))
+    assert planned.get("shards") == "1", planned  # the one part holding it
+    made = snakemake("--cores", "2", cwd=repo)
+    logs = "".join(p.read_text() for p in (repo / "logs" / "shards").glob("*.log"))
+    assert re.search(r": 1 of \d+ shards built", logs), logs
+    assert digests(repo) == digests(built)
+    assert "recording the outputs in DVC" in made.stdout + made.stderr
+    assert nothing_to_do(repo) and status_clean(repo)

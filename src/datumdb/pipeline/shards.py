@@ -98,7 +98,7 @@ def _publish_checked(path: Path, records: Iterator[Any], metadata: dict[str, Any
     from datumdb.verify import verify_database
 
     write_shard(path, records, metadata=metadata, **options)
-    report = verify_database(path, decode=False)  # its images were decoded just now, to write them
+    report = verify_database(path, decode=False, progress=False)  # its images were decoded just now
     if not report["ok"]:
         raise VerificationError(f"{path}: the shard just written does not verify: {report['problems'][0]}")
 
