@@ -127,7 +127,7 @@ def test_the_number_of_parts_does_not_change_the_shards(tmp_path: Path) -> None:
 
 
 def test_every_sample_is_stored_once_in_its_split_with_its_label(built: tuple[Path, Path]) -> None:
-    params, root = built
+    _, root = built
     images, labels = generate(SEED, 0, COUNT, SHAPE, CLASSES)
     seen = {}
     for split in SPLITS:
@@ -224,7 +224,9 @@ def test_assemble_false_leaves_a_note_and_removes_only_its_own_database(tmp_path
     assert sorted(p.name for p in (lmdb / "train").iterdir()) == ["data.mdb", "datumdb.json"]
 
 
-def test_a_part_plan_of_other_params_is_refused_by_the_index(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_part_plan_of_other_params_is_refused_by_the_index(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     params = _params(tmp_path / "p")
     config = load_config(params)
     write_plan(make_plan(config, {}), tmp_path / "plan")
@@ -252,7 +254,9 @@ def test_verify_passes_and_writes_its_four_outputs(tmp_path: Path, encoding: str
         assert main(_verify_argv(params, shards, split, out)) == 0
         details = json.loads((out / f"{split}.json").read_text())
         assert details["ok"] and details["encoding"] == encoding and details["sampled"] == 6
-        assert details["pipeline"]["fingerprint"] == verify_record(config, split, plan.split_fingerprints)["fingerprint"]
+        assert (
+            details["pipeline"]["fingerprint"] == verify_record(config, split, plan.split_fingerprints)["fingerprint"]
+        )
         assert details["ncm_accuracy"] > 0.8 > details["chance_accuracy"] == round(1 / CLASSES, 6)
         metrics = json.loads((out / "metrics" / f"{split}.json").read_text())
         assert set(metrics) == {"count", "ncm_accuracy", "chance_accuracy", "digest"}

@@ -9,7 +9,7 @@ Checked for real, on `.test/params.yaml` built by `dvc repro`, committed and tag
 - `dvc push` with no remote configuration lands under `$HOME/.cache/datumdb/dvc-storage`;
 - the README's recipe, `git clone ... && cd ... && make pull`, gives databases with the same digests
   and a clean `dvc status` (the `make` target runs the venv's own `dvc`, which is not on PATH);
-- another project (`git init` + `dvc init`) gets a database at a git tag with `dvc import` (tracked,
+- another project (`git init` + `dvc init`) gets a shard set at a git tag with `dvc import` (tracked,
   with the tag and its commit recorded) and `dvc get` (a plain copy): the same bytes and digests,
   from a clone that has no DVC cache, so the data came from the remote.
 """
@@ -91,17 +91,23 @@ def test_make_pull_in_a_fresh_clone_gives_the_same_databases(published: Publishe
     # scratch); here VENV is a folder whose python and dvc are this test run's, with its stamp fresh.
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
-    for name in ("python", "dvc"):
+    for name in ("python", "dvc", "datumdb"):
         (venv / "bin" / name).symlink_to(BIN / name)
     (venv / ".dataset-deps").touch()
     env = {**published.env, "PATH": "/usr/bin:/bin"}  # no dvc on PATH, as on a fresh machine
     pulled = _run(["make", "pull", f"VENV={venv}"], fresh, env)
-    assert "dvc pull" in pulled.stdout
+    assert "dvc pull" in pulled.stdout and "dvc repro" in pulled.stdout  # the shard sets, then assembled here
     assert _digests(fresh / "data" / "lmdb") == _digests(published.repo / "data" / "lmdb")
     assert "Data and pipelines are up to date" in published.dvc(fresh, "status").stdout
 
 
-def test_another_project_imports_a_database_at_a_tag(published: Published, tmp_path: Path) -> None:
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_another_project_imports_a_shard_set_at_a_tag(published: Published, tmp_path: Path) -> None:
+    """The remote holds the shard sets (the assembled databases are derived): another project
+    imports one at a tag, reads it as one sequence, and assembles its own Caffe database."""
     registry = clone(published.repo, tmp_path / "registry")  # no DVC cache: data must come from the remote
     assert not (registry / ".dvc" / "cache").exists()
     project = tmp_path / "project"
@@ -109,18 +115,18 @@ def test_another_project_imports_a_database_at_a_tag(published: Published, tmp_p
     _run(["git", "init", "-q", "-b", "main"], project, published.env)
     published.dvc(project, "init", "-q")
 
-    published.dvc(project, "import", str(registry), "data/lmdb/train", "--rev", "v1", "-o", "train")
-    expected = published.repo / "data" / "lmdb" / "train"
-    assert content_digest(project / "train") == content_digest(expected)
-    for name in ("data.mdb", "datumdb.json"):
-        assert (project / "train" / name).read_bytes() == (expected / name).read_bytes()
+    published.dvc(project, "import", str(registry), "data/shards/train", "--rev", "v1", "-o", "train")
+    expected = published.repo / "data" / "shards" / "train"
+    assert _files(project / "train") == _files(expected)
     record = yaml.safe_load((project / "train.dvc").read_text())
     source = record["deps"][0]
     tagged = _run(["git", "rev-parse", "v1^{commit}"], published.repo, published.env).stdout.strip()
-    assert source["path"] == "data/lmdb/train"
+    assert source["path"] == "data/shards/train"
     assert source["repo"] == {"url": str(registry), "rev": "v1", "rev_lock": tagged}
     assert "Data and pipelines are up to date" in published.dvc(project, "status").stdout
+    _run([str(BIN / "datumdb"), "assemble", "train", "train.lmdb"], project, published.env)
+    assert content_digest(project / "train.lmdb") == content_digest(published.repo / "data" / "lmdb" / "train")
 
-    published.dvc(project, "get", str(registry), "data/lmdb/val", "--rev", "v1", "-o", "val")
-    assert content_digest(project / "val") == content_digest(published.repo / "data" / "lmdb" / "val")
+    published.dvc(project, "get", str(registry), "data/shards/val", "--rev", "v1", "-o", "val")
+    assert _files(project / "val") == _files(published.repo / "data" / "shards" / "val")
     assert not os.path.exists(project / "val.dvc")  # `dvc get` is a plain download, not tracked

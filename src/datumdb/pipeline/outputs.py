@@ -179,6 +179,10 @@ def database_matches_params(db: str | os.PathLike[str], params: str | os.PathLik
         split = index.get("split")
         if split not in SPLITS or (index.get("pipeline") or {}).get("fingerprint") == plan.split_fingerprints[split]:
             return [] if split in SPLITS else [f"{db}: not built by the datumdb pipeline (no split in its index)"]
+        if index.get("seed") != config.seed:  # every shard's name and members follow the seed
+            return [
+                f"{db}: does not match {params}: seed: {index.get('seed')} in the output, {config.seed} in the params"
+            ]
         problems = []
         listed = {shard["name"] for shard in index["shards"]}
         for task in plan.shards[split]:

@@ -136,6 +136,9 @@ def make_plan(config: PipelineConfig, cache: dict[str, Any] | None = None, *, li
         config.build.shard_size,
     )  # fmt: skip
     params = build_params(config)
+    # A shard's bytes follow its members, not how many samples there are: a synthetic sample is a
+    # function of (seed, index), so more samples (count) append shards and leave the others as they are.
+    params["dataset"] = {key: value for key, value in params["dataset"].items() if key != "count"}
     code = code_digest("shards")
     shards: dict[str, list[ShardTask]] = {}
     split_fingerprints: dict[str, str] = {}
