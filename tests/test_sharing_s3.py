@@ -5,7 +5,8 @@ port, creates a bucket through boto3, and points the repository's default remote
 `dvc remote add` and `dvc remote modify endpointurl`, committed to git as a team would. The
 credentials are moto's dummy ones, in the environment only; HOME and the AWS config files are
 temporary, so nothing of the user's ~/.aws is involved. Checked: the push stores objects in the
-bucket, a fresh clone pulls databases with the same digests, `dvc status --cloud` is in sync.
+bucket, a fresh clone pulls the shard sets and assembles databases with the same digests, `dvc
+status --cloud` is in sync.
 """
 
 from __future__ import annotations
@@ -116,7 +117,8 @@ def test_push_to_an_s3_remote_then_pull_in_a_fresh_clone(s3: S3Server, tmp_path:
 
     fresh = clone(repo, tmp_path / "fresh")
     assert not (fresh / "data").exists()
-    s3.dvc(fresh, "pull")
+    s3.dvc(fresh, "pull")  # the shard sets (the remote holds no assembled database)
+    s3.dvc(fresh, "repro")  # assembles each split's database from them
     assert _digests(fresh) == _digests(repo)
     for split in SPLITS:
         name = Path("data", "lmdb", split, "data.mdb")

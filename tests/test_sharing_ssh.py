@@ -126,7 +126,8 @@ def test_push_to_an_ssh_remote_then_pull_in_a_fresh_clone(server: SshServer, tmp
 
     fresh = clone(repo, tmp_path / "fresh")
     server.configure(fresh)  # keyfile lives in .dvc/config.local, which git does not carry
-    server.dvc(fresh, "pull")
+    server.dvc(fresh, "pull")  # the shard sets
+    server.dvc(fresh, "repro")  # each split's database, assembled from them
     assert _digests(fresh) == _digests(repo)
     assert "up to date" in server.dvc(fresh, "status").stdout
     status = server.dvc(fresh, "status", "--cloud").stdout
@@ -153,6 +154,7 @@ def test_an_interrupted_push_completes_on_retry(server: SshServer, tmp_path: Pat
 
     fresh = clone(repo, tmp_path / "fresh")
     server.configure(fresh)
-    server.dvc(fresh, "pull")
+    server.dvc(fresh, "pull")  # the shard sets
+    server.dvc(fresh, "repro")  # each split's database, assembled from them
     assert _digests(fresh) == _digests(repo)
     assert not os.path.exists(fresh / "data" / "lmdb" / "train" / "lock.mdb")

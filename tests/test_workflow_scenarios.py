@@ -205,7 +205,11 @@ def test_hostile_values_are_data_in_both_orchestrators(built: Path, tmp_path: Pa
     snakemake("--cores", "2", cwd=repo)
     dvc("repro", cwd=other)
     assert digests(repo) == digests(other)
-    assert read_manifest(repo / "data/lmdb/train")["metadata"]["pipeline"]["params"]["dataset"]["input_dir"] == folder
+    first = json.loads((repo / "data/shards/train/shards.json").read_text())["shards"][0]["name"]
+    assert (
+        read_manifest(repo / "data/shards/train" / first)["metadata"]["pipeline"]["params"]["dataset"]["input_dir"]
+        == folder
+    )
     for place in (repo, other, tmp_path, Path.cwd()):
         assert not (place / "PWNED").exists()
 
@@ -559,8 +563,24 @@ def processes_in(folder: Path) -> list[int]:
     return found
 
 
+def _shards_process(repo: Path) -> int | None:
+    """The `datumdb pipeline shards` process DVC runs in ``repo`` (the parent of its workers)."""
+    for pid in processes_in(repo.resolve()):
+        try:
+            command = (Path("/proc") / str(pid) / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"shards" in command and any(part.endswith(b"datumdb") for part in command[:2]):
+            return pid
+    return None
+
+
 def test_a_killed_build_under_dvc_leaves_no_process_and_no_folder_behind(built: Path, tmp_path: Path) -> None:
+    """kill -9 of the shards stage while its parts write: its workers die with it, nothing of the
+    previous version is lost, and the next run removes the killed writers' partial folders and the
+    shards no longer planned, ending fresh."""
     repo = pulled_clone(built, tmp_path / "repo")
+    before = {p: p.read_bytes() for p in (repo / "data" / "shards").rglob("*") if p.is_file()}
     replace_in_params(repo, "count: 240", "count: 60000")  # long enough to be killed mid-way
     replace_in_params(repo, "  - 1\n", "  - 1\n  - 2\n  - 3\n")  # partition.shards: four workers' worth
     running = subprocess.Popen(
@@ -568,10 +588,10 @@ def test_a_killed_build_under_dvc_leaves_no_process_and_no_folder_behind(built: 
     )
     try:
         deadline = time.monotonic() + 120
-        while not any((repo / "data" / "lmdb").glob(".records-*/*")) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        (work,) = (repo / "data" / "lmdb").glob(".records-*")
-        builder = int(work.name.split("-")[2])  # .records-HOST-PID-random
+        while not any((repo / "data" / "shards").glob("*/.*.partial-*")) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        builder = _shards_process(repo)
+        assert builder is not None
         os.kill(builder, signal.SIGKILL)
         running.wait(60)
     finally:
@@ -580,15 +600,19 @@ def test_a_killed_build_under_dvc_leaves_no_process_and_no_folder_behind(built: 
     assert running.returncode != 0
     assert processes_in(repo.resolve()) == []  # the workers died with the build
     assert encodings(repo) == {"png"} and digests(repo) == digests(built)  # persist: nothing deleted
-    assert any((repo / "data" / "lmdb").glob(".records-*"))  # a kill -9 leaves the folder (for now)
+    assert all(p.is_file() for p in before)  # every shard of the previous version is still whole
     replace_in_params(repo, "count: 60000", "count: 300")
     dvc("repro", cwd=repo)
-    assert not any((repo / "data" / "lmdb").glob(".records-*"))  # the next build removed it
+    assert not any((repo / "data" / "shards").glob("*/.*.partial-*"))  # the next build removed them
+    for split in SPLITS:  # and every shard folder is one the index lists
+        listed = {s["name"] for s in json.loads((repo / "data/shards" / split / "shards.json").read_text())["shards"]}
+        assert {p.name for p in (repo / "data/shards" / split).iterdir() if p.is_dir()} == listed
     assert status_clean(repo) and nothing_to_do(repo)
 
 
 def data_files(repo: Path) -> list[Path]:
-    return [path for path in (repo / "data").rglob("*") if path.is_file()]
+    """The files DVC caches (the assembled databases are derived: `cache: false`, one link)."""
+    return [path for path in (repo / "data").rglob("*") if path.is_file() and "lmdb" not in path.parts]
 
 
 def test_the_data_is_on_disk_once_after_snakemake_and_after_dvc_repro(built: Path, tmp_path: Path) -> None:

@@ -216,8 +216,8 @@ def split_current(split, stale):
     names = [task.name for task in PLAN.shards[split]]
     if f"{shard_set}/shards.json" in stale or not Path(f"{shard_set}/shards.json").is_file():
         return False
-    if stray_shards(shard_set, names):
-        return False
+    if stray_shards(shard_set, names) or stale_tasks(PLAN.shards[split], outputs.SHARDS):
+        return False  # (a shard missing or stale: its part reruns first, then this split's index)
     files = outputs.database_files(split, CONFIG.build.assemble)
     return all(Path(path).is_file() for path in files) and files[-1] not in stale
 

@@ -18,9 +18,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from datumdb.errors import DatabaseExistsError
+from datumdb.errors import DatabaseExistsError, DatumDBError
 from datumdb.files import atomic_write
-from datumdb.manifest import MANIFEST_NAME, read_manifest
+from datumdb.manifest import DATA_NAME, MANIFEST_NAME, read_manifest
 from datumdb.pipeline.config import PipelineConfig
 from datumdb.pipeline.fingerprint import code_digest, fingerprint
 from datumdb.shardset import assemble, read_shard_index
@@ -57,9 +57,11 @@ def assembled_record(config: PipelineConfig, shards: str) -> dict[str, Any]:
 
 
 def _recorded(db: Path) -> str | None:
+    if not (db / DATA_NAME).is_file():  # a manifest alone is no database
+        return None
     try:
         value = read_manifest(db).get("metadata", {}).get("pipeline", {}).get("fingerprint")
-    except Exception:
+    except (DatumDBError, AttributeError):  # unreadable, or not the pipeline's: assembled again
         return None
     return value if isinstance(value, str) else None
 
@@ -82,6 +84,7 @@ def assemble_step(
         return record
     if note.is_file() and note.read_text(encoding="utf-8") == _NOTE:
         note.unlink()
+    _remove_orphan_manifest(db)
     assemble(
         shard_set,
         db,
@@ -100,3 +103,18 @@ def _remove_assembled(db: Path) -> None:
     if not written_by_datumdb(db) or _recorded(db) is None:
         raise DatabaseExistsError(f"{db}: a database datumdb did not assemble is there; move it away first")
     remove_database_folder(db)
+
+
+def _remove_orphan_manifest(db: Path) -> None:
+    """A folder holding only the manifest of a database datumdb assembled (its data.mdb deleted,
+    by hand or by an orchestrator): the manifest goes, so the folder can be assembled into."""
+    if (db / DATA_NAME).exists() or not (db / MANIFEST_NAME).is_file():
+        return
+    if {p.name for p in db.iterdir()} != {MANIFEST_NAME}:
+        return
+    try:
+        pipeline = read_manifest(db).get("metadata", {}).get("pipeline", {})
+    except (DatumDBError, AttributeError):  # not a manifest we can read: not ours to remove
+        return
+    if isinstance(pipeline, dict) and pipeline.get("step") == "assemble":
+        (db / MANIFEST_NAME).unlink()

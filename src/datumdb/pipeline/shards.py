@@ -31,7 +31,7 @@ import numpy as np
 
 from datumdb.codec import encode_sample
 from datumdb.decodepool import die_with_parent
-from datumdb.errors import InputError, VerificationError
+from datumdb.errors import DatumDBError, InputError, VerificationError
 from datumdb.files import sync_folder
 from datumdb.imageset import ImageFailure, load_image, serialize_images
 from datumdb.manifest import DATA_NAME, MANIFEST_NAME, SHARD_INDEX, read_manifest
@@ -51,9 +51,10 @@ def current_fingerprint(folder: str | os.PathLike[str]) -> str | None:
     if not (folder / DATA_NAME).is_file():
         return None
     try:
-        pipeline = read_manifest(folder).get("metadata", {}).get("pipeline", {})
-    except Exception:
+        metadata = read_manifest(folder).get("metadata")
+    except DatumDBError:  # unreadable or damaged: the shard is built again
         return None
+    pipeline = metadata.get("pipeline") if isinstance(metadata, dict) else None
     value = pipeline.get("fingerprint") if isinstance(pipeline, dict) else None
     return value if isinstance(value, str) else None
 
@@ -219,7 +220,7 @@ def _current_index(folder: Path) -> dict[str, Any] | None:
         return None
     try:
         return read_shard_index(folder)
-    except Exception:
+    except DatumDBError:  # damaged, or a shard it lists is gone: written again
         return None
 
 
