@@ -151,6 +151,7 @@ def report_inputs(files):
     rerun = any(f in STALE for f in FINGERPRINTED) or any(
         f != SUMMARY for f in outputs.missing_outputs(assemble=CONFIG.build.assemble)
     )
+    rerun = rerun or REBUILT  # a shards or assemble job runs: the verify jobs after it run again
     return files if rerun else ancient(files)
 
 
@@ -223,7 +224,8 @@ def split_current(split, stale):
 
 
 def reconcile_receipts(stale):
-    """Make each receipt say whether what it stands for is there and current.
+    """Make each receipt say whether what it stands for is there and current; whether a job
+    that builds (shards or assemble) will run.
 
     Current (a fresh clone after `dvc pull`, or outputs DVC made): a missing receipt is written,
     so nothing reruns. Missing or stale: the receipt is removed, so its job reruns (and, through
@@ -231,10 +233,12 @@ def reconcile_receipts(stale):
     """
     SHARDS_BUILT.mkdir(parents=True, exist_ok=True)
     BUILT.mkdir(parents=True, exist_ok=True)
+    rebuilt = False
     for part in PARTS:
         receipt = Path(part_receipt(part))
         if stale_tasks(PLAN.part(part), outputs.SHARDS):
             receipt.unlink(missing_ok=True)
+            rebuilt = True
         elif not receipt.exists():
             receipt.write_text("found at start-up, matching the plan\n")
     for receipt in SHARDS_BUILT.glob("*.done"):  # parts that are no more
@@ -244,8 +248,10 @@ def reconcile_receipts(stale):
         receipt = Path(built_receipt(split))
         if not split_current(split, stale):
             receipt.unlink(missing_ok=True)
+            rebuilt = True
         elif not receipt.exists():
             receipt.write_text("found at start-up, matching the plan\n")
+    return rebuilt
 
 
 def shard_mem_mb(wildcards, attempt):
@@ -264,7 +270,7 @@ FINGERPRINTED = [*(outputs.verify_details(split) for split in SPLITS), MEAN_JSON
 PARTS = list(range(CONFIG.partition.count))
 PLAN, INPUTS = plan_or_exit(CONFIG)
 STALE = mark_stale_outputs(CONFIG, PLAN)
-reconcile_receipts(STALE)
+REBUILT = reconcile_receipts(STALE)
 
 
 onsuccess:
