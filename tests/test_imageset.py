@@ -139,14 +139,14 @@ def test_a_worker_that_dies_is_an_error_naming_the_image(
 ) -> None:
     """A worker killed mid-image (the OOM killer, a crash in a decoder) fails the build cleanly,
     and the image it died on is named: every worker marks its current image in shared memory."""
-    real = imageset._serialize
+    real = imageset._prepare
 
     def crash_on_img_05(image_path: Path, *args: object) -> object:
         if image_path.name == "img_05.png":
             os._exit(9)  # what SIGKILL or a segfault looks like to the pool
         return real(image_path, *args)
 
-    monkeypatch.setattr(imageset, "_serialize", crash_on_img_05)  # inherited by the forked workers
+    monkeypatch.setattr(imageset, "_prepare", crash_on_img_05)  # inherited by the forked workers
     lines = (caffe_dir / "list.txt").read_text().splitlines()
     others = [line for line in lines if not line.startswith("img_05.png")]
     chosen = [*others[:5], next(line for line in lines if line.startswith("img_05.png")), *(others * 3)[5:29]]
@@ -678,14 +678,14 @@ def test_a_time_bound_that_would_not_bound_is_refused(caffe_dir: Path, tmp_path:
 def test_skip_names_an_image_a_worker_died_on(caffe_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The worker dies (a crash in a decoder); with skip the image is listed and the rest is built
     by a new pool, whose workers are spawned (this process may hold an LMDB environment by then)."""
-    real = imageset._serialize
+    real = imageset._prepare
 
     def crash_on_img_05(image_path: Path, *args: object) -> object:
         if image_path.name == "img_05.png":
             os._exit(9)
         return real(image_path, *args)
 
-    monkeypatch.setattr(imageset, "_serialize", crash_on_img_05)  # inherited by the forked workers only
+    monkeypatch.setattr(imageset, "_prepare", crash_on_img_05)  # inherited by the forked workers only
     list_file = caffe_dir / "list.txt"
     db = tmp_path / "db"
     options = ImagesetOptions(resize_height=32, resize_width=32)  # lmdb_raw's flags (FIXTURE_FLAGS)
