@@ -81,6 +81,9 @@ def test_every_worker_count_writes_caffe_bytes_over_many_chunks(caffe_dir: Path,
         assert _convert(caffe_dir, db, *flags, "--workers", str(workers), list_file=list_file) == 0
     data = {(tmp_path / f"w{w}" / "data.mdb").read_bytes() for w in (1, 2, 3)}
     assert len(data) == 1
+    # Workers make records in shared memory and tell the writer what they hold (not parsed again):
+    # the manifest's counts must still be those of the one-process build, which parses each.
+    assert read_manifest(tmp_path / "w1") == read_manifest(tmp_path / "w2") == read_manifest(tmp_path / "w3")
     items = read_lmdb_items(tmp_path / "w2")
     assert len(items) == 120
     if name in FIXTURE_LMDBS:
@@ -91,6 +94,24 @@ def test_every_worker_count_writes_caffe_bytes_over_many_chunks(caffe_dir: Path,
             assert value == ref_value, key
     else:
         assert [k[9:].decode() for k, _ in items] != [line.rpartition(" ")[0] for line in lines * 10]
+
+
+@pytest.mark.parametrize("ring_bytes", [0, 5000, 300_000])
+@pytest.mark.parametrize("name", ["lmdb_raw", "lmdb_png", "unresized"])
+def test_records_that_miss_the_shared_ring_come_pickled_and_the_bytes_are_the_same(
+    caffe_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, ring_bytes: int
+) -> None:
+    """Workers make records in a shared ring; a chunk the full ring has no room for, and a
+    record larger than the room its chunk got, come back through the pipe instead. No ring,
+    a ring smaller than one record, and one that holds a few chunks at a time: data.mdb and the
+    manifest are those of the one-process build."""
+    list_file = _repeated_list(caffe_dir, tmp_path, 60)
+    flags = FIXTURE_FLAGS.get(name, [])
+    assert _convert(caffe_dir, tmp_path / "one", *flags, "--workers", "1", list_file=list_file) == 0
+    monkeypatch.setattr(imageset, "shared_ring_bytes", lambda batch_size, record_bytes: ring_bytes)
+    assert _convert(caffe_dir, tmp_path / "two", *flags, "--workers", "2", list_file=list_file) == 0
+    assert (tmp_path / "two" / "data.mdb").read_bytes() == (tmp_path / "one" / "data.mdb").read_bytes()
+    assert read_manifest(tmp_path / "two") == read_manifest(tmp_path / "one")
 
 
 def _repeated_list(caffe_dir: Path, tmp_path: Path, count: int, replace: dict[int, str] | None = None) -> Path:

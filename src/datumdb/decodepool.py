@@ -88,7 +88,8 @@ _PR_SET_PDEATHSIG = 1  # linux/prctl.h: the signal a process gets when its paren
 _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 _CAN_MASK = hasattr(signal, "pthread_sigmask")
 _TIMED_OUT_EXIT = 75  # a worker's exit status when its watchdog ended it
-_RING_SLACK = 64 << 10  # ring space a chunk gets beyond its estimate (key lengths, label varints)
+_RING_SLACK = 64 << 10  # ring space a chunk of records of unknown size gets beyond its estimate
+_RECORD_FRAMING = 64  # a Datum's bytes around a payload of known size: shape fields, label, flags
 # glibc's mallopt parameters, and what tune_malloc sets them to.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _MMAP_THRESHOLD = 32 << 20
@@ -231,10 +232,10 @@ def tune_malloc() -> bool:
 
 def shared_ring_bytes(batch_size: int, record_bytes: int) -> int:
     """The :class:`SharedRing` a writer of ``batch_size``-record commits needs for records of
-    about ``record_bytes``: the batch being filled, the one being committed, and the window in
-    flight (with a quarter's margin); at most MAX_RING_BYTES (beyond, records are pickled)."""
-    wanted = 2 * batch_size * (record_bytes + record_bytes // 4) + 2 * WINDOW_BYTES
-    return min(MAX_RING_BYTES, wanted)
+    ``record_bytes`` (payload): the batch being filled, the one being committed (the writer
+    holds both until committed) and the records in flight; at most MAX_RING_BYTES (beyond,
+    records are pickled)."""
+    return min(MAX_RING_BYTES, 2 * batch_size * (record_bytes + _RECORD_FRAMING) + 2 * WINDOW_BYTES)
 
 
 def usable_cores() -> int:
@@ -381,6 +382,10 @@ class _Pools:
             except _Broke as exc:
                 broke = exc
             if broke is None:
+                # Every result is in: the workers go now, not when the caller is done writing,
+                # so the memory they held is free (and recently used: cheap to fault in again)
+                # for the caller's last commit.
+                self.stop()
                 return
             self._after(broke, position)
 
@@ -400,7 +405,7 @@ class _Pools:
                 or (not careful and record_bytes is not None and in_flight * record_bytes < WINDOW_BYTES)
             ):
                 stop = min(count, submitted + (1 if careful else _chunk_size(record_bytes)))
-                region = self._reserve(stop - submitted, record_bytes)
+                region = self._reserve(stop - submitted, known, record_bytes)
                 try:
                     window.append((submitted, stop, region, self.pool.submit(_run_chunk, submitted, stop, region)))
                 except BrokenProcessPool:
@@ -428,11 +433,17 @@ class _Pools:
             if error is not None:
                 raise error
 
-    def _reserve(self, items: int, record_bytes: int | None) -> tuple[int, int] | None:
-        """Ring space for a chunk of ``items`` records of about ``record_bytes`` (None: no ring)."""
+    def _reserve(self, items: int, known: int | None, mean: int | None) -> tuple[int, int] | None:
+        """Ring space for a chunk of ``items`` records: of ``known`` payload bytes each (exactly,
+        give or take a header), else of about ``mean`` bytes (a quarter more); None: no ring."""
         if not self.ring_live or self.ring is None:
             return None
-        estimate = CHUNK_BYTES if record_bytes is None else items * (record_bytes + record_bytes // 4) + _RING_SLACK
+        if known is not None:
+            estimate = items * (known + _RECORD_FRAMING)
+        elif mean is not None:
+            estimate = items * (mean + mean // 4) + _RING_SLACK
+        else:
+            estimate = CHUNK_BYTES
         return self.ring.reserve(estimate)
 
     def _placed(self, results: list[Any], region: tuple[int, int]) -> list[Record | Placed | Failure]:

@@ -425,14 +425,15 @@ _GUESS_SAMPLE = 64  # files whose sizes guess the record size of an unresized bu
 
 
 def _record_bytes_guess(paths: list[Path], options: ImagesetOptions) -> int:
-    """About how large a record will be when the options do not fix it: the listed files' mean
-    size (a sample), times 8 for decoded pixels (a JPEG photo is about a tenth of its pixels)."""
+    """About how large a record will be when the options do not fix it, with a quarter's margin:
+    the listed files' mean size (a sample), times 8 for decoded pixels (a JPEG photo is about a
+    tenth of its pixels)."""
     sizes = []
     for path in paths[:_GUESS_SAMPLE]:
         with contextlib.suppress(OSError):  # a missing file is reported when it is read
             sizes.append(os.stat(path).st_size)
     mean = sum(sizes) // len(sizes) if sizes else 1 << 20
-    return mean if options.is_encoded else 8 * mean
+    return (mean if options.is_encoded else 8 * mean) * 5 // 4
 
 
 # --------------------------------------------------------------------------- decoding
