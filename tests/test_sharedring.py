@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import mmap
 
 import numpy as np
 import pytest
@@ -58,3 +59,25 @@ def test_views_keep_their_bytes_and_the_ring_closes_while_views_live() -> None:
 def test_ring_size_covers_two_batches_and_the_window_and_is_bounded() -> None:
     assert shared_ring_bytes(1000, 196_608) > 2 * 1000 * 196_608
     assert shared_ring_bytes(10**6, 10**7) == 1 << 30
+
+
+def test_freed_pages_go_back_to_the_kernel_and_a_page_shared_with_a_live_region_is_kept() -> None:
+    """Given back, a region's whole pages are released (they read as zeros), so the writer's
+    next commit can use them; a page it shares with a region still in use keeps its bytes."""
+    page = mmap.PAGESIZE
+    ring = SharedRing(8 * page)
+    first, second = ring.reserve(2 * page + 100), ring.reserve(page)
+    held = ring.view(second)
+    held[:] = 7
+    written = ring.view(first)
+    written[:] = 5
+    del written
+    gc.collect()  # the first region's last view is gone: given back
+    memory = np.frombuffer(ring.memory, np.uint8)
+    assert not memory[: 2 * page].any()
+    assert (memory[2 * page : 2 * page + 100] == 5).all() and (held == 7).all()
+    # Once no more records will come: every page not in use (before and after the live region).
+    assert ring.release_free() == 2 * page + 4 * page
+    assert (held == 7).all()
+    del memory, held
+    ring.close()
