@@ -17,10 +17,10 @@ so images are decoded in processes. What this module guarantees:
   A worker that dies in a decoder (a crash, the OOM killer) is handled the same way: every
   worker marks the item it is working on in shared memory, so the image is named, not guessed.
 * **No records through pipes, where asked.** With ``shared_bytes``, the first (forked) workers
-  make each record straight into a ring of shared memory (:class:`SharedRing`, pages reused
-  from one chunk to the next) and send back only where it lies; the caller gets a
-  :class:`Placed` view of it, and the ring reuses that space once the last view is gone (the
-  writer has hashed and committed it). A record that does not fit where its chunk was given
+  make each record straight into a ring of shared memory (:class:`SharedRing`) and send back
+  only where it lies; the caller gets a :class:`Placed` view of it, and the ring reuses that
+  space (its pages given back to the kernel meanwhile) once the last view is gone (the writer
+  has hashed and committed it). A record that does not fit where its chunk was given
   space, and every record of a replacement pool (spawned: it cannot share the fork's
   memory), comes back pickled as before. Pickling a photo-sized record through a pipe and
   copying it out again cost more CPU than everything else the writer does.
@@ -81,8 +81,8 @@ CHUNK_BYTES = 4 << 20
 MAX_CHUNK_IMAGES = 32
 WINDOW_BYTES = 64 << 20
 WINDOW_PER_WORKER = 2
-# The largest SharedRing: its pages are touched once and then reused, so this bounds the memory
-# it holds (what a build of photo-sized records holds anyway in two batches).
+# The largest SharedRing: a bound on the records it holds at once (what a build of photo-sized
+# records holds anyway in two batches); beyond it, records come through the pipe.
 MAX_RING_BYTES = 1 << 30
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h: the signal a process gets when its parent dies
 _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
