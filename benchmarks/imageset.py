@@ -10,7 +10,11 @@ Three figures for ``count`` JPEG files of varied sizes (sides 200..1000 px), eac
 * ``datumdb convert-imageset --resize-height 256 --resize-width 256`` with ``--workers 1`` and
   with every usable core (the whole command, Python start-up included; ``startup_s`` says how
   much of it that is);
-* Caffe's own ``convert_imageset`` with the same resize, when one is on ``PATH``.
+* Caffe's own ``convert_imageset`` with the same resize, and with ``--encoded`` (the files' own
+  bytes, each still decoded once, as Caffe does), when one is on ``PATH``: the two commands in
+  turn (A B A B ...), so a machine whose speed drifts (a shared one) slows both alike; the
+  speed-up is the median of the pairs' ratios, and each side's user+sys CPU seconds are medians
+  too. Without Caffe these figures are "not measured".
 
 The photos are crops and scales of scikit-image's sample photos (:mod:`benchmarks.photos`):
 sizes, aspect ratios and JPEG qualities vary, as in a real collection.
@@ -21,9 +25,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
+import statistics
 import subprocess
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -66,18 +74,46 @@ def floor(root: Path, list_file: Path) -> None:
         encode_array(hwc_to_chw(image), int(label))
 
 
-def ours(root: Path, list_file: Path, db: Path, workers: int) -> None:
+def ours(root: Path, list_file: Path, db: Path, workers: int | None, *, encoded: bool = False) -> None:
     shutil.rmtree(db, ignore_errors=True)
-    resize = ["--resize-height", str(RESIZE), "--resize-width", str(RESIZE)]
-    command = [*DATUMDB, "convert-imageset", *resize, "--workers", str(workers), f"{root}/", str(list_file), str(db)]
+    flags = ["--encoded"] if encoded else ["--resize-height", str(RESIZE), "--resize-width", str(RESIZE)]
+    if workers is not None:
+        flags += ["--workers", str(workers)]
+    command = [*DATUMDB, "convert-imageset", *flags, f"{root}/", str(list_file), str(db)]
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
 
 
-def caffe(binary: str, root: Path, list_file: Path, db: Path) -> None:
+def caffe(binary: str, root: Path, list_file: Path, db: Path, *, encoded: bool = False) -> None:
     shutil.rmtree(db, ignore_errors=True)  # Caffe refuses an existing database folder
-    command = [binary, f"--resize_height={RESIZE}", f"--resize_width={RESIZE}", f"{root}/", str(list_file), str(db)]
+    flags = ["--encoded"] if encoded else [f"--resize_height={RESIZE}", f"--resize_width={RESIZE}"]
+    command = [binary, *flags, f"{root}/", str(list_file), str(db)]
     env = {**os.environ, "GLOG_minloglevel": "2"}  # no line per 1000 images on stderr
     subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
+
+
+def _timed(function: Callable[[], object]) -> tuple[float, float]:
+    """Wall seconds of ``function`` and the user+sys CPU seconds of the processes it ran."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    function()
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def paired(ours_run: Callable[[], object], theirs_run: Callable[[], object], repeats: int) -> dict[str, float]:
+    """Ours and theirs in turn after one warm-up each: medians of wall and CPU seconds, and the
+    median of the pairs' speed-ups (their wall / ours)."""
+    ours_run()
+    theirs_run()
+    pairs = [(_timed(ours_run), _timed(theirs_run)) for _ in range(repeats)]
+    return {
+        "ours_s": statistics.median(o[0] for o, _ in pairs),
+        "ours_cpu_s": statistics.median(o[1] for o, _ in pairs),
+        "theirs_s": statistics.median(t[0] for _, t in pairs),
+        "theirs_cpu_s": statistics.median(t[1] for _, t in pairs),
+        "speedup": statistics.median(t[0] / o[0] for o, t in pairs),
+    }
 
 
 def measure(work: Path, count: int, repeats: int) -> dict[str, Any]:
@@ -97,7 +133,15 @@ def measure(work: Path, count: int, repeats: int) -> dict[str, Any]:
     (work / "one.txt").write_text(lines[0])
     startup_s = median_time(lambda: ours(root, work / "one.txt", work / "db0", 1), repeats)
     binary = find_caffe()
-    caffe_s = median_time(lambda: caffe(binary, root, list_file, work / "dbc"), repeats) if binary else None
+    vs_caffe = {}
+    if binary:
+        for case, encoded in (("resize", False), ("encoded", True)):
+            vs_caffe[case] = paired(
+                lambda encoded=encoded: ours(root, list_file, work / "dbn", None, encoded=encoded),
+                lambda encoded=encoded: caffe(binary, root, list_file, work / "dbc", encoded=encoded),
+                repeats,
+            )
+    caffe_s = vs_caffe["resize"]["theirs_s"] if vs_caffe else None
     return {
         "count": count,
         "repeats": repeats,
@@ -110,12 +154,14 @@ def measure(work: Path, count: int, repeats: int) -> dict[str, Any]:
         "startup_s": startup_s,
         "caffe": binary,
         "caffe_s": caffe_s,
+        "vs_caffe": vs_caffe or "not measured (no convert_imageset on PATH)",
         "ratios": {
             # speed-up of the whole command on N cores over one core's unavoidable work (ideal: N)
             "ours_n_vs_floor": floor_s / all_s,
             "scaling_n_vs_1": one_s / all_s,
             "ours_1_vs_floor": floor_s / one_s,
-            "ours_n_vs_caffe": caffe_s / all_s if caffe_s else None,
+            "ours_n_vs_caffe": vs_caffe["resize"]["speedup"] if vs_caffe else None,
+            "ours_n_vs_caffe_encoded": vs_caffe["encoded"]["speedup"] if vs_caffe else None,
         },
     }
 

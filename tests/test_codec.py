@@ -29,7 +29,9 @@ from datumdb.codec import (
     decode_image,
     encode_array,
     encode_image,
+    encode_image_into,
     encode_opencv_image,
+    encode_opencv_image_into,
     encode_png_or_jpg,
     hwc_to_chw,
     imdecode,
@@ -771,3 +773,25 @@ def test_mutated_headers_of_every_format_fail_only_with_a_datum_error() -> None:
             assert "\n" not in str(exc)
             continue
         assert min(header.width, header.height, header.channels, header.bytes_per_sample, header.working_bytes) >= 0
+
+
+@pytest.mark.parametrize("shape", [(7, 5, 3), (4, 6), (3, 3, 1)])
+def test_records_made_in_place_equal_the_made_ones_or_nothing_is_written(shape: tuple[int, ...]) -> None:
+    """convert-imageset's workers write records straight into shared memory: the same bytes as
+    encode_opencv_image / encode_image, and None (nothing written) where they do not fit."""
+    image = np.random.default_rng(3).integers(0, 256, shape, dtype=np.uint8)
+    expected = encode_opencv_image(image, 300)
+    out = bytearray(b"\xee" * (len(expected) + 5))
+    assert encode_opencv_image_into(image, 300, memoryview(out)) == len(expected)
+    assert bytes(out[: len(expected)]) == expected and out[len(expected) :] == b"\xee" * 5
+    short = bytearray(b"\xee" * (len(expected) - 1))
+    assert encode_opencv_image_into(image, 300, memoryview(short)) is None
+    assert short == b"\xee" * (len(expected) - 1)
+
+    png = cv2.imencode(".png", image)[1].tobytes()
+    expected = encode_image(png, -2)
+    out = bytearray(len(expected))
+    assert encode_image_into(png, -2, memoryview(out)) == len(expected) and bytes(out) == expected
+    assert encode_image_into(png, -2, memoryview(bytearray(len(expected) - 1))) is None
+    with pytest.raises(DatumError, match="non-empty image bytes"):
+        encode_image_into(b"", 0, memoryview(out))

@@ -81,6 +81,9 @@ def test_every_worker_count_writes_caffe_bytes_over_many_chunks(caffe_dir: Path,
         assert _convert(caffe_dir, db, *flags, "--workers", str(workers), list_file=list_file) == 0
     data = {(tmp_path / f"w{w}" / "data.mdb").read_bytes() for w in (1, 2, 3)}
     assert len(data) == 1
+    # Workers make records in shared memory and tell the writer what they hold (not parsed again):
+    # the manifest's counts must still be those of the one-process build, which parses each.
+    assert read_manifest(tmp_path / "w1") == read_manifest(tmp_path / "w2") == read_manifest(tmp_path / "w3")
     items = read_lmdb_items(tmp_path / "w2")
     assert len(items) == 120
     if name in FIXTURE_LMDBS:
@@ -91,6 +94,24 @@ def test_every_worker_count_writes_caffe_bytes_over_many_chunks(caffe_dir: Path,
             assert value == ref_value, key
     else:
         assert [k[9:].decode() for k, _ in items] != [line.rpartition(" ")[0] for line in lines * 10]
+
+
+@pytest.mark.parametrize("ring_bytes", [0, 5000, 300_000])
+@pytest.mark.parametrize("name", ["lmdb_raw", "lmdb_png", "unresized"])
+def test_records_that_miss_the_shared_ring_come_pickled_and_the_bytes_are_the_same(
+    caffe_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, ring_bytes: int
+) -> None:
+    """Workers make records in a shared ring; a chunk the full ring has no room for, and a
+    record larger than the room its chunk got, come back through the pipe instead. No ring,
+    a ring smaller than one record, and one that holds a few chunks at a time: data.mdb and the
+    manifest are those of the one-process build."""
+    list_file = _repeated_list(caffe_dir, tmp_path, 60)
+    flags = FIXTURE_FLAGS.get(name, [])
+    assert _convert(caffe_dir, tmp_path / "one", *flags, "--workers", "1", list_file=list_file) == 0
+    monkeypatch.setattr(imageset, "shared_ring_bytes", lambda batch_size, record_bytes: ring_bytes)
+    assert _convert(caffe_dir, tmp_path / "two", *flags, "--workers", "2", list_file=list_file) == 0
+    assert (tmp_path / "two" / "data.mdb").read_bytes() == (tmp_path / "one" / "data.mdb").read_bytes()
+    assert read_manifest(tmp_path / "two") == read_manifest(tmp_path / "one")
 
 
 def _repeated_list(caffe_dir: Path, tmp_path: Path, count: int, replace: dict[int, str] | None = None) -> Path:
@@ -139,14 +160,14 @@ def test_a_worker_that_dies_is_an_error_naming_the_image(
 ) -> None:
     """A worker killed mid-image (the OOM killer, a crash in a decoder) fails the build cleanly,
     and the image it died on is named: every worker marks its current image in shared memory."""
-    real = imageset._serialize
+    real = imageset._prepare
 
     def crash_on_img_05(image_path: Path, *args: object) -> object:
         if image_path.name == "img_05.png":
             os._exit(9)  # what SIGKILL or a segfault looks like to the pool
         return real(image_path, *args)
 
-    monkeypatch.setattr(imageset, "_serialize", crash_on_img_05)  # inherited by the forked workers
+    monkeypatch.setattr(imageset, "_prepare", crash_on_img_05)  # inherited by the forked workers
     lines = (caffe_dir / "list.txt").read_text().splitlines()
     others = [line for line in lines if not line.startswith("img_05.png")]
     chosen = [*others[:5], next(line for line in lines if line.startswith("img_05.png")), *(others * 3)[5:29]]
@@ -678,14 +699,14 @@ def test_a_time_bound_that_would_not_bound_is_refused(caffe_dir: Path, tmp_path:
 def test_skip_names_an_image_a_worker_died_on(caffe_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The worker dies (a crash in a decoder); with skip the image is listed and the rest is built
     by a new pool, whose workers are spawned (this process may hold an LMDB environment by then)."""
-    real = imageset._serialize
+    real = imageset._prepare
 
     def crash_on_img_05(image_path: Path, *args: object) -> object:
         if image_path.name == "img_05.png":
             os._exit(9)
         return real(image_path, *args)
 
-    monkeypatch.setattr(imageset, "_serialize", crash_on_img_05)  # inherited by the forked workers only
+    monkeypatch.setattr(imageset, "_prepare", crash_on_img_05)  # inherited by the forked workers only
     list_file = caffe_dir / "list.txt"
     db = tmp_path / "db"
     options = ImagesetOptions(resize_height=32, resize_width=32)  # lmdb_raw's flags (FIXTURE_FLAGS)

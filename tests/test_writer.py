@@ -740,3 +740,26 @@ def test_an_interrupt_lost_on_its_way_up_still_stops_the_build(tmp_path: Path) -
     with DatabaseWriter(target) as again:  # a cleared note stops nothing
         again.add(np.zeros((1, 2, 2), np.uint8), 0)
     assert (target / "data.mdb").is_file()
+
+
+def test_add_described_writes_the_bytes_and_manifest_of_add_serialized(tmp_path: Path) -> None:
+    """convert-imageset's workers say what each record holds (label, shape, encoding) and hand
+    over a view of it; the writer must make what parsing each record would have made."""
+    rng = np.random.default_rng(11)
+    records = []
+    for i in range(40):
+        image = rng.integers(0, 256, (3, 40 + i % 3, 40), dtype=np.uint8)  # 40 of them outgrow 64 KiB
+        if i % 4 == 3:
+            records.append((encode_image(encode_png_or_jpg(image, "png"), i % 5), image.shape, "png"))
+        else:
+            records.append((encode_array(image, i % 5), image.shape, "none"))
+    with DatabaseWriter(tmp_path / "parsed", batch_size=7, map_size=1 << 16) as writer:
+        for i, (value, shape, _) in enumerate(records):
+            writer.add_serialized(value, b"%08d" % i, shape=shape)
+    with DatabaseWriter(tmp_path / "described", batch_size=7, map_size=1 << 16) as writer:
+        for i, (value, shape, encoding) in enumerate(records):
+            view = memoryview(bytearray(value))  # a view, as of the shared ring
+            writer.add_described(b"%08d" % i, view, label=i % 5, shape=shape, encoding=encoding)
+    assert (tmp_path / "described" / "data.mdb").read_bytes() == (tmp_path / "parsed" / "data.mdb").read_bytes()
+    assert read_manifest(tmp_path / "described") == read_manifest(tmp_path / "parsed")
+    assert read_manifest(tmp_path / "described")["writer"]["map_size"] > 1 << 16  # it grew, replaying views

@@ -19,9 +19,10 @@ import os
 import sys
 import time
 from collections.abc import Iterable, Iterator
-from typing import Any, TextIO, TypeVar
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
-from tqdm import tqdm
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 T = TypeVar("T")
 
@@ -47,6 +48,8 @@ def progress(iterable: Iterable[T], *, enabled: bool | None, **kwargs: Any) -> I
     """``iterable``, reporting its progress: a tqdm bar on a terminal (``enabled=None``: only
     there; True / False force it), else lines in the log every :func:`log_interval` seconds."""
     if _bar_shown(enabled):
+        from tqdm import tqdm  # here: importing it costs 25 ms, and most runs show no bar
+
         return iter(tqdm(iterable, disable=False, dynamic_ncols=True, **kwargs))
     interval = log_interval()
     if interval is None:
@@ -58,6 +61,8 @@ def counter(*, enabled: bool | None, **kwargs: Any) -> tqdm | LogProgress:
     """A progress advanced by hand (``bar.update(n)``), for work done a chunk at a time; a
     context manager. A bar where :func:`progress` shows one, else log lines (or nothing)."""
     if _bar_shown(enabled):
+        from tqdm import tqdm
+
         return tqdm(disable=False, dynamic_ncols=True, **kwargs)
     return LogProgress(interval=log_interval(), **kwargs)
 

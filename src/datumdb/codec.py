@@ -52,6 +52,7 @@ __all__ = [
     "decode_image",
     "encode_array",
     "encode_image",
+    "encode_image_into",
     "encode_png_or_jpg",
     "encode_sample",
     "hwc_to_chw",
@@ -211,19 +212,41 @@ def encode_opencv_image(image: np.ndarray, label: int = 0, *, key: bytes | str |
     """
     if image.dtype != np.uint8 or image.ndim not in (2, 3) or image.size == 0:
         return encode_array(hwc_to_chw(image), label, key=key)
+    record = bytearray(opencv_image_record_bytes(image, label))
+    encode_opencv_image_into(image, label, memoryview(record), key=key)
+    return bytes(record)
+
+
+def opencv_image_record_bytes(image: np.ndarray, label: int) -> int:
+    """The length of :func:`encode_opencv_image`'s record of a uint8 ``image`` (nothing encoded)."""
+    channels = 1 if image.ndim == 2 else image.shape[2]
+    return len(_raw_header((channels, *image.shape[:2]))) + image.size + len(_raw_tail(label))
+
+
+def encode_opencv_image_into(
+    image: np.ndarray, label: int, out: memoryview, *, key: bytes | str | None = None
+) -> int | None:
+    """Write :func:`encode_opencv_image`'s record of a non-empty uint8 ``image`` at the start of ``out``.
+
+    What lets convert-imageset's workers make each record in shared memory, where the writer
+    reads it, instead of in a private buffer that is then pickled through a pipe and copied
+    twice more. Returns the record's length, or None (nothing written) if ``out`` is too short.
+    """
     label = check_label(label, key)
     height, width = image.shape[:2]
     channels = 1 if image.ndim == 2 else image.shape[2]
     head, tail = _raw_header((channels, height, width)), _raw_tail(label)
-    record = bytearray(len(head) + image.size + len(tail))
-    record[: len(head)] = head
-    record[len(record) - len(tail) :] = tail
-    planes = np.frombuffer(record, np.uint8, image.size, len(head)).reshape(channels, height, width)
+    length = len(head) + image.size + len(tail)
+    if length > len(out):
+        return None
+    out[: len(head)] = head
+    out[length - len(tail) : length] = tail
+    planes = np.frombuffer(out, np.uint8, image.size, len(head)).reshape(channels, height, width)
     if channels == 1:
         planes[0] = image.reshape(height, width)
     else:
         cv2.split(np.ascontiguousarray(image), list(planes))
-    return bytes(record)
+    return length
 
 
 def encode_image(
@@ -239,11 +262,35 @@ def encode_image(
     reproduces it exactly); pass ``shape=(C, H, W)`` to record the decoded shape as well, which
     readers can then use without decoding.
     """
+    head, tail = _encoded_parts(image, label, shape, key)
+    return b"".join((head, image, tail))  # one copy
+
+
+def encode_image_into(image: bytes, label: int, out: memoryview, *, key: bytes | str | None = None) -> int | None:
+    """Write :func:`encode_image`'s record (shape unset, as Caffe's) at the start of ``out``.
+
+    The shared-memory twin of :func:`encode_image` (see :func:`encode_opencv_image_into`): the
+    record's length, or None (nothing written) if ``out`` is too short.
+    """
+    head, tail = _encoded_parts(image, label, None, key)
+    length = len(head) + len(image) + len(tail)
+    if length > len(out):
+        return None
+    out[: len(head)] = head
+    out[len(head) : length - len(tail)] = image
+    out[length - len(tail) : length] = tail
+    return length
+
+
+def _encoded_parts(
+    image: bytes, label: int, shape: tuple[int, int, int] | None, key: bytes | str | None
+) -> tuple[bytes, bytes]:
+    """What comes before and after the image bytes in an encoded Datum."""
     label = check_label(label, key)
     if not image:
         raise DatumError("an encoded Datum needs non-empty image bytes", key)
     head = _shape_fields(shape, key) if shape is not None else b""
-    return b"".join((head, bytes([_TAG_DATA]), _varint(len(image)), image, _tail(label, True)))  # one copy
+    return head + bytes([_TAG_DATA]) + _varint(len(image)), _tail(label, True)
 
 
 def encode_png_or_jpg(chw: np.ndarray, encoding: Literal["png", "jpg"], key: bytes | str | None = None) -> bytes:

@@ -31,6 +31,7 @@ an optional time bound per image. Images can also come as ``root/<class>/<image>
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import stat
@@ -47,17 +48,19 @@ from datumdb.codec import (
     INT32_MAX,
     INT32_MIN,
     encode_image,
+    encode_image_into,
     encode_opencv_image,
+    encode_opencv_image_into,
     hwc_to_chw,
     imdecode,
     imencode,
     resize,
 )
-from datumdb.decodepool import Failure, ordered_results, usable_cores
+from datumdb.decodepool import Failure, Placed, ordered_results, shared_ring_bytes, usable_cores
 from datumdb.errors import DatumError, InputError, UnsafeInputError
 from datumdb.keys import MAX_KEY_BYTES, imageset_key
 from datumdb.limits import read_regular_file
-from datumdb.writer import DEFAULT_BATCH_SIZE, DEFAULT_MAP_SIZE, DatabaseWriter
+from datumdb.writer import DEFAULT_BATCH_SIZE, DEFAULT_MAP_SIZE, DatabaseWriter, sniff_encoding
 
 __all__ = [
     "ImagesetOptions",
@@ -266,19 +269,47 @@ def load_image(
 
 
 def _serialize(image_path: Path, entry: ListEntry, options: ImagesetOptions, list_file: Path) -> tuple[bytes, Shape]:
+    image, data, shape = _prepare(image_path, entry, options, list_file)
+    if data is None:
+        return encode_opencv_image(image, entry.label, key=entry.path), shape
+    return encode_image(data, entry.label, key=entry.path), shape
+
+
+def _serialize_into(
+    image_path: Path, entry: ListEntry, options: ImagesetOptions, list_file: Path, out: memoryview
+) -> tuple[int, Shape, str] | tuple[bytes, Shape]:
+    """:func:`_serialize`'s record made at the start of ``out``: (length, shape, encoding), or
+    the record itself when it does not fit there."""
+    image, data, shape = _prepare(image_path, entry, options, list_file)
+    if data is None:
+        if image.dtype != np.uint8 or not image.size:  # (OpenCV's IMREAD_COLOR/GRAYSCALE give uint8)
+            return encode_opencv_image(image, entry.label, key=entry.path), shape
+        length = encode_opencv_image_into(image, entry.label, out, key=entry.path)
+        if length is None:
+            return encode_opencv_image(image, entry.label, key=entry.path), shape
+        return length, shape, "none"
+    length = encode_image_into(data, entry.label, out, key=entry.path)
+    if length is None:
+        return encode_image(data, entry.label, key=entry.path), shape
+    return length, shape, sniff_encoding(data)
+
+
+def _prepare(
+    image_path: Path, entry: ListEntry, options: ImagesetOptions, list_file: Path
+) -> tuple[np.ndarray, bytes | None, Shape]:
+    """The loaded image, the image bytes an encoded record stores (None: a raw record), its (C, H, W)."""
     image, raw = load_image(image_path, entry, options, list_file)
-    chw = hwc_to_chw(image)
-    key = entry.path
+    shape = hwc_to_chw(image).shape
     if not options.is_encoded:
-        return encode_opencv_image(image, entry.label, key=key), chw.shape
+        return image, None, shape
     if keeps_file_bytes(entry.path, options):
-        return encode_image(raw, entry.label, key=key), chw.shape
+        return image, raw, shape
     encoding = options.encode_type or entry.path.rpartition(".")[2].lower()
     try:
         encoded = imencode("." + encoding, image)
     except DatumError as exc:
         raise InputError(f"{list_file}:{entry.line}: {image_path}: {exc}") from None
-    return encode_image(encoded, entry.label, key=key), chw.shape
+    return image, encoded, shape
 
 
 def ordered_entries(entries: list[ListEntry], options: ImagesetOptions) -> list[ListEntry]:
@@ -341,9 +372,14 @@ def convert_imageset(
         metadata["skipped"] = []  # (present and empty: nothing was left out)
     channel_order = "gray" if options.gray else "BGR"
     job = _Job(paths, entries, options, where)
+    shared_bytes = shared_ring_bytes(batch_size, job.record_bytes() or _record_bytes_guess(paths, options))
     with (
         ordered_results(
-            job, workers or usable_cores(), skip_errors=on_error == "skip", timeout=decode_timeout
+            job,
+            workers or usable_cores(),
+            skip_errors=on_error == "skip",
+            timeout=decode_timeout,
+            shared_bytes=shared_bytes,
         ) as records,
         DatabaseWriter(
             db_path,
@@ -367,7 +403,7 @@ def convert_imageset(
             if isinstance(record, Failure):
                 writer.metadata["skipped"].append({"path": entry.path, "line": entry.line, "reason": record.reason})
                 continue
-            value, shape = record
+            value, shape = (record.value, record.shape) if isinstance(record, Placed) else record
             if options.check_size:
                 size = shape[0] * shape[1] * shape[2]
                 if expected_size is None:
@@ -377,8 +413,27 @@ def convert_imageset(
                         f"{where}:{entry.line}: {entry.path} has {size} values, the first image had "
                         f"{expected_size} (--check-size)"
                     )
-            writer.add_serialized(value, entry_key(line_id, entry, where), shape=shape)
+            key = entry_key(line_id, entry, where)
+            if isinstance(record, Placed):  # made by a worker that knows what it holds
+                writer.add_described(key, value, label=entry.label, shape=shape, encoding=record.encoding)
+            else:
+                writer.add_serialized(value, key, shape=shape)
     return Path(db_path)
+
+
+_GUESS_SAMPLE = 64  # files whose sizes guess the record size of an unresized build
+
+
+def _record_bytes_guess(paths: list[Path], options: ImagesetOptions) -> int:
+    """About how large a record will be when the options do not fix it, with a quarter's margin:
+    the listed files' mean size (a sample), times 8 for decoded pixels (a JPEG photo is about a
+    tenth of its pixels)."""
+    sizes = []
+    for path in paths[:_GUESS_SAMPLE]:
+        with contextlib.suppress(OSError):  # a missing file is reported when it is read
+            sizes.append(os.stat(path).st_size)
+    mean = sum(sizes) // len(sizes) if sizes else 1 << 20
+    return (mean if options.is_encoded else 8 * mean) * 5 // 4
 
 
 # --------------------------------------------------------------------------- decoding
@@ -398,6 +453,9 @@ class _Job:
 
     def run(self, index: int) -> tuple[bytes, Shape]:
         return _serialize(self.paths[index], self.entries[index], self.options, self.list_file)
+
+    def run_into(self, index: int, out: memoryview) -> tuple[int, Shape, str] | tuple[bytes, Shape]:
+        return _serialize_into(self.paths[index], self.entries[index], self.options, self.list_file, out)
 
     def where(self, index: int) -> str:
         entry = self.entries[index]

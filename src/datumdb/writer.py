@@ -93,6 +93,7 @@ __all__ = [
     "check_target",
     "dead_build_folders",
     "restore_interrupted_publish",
+    "sniff_encoding",
     "written_by_datumdb",
 ]
 
@@ -340,7 +341,7 @@ class DatabaseWriter:
         key = self._key(key)
         datum = decode(value, key)
         if datum.encoded:
-            encoding = _sniff_encoding(datum.data)
+            encoding = sniff_encoding(datum.data)
             dtype = "uint8"
             shape = shape or (datum.shape if datum.channels else None)
         else:
@@ -367,6 +368,34 @@ class DatabaseWriter:
         self._copied.append((key, value))
         if len(self._copied) >= _COPIED_PER_HASH:
             self._hash_copied()
+        self._store(key, value)
+        return key
+
+    def add_described(
+        self,
+        key: bytes,
+        value: bytes | memoryview,
+        *,
+        label: int,
+        shape: tuple[int, int, int],
+        encoding: str,
+        dtype: str = "uint8",
+    ) -> bytes:
+        """Append a serialized Datum whose maker states what it holds, without parsing it again.
+
+        For convert-imageset's workers, which made the record from a decoded image and know its
+        label, (C, H, W) shape and encoding ("none" for raw pixels, else :func:`sniff_encoding`
+        of the image bytes): the manifest counts them as :meth:`add_serialized` would after
+        parsing. ``value`` may be a view (of shared memory, say): it is held, not copied, until
+        hashed and committed, and hashed in a thread as :meth:`add_copied`'s records are.
+        """
+        key = self._key(key)
+        if self._hasher:
+            self._hasher.wait()
+        self._copied.append((key, value))
+        if len(self._copied) >= _COPIED_PER_HASH:
+            self._hash_copied()
+        self._count_record(label, shape, dtype, encoding)
         self._store(key, value)
         return key
 
@@ -525,13 +554,17 @@ class DatabaseWriter:
         if self._copied or self._copy_hashing is not None:  # and add_copied's records
             self._wait_copied()
         self._digest.update(key, value)
+        self._count_record(label, shape, dtype, encoding)
+        self._store(key, value)
+
+    def _count_record(self, label: int, shape: tuple[int, ...] | None, dtype: str, encoding: str) -> None:
+        """Count one record in the manifest's statistics (every path that knows them ends here)."""
         self._labels[label] += 1
         self._shapes[_shape_name(shape)] += 1
         self._dtypes[dtype] += 1
         self._encodings[encoding] += 1
-        self._store(key, value)
 
-    def _store(self, key: bytes, value: bytes) -> None:
+    def _store(self, key: bytes, value: bytes | memoryview) -> None:
         """Queue one record for the next commit (every add path ends here)."""
         self._batch.append((key, value))
         self._count += 1
@@ -675,7 +708,8 @@ def _text(key: bytes | None) -> str | None:
     return None if key is None else key.decode("utf-8", "backslashreplace")
 
 
-def _sniff_encoding(data: memoryview | bytes) -> str:
+def sniff_encoding(data: memoryview | bytes) -> str:
+    """What encoded image bytes are, as manifests count them: "png", "jpg" or "other"."""
     head = bytes(data[:8])
     if head.startswith(b"\x89PNG"):
         return "png"
