@@ -77,7 +77,7 @@ def load_config_or_exit():
 
 
 def plan_or_exit(config_):
-    """The plan (its files written where their content changed) and the inputs' digest.
+    """The plan, its files written where their content changed.
 
     Input files are hashed once, and not at all while their size, mtime and inode match the
     cache DVC's stages and the steps share (.datumdb/input-hashes.json).
@@ -85,12 +85,11 @@ def plan_or_exit(config_):
     cache = load_hash_cache()
     try:
         plan = make_plan(config_, cache)
-        inputs = input_digest(config_, cache)
     except DatumDBError as exc:
         sys.exit(f"datumdb: {exc}")
     save_hash_cache(cache)
     write_plan(plan, PLAN_DIR)
-    return plan, inputs
+    return plan
 
 
 def mark_stale_outputs(config_, plan):
@@ -194,7 +193,8 @@ def record_in_dvc():
     if dvc is None:
         print("datumdb: outputs not recorded in DVC: no dvc beside Snakemake's Python nor on PATH")
         return
-    atomic_write(outputs.RESOLVED_PARAMS, resolved_json(CONFIG, INPUTS))  # what the DVC stages read their params from
+    inputs = input_digest(CONFIG, load_hash_cache())  # every file hashed already: the cache answers
+    atomic_write(outputs.RESOLVED_PARAMS, resolved_json(CONFIG, inputs))  # what the DVC stages read their params from
     print("datumdb: recording the outputs in DVC (dvc commit --force)", flush=True)
     if subprocess.run([dvc, "commit", "--force", "--quiet"], check=False).returncode != 0:
         print("datumdb: dvc commit failed; run it again by hand to record the outputs")
@@ -268,7 +268,7 @@ DATUMDB = datumdb_command()  # the rules' params.datumdb
 CONFIG = load_config_or_exit()
 FINGERPRINTED = [*(outputs.verify_details(split) for split in SPLITS), MEAN_JSON]
 PARTS = list(range(CONFIG.partition.count))
-PLAN, INPUTS = plan_or_exit(CONFIG)
+PLAN = plan_or_exit(CONFIG)
 STALE = mark_stale_outputs(CONFIG, PLAN)
 REBUILT = reconcile_receipts(STALE)
 
