@@ -31,7 +31,7 @@ from datumdb.reader import DatumReader
 
 __all__ = ["CHANNEL_MEAN_SAMPLE", "mean_step"]
 
-CHANNEL_MEAN_SAMPLE = 512  # images (a seeded sample of train) behind the channel means of mixed sizes
+CHANNEL_MEAN_SAMPLE = 256  # images (a seeded sample of train) behind the channel means of mixed sizes
 
 
 def mean_step(
