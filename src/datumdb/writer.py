@@ -362,13 +362,18 @@ class DatabaseWriter:
         shapes, dtypes, encodings) come from the sources' manifests through
         :meth:`merge_statistics`. The content digest is computed from the bytes as usual.
         """
+        key = self._queue_for_digest(key, value)
+        self._store(key, value)
+        return key
+
+    def _queue_for_digest(self, key: bytes, value: bytes | memoryview) -> bytes:
+        """Check ``key`` and queue the record for the digest thread (add_copied, add_described)."""
         key = self._key(key)
         if self._hasher:
             self._hasher.wait()
         self._copied.append((key, value))
         if len(self._copied) >= _COPIED_PER_HASH:
             self._hash_copied()
-        self._store(key, value)
         return key
 
     def add_described(
@@ -389,12 +394,7 @@ class DatabaseWriter:
         parsing. ``value`` may be a view (of shared memory, say): it is held, not copied, until
         hashed and committed, and hashed in a thread as :meth:`add_copied`'s records are.
         """
-        key = self._key(key)
-        if self._hasher:
-            self._hasher.wait()
-        self._copied.append((key, value))
-        if len(self._copied) >= _COPIED_PER_HASH:
-            self._hash_copied()
+        key = self._queue_for_digest(key, value)
         self._count_record(label, shape, dtype, encoding)
         self._store(key, value)
         return key
