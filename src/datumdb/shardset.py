@@ -77,6 +77,7 @@ __all__ = [
     "sample_hashes",
     "shard_key",
     "shard_name",
+    "shard_set_digest",
     "split_of",
     "write_shard_index",
 ]
@@ -656,6 +657,12 @@ class ShardSetReader(DatumReader):
         return f"DatumReader({str(self.path)!r})  # a shard set of {len(self._parts)} shards"
 
 
+def shard_set_digest(index: Mapping[str, Any]) -> str:
+    """A shard set's content digest, from its index: its shards' content digests in order."""
+    joined = "".join(str(shard.get("digest")) for shard in index["shards"])
+    return "shards:" + hashlib.sha256(joined.encode()).hexdigest()
+
+
 def verify_shard_set(folder: str | os.PathLike[str], **options: Any) -> dict[str, Any]:
     """``datumdb verify`` of a shard set: its index, then every shard as a database of its own.
 
@@ -682,13 +689,12 @@ def verify_shard_set(folder: str | os.PathLike[str], **options: Any) -> dict[str
             )
     known = {shard["name"] for shard in index["shards"]}
     problems += [f"{stray}: a shard folder {SHARD_INDEX} does not list" for stray in stray_shards(folder, known)]
-    digest = hashlib.sha256("".join(str(shard.get("digest")) for shard in index["shards"]).encode()).hexdigest()
     return {
         "path": str(folder),
         "ok": not problems,
         "count": index["count"],
         "shards": len(index["shards"]),
-        "digest": f"shards:{digest}",
+        "digest": shard_set_digest(index),
         "problems": problems,
         "warnings": warnings,
         "bad_records": bad,

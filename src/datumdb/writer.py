@@ -92,6 +92,7 @@ __all__ = [
     "Encoding",
     "check_target",
     "dead_build_folders",
+    "remove_stale_partials",
     "restore_interrupted_publish",
     "sniff_encoding",
     "written_by_datumdb",
@@ -176,7 +177,7 @@ class DatabaseWriter:
         self._check_target()
         if self.path.parent.is_dir():
             restored = restore_interrupted_publish(self.path)  # before anything is removed
-            _remove_stale_partials(self.path)
+            remove_stale_partials(self.path)
             if restored is not None:
                 self._check_target()  # the restored previous version needs overwrite=True like any other
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -925,7 +926,7 @@ def dead_build_folders(target: Path) -> list[tuple[str, Path]]:
     return found
 
 
-def _remove_stale_partials(target: Path) -> None:
+def remove_stale_partials(target: Path) -> None:
     """Delete the folders killed builds of ``target`` left; one holding anything but datumdb's
     files is left alone (it is no longer only ours)."""
     for _, folder in dead_build_folders(target):

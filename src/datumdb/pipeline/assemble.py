@@ -22,27 +22,17 @@ from datumdb.errors import DatabaseExistsError, DatumDBError
 from datumdb.files import atomic_write
 from datumdb.manifest import DATA_NAME, MANIFEST_NAME, read_manifest
 from datumdb.pipeline.config import PipelineConfig
-from datumdb.pipeline.fingerprint import code_digest, fingerprint
-from datumdb.shardset import assemble, read_shard_index
+from datumdb.pipeline.fingerprint import code_digest, fingerprint, recorded_build_fingerprint
+from datumdb.pipeline.shards import current_fingerprint
+from datumdb.shardset import assemble
 
-__all__ = ["NOT_ASSEMBLED", "assemble_step", "assembled_record", "shard_set_fingerprint"]
+__all__ = ["NOT_ASSEMBLED", "assemble_step", "assembled_record"]
 
 NOT_ASSEMBLED = "NOT-ASSEMBLED.txt"
 _NOTE = (
     "build.assemble is false in params.yaml: this split was not assembled into one Caffe database.\n"
     "Read its shard set (data/shards/<split>) with datumdb's DatumReader, or set build.assemble: true.\n"
 )
-
-
-def shard_set_fingerprint(shard_set: str | os.PathLike[str]) -> str:
-    """The plan fingerprint a pipeline-made shard set records in its index."""
-    from datumdb.errors import InputError
-
-    pipeline = read_shard_index(shard_set).get("pipeline")
-    value = pipeline.get("fingerprint") if isinstance(pipeline, dict) else None
-    if not isinstance(value, str):
-        raise InputError(f"{shard_set}: not made by the datumdb pipeline (its index records no fingerprint)")
-    return value
 
 
 def assembled_record(config: PipelineConfig, shards: str) -> dict[str, Any]:
@@ -56,22 +46,12 @@ def assembled_record(config: PipelineConfig, shards: str) -> dict[str, Any]:
     return {**what, "fingerprint": fingerprint(what)}
 
 
-def _recorded(db: Path) -> str | None:
-    if not (db / DATA_NAME).is_file():  # a manifest alone is no database
-        return None
-    try:
-        value = read_manifest(db).get("metadata", {}).get("pipeline", {}).get("fingerprint")
-    except (DatumDBError, AttributeError):  # unreadable, or not the pipeline's: assembled again
-        return None
-    return value if isinstance(value, str) else None
-
-
 def assemble_step(
     config: PipelineConfig, shard_set: str | os.PathLike[str], db: str | os.PathLike[str]
 ) -> dict[str, Any]:
     """Assemble ``shard_set`` into ``db`` unless the database there is current; its record."""
     shard_set, db = Path(shard_set), Path(db)
-    record = assembled_record(config, shard_set_fingerprint(shard_set))
+    record = assembled_record(config, recorded_build_fingerprint(shard_set))
     note = db / NOT_ASSEMBLED
     if not config.build.assemble:
         if (db / MANIFEST_NAME).is_file():
@@ -80,7 +60,7 @@ def assemble_step(
         if not note.is_file() or note.read_text(encoding="utf-8") != _NOTE:
             atomic_write(note, _NOTE.encode("utf-8"))
         return record
-    if _recorded(db) == record["fingerprint"]:
+    if current_fingerprint(db) == record["fingerprint"]:  # (None without a data.mdb)
         return record
     if note.is_file() and note.read_text(encoding="utf-8") == _NOTE:
         note.unlink()
@@ -100,7 +80,7 @@ def _remove_assembled(db: Path) -> None:
     """Remove the database datumdb assembled at ``db``; one it did not write is refused."""
     from datumdb.writer import remove_database_folder, written_by_datumdb
 
-    if not written_by_datumdb(db) or _recorded(db) is None:
+    if not written_by_datumdb(db) or current_fingerprint(db) is None:
         raise DatabaseExistsError(f"{db}: a database datumdb did not assemble is there; move it away first")
     remove_database_folder(db)
 

@@ -17,7 +17,6 @@ source:
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections import Counter
 from collections.abc import Iterator
@@ -47,7 +46,7 @@ from datumdb.pipeline.sheet import SHEET_MAX, contact_sheet
 from datumdb.pipeline.sources import ImageFiles, Source, imageset_options, listed_images, open_source
 from datumdb.pipeline.splits import SPLITS
 from datumdb.reader import DatumReader
-from datumdb.shardset import read_shard_index, shard_key
+from datumdb.shardset import read_shard_index, shard_key, shard_set_digest
 
 __all__ = ["check_split", "nearest_class_mean"]
 
@@ -267,13 +266,12 @@ def check_split(
     mixed = source.shape is None
     imread: ImreadMode = "unchanged" if files is None else ("gray" if config.dataset.imageset.gray else "color")
     ncm = nearest_class_mean(train_db, db, mixed=mixed, seed=config.seed, imread=imread)
-    digest = hashlib.sha256("".join(str(shard.get("digest")) for shard in index["shards"]).encode()).hexdigest()
     details = {
         "split": split,
         "ok": not problems,
         "count": len(kept),
         "shards": len(tasks),
-        "digest": f"shards:{digest}",
+        "digest": shard_set_digest(index),
         "shape": list(source.shape) if source.shape is not None else None,
         "dtype": merged.get("dtype"),
         "encoding": merged.get("encoding"),

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import shutil
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -34,13 +33,21 @@ from datumdb.decodepool import die_with_parent
 from datumdb.errors import DatumDBError, InputError, VerificationError
 from datumdb.files import sync_folder
 from datumdb.imageset import ImageFailure, load_image, serialize_images
-from datumdb.manifest import DATA_NAME, MANIFEST_NAME, SHARD_INDEX, read_manifest
+from datumdb.manifest import DATA_NAME, SHARD_INDEX, read_manifest
 from datumdb.pipeline.config import PipelineConfig
-from datumdb.pipeline.plan import Plan, ShardTask, identity_bytes, load_hash_cache, make_plan, save_hash_cache
+from datumdb.pipeline.plan import (
+    Plan,
+    ShardTask,
+    identity_bytes,
+    imageset_identities,
+    load_hash_cache,
+    make_plan,
+    save_hash_cache,
+)
 from datumdb.pipeline.sources import imageset_options, listed_entries, open_source, resolve_entries
 from datumdb.pipeline.splits import SPLITS
 from datumdb.shardset import read_shard_index, sample_hashes, write_shard, write_shard_index
-from datumdb.writer import dead_build_folders, remove_database_folder, written_by_datumdb
+from datumdb.writer import remove_database_folder, remove_stale_partials, written_by_datumdb
 
 __all__ = ["build_part", "build_shard_sets", "current_fingerprint", "finish_split", "stale_tasks"]
 
@@ -114,8 +121,6 @@ def _metadata(config: PipelineConfig, task: ShardTask) -> dict[str, Any]:
 
 def _image_shards(config: PipelineConfig, todo: Sequence[ShardTask], root: Path, workers: int) -> None:
     """An imageset's shards: every file serialized once, in one pool for all of them."""
-    from datumdb.pipeline.plan import imageset_identities
-
     dataset = config.dataset
     entries, where, classes = listed_entries(dataset)
     by_identity = dict(zip(imageset_identities(entries), entries, strict=True))
@@ -231,11 +236,8 @@ def _remove_strays(folder: Path, keep: set[str]) -> None:
     for stray in stray_shards(folder, keep):
         if written_by_datumdb(stray):
             remove_database_folder(stray)
-    for name in {p.name.split(".")[1] for p in folder.glob(".*.partial-*")} | {
-        p.name.split(".")[1] for p in folder.glob(".*.old-*")
-    }:
-        for _, dead in dead_build_folders(folder / name):
-            remove_database_folder(dead)
+    for name in {p.name.split(".")[1] for pattern in (".*.partial-*", ".*.old-*") for p in folder.glob(pattern)}:
+        remove_stale_partials(folder / name)  # the writer's own cleanup: a folder holding anything else stays
 
 
 # ----------------------------------------------------------------------------- everything at once (DVC)
@@ -273,12 +275,3 @@ def build_shard_sets(
     indexes = {split: finish_split(plan.split_plan(split), root / split, config.seed) for split in SPLITS}
     sync_folder(root)
     return indexes
-
-
-def remove_own_database(path: str | os.PathLike[str]) -> bool:
-    """Remove the database datumdb wrote at ``path`` (not another's); whether one was removed."""
-    path = Path(path)
-    if (path / MANIFEST_NAME).is_file() and written_by_datumdb(path):
-        shutil.rmtree(path)
-        return True
-    return False
