@@ -18,13 +18,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-from datumdb.errors import DatabaseExistsError, DatumDBError
+from datumdb.errors import DatabaseExistsError, DatabaseNotFoundError, DatumDBError
 from datumdb.files import atomic_write
-from datumdb.manifest import DATA_NAME, MANIFEST_NAME, read_manifest
+from datumdb.manifest import DATA_NAME, MANIFEST_NAME, SHARD_INDEX, read_manifest
 from datumdb.pipeline.config import PipelineConfig
 from datumdb.pipeline.fingerprint import code_digest, fingerprint, recorded_build_fingerprint
 from datumdb.pipeline.shards import current_fingerprint
-from datumdb.shardset import assemble
+from datumdb.shardset import assemble, is_shard_set
 
 __all__ = ["NOT_ASSEMBLED", "assemble_step", "assembled_record"]
 
@@ -51,6 +51,8 @@ def assemble_step(
 ) -> dict[str, Any]:
     """Assemble ``shard_set`` into ``db`` unless the database there is current; its record."""
     shard_set, db = Path(shard_set), Path(db)
+    if not is_shard_set(shard_set):  # (recorded_build_fingerprint would look for a database there)
+        raise DatabaseNotFoundError(f"{shard_set}: not a shard set (no {SHARD_INDEX})")
     record = assembled_record(config, recorded_build_fingerprint(shard_set))
     note = db / NOT_ASSEMBLED
     if not config.build.assemble:
