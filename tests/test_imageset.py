@@ -522,6 +522,23 @@ def test_symlink_inside_root_leading_outside_is_refused(tmp_path: Path) -> None:
         assert read_lmdb_items(db)[1][0] == b"00000001_" + line.rpartition(" ")[0].encode()
 
 
+def test_a_folder_checked_once_still_has_each_file_and_linked_folder_below_it_checked(tmp_path: Path) -> None:
+    """A list's folders are checked once (a million photos in a thousand folders); a link to
+    outside ROOT among the files of a checked folder, or a linked folder below it, is still refused."""
+    root = _image_folder(tmp_path, ["a.png"])
+    secret = _image_folder(tmp_path / "elsewhere", ["secret.png"]) / "secret.png"
+    (root / "sub").mkdir()
+    shutil.copy(root / "a.png", root / "sub" / "b.png")
+    (root / "sub" / "c.png").symlink_to(secret)
+    (root / "sub" / "up").symlink_to(secret.parent)
+    for i, line in enumerate(("sub/c.png 1", "sub/up/secret.png 1")):
+        list_file, db = tmp_path / f"list{i}.txt", tmp_path / f"db{i}"
+        list_file.write_text(f"sub/b.png 0\na.png 0\n{line}\n")
+        with pytest.raises(UnsafeInputError, match=rf"list{i}\.txt:3: .*symlink.*outside ROOT"):
+            convert_imageset(root, list_file, db, progress=False)
+        assert not db.exists()
+
+
 def _special_file(root: Path, kind: str) -> str:
     """Make a non-regular file named in a list; returns the list line's path."""
     if kind == "fifo":

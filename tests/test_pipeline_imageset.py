@@ -24,12 +24,14 @@ from conftest import read_lmdb_items
 from datumdb import DatumReader
 from datumdb.cli import main
 from datumdb.codec import decode, decode_image
-from datumdb.errors import UnsafeInputError
+from datumdb.errors import InputError, UnsafeInputError
 from datumdb.manifest import read_manifest
 from datumdb.pipeline.config import load_config
 from datumdb.pipeline.fingerprint import input_digest, input_files
 from datumdb.pipeline.mean import CHANNEL_MEAN_SAMPLE
+from datumdb.pipeline.plan import make_plan, write_plan
 from datumdb.pipeline.sheet import TEXT_WIDTH, contact_sheet
+from datumdb.pipeline.sources import listed_images
 from datumdb.pipeline.splits import SPLITS
 
 pytestmark = pytest.mark.integration
@@ -170,27 +172,49 @@ def test_original_bytes_of_varied_sizes_keyed_by_file_each_in_one_split(tmp_path
     assert sheet is not None and sheet.shape[1] <= 8 * (TEXT_WIDTH + 8)  # letterboxed: no tile wider than the box
 
 
-def test_verify_notices_a_record_that_is_not_its_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize("planned", [False, True], ids=["planning-again", "plan-files"])
+def test_verify_notices_a_record_that_is_not_its_file(tmp_path: Path, planned: bool) -> None:
+    """Also with Snakemake's plan files, which resolve and read only the sampled files."""
     _inputs(tmp_path, count=12)
     params = _params(tmp_path)
     lmdb = _build(params, tmp_path / "lmdb")
+    plan = ["--plan", str(tmp_path / "plan")] if planned else []
+    if planned:
+        write_plan(make_plan(load_config(params), {}), tmp_path / "plan")
     import lmdb as py_lmdb
 
     sets = _shards_of(lmdb)
     shard = next(p for p in sorted((sets / "val").iterdir()) if p.is_dir() and len(read_lmdb_items(p)) >= 2)
     items = read_lmdb_items(shard)
     (key_a, value_a), (key_b, value_b) = items[0], items[1]
+    argv = [
+        "--no-progress", "pipeline", "verify", "--params", str(params), "--split", "val", str(sets / "val"),
+        "--train-db", str(sets / "train"), "--details", str(tmp_path / "v.json"), "--metrics", str(tmp_path / "m.json"),
+        "--histogram", str(tmp_path / "h.csv"), "--sheet", str(tmp_path / "s.png"), *plan,
+    ]  # fmt: skip
+    assert main(argv) == 0  # before: it passes
     env = py_lmdb.open(str(shard), lock=False)
     with env.begin(write=True) as txn:  # two files' bytes swapped: every record still decodes
         txn.put(key_a, value_b)
         txn.put(key_b, value_a)
     env.close()
-    argv = [
-        "--no-progress", "pipeline", "verify", "--params", str(params), "--split", "val", str(sets / "val"),
-        "--train-db", str(sets / "train"), "--details", str(tmp_path / "v.json"), "--metrics", str(tmp_path / "m.json"),
-        "--histogram", str(tmp_path / "h.csv"), "--sheet", str(tmp_path / "s.png"),
-    ]  # fmt: skip
     assert main(argv) == 1
+
+
+def test_lazily_listed_files_are_resolved_and_checked_when_read(tmp_path: Path) -> None:
+    """verify with the plan files reads a sample: only those files are resolved, as strictly."""
+    listed = _inputs(tmp_path, count=6)
+    with (tmp_path / "inputs" / "list.txt").open("a") as handle:
+        handle.write("../params.yaml 0\n")
+    dataset = load_config(_params(tmp_path)).dataset
+    with pytest.raises(InputError, match=r"list\.txt:7: path '\.\./params\.yaml' escapes ROOT"):
+        listed_images(dataset)
+    entries, paths, _, _ = listed_images(dataset, lazy=True)
+    assert len(paths) == len(entries) == 7
+    assert paths[2] == tmp_path / "inputs" / "images" / listed[2][0]
+    assert paths[-2] == tmp_path / "inputs" / "images" / listed[5][0]
+    with pytest.raises(InputError, match=r"list\.txt:7: path '\.\./params\.yaml' escapes ROOT"):
+        paths[6]
 
 
 def test_png_encoding_keeps_png_files_and_reencodes_the_others(tmp_path: Path) -> None:

@@ -17,10 +17,11 @@ from conftest import read_lmdb_items
 from datumdb import DatabaseWriter, DatumReader
 from datumdb.cli import main
 from datumdb.codec import decode, encode_sample
+from datumdb.errors import InputError
 from datumdb.manifest import read_manifest
 from datumdb.pipeline.config import load_config
 from datumdb.pipeline.fingerprint import mean_record, verify_record
-from datumdb.pipeline.plan import make_plan, read_part, write_plan
+from datumdb.pipeline.plan import make_plan, read_part, read_plan, write_plan
 from datumdb.pipeline.splits import SPLITS
 from datumdb.shardset import read_shard_index
 from datumdb.synthetic import generate
@@ -65,9 +66,10 @@ def _by_parts(params: Path, root: Path) -> Path:
         assert main(["--no-progress", "pipeline", "shards", "--params", str(params), "--part",
                      str(root / "plan" / f"part-{part}.json"), str(root / "shards")]) == 0  # fmt: skip
     for split in SPLITS:
+        assert main(["--no-progress", "pipeline", "index", "--params", str(params), "--split", split, "--split-plan",
+                     str(root / "plan" / f"{split}.json"), str(root / "shards" / split)]) == 0  # fmt: skip
         assert main(["--no-progress", "pipeline", "assemble", "--params", str(params), "--split", split,
-                     "--split-plan", str(root / "plan" / f"{split}.json"), str(root / "shards" / split),
-                     str(root / "lmdb" / split)]) == 0  # fmt: skip
+                     str(root / "shards" / split), str(root / "lmdb" / split)]) == 0  # fmt: skip
     return root / "shards"
 
 
@@ -232,12 +234,36 @@ def test_a_part_plan_of_other_params_is_refused_by_the_index(
     write_plan(make_plan(config, {}), tmp_path / "plan")
     assert read_part(tmp_path / "plan" / "part-0.json")
     capsys.readouterr()
-    argv = ["--no-progress", "pipeline", "assemble", "--params", str(params), "--split", "val",
-            "--split-plan", str(tmp_path / "plan" / "val.json"), str(tmp_path / "shards" / "val"),
-            str(tmp_path / "lmdb" / "val")]  # fmt: skip
+    argv = ["--no-progress", "pipeline", "index", "--params", str(params), "--split", "val",
+            "--split-plan", str(tmp_path / "plan" / "val.json"), str(tmp_path / "shards" / "val")]  # fmt: skip
     assert main(argv) == 2  # no part has run: its shards are missing, named
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "shard missing; build its part first" in err, err
+    argv[argv.index("--split-plan") + 1] = str(tmp_path / "plan" / "test.json")  # another split's plan
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the plan of split 'test', not 'val'" in err, err
+
+
+def test_the_plan_read_back_from_its_files_is_the_plan(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Snakemake writes the plan at start-up; verify reads it instead of planning again."""
+    config = load_config(_params(tmp_path / "p", parts=4))
+    plan = make_plan(config, {})
+    write_plan(plan, tmp_path / "plan")
+    again = read_plan(tmp_path / "plan")
+    assert again.parts == plan.parts == 4
+    assert again.split_fingerprints == plan.split_fingerprints
+    for split in SPLITS:
+        assert [t.as_dict() for t in again.shards[split]] == [t.as_dict() for t in plan.shards[split]]
+        assert [t.part for t in again.shards[split]] == [t.part for t in plan.shards[split]]
+    # files of two plans (a part written for other params) are refused in one line
+    other = make_plan(load_config(_params(tmp_path / "q", parts=4, seed=SEED + 1)), {})
+    write_plan(other, tmp_path / "other")
+    for part in (p for p in range(4) if other.part(p)):
+        mixed = shutil.copytree(tmp_path / "plan", tmp_path / f"mixed-{part}")
+        shutil.copy(tmp_path / "other" / f"part-{part}.json", mixed / f"part-{part}.json")
+        with pytest.raises(InputError, match=r"(files of two plans)"):
+            read_plan(mixed)
 
 
 # ----------------------------------------------------------------------------- verify
@@ -267,6 +293,22 @@ def test_verify_passes_and_writes_its_four_outputs(tmp_path: Path, encoding: str
         assert {k: int(v) for k, v in (line.split(",") for line in histogram[1:])} == details["label_histogram"]
         sheet = cv2.imread(str(out / f"{split}_samples.png"))
         assert sheet is not None and sheet.ndim == 3 and sheet.std() > 10
+
+
+def test_verify_given_the_plan_files_writes_what_it_writes_planning_again(
+    tmp_path: Path, built: tuple[Path, Path]
+) -> None:
+    params, root = built
+    write_plan(make_plan(load_config(params), {}), tmp_path / "plan")
+    planned, again = tmp_path / "planned", tmp_path / "again"
+    for split in SPLITS:
+        assert main(_verify_argv(params, root / "shards", split, again)) == 0
+        assert main([*_verify_argv(params, root / "shards", split, planned), "--plan", str(tmp_path / "plan")]) == 0
+    assert _files(planned) == _files(again) and len(_files(planned)) == 4 * len(SPLITS)
+    wrong = _verify_argv(params, root / "shards", "val", tmp_path / "wrong")  # the test split's set as val's
+    wrong[wrong.index(str(root / "shards" / "val"))] = str(root / "shards" / "test")
+    assert main([*wrong, "--plan", str(tmp_path / "plan")]) == 1
+    assert _outputs(tmp_path / "wrong") == []
 
 
 def _rewrite(db: Path, change: Any) -> None:

@@ -734,7 +734,10 @@ def test_a_failing_job_under_snakemake_leaves_the_previous_outputs_in_place(
     failed = run_with(killing_shim(tmp_path / "shim", step), [str(BIN / "snakemake"), "--cores", "2"], repo)
     assert failed.returncode != 0
     assert f"Error in rule {step}" in failed.stdout + failed.stderr
-    assert output_bytes(repo) == before  # the failed job's outputs are the previous ones, byte for byte
+    after = output_bytes(repo)
+    if step == "assemble":  # verify and mean read the shard sets: they may have run beside it
+        before, after = ({k: v for k, v in files.items() if k.startswith("data/lmdb/")} for files in (before, after))
+    assert after == before  # the failed job's outputs are the previous ones, byte for byte
     made = snakemake("--cores", "2", cwd=repo)  # the rerun redoes what failed
     assert f"rule {step}:" in made.stdout + made.stderr
     assert leftovers(repo) == []
@@ -745,10 +748,12 @@ def test_a_failing_job_under_snakemake_leaves_the_previous_outputs_in_place(
 @pytest.mark.parametrize(
     ("deleted", "jobs"),
     [
-        # an assembled database is derived from its shard set: only its split is assembled again
-        ("data/lmdb/val/data.mdb", {"assemble": "1", "verify": "1", "report": "1", "all": "1"}),
-        ("data/lmdb/train/datumdb.json", {"assemble": "1", "verify": "3", "mean": "1", "report": "1", "all": "1"}),
-        ("data/shards/test/shards.json", {"assemble": "1", "verify": "1", "report": "1", "all": "1"}),
+        # an assembled database is derived from its shard set: only its split is assembled again (verify
+        # and mean read the shard sets)
+        ("data/lmdb/val/data.mdb", {"assemble": "1", "all": "1"}),
+        ("data/lmdb/train/datumdb.json", {"assemble": "1", "all": "1"}),
+        # a shard set's index: written again, and what reads the set runs again
+        ("data/shards/test/shards.json", {"index": "1", "assemble": "1", "verify": "1", "report": "1", "all": "1"}),
         ("reports/verify/test_labels.csv", {"verify": "1", "report": "1", "all": "1"}),
         ("data/mean/mean.npy", {"mean": "1", "report": "1", "all": "1"}),
         ("reports/summary.md", {"report": "1", "all": "1"}),

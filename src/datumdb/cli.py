@@ -412,12 +412,15 @@ def _add_pipeline_commands(commands: Any) -> None:
         "--part",
         type=_path,
         metavar="PART.json",
-        help="build only this part plan's shards (a Snakemake job; the splits are indexed by assemble)",
+        help="build only this part plan's shards (a Snakemake job; each split is indexed by `pipeline index`)",
     )
     p.add_argument("--jobs", type=_positive, default=None, help="processes (default: the CPU count)")
-    p = step("assemble", _pipeline_assemble, "index a split's shard set and derive its one Caffe database")
+    p = step("index", _pipeline_index, "index a split's shard set as its plan says (once its parts are built)")
     p.add_argument("--split", choices=SPLITS, required=True)
-    p.add_argument("--split-plan", type=_path, metavar="SPLIT.json", help="index the shard set as this plan says")
+    p.add_argument("--split-plan", type=_path, required=True, metavar="SPLIT.json", help="the split's plan file")
+    p.add_argument("shard_set", type=_path, metavar="SHARDS/SPLIT")
+    p = step("assemble", _pipeline_assemble, "derive a split's one Caffe database from its (indexed) shard set")
+    p.add_argument("--split", choices=SPLITS, required=True)
     p.add_argument("shard_set", type=_path, metavar="SHARDS/SPLIT")
     p.add_argument("db", type=_path, metavar="DB")
     p = step("verify", _pipeline_verify, "verify a split against its source; write its reports (exit 1 on mismatch)")
@@ -428,6 +431,12 @@ def _add_pipeline_commands(commands: Any) -> None:
     p.add_argument("--metrics", type=_path, required=True, metavar="OUT.json", help="a few numbers (DVC metrics)")
     p.add_argument("--histogram", type=_path, required=True, metavar="OUT.csv", help="label histogram (DVC plots)")
     p.add_argument("--sheet", type=_path, required=True, metavar="OUT.png", help="contact sheet")
+    p.add_argument(
+        "--plan",
+        type=_path,
+        metavar="PLAN/",
+        help="the plan files made for this run (Snakemake's); default: plan again from the params and inputs",
+    )
     p = step("mean", _pipeline_mean, "the train split's mean image (Caffe BlobProto, .npy, per-channel JSON)")
     p.add_argument("db", type=_path, metavar="DB")
     p.add_argument("--binaryproto", type=_path, required=True, metavar="OUT.binaryproto")
@@ -925,19 +934,25 @@ def _pipeline_shards(args: argparse.Namespace) -> int:
     return 0
 
 
-def _pipeline_assemble(args: argparse.Namespace) -> int:
-    from datumdb.decodepool import tune_malloc
-    from datumdb.pipeline.assemble import assemble_step
+def _pipeline_index(args: argparse.Namespace) -> int:
     from datumdb.pipeline.plan import read_split_plan
     from datumdb.pipeline.shards import finish_split
 
+    config = _config(args)
+    plan = read_split_plan(args.split_plan)
+    if plan.get("split") != args.split:
+        raise InputError(f"{args.split_plan}: the plan of split {plan.get('split')!r}, not {args.split!r}")
+    index = finish_split(plan, args.shard_set, config.seed)
+    print(f"{args.shard_set}: {index['count']} records in {len(index['shards'])} shards")
+    return 0
+
+
+def _pipeline_assemble(args: argparse.Namespace) -> int:
+    from datumdb.decodepool import tune_malloc
+    from datumdb.pipeline.assemble import assemble_step
+
     tune_malloc()
     config = _config(args)
-    if args.split_plan is not None:
-        plan = read_split_plan(args.split_plan)
-        if plan.get("split") != args.split:
-            raise InputError(f"{args.split_plan}: the plan of split {plan.get('split')!r}, not {args.split!r}")
-        finish_split(plan, args.shard_set, config.seed)
     assemble_step(config, args.shard_set, args.db)
     if not config.build.assemble:
         print(f"{args.db}: not assembled (build.assemble is false)")
@@ -947,9 +962,11 @@ def _pipeline_assemble(args: argparse.Namespace) -> int:
 
 def _pipeline_verify(args: argparse.Namespace) -> int:
     from datumdb.pipeline.check import verify_step
+    from datumdb.pipeline.plan import read_plan
 
+    config = _config(args)
     report, problems = verify_step(
-        _config(args),
+        config,
         args.split,
         args.db,
         args.train_db,
@@ -957,6 +974,7 @@ def _pipeline_verify(args: argparse.Namespace) -> int:
         metrics=args.metrics,
         histogram=args.histogram,
         sheet=args.sheet,
+        plan=read_plan(args.plan) if args.plan is not None else None,
     )
     if problems:
         for problem in problems:

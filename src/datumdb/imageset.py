@@ -159,6 +159,7 @@ def resolve_path(
     allow_outside_root: bool = False,
     *,
     real_root: str | None = None,
+    folders: dict[str, str] | None = None,
 ) -> Path:
     """The image file of a list entry; paths leading outside ``root`` are errors unless allowed.
 
@@ -166,7 +167,9 @@ def resolve_path(
     ``lstat``-ed and, where one is a symlink, the whole path is resolved and must still lie under
     the resolved ROOT, so a symlink inside ROOT cannot lead anywhere. The path returned has no
     symlinks left in it below ROOT, so what is read is what was checked. ``real_root``
-    (``os.path.realpath(root)``) saves resolving ROOT again for every entry of a long list.
+    (``os.path.realpath(root)``) saves resolving ROOT again for every entry of a long list;
+    ``folders`` (a dict the caller keeps for one list) saves checking the same folders again:
+    a list of a million photos in a thousand class folders costs one ``lstat`` per photo.
     """
     if allow_outside_root:
         return root / entry.path
@@ -180,7 +183,7 @@ def resolve_path(
         )
     real_root = real_root or os.path.realpath(root)
     try:
-        real = _below_root(real_root, entry.path)
+        real = _below_root(real_root, entry.path, folders)
     except (OSError, RuntimeError) as exc:  # a symlink loop, a name too long
         raise InputError(f"{list_file}:{entry.line}: cannot resolve path {entry.path!r} ({exc})") from None
     if real is None:
@@ -192,15 +195,21 @@ def resolve_path(
     return Path(real)
 
 
-def _below_root(real_root: str, relative: str) -> str | None:
+def _below_root(real_root: str, relative: str, folders: dict[str, str] | None = None) -> str | None:
     """``real_root/relative`` without symlinks if it stays under ``real_root``, else None.
 
     Usually one ``lstat`` per component and no symlink found (cheaper than ``realpath``, which
     also walks every component of ROOT); a missing component ends the walk (the read reports it).
+    ``folders``: relative folder -> its checked path, for folders found to be real directories
+    under ``real_root`` with no symlink on the way (only those are remembered).
     """
     parts = [part for part in relative.split("/") if part not in ("", ".")]
-    current = real_root
-    for index, part in enumerate(parts):
+    folder = "/".join(parts[:-1])
+    start, current = 0, real_root
+    if folders is not None and folder in folders:
+        start, current = len(parts) - 1, folders[folder]
+    for index in range(start, len(parts)):
+        part = parts[index]
         candidate = os.path.join(current, part)
         try:
             info = os.lstat(candidate)
@@ -210,6 +219,8 @@ def _below_root(real_root: str, relative: str) -> str | None:
             real = os.path.realpath(os.path.join(candidate, *parts[index + 1 :]))
             inside = real == real_root or real.startswith(real_root.rstrip(os.sep) + os.sep)
             return real if inside else None
+        if folders is not None and index == len(parts) - 2 and stat.S_ISDIR(info.st_mode):
+            folders[folder] = candidate  # every component up to here a real directory
         current = candidate
     return current
 
@@ -359,7 +370,11 @@ def convert_imageset(
         listed = read_list_file(where)
     entries = ordered_entries(listed, options)
     real_root = os.path.realpath(root)
-    paths = [resolve_path(root, entry, where, options.allow_outside_root, real_root=real_root) for entry in entries]
+    folders: dict[str, str] = {}
+    paths = [
+        resolve_path(root, entry, where, options.allow_outside_root, real_root=real_root, folders=folders)
+        for entry in entries
+    ]
     metadata: dict[str, Any] = {
         "source": "imageset",
         # A name that is not UTF-8 (surrogate escapes) is kept as \\xNN: the manifest is UTF-8 JSON.

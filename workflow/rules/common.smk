@@ -30,7 +30,8 @@ STALE_STAMPS = Path(".snakemake/datumdb/stamps")
 # The jobs' declared outputs: receipts, never the shard sets or databases themselves. Snakemake
 # deletes a job's outputs before running it (and after it fails), so a killed or failed job
 # would lose them; datumdb replaces each shard, index and database whole by rename.
-BUILT = Path(".snakemake/datumdb/done/build")  # per split: its shard set indexed and assembled
+BUILT = Path(".snakemake/datumdb/done/build")  # per split: its database assembled (or the note)
+INDEXED = Path(".snakemake/datumdb/done/index")  # per split: its shard set complete and indexed
 SHARDS_BUILT = Path(".snakemake/datumdb/done/shards")  # per part: its shards current
 
 
@@ -201,8 +202,13 @@ def record_in_dvc():
 
 
 def built_receipt(split):
-    """The receipt of split ``split``: its shard set indexed and its database assembled."""
+    """The receipt of split ``split``: its database assembled (or the note that it is not)."""
     return str(BUILT / f"{split}.done")
+
+
+def index_receipt(split):
+    """The receipt of split ``split``: its shard set holds the planned shards and is indexed."""
+    return str(INDEXED / f"{split}.done")
 
 
 def part_receipt(part):
@@ -210,15 +216,18 @@ def part_receipt(part):
     return str(SHARDS_BUILT / f"{part}.done")
 
 
-def split_current(split, stale):
-    """Whether the shard set of ``split`` is indexed as planned, without strays, and its
-    database (or the note that it is not assembled) matches."""
+def index_current(split, stale):
+    """Whether the shard set of ``split`` is indexed as planned, without strays."""
     shard_set = outputs.shard_set(split)
     names = [task.name for task in PLAN.shards[split]]
     if f"{shard_set}/shards.json" in stale or not Path(f"{shard_set}/shards.json").is_file():
         return False
-    if stray_shards(shard_set, names) or stale_tasks(PLAN.shards[split], outputs.SHARDS):
-        return False  # (a shard missing or stale: its part reruns first, then this split's index)
+    # (a shard missing or stale: its part reruns first, then this split's index)
+    return not stray_shards(shard_set, names) and not stale_tasks(PLAN.shards[split], outputs.SHARDS)
+
+
+def database_current(split, stale):
+    """Whether the database of ``split`` (or the note that it is not assembled) matches its shard set."""
     files = outputs.database_files(split, CONFIG.build.assemble)
     return all(Path(path).is_file() for path in files) and files[-1] not in stale
 
@@ -231,8 +240,8 @@ def reconcile_receipts(stale):
     so nothing reruns. Missing or stale: the receipt is removed, so its job reruns (and, through
     the stamps, what follows).
     """
-    SHARDS_BUILT.mkdir(parents=True, exist_ok=True)
-    BUILT.mkdir(parents=True, exist_ok=True)
+    for folder in (SHARDS_BUILT, INDEXED, BUILT):
+        folder.mkdir(parents=True, exist_ok=True)
     rebuilt = False
     for part in PARTS:
         receipt = Path(part_receipt(part))
@@ -245,12 +254,16 @@ def reconcile_receipts(stale):
         if not receipt.stem.isdigit() or int(receipt.stem) not in PARTS:
             receipt.unlink(missing_ok=True)
     for split in SPLITS:
-        receipt = Path(built_receipt(split))
-        if not split_current(split, stale):
-            receipt.unlink(missing_ok=True)
-            rebuilt = True
-        elif not receipt.exists():
-            receipt.write_text("found at start-up, matching the plan\n")
+        indexed = index_current(split, stale)
+        for receipt, current in (
+            (Path(index_receipt(split)), indexed),
+            (Path(built_receipt(split)), indexed and database_current(split, stale)),
+        ):
+            if not current:
+                receipt.unlink(missing_ok=True)
+                rebuilt = True
+            elif not receipt.exists():
+                receipt.write_text("found at start-up, matching the plan\n")
     return rebuilt
 
 

@@ -1,7 +1,9 @@
-# shards (one job per part of the plan) -> assemble (per split: index the shard set, derive its
-# one Caffe database). The plan is made when Snakemake starts (common.smk): each part's plan file
-# lists its shards and their members, and a part's job builds only the shards whose manifest
-# records another fingerprint, so a run's work follows what changed.
+# shards (one job per part of the plan) -> index (per split: the shard set's index, once all its
+# parts are built) -> assemble (per split: its one Caffe database). Verify and mean read the shard
+# sets, so they start once a split is indexed, beside its assembly. The plan is made when Snakemake
+# starts (common.smk): each part's plan file lists its shards and their members, and a part's job
+# builds only the shards whose manifest records another fingerprint, so a run's work follows what
+# changed.
 # Every step reads params.yaml itself (`--params`): no value is joined into a shell command.
 # Jobs declare receipts (.snakemake/datumdb/done/...), not the shard sets or databases:
 # Snakemake deletes a job's outputs before it runs and after it fails; the steps replace each
@@ -33,12 +35,35 @@ rule shards:
         " --jobs {threads} {params.shards:q} > {log:q} 2>&1"
 
 
-rule assemble:
+rule index:
     input:
         parts=ancient([part_receipt(part) for part in PARTS]),
         plan=ancient(str(split_file(PLAN_DIR, "{split}"))),
     output:
-        # Snakemake writes the receipt once the step succeeded (index and database in place then)
+        # Snakemake writes the receipt once the step succeeded (the index in place then)
+        receipt=touch(index_receipt("{split}")),
+    params:
+        datumdb=DATUMDB,  # quoted for the shell already
+        params_file=PARAMS,
+        shard_set=lambda wildcards: outputs.shard_set(wildcards.split),
+    log:
+        "logs/index/{split}.log",
+    wildcard_constraints:
+        split="|".join(SPLITS),
+    threads: 1
+    resources:
+        mem_mb=500,
+        runtime=10,
+    shell:
+        "{params.datumdb} --no-progress pipeline index --params {params.params_file:q} --split {wildcards.split}"
+        " --split-plan {input.plan:q} {params.shard_set:q} > {log:q} 2>&1"
+
+
+rule assemble:
+    input:
+        indexed=ancient(index_receipt("{split}")),
+    output:
+        # Snakemake writes the receipt once the step succeeded (the database in place then)
         receipt=touch(built_receipt("{split}")),
     params:
         datumdb=DATUMDB,  # quoted for the shell already
@@ -57,4 +82,4 @@ rule assemble:
         runtime=60,
     shell:
         "{params.datumdb} --no-progress pipeline assemble --params {params.params_file:q} --split {wildcards.split}"
-        " --split-plan {input.plan:q} {params.shard_set:q} {params.db:q} > {log:q} 2>&1"
+        " {params.shard_set:q} {params.db:q} > {log:q} 2>&1"

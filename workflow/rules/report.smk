@@ -1,5 +1,5 @@
 # verify each split's shard set against its source -> mean of train -> the summary report.
-# The shard sets come in as their splits' receipts (dataset.smk). The outputs are update(): small
+# The shard sets come in as their index receipts (dataset.smk): these jobs run beside the assembly. The outputs are update(): small
 # files Snakemake keeps (and backs up) instead of deleting them before the job runs; each step
 # replaces them by rename only once it succeeded, so a killed or failed job leaves the previous
 # reports in place (Snakemake restores its backup after a failure).
@@ -7,8 +7,8 @@
 
 rule verify:
     input:
-        db=upstream(outputs.verify_details("{split}"), [built_receipt("{split}")]),
-        train=upstream(outputs.verify_details("{split}"), [built_receipt("train")]),
+        db=upstream(outputs.verify_details("{split}"), [index_receipt("{split}")]),
+        train=upstream(outputs.verify_details("{split}"), [index_receipt("train")]),
         source=source_inputs(),
         stamp=stamp_of(outputs.verify_details("{split}")),
     output:
@@ -36,6 +36,7 @@ rule verify:
         params_file=PARAMS,
         db=lambda wildcards: outputs.shard_set(wildcards.split),
         train=outputs.shard_set("train"),
+        plan=str(PLAN_DIR),  # the plan made at start-up: verify need not plan again
     benchmark:  # wall time, peak RSS, I/O of each job (Snakemake measures it)
         "logs/benchmarks/verify/{split}.tsv"
     log:
@@ -49,12 +50,12 @@ rule verify:
     shell:
         "{params.datumdb} --no-progress pipeline verify --params {params.params_file:q} --split {wildcards.split}"
         " {params.db:q} --train-db {params.train:q} --details {output.details:q} --metrics {output.metrics:q}"
-        " --histogram {output.histogram:q} --sheet {output.sheet:q} > {log:q} 2>&1"
+        " --histogram {output.histogram:q} --sheet {output.sheet:q} --plan {params.plan:q} > {log:q} 2>&1"
 
 
 rule mean:
     input:
-        db=upstream(MEAN_JSON, [built_receipt("train")]),
+        db=upstream(MEAN_JSON, [index_receipt("train")]),
         stamp=stamp_of(MEAN_JSON),
     output:
         binaryproto=update(MEAN_BINARYPROTO),

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,11 +92,23 @@ def _datums(reader: DatumReader, seed: int) -> Iterator[tuple[bytes, Datum]]:
         yield key, reader.datum(key)
 
 
-def _class_means(db: Path, mixed: bool, seed: int, imread: ImreadMode) -> tuple[np.ndarray, np.ndarray]:
+@contextmanager
+def _opened(db: str | os.PathLike[str] | DatumReader) -> Iterator[DatumReader]:
+    """``db`` if it is open already (left open), else a reader closed afterwards."""
+    if isinstance(db, DatumReader):
+        yield db
+        return
+    with DatumReader(db) as reader:
+        yield reader
+
+
+def _class_means(
+    db: str | os.PathLike[str] | DatumReader, mixed: bool, seed: int, imread: ImreadMode
+) -> tuple[np.ndarray, np.ndarray]:
     """Mean image per label of a database (labels sorted), in float64."""
     sums: dict[int, np.ndarray] = {}
     counts: Counter[int] = Counter()
-    with DatumReader(db) as reader:
+    with _opened(db) as reader:
         for key, datum in _datums(reader, seed):
             array = _features(datum, key, mixed, imread)
             if datum.label in sums:
@@ -108,8 +121,8 @@ def _class_means(db: Path, mixed: bool, seed: int, imread: ImreadMode) -> tuple[
 
 
 def nearest_class_mean(
-    train_db: str | os.PathLike[str],
-    db: str | os.PathLike[str],
+    train_db: str | os.PathLike[str] | DatumReader,
+    db: str | os.PathLike[str] | DatumReader,
     *,
     mixed: bool = False,
     seed: int = 0,
@@ -122,16 +135,19 @@ def nearest_class_mean(
     that labels travelled with their images would cost as much as the build, and it is the
     longest job of the pipeline). ``imread`` decodes
     encoded images ("color" turns a grey JPEG among colour ones into three channels, as Caffe).
+    Either database may be given open (a reader the caller keeps): a shard set of thousands of
+    shards is not opened again.
     """
-    classes, means = _class_means(Path(train_db), mixed, seed, imread)
+    classes, means = _class_means(train_db, mixed, seed, imread)
     if not len(classes):
-        raise InputError(f"{train_db}: the train split is empty; no class means")
+        path = train_db.path if isinstance(train_db, DatumReader) else train_db
+        raise InputError(f"{path}: the train split is empty; no class means")
     correct = total = 0
-    with DatumReader(db) as reader:
+    with _opened(db) as reader:
         for key, datum in _datums(reader, seed):
             x = _features(datum, key, mixed, imread)
             if x.size != means.shape[1]:
-                raise InputError(f"{db}: record {key!r} has {x.size} values, train images {means.shape[1]}")
+                raise InputError(f"{reader.path}: record {key!r} has {x.size} values, train images {means.shape[1]}")
             predicted = classes[int(np.argmin(((means - x) ** 2).sum(axis=1)))]
             correct += int(predicted == datum.label)
             total += 1
@@ -161,7 +177,8 @@ def check_split(
     db = Path(db)
     if split not in SPLITS:
         raise InputError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-    listed = listed_images(config.dataset) if config.dataset.source == "imageset" else None
+    # With the orchestrator's plan, only the sampled files are resolved (and read)
+    listed = listed_images(config.dataset, lazy=plan is not None) if config.dataset.source == "imageset" else None
     if plan is None:
         cache = load_hash_cache()
         plan = make_plan(config, cache, listed=listed)
@@ -263,9 +280,11 @@ def check_split(
                 sheet_images.append(np.array(array))
                 sheet_labels.append(datum.label)
                 sheet_keys.append(name)
-    mixed = source.shape is None
-    imread: ImreadMode = "unchanged" if files is None else ("gray" if config.dataset.imageset.gray else "color")
-    ncm = nearest_class_mean(train_db, db, mixed=mixed, seed=config.seed, imread=imread)
+        mixed = source.shape is None
+        imread: ImreadMode = "unchanged" if files is None else ("gray" if config.dataset.imageset.gray else "color")
+        same = os.path.realpath(train_db) == os.path.realpath(db)  # the train split's check: open once
+        with _opened(reader if same else train_db) as train:
+            ncm = nearest_class_mean(train, reader, mixed=mixed, seed=config.seed, imread=imread)
     details = {
         "split": split,
         "ok": not problems,
@@ -397,8 +416,13 @@ def verify_step(
     metrics: str | os.PathLike[str],
     histogram: str | os.PathLike[str],
     sheet: str | os.PathLike[str],
+    plan: Plan | None = None,
 ) -> tuple[dict[str, Any], list[str]]:
     """Check ``split`` and, only if it passes, write its reports; returns (details, problems).
+
+    ``plan``: the plan the orchestrator made for this run (Snakemake's, read with
+    :func:`~datumdb.pipeline.plan.read_plan`); without it the step plans again from the params
+    and the inputs (DVC's stages, a check by hand).
 
     ``details`` is the full JSON (with the fingerprint of what it checked); ``metrics`` the few
     numbers ``dvc metrics show`` prints (count, accuracy, a digest prefix); ``histogram`` the
@@ -409,7 +433,7 @@ def verify_step(
     from datumdb.pipeline.summary import histogram_csv, json_bytes
 
     check_output_names([details, metrics, histogram, sheet], [db, train_db])
-    report, problems, png = check_split(config, split, db, train_db)
+    report, problems, png = check_split(config, split, db, train_db, plan=plan)
     if problems:
         return report, problems
     databases = {split: recorded_build_fingerprint(db), "train": recorded_build_fingerprint(train_db)}

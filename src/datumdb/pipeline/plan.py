@@ -54,6 +54,7 @@ __all__ = [
     "make_plan",
     "part_file",
     "read_part",
+    "read_plan",
     "read_split_plan",
     "save_hash_cache",
     "split_file",
@@ -266,7 +267,10 @@ def _read_plan_file(path: Path, kind: str) -> dict[str, Any]:
 
 def read_part(path: str | os.PathLike[str]) -> list[ShardTask]:
     """The shard tasks of a part plan file."""
-    value = _read_plan_file(Path(path), "part")
+    return _part_tasks(Path(path), _read_plan_file(Path(path), "part"))
+
+
+def _part_tasks(path: Path, value: dict[str, Any]) -> list[ShardTask]:
     part = value.get("part")
     try:
         tasks = [ShardTask(s["split"], s["name"], part, s["members"], s["record"]) for s in value["shards"]]
@@ -280,6 +284,39 @@ def read_part(path: str | os.PathLike[str]) -> list[ShardTask]:
 def read_split_plan(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A split plan file: the split's shards in order, with their fingerprints."""
     return _read_plan_file(Path(path), "split")
+
+
+def read_plan(folder: str | os.PathLike[str]) -> Plan:
+    """The plan written to ``folder`` by :func:`write_plan` (Snakemake's, made at its start-up).
+
+    A step given it need not plan again (list the inputs, look up their hashes, cut the shards):
+    the plan's files say what the shard sets must hold. Files that do not agree (a split plan
+    naming a shard no part plan has, or with another fingerprint, or a part naming a shard no
+    split plan lists) are refused.
+    """
+    folder = Path(folder)
+    splits = {split: read_split_plan(split_file(folder, split)) for split in SPLITS}
+    tasks: dict[str, ShardTask] = {}
+    parts = 0
+    for path in sorted(folder.glob("part-*.json")):
+        value = _read_plan_file(path, "part")
+        parts = max(parts, value["parts"] if isinstance(value.get("parts"), int) else 0)
+        tasks.update((task.name, task) for task in _part_tasks(path, value))
+    shards: dict[str, list[ShardTask]] = {}
+    for split, split_plan in splits.items():
+        shards[split] = []
+        for entry in split_plan["shards"]:
+            task = tasks.get(entry.get("name"))
+            if task is None or task.split != split or task.fingerprint != entry.get("fingerprint"):
+                raise InputError(
+                    f"{split_file(folder, split)}: shard {entry.get('name')!r} is not planned so in the part "
+                    "plans beside it (files of two plans?); plan again"
+                )
+            shards[split].append(task)
+    unlisted = set(tasks) - {task.name for split in SPLITS for task in shards[split]}
+    if unlisted:
+        raise InputError(f"{folder}: part plans list shard {min(unlisted)!r}, no split plan does (files of two plans?)")
+    return Plan(parts, shards, {split: str(value["fingerprint"]) for split, value in splits.items()})
 
 
 # ----------------------------------------------------------------------------- the hash cache

@@ -38,6 +38,7 @@ from datumdb.sources import check_image_chunk, iter_array_samples, load_labels, 
 __all__ = [
     "SOURCES",
     "ImageFiles",
+    "LazyPaths",
     "Source",
     "imageset_options",
     "listed_entries",
@@ -210,7 +211,7 @@ class ImageFiles:
     """
 
     entries: list[ListEntry]
-    paths: list[Path]
+    paths: Sequence[Path]  # (LazyPaths: resolved when read)
     options: ImagesetOptions
     where: Path  # the list file, or ROOT for class folders: what messages name
     classes: list[str] | None
@@ -260,13 +261,42 @@ def resolve_entries(dataset: DatasetConfig, entries: Sequence[ListEntry], where:
     """The files of ``entries``, resolved and checked as the build resolves them."""
     root_path = Path(dataset.input_dir) / dataset.imageset.root
     real_root = os.path.realpath(root_path)
-    return [resolve_path(root_path, entry, where, real_root=real_root) for entry in entries]
+    folders: dict[str, str] = {}
+    return [resolve_path(root_path, entry, where, real_root=real_root, folders=folders) for entry in entries]
 
 
-def listed_images(dataset: DatasetConfig) -> tuple[list[ListEntry], list[Path], Path, list[str] | None]:
-    """An imageset's entries as listed, their files, what messages name, and the class names."""
+class LazyPaths(Sequence[Path]):
+    """The files of ``entries``, each resolved and checked (as :func:`resolve_entries` does) when
+    first asked for: a step that reads a sample of a million listed files resolves the sample."""
+
+    def __init__(self, dataset: DatasetConfig, entries: Sequence[ListEntry], where: Path) -> None:
+        self._root = Path(dataset.input_dir) / dataset.imageset.root
+        self._real_root = os.path.realpath(self._root)
+        self._entries, self._where = entries, where
+        self._resolved: dict[int, Path] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __getitem__(self, index: Any) -> Any:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        index = range(len(self))[index]  # (negative indices; IndexError past the end)
+        if index not in self._resolved:
+            entry = self._entries[index]
+            self._resolved[index] = resolve_path(self._root, entry, self._where, real_root=self._real_root)
+        return self._resolved[index]
+
+
+def listed_images(
+    dataset: DatasetConfig, *, lazy: bool = False
+) -> tuple[list[ListEntry], Sequence[Path], Path, list[str] | None]:
+    """An imageset's entries as listed, their files, what messages name, and the class names.
+
+    ``lazy``: the files are resolved when first read (:class:`LazyPaths`), not all now."""
     entries, where, classes = listed_entries(dataset)
-    return entries, resolve_entries(dataset, entries, where), where, classes
+    paths = LazyPaths(dataset, entries, where) if lazy else resolve_entries(dataset, entries, where)
+    return entries, paths, where, classes
 
 
 def _imageset(dataset: DatasetConfig, seed: int, encoding: str) -> Source:
