@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import lmdb
 import numpy as np
@@ -763,3 +764,40 @@ def test_add_described_writes_the_bytes_and_manifest_of_add_serialized(tmp_path:
     assert (tmp_path / "described" / "data.mdb").read_bytes() == (tmp_path / "parsed" / "data.mdb").read_bytes()
     assert read_manifest(tmp_path / "described") == read_manifest(tmp_path / "parsed")
     assert read_manifest(tmp_path / "described")["writer"]["map_size"] > 1 << 16  # it grew, replaying views
+
+
+def test_a_durable_build_starts_its_writeback_after_each_commit_and_writes_the_same_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The final fsync would otherwise write the whole file with nothing else running."""
+    import datumdb.writer as writer_module
+
+    started: list[Path] = []
+    real_start = writer_module._Writeback.start
+
+    def start(self: Any) -> None:
+        started.append(self._path)
+        real_start(self)
+
+    monkeypatch.setattr(writer_module._Writeback, "start", start)
+    images = np.random.default_rng(0).integers(0, 256, (10, 3, 16, 16), dtype=np.uint8)
+    fds = len(os.listdir("/proc/self/fd"))
+    for name, durable in (("durable", True), ("not-durable", False)):
+        with DatabaseWriter(tmp_path / name, batch_size=3, durable=durable) as writer:
+            for index, image in enumerate(images):
+                writer.add(image, index % 4)
+    assert len(started) == 4 and all(path.name == "data.mdb" for path in started)  # the durable build's commits
+    assert (tmp_path / "durable" / "data.mdb").read_bytes() == (tmp_path / "not-durable" / "data.mdb").read_bytes()
+    assert len(os.listdir("/proc/self/fd")) == fds  # its descriptor closed with the build
+    missing = writer_module._Writeback(tmp_path / "nowhere" / "data.mdb")
+    missing.start()  # a file it cannot open: nothing to do, no error (the final fsync does it all)
+    missing.close()
+
+
+@pytest.mark.parametrize("size", [0, 1, (1 << 20) + 3])
+def test_file_sha256_is_the_sha256_of_the_bytes(tmp_path: Path, size: int) -> None:
+    from datumdb.manifest import file_sha256
+
+    data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+    (tmp_path / "f").write_bytes(data)
+    assert file_sha256(tmp_path / "f") == "sha256:" + hashlib.sha256(data).hexdigest()

@@ -47,7 +47,7 @@ import socket
 import sys
 import tempfile
 import threading
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator, Sequence
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -105,6 +105,11 @@ DEFAULT_MAP_SIZE = 64 << 20  # grows by doubling; on Linux an unused map costs n
 # calls cost nothing per record.
 FRAME_BYTES = 8 << 20
 _COPIED_PER_HASH = 256  # add_copied records per hand-over to the digest thread
+# Records handed to the commit thread at a time: it puts them into the batch's open transaction
+# as they come, so when the batch's last record arrives only the commit itself is left to do
+# (a batch of 1000 photos resized to 256x256 is 200 MB to copy into pages: the end of a build
+# waited for all of it).
+_STREAM_RECORDS = 64
 LOCK_NAME = "lock.mdb"
 # Everything a datumdb database folder may hold: a folder with anything else is not ours to replace.
 DATABASE_FILES = frozenset({DATA_NAME, MANIFEST_NAME, LOCK_NAME})
@@ -201,6 +206,7 @@ class DatabaseWriter:
             raise DatabaseError(f"{self._work}: cannot create LMDB environment: {exc}") from exc
         self._max_key = self._env.max_key_size()
         self._batch: list[tuple[bytes, bytes]] = []
+        self._handed = 0  # records of _batch already handed to the commit thread
         self._first_key: bytes | None = None
         self._last_key: bytes | None = None
         self._count = 0
@@ -219,13 +225,16 @@ class DatabaseWriter:
         # and writes the pages with the GIL released, so a build of large records (photos)
         # decodes, hashes and writes at once. One commit at a time, in order: the same bytes.
         self._committer = ThreadPoolExecutor(1, thread_name_prefix="datumdb-commit", initializer=_leave_signals_to_main)
-        self._committing: Future[None] | None = None
+        self._pending: deque[Future[None]] = deque()  # hand-overs to the commit thread not yet waited for
+        self._txn: lmdb.Transaction | None = None  # the batch's open transaction (commit thread only)
+        self._txn_records: list[tuple[bytes, bytes]] = []  # what it holds (replayed if the map grows)
         # add_copied's records are hashed in a thread of their own while LMDB writes the last batch.
         self._copy_digester = ThreadPoolExecutor(
             1, thread_name_prefix="datumdb-digest", initializer=_leave_signals_to_main
         )
         self._copied: list[tuple[bytes, bytes]] = []
         self._copy_hashing: Future[None] | None = None
+        self._writeback = _Writeback(self._work / DATA_NAME)  # (durable builds only)
 
     # ------------------------------------------------------------------ public API
 
@@ -313,8 +322,7 @@ class DatabaseWriter:
             take = min(self.batch_size - len(self._batch), count - done)
             self._batch.extend(items[done : done + take])
             done += take
-            if len(self._batch) >= self.batch_size:
-                self._flush()
+            self._stream()
 
     def _batchable(self, chunk: np.ndarray, labels: np.ndarray) -> bool:
         """Whether :meth:`add_batch` can frame ``chunk`` in bulk with the result of :meth:`add` per sample."""
@@ -432,6 +440,7 @@ class DatabaseWriter:
             self._flush()
             self._wait_commit()
             self._committer.shutdown()
+            self._writeback.close()
             _check_interrupt()
             # The file's own hash lets verify notice damage anywhere in it, even in bytes no
             # record uses (free page space), which the content digest cannot see. The last
@@ -473,10 +482,14 @@ class DatabaseWriter:
 
     def abort(self) -> None:
         """Discard the build: nothing is published and the private folder is removed."""
-        if self._committing is not None:  # a commit in flight ends before the environment closes
-            futures.wait([self._committing])
-            self._committing = None
+        # The hand-overs in flight end (their errors are the build's, raised already or moot now)
+        # and the open transaction is dropped in its own thread, before the environment closes.
+        futures.wait(list(self._pending))
+        self._pending.clear()
+        with contextlib.suppress(RuntimeError):  # (shut down already: no transaction left open)
+            futures.wait([self._committer.submit(self._abort_txn)])
         self._committer.shutdown(wait=True)
+        self._writeback.close()
         self._copy_digester.shutdown(wait=True)
         self._hasher.close()
         if self._env is not None:
@@ -573,49 +586,96 @@ class DatabaseWriter:
             self._first_key = key
         self._last_key = key
         self._payload_bytes += len(value)
+        self._stream()
+
+    def _stream(self) -> None:
+        """Commit a full batch; hand the commit thread a run of new records now and then."""
         if len(self._batch) >= self.batch_size:
             self._flush()
+        elif len(self._batch) - self._handed >= _STREAM_RECORDS:
+            self._hand_over(final=False)
 
     def _flush(self) -> None:
-        """Hand the pending batch to the commit thread, once the previous commit has ended."""
+        """Hand the rest of the batch to the commit thread, to be committed: the commit points
+        (every ``batch_size`` records, and the end) are what fix the bytes of ``data.mdb``."""
         _check_interrupt()
         if not self._batch:
             return
-        self._wait_commit()
-        batch, self._batch = self._batch, []
-        self._committing = self._committer.submit(self._commit, batch)
+        self._hand_over(final=True)
+        self._batch, self._handed = [], 0
+
+    def _hand_over(self, *, final: bool) -> None:
+        """The batch's records not yet handed, to the commit thread (in order: it has one thread).
+
+        A batch's first hand-over waits for the previous batch's commit, so at most two batches
+        are held (the one committing, the one filling): what the decoding ring is sized for."""
+        if self._handed == 0:
+            self._wait_commit()
+        else:
+            while self._pending and self._pending[0].done():  # a failed put stops the build now
+                self._pending.popleft().result()
+        records = self._batch[self._handed :]
+        self._handed = len(self._batch)
+        self._pending.append(self._committer.submit(self._put, records, final))
 
     def _wait_commit(self) -> None:
-        """Wait for the commit in flight; its error (a WriteError, a DatabaseError) is raised here."""
-        if self._committing is not None:
-            committing, self._committing = self._committing, None
-            committing.result()
+        """Wait for every hand-over; the first error (a WriteError, a DatabaseError) is raised here."""
+        while self._pending:
+            self._pending.popleft().result()
 
-    def _commit(self, batch: list[tuple[bytes, bytes]]) -> None:
-        """Commit one batch; on MapFullError double the map and replay the whole batch."""
+    def _put(self, records: list[tuple[bytes, bytes]], final: bool) -> None:
+        """In the commit thread: put ``records`` in the batch's transaction (begun if none is
+        open), then commit it if ``final``. On MapFullError the map doubles and the batch's
+        records so far are put again in a new transaction: the same records, the same commit
+        points, the same bytes."""
         assert self._env is not None
+        self._txn_records.extend(records)
+        fresh = records
         while True:
             try:
-                with self._env.begin(write=True) as txn:
-                    consumed, added = txn.cursor().putmulti(batch, append=True)
-                    if consumed != len(batch) or added != len(batch):
+                if self._txn is None:
+                    self._txn = self._env.begin(write=True)
+                    fresh = self._txn_records
+                if fresh:
+                    consumed, added = self._txn.cursor().putmulti(fresh, append=True)
+                    if consumed != len(fresh) or added != len(fresh):
                         raise WriteError(
-                            f"{self.path}: LMDB stored {added} of {len(batch)} records of the batch "
-                            f"starting at key {_text(bytes(batch[0][0]))!r}"
+                            f"{self.path}: LMDB stored {added} of {len(fresh)} records of the batch "
+                            f"starting at key {_text(bytes(self._txn_records[0][0]))!r}"
                         )
+                if final:
+                    txn, self._txn = self._txn, None
+                    txn.commit()
                 break
             except lmdb.MapFullError:
+                self._abort_txn()
                 if self.map_size * 2 > MAX_MAP_SIZE:
                     raise DatabaseError(f"{self.path}: map size would exceed {MAX_MAP_SIZE} bytes") from None
                 self.map_size *= 2
                 self.grow_count += 1
                 self._env.set_mapsize(self.map_size)
             except lmdb.Error as exc:
+                self._abort_txn()
                 raise DatabaseError(
-                    f"{self.path}: LMDB could not write the batch starting at key {_text(bytes(batch[0][0]))!r}: "
-                    f"{exc} (is the disk full, or a file size limit reached?)"
+                    f"{self.path}: LMDB could not write the batch starting at key "
+                    f"{_text(bytes(self._txn_records[0][0]))!r}: {exc} "
+                    "(is the disk full, or a file size limit reached?)"
                 ) from exc
-        self.commit_count += 1
+            except BaseException:
+                self._abort_txn()
+                raise
+        if final:
+            self._txn_records = []
+            self.commit_count += 1
+            if self.durable:
+                self._writeback.start()
+
+    def _abort_txn(self) -> None:
+        """In the commit thread: drop the open transaction, if any (a failed or abandoned batch)."""
+        if self._txn is not None:
+            txn, self._txn = self._txn, None
+            with contextlib.suppress(lmdb.Error):
+                txn.abort()
 
     def _publish(self) -> None:
         """Move the finished build to ``path``; the previous version stays complete until then.
@@ -734,6 +794,45 @@ def _fsync_dir(path: Path) -> None:
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+class _Writeback:
+    """Starts the kernel writing a file's dirty pages to disk after each commit, without waiting.
+
+    A build commits without fsync (one at the end is enough: a crash discards the build), so
+    every page it wrote would still be in memory at the end, and the final fsync would write
+    the whole file while nothing else runs: about a fifth of a 600 MB build's wall time. Linux's
+    ``sync_file_range(SYNC_FILE_RANGE_WRITE)`` queues the writes as the build goes, in the commit
+    thread, so the final fsync finds little left. It changes no byte and no durability promise
+    (the final fsync still comes first); elsewhere, or if the call fails, it does nothing.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._fd: int | None = None
+        self._call: Any = None
+        if sys.platform.startswith("linux"):
+            with contextlib.suppress(OSError, AttributeError):
+                self._call = ctypes.CDLL(None, use_errno=True).sync_file_range
+                self._call.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+
+    def start(self) -> None:
+        if self._call is None:
+            return
+        if self._fd is None:
+            try:
+                self._fd = os.open(self._path, os.O_RDONLY)
+            except OSError:
+                self._call = None
+                return
+        if self._call(self._fd, 0, 0, _SYNC_FILE_RANGE_WRITE) != 0:
+            self._call = None  # not supported here: the final fsync does it all
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 # Set to 1 to publish without renameat2's exchange, as on file systems that lack it (NFS): what

@@ -46,6 +46,8 @@ rule index:
         datumdb=DATUMDB,  # quoted for the shell already
         params_file=PARAMS,
         shard_set=lambda wildcards: outputs.shard_set(wildcards.split),
+    benchmark:  # wall time, peak RSS, I/O of each job (Snakemake measures it)
+        "logs/benchmarks/index/{split}.tsv"
     log:
         "logs/index/{split}.log",
     wildcard_constraints:
