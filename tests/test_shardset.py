@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from datumdb import DatumReader
 from datumdb.codec import decode, encode_sample
 from datumdb.errors import InputError, VerificationError
 from datumdb.manifest import read_manifest
@@ -237,6 +238,50 @@ def test_cli_assemble_publishes_once_and_refuses_bad_input(tmp_path, capsys) -> 
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and SHARD_INDEX in err
     assert not (tmp_path / "other").exists()
+
+
+_READ_ALL = """
+import resource, sys
+from datumdb import DatumReader
+reader = DatumReader(sys.argv[1])
+print(len(list(reader.datums())), resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+"""
+
+
+def _with_file_limit(soft: int, hard: int):
+    import resource
+
+    return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_shard_set_of_more_shards_than_the_soft_file_limit_reads_and_assembles(tmp_path) -> None:
+    """Each open shard holds two descriptors: 115 shards pass a soft limit of 128 (raised
+    towards the hard one), and past the hard limit the error is one line, not LMDB's failure in
+    the middle of a read."""
+    import subprocess
+    import sys
+
+    folder, plan, *_ = build_set(tmp_path, count=500, mean=4)
+    shards = len(plan.shards["train"])
+    assert shards * 2 > 128
+    run = [sys.executable, "-c", _READ_ALL, str(folder)]
+    done = subprocess.run(run, capture_output=True, text=True, preexec_fn=_with_file_limit(128, 4096))
+    assert done.returncode == 0, done.stderr
+    count, soft = map(int, done.stdout.split())
+    assert count == plan.counts()["train"] and 2 * shards < soft <= 4096
+    assemble = [sys.executable, "-m", "datumdb", "assemble", str(folder), str(tmp_path / "one")]
+    done = subprocess.run(assemble, capture_output=True, text=True, preexec_fn=_with_file_limit(128, 4096))
+    assert done.returncode == 0, done.stderr
+    assert len(DatumReader(tmp_path / "one")) == count
+
+    done = subprocess.run(run, capture_output=True, text=True, preexec_fn=_with_file_limit(128, 128))
+    assert done.returncode != 0 and "DatabaseError" in done.stderr
+    assert f"{folder} ({shards} shards): reading it needs" in done.stderr and "ulimit -n" in done.stderr
+    done = subprocess.run(
+        [*assemble[:-1], str(tmp_path / "two")], capture_output=True, text=True, preexec_fn=_with_file_limit(128, 128)
+    )
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "build.shard_size" in done.stderr
+    assert not (tmp_path / "two").exists()
 
 
 def expected_records(plan, ids, images, labels):

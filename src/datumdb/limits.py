@@ -29,6 +29,9 @@ The bounds (each a named constant; the first can be changed through the environm
   (libjpeg's progressive script: 10 in colour, 6 in grey; Photoshop's: 3 to 5).
 * :data:`DEFAULT_MAX_EXPORT_BYTES` (4 GiB): decoded pixels ``datumdb export`` will hold and write
   unless ``--max-bytes`` says otherwise.
+* Open files: a reader of a shard set holds each shard's files open (:data:`FILES_PER_OPEN_SHARD`);
+  :func:`make_room_for_open_files` raises the process's soft ``RLIMIT_NOFILE`` towards its hard
+  limit for them, or refuses with one line naming the set before LMDB fails half-way.
 * The ranges of numeric options (:data:`SEED_MAX`, :data:`MAX_RESIZE`, :data:`MAX_RESIZE_PIXELS`,
   :data:`INT31_MAX`, :data:`MAX_TIMEOUT`): the command line checks its options against them, and
   ``datumdb.pipeline.config`` adds them to the params schema, so both refuse the same values.
@@ -42,12 +45,13 @@ import re
 import stat
 from typing import BinaryIO
 
-from datumdb.errors import InputError, UnsafeInputError
+from datumdb.errors import DatabaseError, InputError, UnsafeInputError
 
 __all__ = [
     "DECODED_BYTES_PER_PIXEL",
     "DEFAULT_MAX_EXPORT_BYTES",
     "DEFAULT_MAX_INPUT_BYTES",
+    "FILES_PER_OPEN_SHARD",
     "INT31_MAX",
     "MAX_IMAGE_PIXELS",
     "MAX_INPUT_BYTES_ENV",
@@ -60,6 +64,7 @@ __all__ = [
     "SEED_MAX",
     "check_regular_file",
     "configure_opencv",
+    "make_room_for_open_files",
     "max_decoded_bytes",
     "max_image_pixels",
     "max_input_bytes",
@@ -86,6 +91,41 @@ MAX_RESIZE = 65535  # per side (OpenCV's JPEG encoder stops at 65500; PNG and ra
 MAX_RESIZE_PIXELS = 1 << 26  # height * width of a resized image: 8192 x 8192, 192 MiB in colour
 INT31_MAX = 2**31 - 1  # counts, labels, batch sizes: the int32 of Caffe's Datum and LMDB's batches
 MAX_TIMEOUT = 1e6  # seconds (11.5 days): beyond it a time limit is a typo
+
+FILES_PER_OPEN_SHARD = 2  # an open DatumReader: LMDB's descriptor of data.mdb and the dup its offset map keeps
+_SPARE_FILES = 64  # beyond what is counted: logs, pipes, the files a step opens besides
+
+
+def make_room_for_open_files(count: int, what: str) -> None:
+    """Make sure this process may open ``count`` more files, or refuse in one clear line.
+
+    A shard set of 10^4 shards needs 2 x 10^4 descriptors, and the usual soft limit is 1024
+    (the hard one is often 2^19 or more): the soft limit is raised as far as needed, which any
+    process may do up to its hard limit. Past the hard limit, LMDB would fail on some shard in
+    the middle of a read ("Too many open files"); the error here says why and what to change.
+    """
+    try:
+        import resource
+    except ImportError:  # not a Unix: nothing to raise
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        in_use = len(os.listdir("/proc/self/fd"))
+    except OSError:  # no /proc: count nothing in use beyond the spare ones
+        in_use = 0
+    needed = in_use + count + _SPARE_FILES
+    if soft == resource.RLIM_INFINITY or needed <= soft:
+        return
+    if hard == resource.RLIM_INFINITY or needed <= hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+            return
+        except (OSError, ValueError):  # a kernel cap below the hard limit (fs.nr_open)
+            pass
+    raise DatabaseError(
+        f"{what}: reading it needs {needed} open files and this process may open {soft} (at most {hard}); "
+        "raise the limit (ulimit -n) or build larger shards (build.shard_size)"
+    )
 
 
 def configure_opencv() -> None:

@@ -55,7 +55,7 @@ from datumdb.errors import (
     VerificationError,
 )
 from datumdb.keys import index_key
-from datumdb.limits import MAX_MANIFEST_BYTES, read_regular_file
+from datumdb.limits import FILES_PER_OPEN_SHARD, MAX_MANIFEST_BYTES, make_room_for_open_files, read_regular_file
 from datumdb.manifest import DATA_NAME, MANIFEST_NAME, SHARD_INDEX, read_manifest, single_or_mixed
 from datumdb.pipeline.splits import SPLITS  # the split names (a pure module: no pipeline code runs)
 from datumdb.reader import DatabaseVersion, DatumReader, batch_indices
@@ -412,6 +412,7 @@ def assemble(
     placement = assembly_order(orders)
     total = len(placement)
     first = manifests[0] if manifests else {}
+    make_room_for_open_files(FILES_PER_OPEN_SHARD * len(folders), f"{shard_set} ({len(folders)} shards)")
     readers = [DatumReader(folder) for folder in folders]
     try:
         for reader in readers:  # all opened before any is read: their maps are located at once
@@ -480,6 +481,8 @@ class ShardSetReader(DatumReader):
         """Open every shard at the first read in this process, before any is read: LMDB's maps
         are then located from one listing of the process's mappings for all of them."""
         if self._opened_in != os.getpid():
+            count = len(self._parts)
+            make_room_for_open_files(FILES_PER_OPEN_SHARD * count, f"{self.path} ({count} shards)")
             for part in self._parts:
                 part._pinned()
             self._opened_in = os.getpid()
