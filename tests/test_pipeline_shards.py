@@ -494,3 +494,30 @@ def test_float_arrays_become_float_datums_and_verify(tmp_path: Path, capsys: pyt
     png = _params(tmp_path / "png", parts=2, dataset=dataset, encoding="png")
     assert main(["pipeline", "shards", "--params", str(png), str(tmp_path / "png" / "shards"), "--jobs", "1"]) == 2
     assert "needs uint8 images" in capsys.readouterr().err
+
+
+def test_the_classifier_compares_large_images_at_a_small_side(tmp_path) -> None:
+    """Verify's nearest-class-mean check on 3x96x96 records: features of NCM_SIDE x NCM_SIDE
+    (area-reduced), which still tell the classes apart; images of that side or smaller are
+    compared as they are."""
+    from datumdb.pipeline.check import NCM_SIDE, _features, nearest_class_mean
+
+    rng = np.random.default_rng(0)
+    tints = rng.integers(0, 256, (4, 3, 1, 1))
+    for name, side in (("large", 3 * NCM_SIDE), ("small", NCM_SIDE)):
+        labels = np.arange(40) % 4
+        noise = rng.integers(-40, 40, (40, 3, side, side))
+        images = np.clip(tints[labels] + noise, 0, 255).astype(np.uint8)
+        with DatabaseWriter(tmp_path / name) as db:
+            db.add_batch(images, labels)
+        with DatumReader(tmp_path / name) as reader:
+            key, datum = next(iter(reader.datums()))
+            features = _features(datum, key, False, "unchanged")
+            assert features.shape == (3 * NCM_SIDE * NCM_SIDE,)
+            if side == NCM_SIDE:
+                assert np.array_equal(features, images[0].astype(np.float64).reshape(-1))
+            else:
+                small = cv2.resize(images[0].transpose(1, 2, 0), (NCM_SIDE, NCM_SIDE), interpolation=cv2.INTER_AREA)
+                assert np.array_equal(features, small.astype(np.float64).reshape(-1))
+        result = nearest_class_mean(tmp_path / name, tmp_path / name)
+        assert result["accuracy"] == 1.0 and result["evaluated"] == 40 and result["classes"] == 4
