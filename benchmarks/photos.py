@@ -222,7 +222,9 @@ def rehearse(
         _dvc(repo, "push", "-q")
         pushed = tree_bytes(remote)
         result["change_added_photos"] = one_percent_change(photos, listing)
+        shutil.rmtree(repo / "logs" / "benchmarks")  # the jobs of the change alone
         result["change_seconds"] = _snakemake(repo, cores)
+        result["change_jobs"] = job_stats(repo)
         result["change_vs_full"] = result["change_seconds"] / seconds
         _dvc(repo, "push", "-q")
         result["remote_bytes"] = pushed
@@ -261,11 +263,13 @@ def markdown(rows: list[dict[str, Any]], cores: int) -> str:
         )
     lines += ["", "| build | rule: jobs, summed wall seconds (longest job) |", "|---|---|"]
     for row in rows:
-        jobs = ", ".join(
-            f"{rule}: {job['jobs']:.0f}, {job['seconds']:.1f} s ({job['longest_s']:.1f} s)"
-            for rule, job in sorted(row["jobs"].items())
-        )
-        lines.append(f"| {row['name']} | {jobs} |")
+        for name, jobs in ((row["name"], row["jobs"]), (f"{row['name']}: 1% change", row.get("change_jobs"))):
+            if jobs is not None:
+                summary = ", ".join(
+                    f"{rule}: {job['jobs']:.0f}, {job['seconds']:.1f} s ({job['longest_s']:.1f} s)"
+                    for rule, job in sorted(jobs.items())
+                )
+                lines.append(f"| {name} | {summary} |")
     changed = [row for row in rows if "change_seconds" in row]
     if changed:
         lines += ["", "| 1% change (photos appended, one label fixed) | rebuild | vs full run | shards rebuilt | "
