@@ -794,10 +794,43 @@ def test_a_durable_build_starts_its_writeback_after_each_commit_and_writes_the_s
     missing.close()
 
 
-@pytest.mark.parametrize("size", [0, 1, (1 << 20) + 3])
-def test_file_sha256_is_the_sha256_of_the_bytes(tmp_path: Path, size: int) -> None:
+@pytest.mark.parametrize("size", [0, 1, (1 << 20) + 3, (5 << 19) + 3])
+def test_file_sha256_is_the_sha256_of_the_bytes(tmp_path: Path, size: int, monkeypatch) -> None:
+    from datumdb import manifest
     from datumdb.manifest import file_sha256
+
+    monkeypatch.setattr(manifest, "_HASH_WINDOW", 1 << 20)  # the larger sizes span several windows
 
     data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
     (tmp_path / "f").write_bytes(data)
     assert file_sha256(tmp_path / "f") == "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+_PEAK_RSS_WHILE_HASHING = """
+import sys
+from datumdb.manifest import file_sha256
+
+def peak_kib():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+
+before = peak_kib()
+file_sha256(sys.argv[1])
+print(peak_kib() - before)
+"""
+
+
+def test_hashing_a_file_maps_a_window_at_a_time(tmp_path: Path) -> None:
+    """The resident set grows by about one window while a 320 MiB file is hashed, not by the file."""
+    import subprocess
+    import sys
+
+    from datumdb.manifest import _HASH_WINDOW
+
+    path = tmp_path / "big"
+    with open(path, "wb") as handle:
+        for _ in range(5):
+            handle.write(os.urandom(64 << 20))
+    done = subprocess.run([sys.executable, "-c", _PEAK_RSS_WHILE_HASHING, str(path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) * 1024 < 2 * _HASH_WINDOW < path.stat().st_size

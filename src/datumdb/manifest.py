@@ -293,18 +293,28 @@ def _checksum(manifest: dict[str, Any]) -> str:
     return "sha256:" + hashlib.sha256(_render(body).encode("utf-8")).hexdigest()
 
 
+_HASH_WINDOW = 64 << 20
+"""Bytes of a file mapped at a time while hashing it: the process's resident set grows by one
+window, not by the file (a mapped page counts in RSS until it is unmapped, and schedulers such
+as SLURM may judge a job by its RSS)."""
+
+
 def file_sha256(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
     """sha256 of a file's bytes (hashlib releases the GIL, so this can run in a thread).
 
-    Hashed through a read-only map, not copied out in chunks: an eighth less time for a
-    database of photos, whose hash ends its build. A file that cannot be mapped (empty, or a
-    file system without maps) is read in ``chunk_size`` pieces instead."""
+    Hashed through read-only maps of :data:`_HASH_WINDOW` bytes, not copied out in chunks: an
+    eighth less time for a database of photos, whose hash ends its build. The writer hashes only
+    the file it has just written, in its own work folder. A file that cannot be mapped (a file
+    system without maps) is read in ``chunk_size`` pieces instead."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
         try:
-            with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-                digest.update(mapped)
-        except (OSError, ValueError):  # (ValueError: an empty file cannot be mapped)
+            for offset in range(0, size, _HASH_WINDOW):
+                length = min(_HASH_WINDOW, size - offset)
+                with mmap.mmap(handle.fileno(), length, offset=offset, access=mmap.ACCESS_READ) as mapped:
+                    digest.update(mapped)
+        except (OSError, ValueError):
             digest = hashlib.sha256()
             handle.seek(0)
             while chunk := handle.read(chunk_size):
