@@ -431,3 +431,18 @@ def test_long_jobs_write_progress_lines_to_their_logs_even_with_no_progress(tmp_
     # the default interval (10 s): a short job's log gets no progress line, only its result
     _datumdb(["--no-progress", "verify", str(tmp_path / "db")], logs / "quiet.log", None)
     assert not any(PROGRESS_LINE.fullmatch(line) for line in (logs / "quiet.log").read_text().splitlines())
+
+
+@pytest.mark.parametrize("layout", ["list", "folders"])
+def test_the_plan_carries_the_input_digest_without_reading_the_files_again(tmp_path: Path, layout: str) -> None:
+    """What a Snakemake run records for DVC (``reports/params.json``'s inputs) comes from the
+    plan's hashes; it must be the digest the DVC stage computes from the files themselves."""
+    from datumdb.pipeline.plan import make_plan
+
+    listed = _inputs(tmp_path, count=12)
+    config = load_config(_params(tmp_path, imageset={"layout": layout}))
+    plan = make_plan(config, {})
+    assert plan.inputs == input_digest(config)
+    image = tmp_path / "inputs" / "images" / listed[5][0]
+    image.write_bytes(image.read_bytes() + b"\0")  # one image's bytes change: so does the digest
+    assert make_plan(config, {}).inputs == input_digest(config) != plan.inputs

@@ -194,7 +194,8 @@ def record_in_dvc():
     if dvc is None:
         print("datumdb: outputs not recorded in DVC: no dvc beside Snakemake's Python nor on PATH")
         return
-    inputs = input_digest(CONFIG, load_hash_cache())  # every file hashed already: the cache answers
+    # the digest of the files the plan was made from (it hashed each once): nothing is read again
+    inputs = PLAN.inputs or input_digest(CONFIG, load_hash_cache())
     atomic_write(outputs.RESOLVED_PARAMS, resolved_json(CONFIG, inputs))  # what the DVC stages read their params from
     print("datumdb: recording the outputs in DVC (dvc commit --force)", flush=True)
     if subprocess.run([dvc, "commit", "--force", "--quiet"], check=False).returncode != 0:

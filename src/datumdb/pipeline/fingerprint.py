@@ -38,6 +38,7 @@ __all__ = [
     "PACKAGE_DIR",
     "STEP_CODE",
     "code_digest",
+    "combined_input_digest",
     "describe_difference",
     "file_sha256",
     "fingerprint",
@@ -175,9 +176,15 @@ def input_digest(config: PipelineConfig, cache: dict[str, Any] | None = None) ->
     ``cache`` (path -> [size, mtime_ns, inode, sha256]) lets a caller that asks often (the
     Snakefile, at every start) skip files whose stat is unchanged; the build itself hashes fresh.
     """
+    return combined_input_digest((name, file_sha256(path, cache)) for name, path in input_files(config))
+
+
+def combined_input_digest(named_hashes: Iterable[tuple[str, str]]) -> str:
+    """:func:`input_digest` from each input file's name and sha256 (hex), in :func:`input_files`'
+    order: the plan, which has hashed every file already, computes it without reading them again."""
     digest = hashlib.sha256()
-    for name, path in input_files(config):
-        digest.update(b"%d:%s" % (len(name.encode()), name.encode()) + file_sha256(path, cache).encode())
+    for name, sha in named_hashes:
+        digest.update(b"%d:%s" % (len(name.encode()), name.encode()) + sha.encode())
     return "sha256:" + digest.hexdigest()
 
 

@@ -39,7 +39,14 @@ from datumdb.errors import InputError
 from datumdb.files import atomic_write
 from datumdb.imageset import ListEntry
 from datumdb.pipeline.config import PipelineConfig
-from datumdb.pipeline.fingerprint import build_params, code_digest, file_sha256, fingerprint
+from datumdb.pipeline.fingerprint import (
+    build_params,
+    code_digest,
+    combined_input_digest,
+    file_sha256,
+    fingerprint,
+    input_digest,
+)
 from datumdb.pipeline.splits import SPLITS
 from datumdb.shardset import plan_shards
 
@@ -95,6 +102,9 @@ class Plan:
     parts: int
     shards: dict[str, list[ShardTask]]
     split_fingerprints: dict[str, str] = field(default_factory=dict)
+    inputs: str | None = None
+    """:func:`~datumdb.pipeline.fingerprint.input_digest` of the files planned from (None for a
+    plan read back from its files): what a run records for DVC, without hashing them again."""
 
     def part(self, number: int) -> list[ShardTask]:
         return [task for split in SPLITS for task in self.shards[split] if task.part == number]
@@ -129,7 +139,7 @@ def make_plan(config: PipelineConfig, cache: dict[str, Any] | None = None, *, li
     ``cache``: the input-hash cache (:func:`load_hash_cache`), updated in place. ``listed``: an
     imageset's :func:`~datumdb.pipeline.sources.listed_images`, if the caller has it already.
     """
-    identities, members = _members(config, cache, listed)
+    identities, members, inputs = _members(config, cache, listed)
     cut = plan_shards(
         [identity_bytes(identity) for identity in identities],
         config.seed,
@@ -161,11 +171,11 @@ def make_plan(config: PipelineConfig, cache: dict[str, Any] | None = None, *, li
         split_fingerprints[split] = fingerprint(
             {"split": split, "seed": config.seed, "shards": [[t.name, t.fingerprint] for t in tasks]}
         )
-    return Plan(config.partition.count, shards, split_fingerprints)
+    return Plan(config.partition.count, shards, split_fingerprints, inputs)
 
 
-def _members(config: PipelineConfig, cache: dict[str, Any] | None, listed: Any) -> tuple[list[Any], list[Member]]:
-    """Every sample's identity and member entry, in sequence order."""
+def _members(config: PipelineConfig, cache: dict[str, Any] | None, listed: Any) -> tuple[list[Any], list[Member], str]:
+    """Every sample's identity and member entry, in sequence order; the inputs' digest."""
     from datumdb.pipeline.sources import listed_images, open_source
 
     dataset = config.dataset
@@ -173,14 +183,21 @@ def _members(config: PipelineConfig, cache: dict[str, Any] | None, listed: Any) 
         entries, paths, _, _ = listed if listed is not None else listed_images(dataset)
         identities = imageset_identities(entries)
         digests = [file_sha256(path, cache) for path in paths]
-        return identities, [[i, e.label, d] for i, e, d in zip(identities, entries, digests, strict=True)]
+        imageset = dataset.imageset
+        named = [(f"{imageset.root}/{entry.path}", digest) for entry, digest in zip(entries, digests, strict=True)]
+        if imageset.layout == "list":  # the list file first, as input_files() names it
+            list_file = Path(dataset.input_dir) / imageset.list_file
+            named.insert(0, (imageset.list_file, file_sha256(list_file, cache)))
+        members = [[i, e.label, d] for i, e, d in zip(identities, entries, digests, strict=True)]
+        return identities, members, combined_input_digest(named)
+    inputs = input_digest(config, cache)
     source = open_source(dataset, config.seed, config.encoding)
     labels = source.labels().tolist()
     if dataset.source == "synthetic":  # a pure function of (seed, index, shape, classes): all in the params
         digests = [""] * source.count
     else:
         digests = _row_digests(source)
-    return list(range(source.count)), [[i, labels[i], digests[i]] for i in range(source.count)]
+    return list(range(source.count)), [[i, labels[i], digests[i]] for i in range(source.count)], inputs
 
 
 def identity_bytes(identity: str | int) -> bytes:
