@@ -380,6 +380,15 @@ def _map_size_for(folders: Sequence[Path]) -> int:
     return max(1 << 20, (total + total // 8 + (1 << 20)) >> 20 << 20)
 
 
+def _open_shards(readers: Sequence[DatumReader], shard_set: str | os.PathLike[str]) -> None:
+    """Open (pin) every shard's reader before any is read: LMDB's maps are then located from one
+    listing of the process's mappings for all of them. Room is made for their descriptors first,
+    or one clear error names the set (:func:`~datumdb.limits.make_room_for_open_files`)."""
+    make_room_for_open_files(FILES_PER_OPEN_SHARD * len(readers), f"{shard_set} ({len(readers)} shards)")
+    for reader in readers:
+        reader.pin()
+
+
 def assemble(
     shard_set: str | os.PathLike[str],
     db: str | os.PathLike[str],
@@ -412,11 +421,9 @@ def assemble(
     placement = assembly_order(orders)
     total = len(placement)
     first = manifests[0] if manifests else {}
-    make_room_for_open_files(FILES_PER_OPEN_SHARD * len(folders), f"{shard_set} ({len(folders)} shards)")
     readers = [DatumReader(folder) for folder in folders]
     try:
-        for reader in readers:  # all opened before any is read: their maps are located at once
-            reader.pin()
+        _open_shards(readers, shard_set)
         keys = [reader.keys() for reader in readers]
         options = {"encoding": first.get("encoding") if first.get("encoding") in ("png", "jpg") else "none"}
         # The assembled database is derived locally and checked through its content digest: the
@@ -481,10 +488,7 @@ class ShardSetReader(DatumReader):
         """Open every shard at the first read in this process, before any is read: LMDB's maps
         are then located from one listing of the process's mappings for all of them."""
         if self._opened_in != os.getpid():
-            count = len(self._parts)
-            make_room_for_open_files(FILES_PER_OPEN_SHARD * count, f"{self.path} ({count} shards)")
-            for part in self._parts:
-                part._pinned()
+            _open_shards(self._parts, self.path)
             self._opened_in = os.getpid()
 
     def __getstate__(self) -> dict[str, Any]:

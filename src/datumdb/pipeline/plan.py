@@ -45,7 +45,6 @@ from datumdb.pipeline.fingerprint import (
     combined_input_digest,
     file_sha256,
     fingerprint,
-    input_digest,
 )
 from datumdb.pipeline.splits import SPLITS
 from datumdb.shardset import plan_shards
@@ -103,8 +102,10 @@ class Plan:
     shards: dict[str, list[ShardTask]]
     split_fingerprints: dict[str, str] = field(default_factory=dict)
     inputs: str | None = None
-    """:func:`~datumdb.pipeline.fingerprint.input_digest` of the files planned from (None for a
-    plan read back from its files): what a run records for DVC, without hashing them again."""
+    """:func:`~datumdb.pipeline.fingerprint.input_digest` of the image files planned from, from the
+    hashes the plan took of them: what a run records for DVC, without reading them again. None
+    where the plan hashed no files (arrays, synthetic: their few files are hashed when asked) and
+    for a plan read back from its files."""
 
     def part(self, number: int) -> list[ShardTask]:
         return [task for split in SPLITS for task in self.shards[split] if task.part == number]
@@ -174,8 +175,10 @@ def make_plan(config: PipelineConfig, cache: dict[str, Any] | None = None, *, li
     return Plan(config.partition.count, shards, split_fingerprints, inputs)
 
 
-def _members(config: PipelineConfig, cache: dict[str, Any] | None, listed: Any) -> tuple[list[Any], list[Member], str]:
-    """Every sample's identity and member entry, in sequence order; the inputs' digest."""
+def _members(
+    config: PipelineConfig, cache: dict[str, Any] | None, listed: Any
+) -> tuple[list[Any], list[Member], str | None]:
+    """Every sample's identity and member entry, in sequence order; the image files' digest."""
     from datumdb.pipeline.sources import listed_images, open_source
 
     dataset = config.dataset
@@ -190,14 +193,13 @@ def _members(config: PipelineConfig, cache: dict[str, Any] | None, listed: Any) 
             named.insert(0, (imageset.list_file, file_sha256(list_file, cache)))
         members = [[i, e.label, d] for i, e, d in zip(identities, entries, digests, strict=True)]
         return identities, members, combined_input_digest(named)
-    inputs = input_digest(config, cache)
     source = open_source(dataset, config.seed, config.encoding)
     labels = source.labels().tolist()
     if dataset.source == "synthetic":  # a pure function of (seed, index, shape, classes): all in the params
         digests = [""] * source.count
     else:
         digests = _row_digests(source)
-    return list(range(source.count)), [[i, labels[i], digests[i]] for i in range(source.count)], inputs
+    return list(range(source.count)), [[i, labels[i], digests[i]] for i in range(source.count)], None
 
 
 def identity_bytes(identity: str | int) -> bytes:
