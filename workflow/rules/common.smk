@@ -171,8 +171,9 @@ def source_inputs():
 
 
 def record_in_dvc():
-    """After a successful run, record the outputs in DVC (``dvc commit --force``), as ``make
-    dataset`` used to do alone: then ``dvc repro`` and ``dvc status`` see them as fresh.
+    """After a successful run, record the outputs in DVC (``dvc commit --force``; with the DVC of
+    Snakemake's environment, without its run cache: datumdb.pipeline.record), as ``make dataset``
+    used to do alone: then ``dvc repro`` and ``dvc status`` see them as fresh.
 
     Only when that is true: in a DVC repository, on params.yaml (dvc.yaml's params file), with
     every output present and matching the params by its fingerprint, and the summary written
@@ -198,7 +199,11 @@ def record_in_dvc():
     inputs = PLAN.inputs or input_digest(CONFIG, load_hash_cache())
     atomic_write(outputs.RESOLVED_PARAMS, resolved_json(CONFIG, inputs))  # what the DVC stages read their params from
     print("datumdb: recording the outputs in DVC (dvc commit --force)", flush=True)
-    if subprocess.run([dvc, "commit", "--force", "--quiet"], check=False).returncode != 0:
+    if Path(dvc).parent == Path(sys.executable).parent:  # DVC here: its commit without the run cache
+        command = [sys.executable, "-P", "-m", "datumdb.pipeline.record"]
+    else:
+        command = [dvc, "commit", "--force", "--quiet"]
+    if subprocess.run(command, check=False).returncode != 0:
         print("datumdb: dvc commit failed; run it again by hand to record the outputs")
 
 
