@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -17,9 +18,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from datumdb.cli import main
+from datumdb.errors import InputError
 from datumdb.pipeline import outputs
 from datumdb.pipeline.config import load_config
-from datumdb.pipeline.fingerprint import PACKAGE_DIR, STEP_CODE, fingerprint, input_digest
+from datumdb.pipeline.fingerprint import PACKAGE_DIR, STEP_CODE, file_sha256, fingerprint, input_digest
 from datumdb.pipeline.outputs import database_matches_params, missing_outputs, output_files, stale_outputs
 from datumdb.pipeline.plan import make_plan
 from datumdb.pipeline.splits import SPLITS
@@ -376,3 +378,27 @@ def test_step_code_is_closed_under_imports() -> None:
             if name.endswith(".py") and name != "__init__.py"  # listed for the version; its imports re-export
         }
         assert {name: found for name, found in missing.items() if found} == {}, step
+
+
+def test_file_sha256_trusts_its_cache_only_for_the_same_regular_file(tmp_path: Path) -> None:
+    """A cached file is only stat-ed (the plan looks up every input of every version); another
+    size, mtime or inode is read again; a folder or FIFO is refused, never opened to block."""
+    photo = tmp_path / "a.jpg"
+    photo.write_bytes(b"first")
+    cache: dict[str, Any] = {}
+    first = file_sha256(photo, cache)
+    assert first == hashlib.sha256(b"first").hexdigest() and list(cache) == [str(photo.absolute())]
+    cache[str(photo.absolute())][3] = "cached"  # same identity: the cache answers, the file is not read
+    assert file_sha256(photo, cache) == "cached"
+    info = photo.stat()
+    os.utime(photo, ns=(info.st_atime_ns, info.st_mtime_ns + 1))  # touched: read again
+    assert file_sha256(photo, cache) == first and cache[str(photo.absolute())][3] == first
+    replaced = tmp_path / "b.jpg"
+    replaced.write_bytes(b"other")
+    os.utime(replaced, ns=(info.st_atime_ns, info.st_mtime_ns + 1))
+    replaced.replace(photo)  # same size and mtime, another inode: read again
+    assert file_sha256(photo, cache) == hashlib.sha256(b"other").hexdigest()
+    os.mkfifo(tmp_path / "pipe")
+    for bad in (tmp_path / "pipe", tmp_path, tmp_path / "gone.jpg"):
+        with pytest.raises(InputError, match=str(bad.name)):
+            file_sha256(bad, cache)

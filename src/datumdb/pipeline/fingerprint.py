@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from datumdb.errors import InputError
-from datumdb.limits import open_regular_file
+from datumdb.limits import check_regular_file, open_regular_file
 from datumdb.pipeline.config import PipelineConfig
 from datumdb.pipeline.splits import SPLITS
 
@@ -118,6 +118,7 @@ STEP_CODE: dict[str, tuple[str, ...]] = {
     "report": tuple(sorted({*_COMMON, "pipeline/summary.py"})),
 }
 _CHUNK = 1 << 20
+_ANY_SIZE = 1 << 62  # an input file of any size is hashed (in chunks), never read whole
 
 
 def fingerprint(what: Mapping[str, Any]) -> str:
@@ -189,25 +190,32 @@ def combined_input_digest(named_hashes: Iterable[tuple[str, str]]) -> str:
 
 
 def file_sha256(path: Path, cache: dict[str, Any] | None) -> str:
-    """A file's sha256 (hex); with ``cache``, taken from it while size, mtime and inode match."""
+    """A file's sha256 (hex); with ``cache``, taken from it while size, mtime and inode match.
+
+    A cached file is only ``stat``-ed (a regular file, its identity as cached): the plan looks
+    up every input of a version, and opening each of a million photos to learn nothing new
+    cost more than the lookup. A file not in the cache is opened as a regular file and read.
+    """
+    key = os.fspath(path.absolute()) if cache is not None else ""
     try:
-        handle = open_regular_file(path, "input file", limit=1 << 62)  # any size: hashed in chunks
+        if cache is not None:
+            info = check_regular_file(path, "input file", limit=_ANY_SIZE)
+            cached = cache.get(key)
+            if cached is not None and cached[:3] == [info.st_size, info.st_mtime_ns, info.st_ino]:
+                return cached[3]
+        handle = open_regular_file(path, "input file", limit=_ANY_SIZE)
     except FileNotFoundError:
         raise InputError(f"{path}: input file not found") from None
     except OSError as exc:
         raise InputError(f"{path}: cannot read the input file: {exc.strerror or exc}") from None
     with handle:
         info = os.fstat(handle.fileno())
-        identity = [info.st_size, info.st_mtime_ns, info.st_ino]
-        key = os.fspath(path.absolute())
-        if cache is not None and cache.get(key, [None])[:3] == identity:
-            return cache[key][3]
         digest = hashlib.sha256()
         while chunk := handle.read(_CHUNK):
             digest.update(chunk)
     value = digest.hexdigest()
     if cache is not None:
-        cache[key] = [*identity, value]
+        cache[key] = [info.st_size, info.st_mtime_ns, info.st_ino, value]
     return value
 
 
