@@ -144,3 +144,20 @@ def test_channel_means_of_mixed_sizes_are_numpys_mean_over_every_pixel(caffe_dir
     assert means == pytest.approx(pixels.mean(axis=1).tolist(), rel=1e-12)
     with pytest.raises(DatumError, match="differs from the first record"):
         compute_mean(caffe_dir / "lmdb_png", progress=False)  # the mean image stays Caffe's refusal
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
+@pytest.mark.parametrize("channels", [1, 3, 4])
+def test_channel_sums_of_decoded_views_equal_numpys_exact_sums(dtype: type, channels: int) -> None:
+    """A decoded image is a CHW view of HWC pixels (summed by OpenCV); a raw one is CHW (numpy)."""
+    from datumdb.mean import _channel_sums
+
+    rng = np.random.default_rng(channels)
+    top = np.iinfo(dtype).max if np.issubdtype(dtype, np.integer) else 1.0
+    hwc = (rng.random((37, 53, channels)) * top).astype(dtype)
+    hwc[0, 0] = top  # the largest pixel, so an inexact sum would show
+    for chw in (hwc.transpose(2, 0, 1), np.ascontiguousarray(hwc.transpose(2, 0, 1))):
+        sums = _channel_sums(chw)
+        exact = chw.reshape(channels, -1).astype(np.float64 if dtype == np.float32 else np.int64).sum(axis=1)
+        assert sums.dtype == exact.dtype
+        assert np.allclose(sums, exact) if dtype == np.float32 else np.array_equal(sums, exact)

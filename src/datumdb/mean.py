@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 
 from datumdb._progress import progress as progress_bar
@@ -68,7 +69,11 @@ def compute_mean(db_path: str | os.PathLike[str], *, progress: bool | None = Non
 
 
 def channel_means(
-    db_path: str | os.PathLike[str], *, progress: bool | None = None, sample: int | None = None, seed: int = 0
+    db_path: str | os.PathLike[str] | DatumReader,
+    *,
+    progress: bool | None = None,
+    sample: int | None = None,
+    seed: int = 0,
 ) -> tuple[list[float], int]:
     """The mean of each channel over every pixel of every record (or of a seeded ``sample`` of
     records), and the number of records it read.
@@ -80,9 +85,13 @@ def channel_means(
     colour ones counts as three channels, as Caffe's data layer with ``force_color`` reads it.
     Integer pixels are summed exactly (int64), float ones in float64. ``sample``: decoding a
     million photos for three numbers costs more than building their database; a few hundred
-    give ``mean_value`` to about one grey level.
+    give ``mean_value`` to about one grey level. ``db_path`` may be a reader opened with
+    ``imread="auto"`` (left open: a shard set of thousands of shards is not opened again).
     """
-    reader = DatumReader(db_path, imread="auto")
+    given = isinstance(db_path, DatumReader)
+    reader = db_path if isinstance(db_path, DatumReader) else DatumReader(db_path, imread="auto")
+    if given and reader.imread != "auto":
+        raise ValueError(f"{reader.path}: channel_means reads images as the manifest says: imread='auto'")
     sums: np.ndarray | None = None
     pixels = count = 0
     try:
@@ -96,21 +105,34 @@ def channel_means(
             array = datum_to_array(datum, imread=reader.decode_mode, key=key)
             if array.dtype.kind == "f" and not np.isfinite(array).all():
                 raise DatumError("float_data holds NaN or infinity, so would the mean", key)
-            flat = array.reshape(array.shape[0], -1)
-            total = flat.sum(axis=1, dtype=np.int64 if array.dtype.kind in "ui" else np.float64)
+            total = _channel_sums(array)
             if sums is None:
                 sums = total.astype(np.float64) if total.dtype.kind == "f" else total
             elif total.shape != sums.shape:
                 raise DatumError(f"{array.shape[0]} channel(s), the first record has {sums.shape[0]}", key)
             else:
                 sums = sums + total
-            pixels += flat.shape[1]
+            pixels += array.shape[1] * array.shape[2]
             count += 1
     finally:
-        reader.close()
+        if not given:
+            reader.close()
     if sums is None:
         raise InputError(f"{db_path}: the database is empty; there is no mean")
     return [float(v) / pixels for v in sums.tolist()], count
+
+
+def _channel_sums(array: np.ndarray) -> np.ndarray:
+    """Each channel's sum of a CHW array: int64 for integer pixels (exact), float64 for float ones.
+
+    A decoded image is a CHW view of OpenCV's HWC pixels; numpy sums that strided view at about
+    200 MB/s (3 ms a photo), OpenCV's ``sumElems`` sums the HWC pixels 50 times faster, exactly
+    for 8- and 16-bit pixels (a float64 holds any such sum below 2**53).
+    """
+    hwc = array.transpose(1, 2, 0)
+    if array.dtype in (np.uint8, np.uint16) and array.shape[0] <= 4 and hwc.flags.c_contiguous:
+        return np.array(cv2.sumElems(hwc)[: array.shape[0]], dtype=np.float64).astype(np.int64)
+    return array.reshape(array.shape[0], -1).sum(axis=1, dtype=np.int64 if array.dtype.kind in "ui" else np.float64)
 
 
 def binaryproto_bytes(mean: np.ndarray) -> bytes:

@@ -45,12 +45,13 @@ def mean_step(
 ) -> dict[str, Any]:
     """Compute the mean of ``train_db`` and write the three files; returns the JSON summary."""
     check_output_names([binaryproto, npy, summary], [train_db])
-    with DatumReader(train_db) as reader:  # a shard set's manifest: its shards' added up
+    with DatumReader(train_db, imread="auto") as reader:  # a shard set's manifest: its shards' added up
         manifest = reader.manifest
-    shapes = manifest.get("shapes") or {}
+        shapes = manifest.get("shapes") or {}
+        if len(shapes) > 1:  # read by the reader open already: thousands of shards are opened once
+            means, images = channel_means(reader, progress=progress, sample=CHANNEL_MEAN_SAMPLE, seed=seed)
     if len(shapes) > 1:
         distinct = (manifest.get("shape_summary") or {}).get("distinct", len(shapes))
-        means, images = channel_means(train_db, progress=progress, sample=CHANNEL_MEAN_SAMPLE, seed=seed)
         proto, npy_bytes = b"", _empty_npy()
         result: dict[str, Any] = {
             "skipped": f"the train images have {distinct} different sizes; a mean image needs one (as in Caffe)",
