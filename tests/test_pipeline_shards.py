@@ -521,3 +521,32 @@ def test_the_classifier_compares_large_images_at_a_small_side(tmp_path) -> None:
                 assert np.array_equal(features, small.astype(np.float64).reshape(-1))
         result = nearest_class_mean(tmp_path / name, tmp_path / name)
         assert result["accuracy"] == 1.0 and result["evaluated"] == 40 and result["classes"] == 4
+
+
+def test_the_train_class_means_are_kept_for_the_next_verify_job(tmp_path, monkeypatch) -> None:
+    """The first nearest_class_mean keeps the train means in the cache file; the next (another
+    split's verify job) reads them without opening train; another train content, other options
+    or a damaged file compute them again, and every answer is the one computed afresh."""
+    from datumdb.pipeline import check
+
+    rng = np.random.default_rng(1)
+    for name, count in (("train", 60), ("val", 20), ("train2", 64)):
+        labels = np.arange(count) % 3
+        images = np.clip(rng.integers(0, 256, (3, 3, 1, 1))[labels] + rng.integers(-30, 30, (count, 3, 8, 8)), 0, 255)
+        with DatabaseWriter(tmp_path / name) as db:
+            db.add_batch(images.astype(np.uint8), labels)
+    cache = tmp_path / ".datumdb" / "class-means.npz"
+    fresh = check.nearest_class_mean(tmp_path / "train", tmp_path / "val")
+    assert check.nearest_class_mean(tmp_path / "train", tmp_path / "val", cache=cache) == fresh and cache.is_file()
+    computed = []
+    real = check._class_means
+    monkeypatch.setattr(check, "_class_means", lambda *args: computed.append(args) or real(*args))
+    assert check.nearest_class_mean(tmp_path / "train", tmp_path / "val", cache=cache) == fresh
+    assert computed == []  # read from the cache: train not opened
+    other = check.nearest_class_mean(tmp_path / "train2", tmp_path / "val", cache=cache)
+    assert len(computed) == 1 and other == check.nearest_class_mean(tmp_path / "train2", tmp_path / "val")
+    check.nearest_class_mean(tmp_path / "train2", tmp_path / "val", cache=cache, seed=5)
+    assert len(computed) == 3  # another seed: another key (and the uncached call above)
+    cache.write_bytes(cache.read_bytes()[:100])  # damaged: computed again, never an error
+    assert check.nearest_class_mean(tmp_path / "train", tmp_path / "val", cache=cache) == fresh
+    assert len(computed) == 4

@@ -17,7 +17,11 @@ source:
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import os
+import zipfile
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,16 +42,18 @@ from datumdb.codec import (
     imdecode,
     shape_name,
 )
-from datumdb.errors import InputError
+from datumdb.errors import DatumDBError, InputError
+from datumdb.files import atomic_write
 from datumdb.imageset import keeps_file_bytes, load_image
 from datumdb.manifest import SHARD_INDEX, listed_shapes, read_manifest, shape_summary
 from datumdb.pipeline.config import PipelineConfig
+from datumdb.pipeline.fingerprint import code_digest
 from datumdb.pipeline.plan import Plan, ShardTask, imageset_identities, load_hash_cache, make_plan, save_hash_cache
 from datumdb.pipeline.sheet import SHEET_MAX, contact_sheet
 from datumdb.pipeline.sources import ImageFiles, Source, imageset_options, listed_images, open_source
 from datumdb.pipeline.splits import SPLITS
 from datumdb.reader import DatumReader
-from datumdb.shardset import read_shard_index, shard_key, shard_set_digest
+from datumdb.shardset import ShardSetReader, read_shard_index, shard_key, shard_set_digest
 
 __all__ = ["check_split", "nearest_class_mean"]
 
@@ -64,6 +70,13 @@ NCM_MAX_RECORDS = 500
 enough to tell a classifier far above chance from one at chance (a few per class of ImageNet's
 thousand would not rank it, but chance is then 0.1%), and cheap whatever the split's size: each
 verify job reads the train split's sample too, and a version reruns every changed split's."""
+
+
+CLASS_MEANS_CACHE = Path(".datumdb/class-means.npz")
+"""The train split's class means, kept by the first verify job of a version for the others: each
+verify job scores its split against them, and opening the train shard set and decoding its sample
+was half of a val or test job. One file, keyed by the train set's content digests and everything
+else the means depend on (another key, or a damaged file: computed again, never trusted)."""
 
 
 # Photos of their own sizes are compared at NCM_SIDE x NCM_SIDE: JPEG decodes them at an eighth of
@@ -131,6 +144,7 @@ def nearest_class_mean(
     mixed: bool = False,
     seed: int = 0,
     imread: ImreadMode = "unchanged",
+    cache: str | os.PathLike[str] | None = None,
 ) -> dict[str, Any]:
     """Accuracy on ``db`` of the classifier 'label of the nearest train class mean' (and chance).
 
@@ -140,27 +154,85 @@ def nearest_class_mean(
     longest job of the pipeline). ``imread`` decodes
     encoded images ("color" turns a grey JPEG among colour ones into three channels, as Caffe).
     Either database may be given open (a reader the caller keeps): a shard set of thousands of
-    shards is not opened again.
+    shards is not opened again. ``cache``: a file keeping the train class means between calls
+    (:data:`CLASS_MEANS_CACHE`); a train set of unknown content digest is never cached.
     """
-    classes, means = _class_means(train_db, mixed, seed, imread)
+    classes, means = _cached_class_means(train_db, mixed, seed, imread, cache)
     if not len(classes):
         path = train_db.path if isinstance(train_db, DatumReader) else train_db
         raise InputError(f"{path}: the train split is empty; no class means")
-    correct = total = 0
+    features, labels = [], []
     with _opened(db) as reader:
         for key, datum in _datums(reader, seed):
             x = _features(datum, key, mixed, imread)
             if x.size != means.shape[1]:
                 raise InputError(f"{reader.path}: record {key!r} has {x.size} values, train images {means.shape[1]}")
-            predicted = classes[int(np.argmin(((means - x) ** 2).sum(axis=1)))]
-            correct += int(predicted == datum.label)
-            total += 1
+            features.append(x)
+            labels.append(datum.label)
+    correct = 0
+    if features:  # squared distances to every mean at once: |x|^2 - 2 x.m + |m|^2
+        x = np.stack(features)
+        distances = (x * x).sum(axis=1)[:, None] - 2.0 * (x @ means.T) + (means * means).sum(axis=1)[None, :]
+        correct = int((classes[np.argmin(distances, axis=1)] == np.array(labels)).sum())
+    total = len(features)
     return {
         "accuracy": round(correct / total, 6) if total else None,
         "chance": round(1.0 / len(classes), 6),
         "classes": len(classes),
         "evaluated": total,
     }
+
+
+def _cached_class_means(
+    train_db: str | os.PathLike[str] | DatumReader,
+    mixed: bool,
+    seed: int,
+    imread: ImreadMode,
+    cache: str | os.PathLike[str] | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_class_means`, from ``cache`` when it holds them for this train set (its listed
+    content digests: nothing opened), else computed and kept there for the next verify job."""
+    if cache is not None:
+        key = _class_means_key(_listed_digests(train_db), mixed, seed, imread)
+        if key is not None:
+            try:
+                with np.load(io.BytesIO(Path(cache).read_bytes()), allow_pickle=False) as kept:
+                    if str(kept["key"]) == key:
+                        return kept["classes"], kept["means"]
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+                pass  # none yet, or damaged: computed again
+    with _opened(train_db) as train:
+        classes, means = _class_means(train, mixed, seed, imread)
+        key = _class_means_key([version.digest for version in _versions(train)], mixed, seed, imread)
+    if cache is not None and key is not None:
+        buffer = io.BytesIO()
+        np.savez(buffer, key=np.array(key), classes=classes, means=means)
+        atomic_write(cache, buffer.getvalue())
+    return classes, means
+
+
+def _versions(reader: DatumReader) -> tuple[Any, ...]:
+    """The pinned versions of a database (one) or of a shard set (its shards', in order)."""
+    return reader.version if isinstance(reader, ShardSetReader) else (reader.version,)
+
+
+def _listed_digests(db: str | os.PathLike[str] | DatumReader) -> list[str | None]:
+    """The content digests a database or shard set lists (its manifest or index), unopened."""
+    if isinstance(db, DatumReader):
+        return [version.digest for version in _versions(db)]
+    try:
+        if (Path(db) / SHARD_INDEX).is_file():
+            return [shard.get("digest") for shard in read_shard_index(db)["shards"]]
+        return [read_manifest(db).get("digest")]
+    except (OSError, DatumDBError):
+        return [None]
+
+
+def _class_means_key(digests: list[str | None], mixed: bool, seed: int, imread: ImreadMode) -> str | None:
+    if not digests or not all(isinstance(digest, str) for digest in digests):
+        return None  # content unknown (a database without a manifest): never cached
+    what = [digests, mixed, seed, imread, NCM_SIDE, NCM_MAX_RECORDS, code_digest("verify")]
+    return hashlib.sha256(json.dumps(what).encode()).hexdigest()
 
 
 def check_split(
@@ -287,8 +359,9 @@ def check_split(
         mixed = source.shape is None
         imread: ImreadMode = "unchanged" if files is None else ("gray" if config.dataset.imageset.gray else "color")
         same = os.path.realpath(train_db) == os.path.realpath(db)  # the train split's check: open once
-        with _opened(reader if same else train_db) as train:
-            ncm = nearest_class_mean(train, reader, mixed=mixed, seed=config.seed, imread=imread)
+        ncm = nearest_class_mean(
+            reader if same else train_db, reader, mixed=mixed, seed=config.seed, imread=imread, cache=CLASS_MEANS_CACHE
+        )
     details = {
         "split": split,
         "ok": not problems,
