@@ -52,6 +52,8 @@ rule index:
         "logs/index/{split}.log",
     wildcard_constraints:
         split="|".join(SPLITS),
+    # first of the jobs a part's end makes ready: assemble, verify and mean of its split wait for it
+    priority: 2
     threads: 1
     resources:
         mem_mb=500,
