@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -341,3 +343,13 @@ def test_snakemake_and_dvc_pass_no_values_on_their_command_lines(tiny: Path) -> 
         runner = f"{BIN / 'datumdb'} " if command in snakemake_commands else "sh workflow/datumdb "
         assert command.startswith(f"{runner}--no-progress pipeline ") and "--params params.yaml" in command
         assert not values & set(command.split()), command
+
+
+def test_the_record_in_dvc_fails_in_one_line_outside_a_dvc_repository(tmp_path: Path) -> None:
+    """What Snakemake's success hook runs; its failure is one line (the hook then says to run
+    `dvc commit` by hand), never a traceback."""
+    done = subprocess.run(
+        [sys.executable, "-P", "-m", "datumdb.pipeline.record"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert done.returncode == 1 and done.stdout == ""
+    assert done.stderr.startswith("datumdb: dvc commit failed: ") and done.stderr.count("\n") == 1, done.stderr

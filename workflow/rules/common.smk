@@ -222,14 +222,14 @@ def part_receipt(part):
     return str(SHARDS_BUILT / f"{part}.done")
 
 
-def index_current(split, stale):
+def index_current(split, stale, stale_shards):
     """Whether the shard set of ``split`` is indexed as planned, without strays."""
     shard_set = outputs.shard_set(split)
     names = [task.name for task in PLAN.shards[split]]
     if f"{shard_set}/shards.json" in stale or not Path(f"{shard_set}/shards.json").is_file():
         return False
     # (a shard missing or stale: its part reruns first, then this split's index)
-    return not stray_shards(shard_set, names) and not stale_tasks(PLAN.shards[split], outputs.SHARDS)
+    return not stray_shards(shard_set, names) and not any((split, name) in stale_shards for name in names)
 
 
 def database_current(split, stale):
@@ -249,9 +249,11 @@ def reconcile_receipts(stale):
     for folder in (SHARDS_BUILT, INDEXED, BUILT):
         folder.mkdir(parents=True, exist_ok=True)
     rebuilt = False
+    planned = [task for split in SPLITS for task in PLAN.shards[split]]
+    stale_shards = {(task.split, task.name) for task in stale_tasks(planned, outputs.SHARDS)}  # each read once
     for part in PARTS:
         receipt = Path(part_receipt(part))
-        if stale_tasks(PLAN.part(part), outputs.SHARDS):
+        if any((task.split, task.name) in stale_shards for task in PLAN.part(part)):
             receipt.unlink(missing_ok=True)
             rebuilt = True
         elif not receipt.exists():
@@ -260,7 +262,7 @@ def reconcile_receipts(stale):
         if not receipt.stem.isdigit() or int(receipt.stem) not in PARTS:
             receipt.unlink(missing_ok=True)
     for split in SPLITS:
-        indexed = index_current(split, stale)
+        indexed = index_current(split, stale, stale_shards)
         for receipt, current in (
             (Path(index_receipt(split)), indexed),
             (Path(built_receipt(split)), indexed and database_current(split, stale)),

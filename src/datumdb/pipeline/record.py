@@ -35,8 +35,10 @@ def _declined(stage: object) -> None:
 
 def main() -> int:
     """Commit, with DVC's warnings quiet as ``--quiet`` makes them; one line on failure."""
-    logging.getLogger("dvc").setLevel(logging.ERROR)
     try:
+        import dvc  # noqa: F401 (importing DVC sets up its logging, at INFO)
+
+        logging.getLogger("dvc").setLevel(logging.ERROR)
         commit_outputs()
     except Exception as exc:  # DVC's errors are many classes; any of them means "not recorded"
         print(f"datumdb: dvc commit failed: {exc}", file=sys.stderr)
