@@ -80,6 +80,9 @@ rule assemble:
         "logs/assemble/{split}.log",
     wildcard_constraints:
         split="|".join(SPLITS),
+    # then the assemblies, before verify and mean: the longest job (train's) starts early, and a run
+    # killed meanwhile leaves the previous reports as they were
+    priority: 1
     threads: 1
     resources:
         mem_mb=1000,

@@ -43,7 +43,6 @@ rule verify:
         "logs/verify/{split}.log",
     wildcard_constraints:
         split="|".join(SPLITS),
-    priority: 1  # before the assemblies: the report waits for these, nothing waits for an assembly
     threads: 1
     resources:
         mem_mb=1000,
@@ -75,7 +74,6 @@ rule mean:
         "logs/benchmarks/mean/train.tsv"
     log:
         "logs/mean/mean.log",
-    priority: 1  # before the assemblies: the report waits for these, nothing waits for an assembly
     threads: 1
     resources:
         mem_mb=1000,
