@@ -89,7 +89,7 @@ def channel_means(
     ``imread="auto"`` (left open: a shard set of thousands of shards is not opened again).
     """
     given = isinstance(db_path, DatumReader)
-    reader = db_path if isinstance(db_path, DatumReader) else DatumReader(db_path, imread="auto")
+    reader = db_path if given else DatumReader(db_path, imread="auto")
     if given and reader.imread != "auto":
         raise ValueError(f"{reader.path}: channel_means reads images as the manifest says: imread='auto'")
     sums: np.ndarray | None = None
@@ -118,7 +118,7 @@ def channel_means(
         if not given:
             reader.close()
     if sums is None:
-        raise InputError(f"{db_path}: the database is empty; there is no mean")
+        raise InputError(f"{reader.path if given else db_path}: the database is empty; there is no mean")
     return [float(v) / pixels for v in sums.tolist()], count
 
 

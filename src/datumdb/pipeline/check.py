@@ -203,7 +203,7 @@ def _cached_class_means(
                 pass  # none yet, or damaged: computed again
     with _opened(train_db) as train:
         classes, means = _class_means(train, mixed, seed, imread)
-        key = _class_means_key([version.digest for version in _versions(train)], mixed, seed, imread)
+        key = _class_means_key(_listed_digests(train), mixed, seed, imread)  # of the version read
     if cache is not None and key is not None:
         buffer = io.BytesIO()
         np.savez(buffer, key=np.array(key), classes=classes, means=means)
@@ -211,15 +211,12 @@ def _cached_class_means(
     return classes, means
 
 
-def _versions(reader: DatumReader) -> tuple[Any, ...]:
-    """The pinned versions of a database (one) or of a shard set (its shards', in order)."""
-    return reader.version if isinstance(reader, ShardSetReader) else (reader.version,)
-
-
 def _listed_digests(db: str | os.PathLike[str] | DatumReader) -> list[str | None]:
-    """The content digests a database or shard set lists (its manifest or index), unopened."""
-    if isinstance(db, DatumReader):
-        return [version.digest for version in _versions(db)]
+    """The content digests a database or shard set lists (its manifest or index): a reader's of
+    the version it pinned, a path's read unopened."""
+    if isinstance(db, DatumReader):  # a shard set's version: its shards', in order
+        versions = db.version if isinstance(db, ShardSetReader) else (db.version,)
+        return [version.digest for version in versions]
     try:
         if (Path(db) / SHARD_INDEX).is_file():
             return [shard.get("digest") for shard in read_shard_index(db)["shards"]]
