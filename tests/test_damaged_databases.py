@@ -132,6 +132,7 @@ READS = {
     "item": "from datumdb import DatumReader; r = DatumReader(sys.argv[1]); [r[i] for i in range(len(r))]",
     "batch": "from datumdb import DatumReader; r = DatumReader(sys.argv[1]); r.read_batch(list(range(len(r))))",
     "iterate": "from datumdb import DatumReader; list(DatumReader(sys.argv[1]))",
+    "view": "from datumdb import DatumReader; r = DatumReader(sys.argv[1]); [r.value_view(k) for k in r.keys()]",
     "mean": "from datumdb.mean import compute_mean; compute_mean(sys.argv[1])",
 }
 

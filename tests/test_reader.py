@@ -132,6 +132,24 @@ def test_lookup_by_key(raw_db) -> None:
                 reader.datum(missing)
 
 
+def test_value_view_is_the_stored_value_without_a_copy_and_outlives_the_reader(raw_db) -> None:
+    path, _, _ = raw_db
+    reader = DatumReader(path)
+    keys = reader.keys()
+    views = {key: reader.value_view(key) for key in keys}
+    values = {key: reader.value(key) for key in keys}
+    assert all(isinstance(view, memoryview) and view.readonly for view in views.values())
+    assert reader.value_view("00000003") == views[b"00000003"] == reader.value(b"00000003")  # str or bytes
+    for missing in ("nope", b"00000020", b"", b"k" * 600):
+        with pytest.raises(KeyError):
+            reader.value_view(missing)
+    reader.close()
+    import gc
+
+    gc.collect()  # the environment is closed now; each view holds the map it was cut from
+    assert {key: bytes(view) for key, view in views.items()} == values
+
+
 def test_lookup_of_keys_lmdb_cannot_hold_raises_key_error(raw_db) -> None:
     """No record can have an empty or a 600-byte key: a KeyError, not LMDB's BadValsizeError."""
     path, _, _ = raw_db

@@ -766,6 +766,44 @@ def test_add_described_writes_the_bytes_and_manifest_of_add_serialized(tmp_path:
     assert read_manifest(tmp_path / "described")["writer"]["map_size"] > 1 << 16  # it grew, replaying views
 
 
+def test_add_copied_many_writes_the_bytes_and_manifest_of_add_copied_one_by_one(tmp_path: Path) -> None:
+    """The assembly hands over a batch of views at a time; the database must be the one that
+    copying each record on its own makes, whatever the chunks and the batch boundaries."""
+    rng = np.random.default_rng(12)
+    records = [
+        (b"%08d" % i, encode_array(rng.integers(0, 256, (3, 30 + i % 4, 40), dtype=np.uint8), i % 3)) for i in range(61)
+    ]
+    with DatabaseWriter(tmp_path / "one", batch_size=7, map_size=1 << 16) as writer:
+        for key, value in records:
+            writer.add_copied(key, value)
+    with DatabaseWriter(tmp_path / "many", batch_size=7, map_size=1 << 16) as writer:
+        writer.add_copied(*records[0])  # mixed with add_copied, chunks across batch boundaries
+        for start, stop in [(1, 4), (4, 4), (4, 20), (20, 21), (21, 61)]:
+            writer.add_copied_many([(key, memoryview(bytearray(value))) for key, value in records[start:stop]])
+    assert (tmp_path / "many" / "data.mdb").read_bytes() == (tmp_path / "one" / "data.mdb").read_bytes()
+    assert read_manifest(tmp_path / "many") == read_manifest(tmp_path / "one")
+    assert read_manifest(tmp_path / "many")["writer"]["map_size"] > 1 << 16  # it grew, replaying views
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        ([b"b", b"a"], "key 'a' is not greater than the previous key 'b'"),
+        ([b"a", b"c", b"b"], "key 'b' is not greater than the previous key 'c'"),
+        ([b"a", b""], "empty key"),
+        ([b"a", b"k" * 512], "512 bytes"),
+        ([b"a", "b"], "keys must be bytes, got str"),
+    ],
+)
+def test_add_copied_many_checks_every_key_as_add_copied_does(tmp_path: Path, keys, message) -> None:
+    target = tmp_path / "db"
+    value = encode_array(np.zeros((1, 2, 2), np.uint8), 0)
+    with pytest.raises(WriteError, match=message), DatabaseWriter(target, batch_size=2) as writer:
+        writer.add_copied(b"0", value)
+        writer.add_copied_many([(key, value) for key in keys])
+    assert not target.exists() and leftovers(target) == []
+
+
 def test_a_durable_build_starts_its_writeback_after_each_commit_and_writes_the_same_bytes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

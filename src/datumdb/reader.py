@@ -191,6 +191,27 @@ class _File:
             return None if view is None else bytes(view)
         return self.lmdb_map.copy(view, folder, key)
 
+    def value_view(self, folder: Path, key: bytes) -> memoryview | None:
+        """The value stored under ``key`` as a view of this file's own map (None: no such key).
+
+        Checked to lie inside the file like :meth:`value`, and not copied: the view is of
+        ``data`` (the map Python made of the pinned descriptor), not of LMDB's map, so it keeps
+        its map alive for as long as it is held, whatever happens to the environment.
+        """
+        try:
+            view = self.txn.get(key)
+        except lmdb.Error as exc:
+            raise DatumError(f"{folder / DATA_NAME}: damaged: LMDB cannot find this record: {exc}", key) from None
+        if view is None:
+            return None
+        lmdb_map = self.lmdb_map
+        if lmdb_map is None or self.data is None:
+            return memoryview(bytes(view))
+        offset = lmdb_map.offset(view)
+        if offset is None:
+            lmdb_map.copy(view, folder, key)  # raises: the value lies outside the file
+        return memoryview(self.data)[offset : offset + len(view)]
+
     def items(self, folder: Path, values: bool = True) -> Iterator[tuple[bytes, bytes]]:
         """``(key, value)`` in key order (values ``b""`` unless ``values``), each checked.
 
@@ -343,6 +364,9 @@ class _Pin:
 
     def value(self, key: bytes) -> bytes | None:
         return self.file.value(self.folder, key)
+
+    def value_view(self, key: bytes) -> memoryview | None:
+        return self.file.value_view(self.folder, key)
 
     def items(self) -> Iterator[tuple[bytes, bytes]]:
         return self.file.items(self.folder)
@@ -777,6 +801,19 @@ class DatumReader(Sequence[tuple[np.ndarray, int]]):
     def value(self, key: bytes | str) -> bytes:
         """The serialized Datum stored under ``key``."""
         return self._value(self._pinned(), _as_bytes(key))
+
+    def value_view(self, key: bytes | str) -> memoryview:
+        """The serialized Datum stored under ``key``, as a read-only view of the file (no copy).
+
+        For copying records on (the assembly of a shard set): checked to lie inside the file as
+        :meth:`value` is. The view holds a map of the version this reader pinned for as long as
+        it lives, so hold it only as long as needed.
+        """
+        key = _as_bytes(key)
+        view = self._pinned().value_view(key) if 0 < len(key) <= MAX_KEY_BYTES else None
+        if view is None:
+            raise KeyError(f"{self.path}: no record with key {key.decode('utf-8', 'backslashreplace')!r}")
+        return view
 
     def _value(self, pin: _Pin, key: bytes) -> bytes:
         value = pin.value(key) if 0 < len(key) <= MAX_KEY_BYTES else None

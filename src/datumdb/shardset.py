@@ -439,9 +439,14 @@ def assemble(
         if shard_metadata and "classes" in shard_metadata[0]:
             carried["classes"] = shard_metadata[0]["classes"]
         with DatabaseWriter(db, overwrite=overwrite, metadata={**(metadata or {}), **carried}, **options) as writer:
-            for rank, (shard, position) in enumerate(placement):
-                key = keys[shard][position]
-                writer.add_copied(assembled_key(rank, total, key[8:]), readers[shard].value(key))
+            # A batch at a time: views of the shards' maps (LMDB copies them into its pages)
+            step = writer.batch_size
+            for start in range(0, total, step):
+                records = []
+                for rank, (shard, position) in enumerate(placement[start : start + step], start):
+                    key = keys[shard][position]
+                    records.append((assembled_key(rank, total, key[8:]), readers[shard].value_view(key)))
+                writer.add_copied_many(records)
             writer.merge_statistics(merged_statistics(manifests))
     finally:
         for reader in readers:

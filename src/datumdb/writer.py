@@ -375,6 +375,58 @@ class DatabaseWriter:
         self._store(key, value)
         return key
 
+    def add_copied_many(self, records: Sequence[tuple[bytes, bytes | memoryview]]) -> None:
+        """:meth:`add_copied` of each record in order: the same database, less work per record.
+
+        For the assembly of a shard set (views of the shards' maps: nothing is copied until LMDB
+        copies it into its pages). The records are checked and counted together, the digest
+        thread gets them at once, and each full batch is committed while this thread waits:
+        py-lmdb takes the GIL back after every put, so a caller busy in Python meanwhile made the
+        commit thread wait for it record by record (the assembly ran at half the speed of
+        copying the same bytes). The commit points are the same as one record at a time.
+        """
+        if self._hasher:
+            self._hasher.wait()
+        start = 0
+        while start < len(records):
+            chunk = records[start : start + self.batch_size - len(self._batch)]
+            start += len(chunk)
+            previous = self._last_key
+            if self._env is None:
+                raise WriteError(f"{self.path}: the writer is closed")
+            for key, _ in chunk:  # _key's checks, in one loop
+                if (
+                    type(key) is not bytes
+                    or not key
+                    or len(key) > self._max_key
+                    or (previous is not None and key <= previous)
+                ):
+                    self._refuse_key(key, previous)
+                previous = key
+            self._copied.extend(chunk)
+            self._hash_copied()
+            if self._first_key is None:
+                self._first_key = chunk[0][0]
+            self._last_key = previous
+            self._count += len(chunk)
+            self._payload_bytes += sum(len(value) for _, value in chunk)
+            if self._handed == 0:  # a previous batch's commit still running would hold the GIL with us
+                self._wait_commit()
+            self._batch.extend(chunk)
+            if len(self._batch) >= self.batch_size:
+                self._flush()
+                self._wait_commit()
+
+    def _refuse_key(self, key: object, previous: bytes | None) -> None:
+        """Raise :meth:`_key`'s error for ``key`` coming after ``previous`` (add_copied_many)."""
+        if type(key) is not bytes:
+            raise WriteError(f"{self.path}: keys must be bytes, got {type(key).__name__}")
+        saved, self._last_key = self._last_key, previous
+        try:
+            self._key(key)
+        finally:
+            self._last_key = saved
+
     def _queue_for_digest(self, key: bytes, value: bytes | memoryview) -> bytes:
         """Check ``key`` and queue the record for the digest thread (add_copied, add_described)."""
         key = self._key(key)
