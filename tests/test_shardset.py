@@ -185,6 +185,35 @@ def test_assembled_database_holds_every_record_shuffled_and_verifies(tmp_path, t
     assert verify_database(tmp_path / "train_lmdb")["ok"]
 
 
+@pytest.mark.parametrize("room", [1 << 40, 1 << 10, None])
+def test_the_assembly_prefetches_the_shards_only_when_they_fit_in_memory(tmp_path, monkeypatch, room) -> None:
+    """Shards the page cache dropped come back in large reads when they fit in half the free
+    memory; a split larger than that (or a system that does not say) is read as assembled."""
+    import datumdb.shardset as shardset
+
+    folder, plan, *_ = build_set(tmp_path)
+    prefetched: list[str] = []
+    monkeypatch.setattr(shardset, "available_memory", lambda: room)
+    monkeypatch.setattr(DatumReader, "prefetch", lambda self: prefetched.append(self.path.name))
+    assemble(folder, tmp_path / "db")
+    names = [shard.name for shard in plan.shards["train"]]
+    assert prefetched == (names if room == 1 << 40 else [])
+    assert verify_database(tmp_path / "db")["ok"]
+
+
+def test_a_shard_set_reader_hands_out_views_and_prefetches_every_shard(tmp_path, monkeypatch) -> None:
+    folder, plan, *_ = build_set(tmp_path)
+    with DatumReader(folder) as reader:
+        keys = reader.keys()
+        assert [bytes(reader.value_view(key)) for key in keys] == [reader.value(key) for key in keys]
+        with pytest.raises(KeyError):
+            reader.value_view(b"nope/00000000")
+        prefetched: list[str] = []
+        monkeypatch.setattr(DatumReader, "prefetch", lambda self: prefetched.append(self.path.name))
+        reader.prefetch()  # the set's: each shard's in turn
+    assert prefetched == [shard.name for shard in plan.shards["train"]]
+
+
 def test_assembly_is_reproducible(tmp_path) -> None:
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()

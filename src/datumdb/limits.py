@@ -128,6 +128,19 @@ def make_room_for_open_files(count: int, what: str) -> None:
     )
 
 
+def available_memory() -> int | None:
+    """Bytes the kernel says new work can use without swapping (``MemAvailable``, which counts
+    the page cache it can drop); None where /proc/meminfo does not say (not Linux)."""
+    try:
+        with open("/proc/meminfo", "rb") as handle:
+            for line in handle:
+                if line.startswith(b"MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def configure_opencv() -> None:
     """Set OpenCV's pixel bound unless the user did; :mod:`datumdb.codec` calls it before ``import cv2``."""
     os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(MAX_IMAGE_PIXELS))

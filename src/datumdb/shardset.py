@@ -55,7 +55,13 @@ from datumdb.errors import (
     VerificationError,
 )
 from datumdb.keys import index_key
-from datumdb.limits import FILES_PER_OPEN_SHARD, MAX_MANIFEST_BYTES, make_room_for_open_files, read_regular_file
+from datumdb.limits import (
+    FILES_PER_OPEN_SHARD,
+    MAX_MANIFEST_BYTES,
+    available_memory,
+    make_room_for_open_files,
+    read_regular_file,
+)
 from datumdb.manifest import DATA_NAME, MANIFEST_NAME, SHARD_INDEX, read_manifest, single_or_mixed
 from datumdb.pipeline.splits import SPLITS  # the split names (a pure module: no pipeline code runs)
 from datumdb.reader import DatabaseVersion, DatumReader, batch_indices
@@ -380,6 +386,18 @@ def _map_size_for(folders: Sequence[Path]) -> int:
     return max(1 << 20, (total + total // 8 + (1 << 20)) >> 20 << 20)
 
 
+def _prefetch_if_it_fits(readers: Sequence[DatumReader], folders: Sequence[Path]) -> None:
+    """Have the kernel read every shard ahead of the assembly's shuffled reads, if they fit in
+    half the memory free for it (:meth:`~datumdb.reader.DatumReader.prefetch`): shards left
+    unread for a while come back from disk in large reads instead of a 4 KiB fault per page. A
+    split larger than that (ImageNet's 140 GB) is read as it is assembled, as before: fetching
+    it all would push its own first shards out of the cache before they are read."""
+    room = available_memory()
+    if room is not None and sum((folder / DATA_NAME).stat().st_size for folder in folders) <= room // 2:
+        for reader in readers:
+            reader.prefetch()
+
+
 def _open_shards(readers: Sequence[DatumReader], shard_set: str | os.PathLike[str]) -> None:
     """Open (pin) every shard's reader before any is read: LMDB's maps are then located from one
     listing of the process's mappings for all of them. Room is made for their descriptors first,
@@ -424,6 +442,7 @@ def assemble(
     readers = [DatumReader(folder) for folder in folders]
     try:
         _open_shards(readers, shard_set)
+        _prefetch_if_it_fits(readers, folders)
         keys = [reader.keys() for reader in readers]
         options = {"encoding": first.get("encoding") if first.get("encoding") in ("png", "jpg") else "none"}
         # The assembled database is derived locally and checked through its content digest: the
@@ -580,6 +599,15 @@ class ShardSetReader(DatumReader):
     def value(self, key: bytes | str) -> bytes:
         part, local = self._part_for(key)
         return part.value(local)
+
+    def value_view(self, key: bytes | str) -> memoryview:
+        part, local = self._part_for(key)
+        return part.value_view(local)
+
+    def prefetch(self) -> None:
+        self._open_parts()
+        for part in self._parts:
+            part.prefetch()
 
     def get(self, key: bytes | str) -> tuple[np.ndarray, int]:
         part, local = self._part_for(key)

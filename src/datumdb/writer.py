@@ -380,10 +380,10 @@ class DatabaseWriter:
 
         For the assembly of a shard set (views of the shards' maps: nothing is copied until LMDB
         copies it into its pages). The records are checked and counted together, the digest
-        thread gets them at once, and each full batch is committed while this thread waits:
-        py-lmdb takes the GIL back after every put, so a caller busy in Python meanwhile made the
-        commit thread wait for it record by record (the assembly ran at half the speed of
-        copying the same bytes). The commit points are the same as one record at a time.
+        thread gets them at once, and the commit thread a whole batch at a time while the caller
+        gathers the next one: handed over 64 records at a time, the two threads took turns for
+        the GIL (py-lmdb takes it back after every put), and the assembly ran at half the speed
+        of copying the same bytes. The commit points are the same as one record at a time.
         """
         if self._hasher:
             self._hasher.wait()
@@ -410,12 +410,11 @@ class DatabaseWriter:
             self._last_key = previous
             self._count += len(chunk)
             self._payload_bytes += sum(len(value) for _, value in chunk)
-            if self._handed == 0:  # a previous batch's commit still running would hold the GIL with us
+            if self._handed == 0:  # at most two batches held: the one committing, this one
                 self._wait_commit()
             self._batch.extend(chunk)
             if len(self._batch) >= self.batch_size:
                 self._flush()
-                self._wait_commit()
 
     def _refuse_key(self, key: object, previous: bytes | None) -> None:
         """Raise :meth:`_key`'s error for ``key`` coming after ``previous`` (add_copied_many)."""
