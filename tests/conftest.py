@@ -70,6 +70,24 @@ def folder_state(folder: Path) -> dict[str, tuple[str, int]]:
     return {p.name: (sha256_hex(p.read_bytes()), p.stat().st_mtime_ns) for p in sorted(folder.iterdir())}
 
 
+def resident_fraction(path: Path) -> float:
+    """How much of ``path`` is in the page cache (Linux ``mincore`` over a map of it)."""
+    import ctypes
+    import mmap
+
+    import numpy as np
+
+    with open(path, "rb") as handle:
+        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    pages = (len(mapped) + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    flags = (ctypes.c_ubyte * pages)()
+    address = np.frombuffer(mapped, np.uint8).ctypes.data
+    assert ctypes.CDLL(None, use_errno=True).mincore(ctypes.c_void_p(address), len(mapped), flags) == 0
+    resident = sum(flag & 1 for flag in flags) / pages
+    mapped.close()
+    return resident
+
+
 def leftovers(target: Path) -> list[str]:
     """Hidden build folders (``.NAME.partial-*``, ``.NAME.old-*``) beside a target."""
     return sorted(p.name for p in target.parent.iterdir() if p.name.startswith(f".{target.name}."))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FIXTURE_LMDBS, folder_state, read_lmdb_items
+from conftest import FIXTURE_LMDBS, folder_state, read_lmdb_items, resident_fraction
 
 from datumdb import DatabaseWriter, DatumReader
 from datumdb.codec import Datum, datum_to_array
@@ -152,22 +152,6 @@ def test_value_view_is_the_stored_value_without_a_copy_and_outlives_the_reader(r
     assert {key: bytes(view) for key, view in views.items()} == values
 
 
-def _resident_fraction(path: Path) -> float:
-    """How much of ``path`` is in the page cache (Linux ``mincore`` over a map of it)."""
-    import ctypes
-    import mmap
-
-    with open(path, "rb") as handle:
-        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-    pages = (len(mapped) + mmap.PAGESIZE - 1) // mmap.PAGESIZE
-    flags = (ctypes.c_ubyte * pages)()
-    address = np.frombuffer(mapped, np.uint8).ctypes.data
-    assert ctypes.CDLL(None, use_errno=True).mincore(ctypes.c_void_p(address), len(mapped), flags) == 0
-    resident = sum(flag & 1 for flag in flags) / pages
-    mapped.close()
-    return resident
-
-
 @pytest.mark.skipif(sys.platform != "linux", reason="mincore and posix_fadvise as Linux has them")
 def test_prefetch_brings_a_file_the_cache_dropped_back_without_reading_it(tmp_path: Path) -> None:
     data = tmp_path / "db" / "data.mdb"
@@ -179,13 +163,13 @@ def test_prefetch_brings_a_file_the_cache_dropped_back_without_reading_it(tmp_pa
         descriptor = os.open(data, os.O_RDONLY)
         os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)  # as a machine reclaiming its cache
         os.close(descriptor)
-        if _resident_fraction(data) > 0.5:
+        if resident_fraction(data) > 0.5:
             pytest.skip("this file system keeps the pages (tmpfs?): nothing to fetch")
         reader.prefetch()
         deadline = time.monotonic() + 10
-        while _resident_fraction(data) < 0.99 and time.monotonic() < deadline:
+        while resident_fraction(data) < 0.99 and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert _resident_fraction(data) >= 0.99
+        assert resident_fraction(data) >= 0.99
         assert reader.datum(599).label == 599 % 3
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import lmdb
 import numpy as np
 import pytest
-from conftest import folder_state, leftovers, read_lmdb_items
+from conftest import folder_state, leftovers, read_lmdb_items, resident_fraction
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -249,6 +249,23 @@ def test_overwrite_replaces_the_database(tmp_path: Path) -> None:
     assert read_manifest(target)["count"] == 5
     assert leftovers(target) == []
     assert sorted(p.name for p in target.iterdir()) == ["data.mdb", "datumdb.json"]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="mincore and posix_fadvise as Linux has them")
+def test_a_rebuild_lets_the_kernel_drop_the_cached_pages_of_the_version_it_replaces(tmp_path: Path) -> None:
+    """Their pages serve the new version's writes (on a VM, fresh memory cost more than writing)."""
+    target = tmp_path / "db"
+    with DatabaseWriter(target) as writer:
+        for i in range(300):
+            writer.add(np.full((3, 64, 64), i % 251, np.uint8), 0)
+    old = target / "data.mdb"
+    old.read_bytes()  # all of it in the cache
+    assert resident_fraction(old) == 1.0
+    with DatabaseWriter(target, overwrite=True) as writer:
+        assert resident_fraction(old) < 0.1  # dropped before the first record
+        assert (target / "data.mdb").samefile(old)  # still the published version, untouched
+        writer.add(np.zeros((1, 2, 2), np.uint8), 1)
+    assert [decode(v).label for _, v in read_lmdb_items(target)] == [1]
 
 
 def test_empty_target_folder_is_accepted(tmp_path: Path) -> None:

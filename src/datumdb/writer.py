@@ -44,6 +44,7 @@ import functools
 import os
 import signal
 import socket
+import stat
 import sys
 import tempfile
 import threading
@@ -185,6 +186,8 @@ class DatabaseWriter:
             remove_stale_partials(self.path)
             if restored is not None:
                 self._check_target()  # the restored previous version needs overwrite=True like any other
+            if overwrite:
+                _drop_cached_pages(self.path / DATA_NAME)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._work = Path(
             tempfile.mkdtemp(prefix=f".{self.path.name}.partial-{HOST_TAG}-{os.getpid()}-", dir=self.path.parent)
@@ -836,6 +839,23 @@ def _fsync_file(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _drop_cached_pages(data: Path) -> None:
+    """Let the kernel drop the cached pages of the version a build is about to replace.
+
+    Its pages then serve the new version's writes. Otherwise the new file needs as many pages
+    again, and where freed memory goes back to the host (a VM's free page reporting: this
+    machine), taking it back cost more than writing: a 650 MB assembly ran 7-8.5 s instead of 2 s
+    (5-6 s of it in the kernel). Readers of the old version read it from disk again meanwhile;
+    nothing else changes (clean pages only, and only a hint)."""
+    with contextlib.suppress(OSError, AttributeError):  # missing, unreadable, or no posix_fadvise
+        descriptor = os.open(data, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        try:
+            if stat.S_ISREG(os.fstat(descriptor).st_mode):
+                os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(descriptor)
 
 
 def _fsync_dir(path: Path) -> None:
