@@ -6,6 +6,8 @@ import hashlib
 import importlib
 import json
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +88,29 @@ def resident_fraction(path: Path) -> float:
     resident = sum(flag & 1 for flag in flags) / pages
     mapped.close()
     return resident
+
+
+def live_processes_in_group(group: int) -> list[int]:
+    """Processes of a process group that are not zombies (Linux /proc)."""
+    found = []
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat_file.read_text().rpartition(")")[2].split()
+        except OSError:  # it exited meanwhile
+            continue
+        if int(fields[2]) == group and fields[0] != "Z":
+            found.append(int(stat_file.parent.name))
+    return found
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 30) -> bool:
+    """Poll ``condition`` until it holds or ``timeout`` seconds pass; whether it held."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
 
 
 def leftovers(target: Path) -> list[str]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import FIXTURE_FLAGS, FIXTURE_LMDBS, leftovers, read_lmdb_items
+from conftest import FIXTURE_FLAGS, FIXTURE_LMDBS, leftovers, live_processes_in_group, read_lmdb_items, wait_until
 from hostile_inputs import forged_jpeg, forged_png
 from hypothesis import given
 from hypothesis import strategies as st
@@ -184,28 +184,6 @@ def test_a_worker_that_dies_is_an_error_naming_the_image(
     assert "img_05.png: the decoder crashed" in err and len(err.strip().splitlines()) == 1
 
 
-def _live_processes_in_group(group: int) -> list[int]:
-    """Processes of a process group that are not zombies (Linux /proc)."""
-    found = []
-    for stat_file in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat_file.read_text().rpartition(")")[2].split()
-        except OSError:  # it exited meanwhile
-            continue
-        if int(fields[2]) == group and fields[0] != "Z":
-            found.append(int(stat_file.parent.name))
-    return found
-
-
-def _wait_until(condition, timeout: float = 30) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
-
-
 @pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="reads /proc; the workers' parent-death signal is Linux's"
 )
@@ -232,14 +210,14 @@ def test_an_interrupted_build_leaves_no_worker_behind(tmp_path: Path, how: str) 
     ):
         try:
             # The build folder appears once the workers run; then the parent and 2 workers are live.
-            assert _wait_until(lambda: leftovers(db) != [] and len(_live_processes_in_group(child.pid)) == 3)
+            assert wait_until(lambda: leftovers(db) != [] and len(live_processes_in_group(child.pid)) == 3)
             time.sleep(0.3)  # mid-build: chunks in flight, records being written
             if how == "SIGINT to the group":
                 os.killpg(child.pid, signal.SIGINT)
             else:
                 os.kill(child.pid, getattr(signal, how))
             code = child.wait(timeout=60)
-            orphans_gone = _wait_until(lambda: _live_processes_in_group(child.pid) == [], timeout=10)
+            orphans_gone = wait_until(lambda: live_processes_in_group(child.pid) == [], timeout=10)
         finally:
             with contextlib.suppress(ProcessLookupError):  # whatever failed, leave nothing running
                 os.killpg(child.pid, signal.SIGKILL)

@@ -19,17 +19,14 @@ checks run in parallel with the build.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from datumdb.codec import encode_sample
-from datumdb.decodepool import die_with_parent
 from datumdb.errors import DatumDBError, InputError, VerificationError
 from datumdb.files import sync_folder
 from datumdb.imageset import ImageFailure, load_image, serialize_images
@@ -44,6 +41,7 @@ from datumdb.pipeline.plan import (
     make_plan,
     save_hash_cache,
 )
+from datumdb.pipeline.processes import in_processes
 from datumdb.pipeline.sources import imageset_options, listed_entries, open_source, resolve_entries
 from datumdb.pipeline.splits import SPLITS
 from datumdb.shardset import read_shard_index, sample_hashes, write_shard, write_shard_index
@@ -261,17 +259,7 @@ def build_shard_sets(
         (root / split).mkdir(parents=True, exist_ok=True)
     parts = [plan.part(p) for p in range(plan.parts)]
     parts = [tasks for tasks in parts if stale_tasks(tasks, root)]
-    jobs = max(1, min(jobs or os.cpu_count() or 1, len(parts) or 1))
-    if jobs == 1:
-        for tasks in parts:
-            build_part(config, tasks, root)
-    else:
-        context = multiprocessing.get_context("fork")
-        with ProcessPoolExecutor(
-            jobs, mp_context=context, initializer=die_with_parent, initargs=(os.getpid(),)
-        ) as pool:
-            for future in [pool.submit(_build_part_tasks, config, tasks, str(root)) for tasks in parts]:
-                future.result()
+    in_processes(_build_part_tasks, [(config, tasks, str(root)) for tasks in parts], jobs)
     indexes = {split: finish_split(plan.split_plan(split), root / split, config.seed) for split in SPLITS}
     sync_folder(root)
     return indexes
