@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +17,12 @@ import cv2
 import numpy as np
 import pytest
 import yaml
-from conftest import read_lmdb_items
+from conftest import live_processes_in_group, read_lmdb_items, wait_until
 
 from datumdb import DatabaseWriter, DatumReader
 from datumdb.cli import main
 from datumdb.codec import decode, encode_sample
-from datumdb.errors import InputError
+from datumdb.errors import DatumDBError, InputError
 from datumdb.manifest import read_manifest
 from datumdb.pipeline.config import load_config
 from datumdb.pipeline.fingerprint import mean_record, verify_record
@@ -550,3 +555,179 @@ def test_the_train_class_means_are_kept_for_the_next_verify_job(tmp_path, monkey
     cache.write_bytes(cache.read_bytes()[:100])  # damaged: computed again, never an error
     assert check.nearest_class_mean(tmp_path / "train", tmp_path / "val", cache=cache) == fresh
     assert len(computed) == 4
+
+
+# ----------------------------------------------------------------- every split in one command (DVC)
+
+
+def test_assemble_of_every_split_in_processes_equals_a_command_per_split(
+    tmp_path: Path, built: tuple[Path, Path]
+) -> None:
+    """DVC's one assemble stage (the splits in parallel processes) writes the bytes of Snakemake's
+    job per split, and a second run leaves every current database as it is."""
+    params, root = built
+    shards = shutil.copytree(root / "shards", tmp_path / "shards")
+    argv = ["--no-progress", "pipeline", "assemble", "--params", str(params), str(shards), str(tmp_path / "lmdb")]
+    assert main([*argv, "--jobs", "3"]) == 0
+    assert _files(tmp_path / "lmdb") == _files(root / "lmdb") and len(_files(root / "lmdb")) == 2 * len(SPLITS)
+    inodes = _inodes(tmp_path / "lmdb")
+    assert main([*argv, "--jobs", "2"]) == 0
+    assert _inodes(tmp_path / "lmdb") == inodes
+
+
+def _reports_per_split(params: Path, shards: Path, out: Path) -> dict[str, bytes]:
+    """Each split's four reports by a command per split, named as dvc.yaml names them."""
+    for split in SPLITS:
+        assert main(_verify_argv(params, shards, split, out)) == 0
+    renamed = {}
+    for split in SPLITS:
+        for written, listed in (
+            (f"{split}.json", f"verify/{split}.json"),
+            (f"metrics/{split}.json", f"metrics/{split}.json"),
+            (f"{split}_labels.csv", f"verify/{split}_labels.csv"),
+            (f"{split}_samples.png", f"verify/{split}_samples.png"),
+        ):
+            renamed[listed] = (out / written).read_bytes()
+    return renamed
+
+
+def test_verify_of_every_split_in_processes_writes_what_a_job_per_split_writes(
+    tmp_path: Path, built: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """DVC's one verify stage: the plan made once, the splits in parallel processes, each split's
+    reports where dvc.yaml lists them (under the working directory), byte for byte Snakemake's."""
+    params, root = built
+    expected = _reports_per_split(params, root / "shards", tmp_path / "per-split")
+    (tmp_path / "stage").mkdir()
+    monkeypatch.chdir(tmp_path / "stage")
+    capsys.readouterr()
+    argv = ["--no-progress", "pipeline", "verify", "--params", str(params), str(root / "shards"), "--jobs", "2"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert [line.split(":")[0] for line in out.splitlines()] == [str(root / "shards" / split) for split in SPLITS]
+    assert _files(tmp_path / "stage" / "reports") == expected
+
+
+def test_verify_of_every_split_reports_the_failing_split_and_writes_the_others(
+    tmp_path: Path, built: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    params, root = built
+    copy, shard = _copy_set(root, tmp_path)
+    victim = read_lmdb_items(shard)[0][0]
+
+    def relabel(key: bytes, value: bytes) -> bytes:
+        if key != victim:
+            return value
+        datum = decode(value, key)
+        return encode_sample(np.frombuffer(datum.data, np.uint8).reshape(SHAPE), (datum.label + 1) % CLASSES, "none")
+
+    _rewrite(shard, relabel)
+    (tmp_path / "stage").mkdir()
+    monkeypatch.chdir(tmp_path / "stage")
+    capsys.readouterr()
+    assert main(["--no-progress", "pipeline", "verify", "--params", str(params), str(copy), "--jobs", "2"]) == 1
+    captured = capsys.readouterr()
+    assert f"{copy / 'val'}: FAILED" in captured.err and "label" in captured.err, captured.err
+    assert "test: FAILED" not in captured.err and "train: FAILED" not in captured.err
+    written = {str(p.relative_to(tmp_path / "stage")) for p in _outputs(tmp_path / "stage" / "reports")}
+    assert written == {
+        f"reports/{name}"
+        for split in ("train", "test")
+        for name in (f"verify/{split}.json", f"metrics/{split}.json", f"verify/{split}_labels.csv",
+                     f"verify/{split}_samples.png")
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--details", "d.json"], "--details needs --split"),
+        (["--train-db", "t"], "--train-db needs --split"),
+        (["--split", "val"], "--split val needs --train-db"),
+    ],
+)
+def test_verify_options_of_one_split_and_of_every_split_are_not_mixed(
+    tmp_path: Path, built: tuple[Path, Path], capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    params, root = built
+    capsys.readouterr()
+    argv = ["--no-progress", "pipeline", "verify", "--params", str(params), str(root / "shards"), *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+
+
+def _double_or_refuse(value: int) -> int:
+    if value < 0:
+        raise InputError(f"refused {value}")
+    if value == 13:
+        os.kill(os.getpid(), signal.SIGKILL)  # as the kernel's out-of-memory killer would
+    return 2 * value
+
+
+def test_in_processes_keeps_the_order_of_the_calls_and_raises_a_calls_error() -> None:
+    from datumdb.pipeline.processes import in_processes
+
+    assert in_processes(_double_or_refuse, [(n,) for n in range(7)], jobs=3) == [2 * n for n in range(7)]
+    assert in_processes(_double_or_refuse, [(5,)], jobs=4) == [10]  # one call: in this process
+    assert in_processes(_double_or_refuse, [], jobs=2) == []
+    with pytest.raises(InputError, match="refused -1"):
+        in_processes(_double_or_refuse, [(1,), (-1,), (2,)], jobs=2)
+    with pytest.raises(DatumDBError, match="a worker process died"):
+        in_processes(_double_or_refuse, [(1,), (13,), (2,)], jobs=2)
+
+
+_STOPPABLE_STEP = """
+import signal, sys, time
+from pathlib import Path
+import numpy as np
+from datumdb import DatabaseWriter
+from datumdb.pipeline.processes import in_processes
+
+root = Path(sys.argv[1])
+
+def slow_build(name):
+    with DatabaseWriter(root / name) as writer:
+        writer.add(np.zeros((1, 2, 2), np.uint8))
+        (root / f"{name}.started").touch()
+        time.sleep(120)
+
+def stop(signum, frame):
+    raise KeyboardInterrupt
+
+signal.signal(signal.SIGTERM, stop)  # as the CLI does
+try:
+    in_processes(slow_build, [("a",), ("b",), ("c",)], jobs=2)
+except KeyboardInterrupt:
+    sys.exit(130)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; the parent-death signal is Linux's")
+@pytest.mark.parametrize("how", ["SIGINT to the group", "SIGTERM", "SIGKILL"])
+def test_a_stopped_step_stops_its_workers_and_leaves_no_build_folder(tmp_path: Path, how: str) -> None:
+    """Ctrl-C or SIGTERM of a step running calls in processes (DVC's stages) unwinds the calls in
+    progress (their writers remove their build folders), starts no other and returns at once;
+    ``kill -9`` of the step takes its workers with it."""
+    command = [sys.executable, "-c", _STOPPABLE_STEP, str(tmp_path)]
+    with (tmp_path / "stderr").open("w+") as err, subprocess.Popen(command, stderr=err, start_new_session=True) as step:
+        try:
+            both_started = [tmp_path / "a.started", tmp_path / "b.started"]
+            assert wait_until(lambda: all(path.exists() for path in both_started))
+            if how == "SIGINT to the group":
+                os.killpg(step.pid, signal.SIGINT)
+            else:
+                os.kill(step.pid, getattr(signal, how))
+            code = step.wait(timeout=20)  # not the two minutes of the calls
+            workers_gone = wait_until(lambda: live_processes_in_group(step.pid) == [], timeout=10)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(step.pid, signal.SIGKILL)
+    stderr = (tmp_path / "stderr").read_text()
+    assert workers_gone, "orphaned workers"
+    assert not (tmp_path / "c.started").exists()
+    if how == "SIGKILL":
+        assert code == -signal.SIGKILL
+        return
+    assert (code, stderr) == (130, "")  # no worker's traceback either
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["a.started", "b.started", "stderr"]

@@ -419,18 +419,30 @@ def _add_pipeline_commands(commands: Any) -> None:
     p.add_argument("--split", choices=SPLITS, required=True)
     p.add_argument("--split-plan", type=_path, required=True, metavar="SPLIT.json", help="the split's plan file")
     p.add_argument("shard_set", type=_path, metavar="SHARDS/SPLIT")
-    p = step("assemble", _pipeline_assemble, "derive a split's one Caffe database from its (indexed) shard set")
-    p.add_argument("--split", choices=SPLITS, required=True)
-    p.add_argument("shard_set", type=_path, metavar="SHARDS/SPLIT")
+    p = step("assemble", _pipeline_assemble, "derive each split's one Caffe database from its (indexed) shard set")
+    p.add_argument(
+        "--split",
+        choices=SPLITS,
+        help="this split only (a Snakemake job): SHARDS and DB are its shard set and database; "
+        "without it, every split, SHARDS/<split> into DB/<split>, in parallel processes",
+    )
+    p.add_argument("shard_set", type=_path, metavar="SHARDS")
     p.add_argument("db", type=_path, metavar="DB")
-    p = step("verify", _pipeline_verify, "verify a split against its source; write its reports (exit 1 on mismatch)")
-    p.add_argument("--split", choices=SPLITS, required=True)
+    p.add_argument("--jobs", type=_positive, default=None, help="processes, without --split (default: the CPU count)")
+    p = step("verify", _pipeline_verify, "verify each split against its source; write its reports (exit 1 on mismatch)")
+    p.add_argument(
+        "--split",
+        choices=SPLITS,
+        help="this split only (a Snakemake job; DB is its shard set, the reports go where the options say); "
+        "without it, every split of the folder DB in parallel processes, the reports where dvc.yaml lists them",
+    )
     p.add_argument("db", type=_path, metavar="DB")
-    p.add_argument("--train-db", type=_path, required=True, metavar="DB", help="the train split (class means)")
-    p.add_argument("--details", type=_path, required=True, metavar="OUT.json", help="the full report")
-    p.add_argument("--metrics", type=_path, required=True, metavar="OUT.json", help="a few numbers (DVC metrics)")
-    p.add_argument("--histogram", type=_path, required=True, metavar="OUT.csv", help="label histogram (DVC plots)")
-    p.add_argument("--sheet", type=_path, required=True, metavar="OUT.png", help="contact sheet")
+    p.add_argument("--train-db", type=_path, metavar="DB", help="the train split (class means); with --split")
+    p.add_argument("--details", type=_path, metavar="OUT.json", help="the full report; with --split")
+    p.add_argument("--metrics", type=_path, metavar="OUT.json", help="a few numbers (DVC metrics); with --split")
+    p.add_argument("--histogram", type=_path, metavar="OUT.csv", help="label histogram (DVC plots); with --split")
+    p.add_argument("--sheet", type=_path, metavar="OUT.png", help="contact sheet; with --split")
+    p.add_argument("--jobs", type=_positive, default=None, help="processes, without --split (default: the CPU count)")
     p.add_argument(
         "--plan",
         type=_path,
@@ -949,44 +961,67 @@ def _pipeline_index(args: argparse.Namespace) -> int:
 
 def _pipeline_assemble(args: argparse.Namespace) -> int:
     from datumdb.decodepool import tune_malloc
-    from datumdb.pipeline.assemble import assemble_step
+    from datumdb.pipeline.assemble import assemble_splits, assemble_step
 
     tune_malloc()
     config = _config(args)
-    assemble_step(config, args.shard_set, args.db)
-    if not config.build.assemble:
-        print(f"{args.db}: not assembled (build.assemble is false)")
-        return 0
-    return _report_built(args.db)
+    if args.split is None:
+        assemble_splits(config, args.shard_set, args.db, jobs=args.jobs)
+        databases = [args.db / split for split in SPLITS]
+    else:
+        assemble_step(config, args.shard_set, args.db)
+        databases = [args.db]
+    for db in databases:
+        if not config.build.assemble:
+            print(f"{db}: not assembled (build.assemble is false)")
+        else:
+            _report_built(db)
+    return 0
 
 
 def _pipeline_verify(args: argparse.Namespace) -> int:
-    from datumdb.pipeline.check import verify_step
+    from datumdb.pipeline.check import verify_splits, verify_step
     from datumdb.pipeline.plan import read_plan
 
-    config = _config(args)
-    report, problems = verify_step(
-        config,
-        args.split,
-        args.db,
-        args.train_db,
-        details=args.details,
-        metrics=args.metrics,
-        histogram=args.histogram,
-        sheet=args.sheet,
-        plan=read_plan(args.plan) if args.plan is not None else None,
-    )
-    if problems:
-        for problem in problems:
-            print(f"datumdb pipeline verify: {problem}", file=sys.stderr)
-        print(f"{args.db}: FAILED ({len(problems)} problem(s)); no report written", file=sys.stderr)
-        return 1
-    print(
-        f"{args.db}: OK, {report['count']} records, {report['sampled']} sampled and matching the source, "
-        f"nearest-class-mean accuracy {report['ncm_accuracy']} (chance {report['chance_accuracy']}), "
-        f"{report['digest']}"
-    )
-    return 0
+    per_split = ("train_db", "details", "metrics", "histogram", "sheet")
+    if args.split is None:
+        given = [name for name in (*per_split, "plan") if getattr(args, name) is not None]
+        if given:
+            option = "--" + given[0].replace("_", "-")
+            raise InputError(f"{option} needs --split (without it, the reports go where dvc.yaml lists them)")
+        results = verify_splits(_config(args), args.db, jobs=args.jobs)
+        found = {args.db / split: result for split, result in results.items()}
+    else:
+        missing = [name for name in per_split if getattr(args, name) is None]
+        if missing:
+            raise InputError(f"--split {args.split} needs --{missing[0].replace('_', '-')}")
+        found = {
+            args.db: verify_step(
+                _config(args),
+                args.split,
+                args.db,
+                args.train_db,
+                details=args.details,
+                metrics=args.metrics,
+                histogram=args.histogram,
+                sheet=args.sheet,
+                plan=read_plan(args.plan) if args.plan is not None else None,
+            )
+        }
+    failed = 0
+    for db, (report, problems) in found.items():
+        if problems:
+            failed += 1
+            for problem in problems:
+                print(f"datumdb pipeline verify: {problem}", file=sys.stderr)
+            print(f"{db}: FAILED ({len(problems)} problem(s)); no report written", file=sys.stderr)
+            continue
+        print(
+            f"{db}: OK, {report['count']} records, {report['sampled']} sampled and matching the source, "
+            f"nearest-class-mean accuracy {report['ncm_accuracy']} (chance {report['chance_accuracy']}), "
+            f"{report['digest']}"
+        )
+    return 1 if failed else 0
 
 
 def _pipeline_mean(args: argparse.Namespace) -> int:

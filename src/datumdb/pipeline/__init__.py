@@ -11,6 +11,8 @@ Each step is a function over a typed, frozen :class:`~datumdb.pipeline.config.Pi
 * :mod:`~datumdb.pipeline.assemble`: ``assemble`` derives each split's one Caffe database;
 * :mod:`~datumdb.pipeline.check`: ``verify`` a split against its source, with a contact sheet
   (:mod:`~datumdb.pipeline.sheet`);
+* :mod:`~datumdb.pipeline.processes`: DVC's stages over every part or split spread them over
+  the cores (DVC runs one stage at a time; Snakemake runs a job each);
 * :mod:`~datumdb.pipeline.mean`: the train mean; :mod:`~datumdb.pipeline.summary`: the report;
 * :mod:`~datumdb.pipeline.fingerprint` and :mod:`~datumdb.pipeline.outputs`: what each output
   records about how it was made, and which outputs are stale.

@@ -7,6 +7,9 @@ derived, not versioned: DVC does not upload it (``cache: false``), ``make pull``
 make it again from the pulled shards, byte for byte. Its manifest records the fingerprint of the
 shard set it came from, so a current one is left as it is.
 
+Snakemake runs :func:`assemble_step` as one job per split; DVC's one stage runs
+:func:`assemble_splits`, the splits in parallel processes (DVC runs one stage at a time).
+
 ``build.assemble: false`` skips it (disk matters at ImageNet scale, and PyTorch reads the shard
 sets directly): a database datumdb assembled there before is removed, and the folder holds only
 :data:`NOT_ASSEMBLED`, a note saying so (an output both orchestrators can track).
@@ -23,10 +26,12 @@ from datumdb.files import atomic_write
 from datumdb.manifest import DATA_NAME, MANIFEST_NAME, SHARD_INDEX, read_manifest
 from datumdb.pipeline.config import PipelineConfig
 from datumdb.pipeline.fingerprint import code_digest, fingerprint, recorded_build_fingerprint
+from datumdb.pipeline.processes import in_processes
 from datumdb.pipeline.shards import current_fingerprint
+from datumdb.pipeline.splits import SPLITS
 from datumdb.shardset import assemble, is_shard_set
 
-__all__ = ["NOT_ASSEMBLED", "assemble_step", "assembled_record"]
+__all__ = ["NOT_ASSEMBLED", "assemble_splits", "assemble_step", "assembled_record"]
 
 NOT_ASSEMBLED = "NOT-ASSEMBLED.txt"
 _NOTE = (
@@ -76,6 +81,19 @@ def assemble_step(
         batch_size=config.build.batch_size,
     )
     return record
+
+
+def assemble_splits(
+    config: PipelineConfig,
+    shard_sets: str | os.PathLike[str],
+    databases: str | os.PathLike[str],
+    *,
+    jobs: int | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Every split's :func:`assemble_step`, ``shard_sets/<split>`` into ``databases/<split>``, in up
+    to ``jobs`` processes (train's, the longest, first); each split's record. What DVC's stage runs."""
+    calls = [(config, Path(shard_sets) / split, Path(databases) / split) for split in SPLITS]
+    return dict(zip(SPLITS, in_processes(assemble_step, calls, jobs), strict=True))
 
 
 def _remove_assembled(db: Path) -> None:

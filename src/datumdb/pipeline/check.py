@@ -46,16 +46,18 @@ from datumdb.errors import DatumDBError, InputError
 from datumdb.files import atomic_write
 from datumdb.imageset import keeps_file_bytes, load_image
 from datumdb.manifest import SHARD_INDEX, listed_shapes, read_manifest, shape_summary
+from datumdb.pipeline import outputs
 from datumdb.pipeline.config import PipelineConfig
 from datumdb.pipeline.fingerprint import code_digest
 from datumdb.pipeline.plan import Plan, ShardTask, imageset_identities, load_hash_cache, make_plan, save_hash_cache
+from datumdb.pipeline.processes import in_processes
 from datumdb.pipeline.sheet import SHEET_MAX, contact_sheet
 from datumdb.pipeline.sources import ImageFiles, Source, imageset_options, listed_images, open_source
 from datumdb.pipeline.splits import SPLITS
 from datumdb.reader import DatumReader
 from datumdb.shardset import ShardSetReader, read_shard_index, shard_key, shard_set_digest
 
-__all__ = ["check_split", "nearest_class_mean"]
+__all__ = ["check_split", "nearest_class_mean", "verify_splits", "verify_step"]
 
 _VERIFY_TAG = 0x7E81F  # separates the sampling stream from the other streams seeded with `seed`
 _NCM_TAG = 0x9C3A1  # the classifier's sample of a large database
@@ -523,3 +525,51 @@ def verify_step(
     atomic_write(histogram, histogram_csv(report["label_histogram"], report.get("classes")))
     atomic_write(sheet, png)
     return report, problems
+
+
+def verify_splits(
+    config: PipelineConfig, shard_sets: str | os.PathLike[str], *, jobs: int | None = None
+) -> dict[str, tuple[dict[str, Any], list[str]]]:
+    """Every split's :func:`verify_step`, ``shard_sets/<split>`` with its reports where
+    :mod:`~datumdb.pipeline.outputs` puts them (relative to the working directory, as dvc.yaml
+    lists them): what DVC's one verify stage runs, Snakemake running a job per split.
+
+    The plan is made once, here; the splits are checked in up to ``jobs`` processes, train's
+    first (it keeps the class means the others score against: a split that gets there before
+    it computes them too, the same numbers). Per split: (details, problems), as verify_step.
+    """
+    cache = load_hash_cache()
+    listed = listed_images(config.dataset) if config.dataset.source == "imageset" else None
+    plan = make_plan(config, cache, listed=listed)
+    save_hash_cache(cache)
+    root = Path(shard_sets)
+    calls = [
+        (
+            config,
+            split,
+            root / split,
+            root / "train",
+            {
+                "details": outputs.verify_details(split),
+                "metrics": outputs.metrics(split),
+                "histogram": outputs.histogram(split),
+                "sheet": outputs.sheet(split),
+            },
+        )
+        for split in SPLITS
+    ]
+    global _SHARED_PLAN
+    _SHARED_PLAN = plan  # the forked workers inherit it (a million members pickled per split: seconds)
+    try:
+        return dict(zip(SPLITS, in_processes(_verify_one, calls, jobs), strict=True))
+    finally:
+        _SHARED_PLAN = None
+
+
+_SHARED_PLAN: Plan | None = None
+
+
+def _verify_one(
+    config: PipelineConfig, split: str, db: Path, train_db: Path, reports: dict[str, str]
+) -> tuple[dict[str, Any], list[str]]:
+    return verify_step(config, split, db, train_db, plan=_SHARED_PLAN, **reports)

@@ -86,6 +86,7 @@ _SHARDS = (  # what writes (and, right after, checks) a shard set
     "verify.py",
     "writer.py",
     "pipeline/plan.py",
+    "pipeline/processes.py",
     "pipeline/shards.py",
 )
 STEP_CODE: dict[str, tuple[str, ...]] = {
@@ -96,6 +97,7 @@ STEP_CODE: dict[str, tuple[str, ...]] = {
             {
                 *_SHARDS,
                 "pipeline/check.py",
+                "pipeline/outputs.py",  # where the reports of every split go (DVC's stage)
                 "pipeline/sheet.py",
                 "pipeline/summary.py",
             }
