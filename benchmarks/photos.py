@@ -2,6 +2,7 @@
 
     python -m benchmarks.photos                    # 100 000 photos, 100 classes
     python -m benchmarks.photos --count 2000       # a smoke run
+    python -m benchmarks.photos --orchestrator dvc # the same through ``dvc repro``
 
 The photos are crops and scales of scikit-image's sample photos (public domain / CC0;
 scikit-image is in the test lock, which ``make bench`` installs), saved as JPEG at varied
@@ -144,12 +145,26 @@ def job_stats(repo: Path) -> dict[str, dict[str, float]]:
     return stats
 
 
-def _snakemake(repo: Path, cores: int) -> float:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+def _build(repo: Path, cores: int, orchestrator: str) -> float:
+    """Seconds of one ``snakemake --cores N`` or ``dvc repro`` (one stage at a time; its stages
+    spread their splits and parts over the cores themselves)."""
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "DVC_NO_ANALYTICS": "1"}
+    if orchestrator == "dvc":
+        command = [str(BIN / "dvc"), "repro", "--quiet"]
+    else:
+        command = [str(BIN / "snakemake"), "--cores", str(cores), "--quiet", "all"]
     start = time.perf_counter()
-    subprocess.run([str(BIN / "snakemake"), "--cores", str(cores), "--quiet", "all"], cwd=repo, env=env,
-                   check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    subprocess.run(command, cwd=repo, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - start
+
+
+def _shard_files(repo: Path) -> dict[str, tuple[int, int]]:
+    """Each shard's data file and its (inode, mtime): a rebuilt shard is a new file."""
+    found = {}
+    for data in (repo / "data" / "shards").glob("*/*/data.mdb"):
+        info = data.stat()
+        found[str(data.relative_to(repo))] = (info.st_ino, info.st_mtime_ns)
+    return found
 
 
 def _dvc(repo: Path, *args: str) -> None:
@@ -171,7 +186,16 @@ def one_percent_change(photos: Path, listing: Path, seed: int = 1) -> int:
 
 
 def rehearse(
-    work: Path, photos: Path, *, name: str, encoding: str, resize: int, cores: int, shards: int, change: bool
+    work: Path,
+    photos: Path,
+    *,
+    name: str,
+    encoding: str,
+    resize: int,
+    cores: int,
+    shards: int,
+    change: bool,
+    orchestrator: str = "snakemake",
 ) -> dict:
     """The whole workflow on the photos (list layout), one bare convert-imageset of the same list;
     with ``change``, then a 1% change (:func:`one_percent_change`) rebuilt, and what `dvc push`
@@ -190,7 +214,7 @@ def rehearse(
         subprocess.run(["git", *command], cwd=repo, check=True, capture_output=True)
     remote = work / f"remote-{name}"
     _dvc(repo, "remote", "add", "-d", "-f", "bench", str(remote))
-    seconds = _snakemake(repo, cores)
+    seconds = _build(repo, cores, orchestrator)
     counts = {s: json.loads((repo / "reports" / "verify" / f"{s}.json").read_text())["count"] for s in
               ("train", "val", "test")}  # fmt: skip
     jobs = job_stats(repo)
@@ -205,6 +229,7 @@ def rehearse(
     single = time.perf_counter() - single_start
     result = {
         "name": name,
+        "orchestrator": orchestrator,
         "images": sum(counts.values()),
         "seconds": seconds,
         "images_per_second": sum(counts.values()) / seconds,
@@ -222,19 +247,15 @@ def rehearse(
         _dvc(repo, "push", "-q")
         pushed = tree_bytes(remote)
         result["change_added_photos"] = one_percent_change(photos, listing)
-        shutil.rmtree(repo / "logs" / "benchmarks")  # the jobs of the change alone
-        result["change_seconds"] = _snakemake(repo, cores)
+        shutil.rmtree(repo / "logs" / "benchmarks", ignore_errors=True)  # the jobs of the change alone
+        before = _shard_files(repo)
+        result["change_seconds"] = _build(repo, cores, orchestrator)
         result["change_jobs"] = job_stats(repo)
         result["change_vs_full"] = result["change_seconds"] / seconds
         _dvc(repo, "push", "-q")
         result["remote_bytes"] = pushed
         result["change_remote_added_bytes"] = tree_bytes(remote) - pushed
-        result["change_shards_built"] = sum(
-            int(line.split(":")[-1].split(" of ")[0])
-            for log in (repo / "logs" / "shards").glob("*.log")
-            for line in log.read_text().splitlines()
-            if " shards built" in line
-        )
+        result["change_shards_built"] = sum(before.get(path) != state for path, state in _shard_files(repo).items())
     shutil.rmtree(repo, ignore_errors=True)
     shutil.rmtree(remote, ignore_errors=True)
     return result
@@ -247,14 +268,15 @@ def _listed(photos: Path) -> list[tuple[str, int]]:
     return [(path, int(path.split("/")[0][1:])) for path in found]
 
 
-def markdown(rows: list[dict[str, Any]], cores: int) -> str:
+def markdown(rows: list[dict[str, Any]], cores: int, orchestrator: str = "snakemake") -> str:
+    command = "dvc repro" if orchestrator == "dvc" else f"snakemake --cores {cores}"
     lines = [
-        f"| build (snakemake --cores {cores}) | images | wall | images/s | peak RSS per job (MB) | inputs | "
+        f"| build ({command}) | images | wall | images/s | peak RSS per job (MB) | inputs | "
         "shard sets | all outputs | one convert-imageset | pipeline vs it |",
         "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
-        peaks = ", ".join(f"{rule} {job['max_rss_mb']:.0f}" for rule, job in sorted(row["jobs"].items()))
+        peaks = ", ".join(f"{rule} {job['max_rss_mb']:.0f}" for rule, job in sorted(row["jobs"].items())) or "-"
         lines.append(
             f"| {row['name']} | {row['images']:,} | {row['seconds']:.1f} s | {row['images_per_second']:,.0f} | "
             f"{peaks} | {row['inputs_bytes'] / 1e9:.2f} GB | {row['shard_sets_bytes'] / 1e9:.2f} GB | "
@@ -288,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.photos", description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=100_000, help="photos to make (default %(default)s)")
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="snakemake --cores")
+    parser.add_argument("--orchestrator", choices=("snakemake", "dvc"), default="snakemake",
+                        help="build with snakemake (job statistics) or dvc repro (default %(default)s)")  # fmt: skip
     parser.add_argument("--shards", type=int, default=4, help="partition.shards: the parts (jobs) of the plan")
     parser.add_argument("--no-change", action="store_true", help="skip the 1%% change and the DVC pushes")
     parser.add_argument("--only", choices=("original", "resize"), default=None, help="one of the two builds")
@@ -303,16 +327,18 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         if args.only in (None, "original"):
             rows.append(rehearse(work, photos, name="original", encoding="original", resize=0, cores=args.cores,
-                                 shards=args.shards, change=not args.no_change))  # fmt: skip
+                                 shards=args.shards, change=not args.no_change,
+                                 orchestrator=args.orchestrator))  # fmt: skip
         if args.only in (None, "resize"):
             if rows and not args.no_change:  # the change added photos: start again from the same folder
                 shutil.rmtree(photos)
                 make_photo_folder(photos, args.count)
             rows.append(rehearse(work, photos, name="resize256-none", encoding="none", resize=256,
-                                 cores=args.cores, shards=args.shards, change=not args.no_change))  # fmt: skip
+                                 cores=args.cores, shards=args.shards, change=not args.no_change,
+                                 orchestrator=args.orchestrator))  # fmt: skip
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    table = markdown(rows, args.cores)
+    table = markdown(rows, args.cores, args.orchestrator)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"count": args.count, "made_in_s": made, "rows": rows}, indent=2) + "\n")
     print(f"{args.count:,} photos made in {made:.0f} s\n")
