@@ -339,10 +339,9 @@ def _copy_set(root: Path, tmp_path: Path) -> tuple[Path, Path]:
     return copy, shard
 
 
-def test_verify_fails_and_writes_nothing_on_a_wrong_label(
-    tmp_path: Path, built: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
-) -> None:
-    params, root = built
+def _copy_with_a_wrong_label(root: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A copy of the shard sets whose first val shard has its first record's label changed (the
+    database stays self-consistent: only the source can tell); the copy and that shard."""
     copy, shard = _copy_set(root, tmp_path)
     victim = read_lmdb_items(shard)[0][0]
 
@@ -353,6 +352,14 @@ def test_verify_fails_and_writes_nothing_on_a_wrong_label(
         return encode_sample(np.frombuffer(datum.data, np.uint8).reshape(SHAPE), (datum.label + 1) % CLASSES, "none")
 
     _rewrite(shard, relabel)
+    return copy, shard
+
+
+def test_verify_fails_and_writes_nothing_on_a_wrong_label(
+    tmp_path: Path, built: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    params, root = built
+    copy, shard = _copy_with_a_wrong_label(root, tmp_path)
     assert main(["verify", "--in-process", str(shard)]) == 0  # self-consistent: only the source can tell
     capsys.readouterr()
     out = tmp_path / "reports"
@@ -612,16 +619,7 @@ def test_verify_of_every_split_reports_the_failing_split_and_writes_the_others(
     tmp_path: Path, built: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     params, root = built
-    copy, shard = _copy_set(root, tmp_path)
-    victim = read_lmdb_items(shard)[0][0]
-
-    def relabel(key: bytes, value: bytes) -> bytes:
-        if key != victim:
-            return value
-        datum = decode(value, key)
-        return encode_sample(np.frombuffer(datum.data, np.uint8).reshape(SHAPE), (datum.label + 1) % CLASSES, "none")
-
-    _rewrite(shard, relabel)
+    copy, _ = _copy_with_a_wrong_label(root, tmp_path)
     (tmp_path / "stage").mkdir()
     monkeypatch.chdir(tmp_path / "stage")
     capsys.readouterr()
