@@ -684,18 +684,24 @@ from datumdb.pipeline.processes import in_processes
 
 root = Path(sys.argv[1])
 
-def slow_build(name):
-    with DatabaseWriter(root / name) as writer:
-        writer.add(np.zeros((1, 2, 2), np.uint8))
-        (root / f"{name}.started").touch()
-        time.sleep(120)
+def build(name):
+    if name == "quick":
+        return
+    try:
+        with DatabaseWriter(root / name) as writer:
+            writer.add(np.zeros((1, 2, 2), np.uint8))
+            (root / f"{name}.started").touch()
+            time.sleep(120)
+    finally:  # a clean-up that takes a while: nothing may cut it short
+        time.sleep(0.5)
+        (root / f"{name}.cleaned").touch()
 
 def stop(signum, frame):
     raise KeyboardInterrupt
 
 signal.signal(signal.SIGTERM, stop)  # as the CLI does
 try:
-    in_processes(slow_build, [("a",), ("b",), ("c",)], jobs=2)
+    in_processes(build, [(name,) for name in sys.argv[2].split(",")], jobs=2)
 except KeyboardInterrupt:
     sys.exit(130)
 """
@@ -703,15 +709,23 @@ except KeyboardInterrupt:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc; the parent-death signal is Linux's")
 @pytest.mark.parametrize("how", ["SIGINT to the group", "SIGTERM", "SIGKILL"])
-def test_a_stopped_step_stops_its_workers_and_leaves_no_build_folder(tmp_path: Path, how: str) -> None:
+@pytest.mark.parametrize(
+    ("calls", "running"),
+    [
+        ("a,b,c", ["a", "b"]),  # both workers busy: c must never start
+        ("a,quick", ["a"]),  # one idle worker: its end (the pool then stops the others) must not cut a's clean-up
+    ],
+)
+def test_a_stopped_step_stops_its_workers_and_leaves_no_build_folder(
+    tmp_path: Path, how: str, calls: str, running: list[str]
+) -> None:
     """Ctrl-C or SIGTERM of a step running calls in processes (DVC's stages) unwinds the calls in
-    progress (their writers remove their build folders), starts no other and returns at once;
-    ``kill -9`` of the step takes its workers with it."""
-    command = [sys.executable, "-c", _STOPPABLE_STEP, str(tmp_path)]
+    progress (their writers remove their build folders, their clean-up runs to its end), starts no
+    other and returns at once; ``kill -9`` of the step takes its workers with it."""
+    command = [sys.executable, "-c", _STOPPABLE_STEP, str(tmp_path), calls]
     with (tmp_path / "stderr").open("w+") as err, subprocess.Popen(command, stderr=err, start_new_session=True) as step:
         try:
-            both_started = [tmp_path / "a.started", tmp_path / "b.started"]
-            assert wait_until(lambda: all(path.exists() for path in both_started))
+            assert wait_until(lambda: all((tmp_path / f"{name}.started").exists() for name in running))
             if how == "SIGINT to the group":
                 os.killpg(step.pid, signal.SIGINT)
             else:
@@ -728,4 +742,5 @@ def test_a_stopped_step_stops_its_workers_and_leaves_no_build_folder(tmp_path: P
         assert code == -signal.SIGKILL
         return
     assert (code, stderr) == (130, "")  # no worker's traceback either
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["a.started", "b.started", "stderr"]
+    expected = sorted([*(f"{name}.started" for name in running), *(f"{name}.cleaned" for name in running), "stderr"])
+    assert sorted(path.name for path in tmp_path.iterdir()) == expected

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 from datumdb.decodepool import die_with_parent, usable_cores
 from datumdb.errors import DatumDBError
+from datumdb.writer import note_interrupt
 
 __all__ = ["in_processes"]
 
@@ -80,9 +81,13 @@ def _start_worker(parent: int) -> None:
 
 
 def _terminated(signum: int, frame: object) -> None:
-    if _in_call:
-        raise KeyboardInterrupt
-    os._exit(_EXIT_STOPPED)
+    """SIGTERM in a worker: once. The pool sends its own when a worker ends (it takes the pool
+    for broken), and a second KeyboardInterrupt would cut the first one's clean-up short."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if not _in_call:
+        os._exit(_EXIT_STOPPED)
+    note_interrupt()  # the writer checks it before it commits or publishes, should this one be lost
+    raise KeyboardInterrupt
 
 
 def _call(function: Callable[..., T], args: tuple[Any, ...]) -> T:
