@@ -158,13 +158,11 @@ def _build(repo: Path, cores: int, orchestrator: str) -> float:
     return time.perf_counter() - start
 
 
-def _shard_files(repo: Path) -> dict[str, tuple[int, int]]:
-    """Each shard's data file and its (inode, mtime): a rebuilt shard is a new file."""
-    found = {}
-    for data in (repo / "data" / "shards").glob("*/*/data.mdb"):
-        info = data.stat()
-        found[str(data.relative_to(repo))] = (info.st_ino, info.st_mtime_ns)
-    return found
+def _shard_files(repo: Path) -> dict[str, bytes]:
+    """Each shard's manifest: a rebuilt shard has a new one (what it was built from, its digest).
+    Not the data file's inode: DVC links the outputs it records to its cache, new or not."""
+    manifests = (repo / "data" / "shards").glob("*/*/datumdb.json")
+    return {str(path.relative_to(repo)): path.read_bytes() for path in manifests}
 
 
 def _dvc(repo: Path, *args: str) -> None:
