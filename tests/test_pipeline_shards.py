@@ -699,7 +699,8 @@ def build(name):
 def stop(signum, frame):
     raise KeyboardInterrupt
 
-signal.signal(signal.SIGTERM, stop)  # as the CLI does
+signal.signal(signal.SIGTERM, stop)  # as the CLI does (SIGINT too: a shell may have started us ignoring it)
+signal.signal(signal.SIGINT, stop)
 try:
     in_processes(build, [(name,) for name in sys.argv[2].split(",")], jobs=2)
 except KeyboardInterrupt:
