@@ -381,6 +381,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_jobs_option(p: argparse.ArgumentParser, when: str) -> None:
+    """``--jobs``: the processes a DVC stage spreads its parts or splits over (pipeline/processes.py)."""
+    p.add_argument("--jobs", type=_positive, default=None, help=f"processes, {when} (default: the usable cores)")
+
+
 def _add_pipeline_commands(commands: Any) -> None:
     """``datumdb pipeline STEP``: the workflow's steps, run by the Snakefile's rules and DVC's stages.
 
@@ -414,7 +419,7 @@ def _add_pipeline_commands(commands: Any) -> None:
         metavar="PART.json",
         help="build only this part plan's shards (a Snakemake job; each split is indexed by `pipeline index`)",
     )
-    p.add_argument("--jobs", type=_positive, default=None, help="processes (default: the CPU count)")
+    _add_jobs_option(p, "without --part")
     p = step("index", _pipeline_index, "index a split's shard set as its plan says (once its parts are built)")
     p.add_argument("--split", choices=SPLITS, required=True)
     p.add_argument("--split-plan", type=_path, required=True, metavar="SPLIT.json", help="the split's plan file")
@@ -428,7 +433,7 @@ def _add_pipeline_commands(commands: Any) -> None:
     )
     p.add_argument("shard_set", type=_path, metavar="SHARDS")
     p.add_argument("db", type=_path, metavar="DB")
-    p.add_argument("--jobs", type=_positive, default=None, help="processes, without --split (default: the CPU count)")
+    _add_jobs_option(p, "without --split")
     p = step("verify", _pipeline_verify, "verify each split against its source; write its reports (exit 1 on mismatch)")
     p.add_argument(
         "--split",
@@ -442,7 +447,7 @@ def _add_pipeline_commands(commands: Any) -> None:
     p.add_argument("--metrics", type=_path, metavar="OUT.json", help="a few numbers (DVC metrics); with --split")
     p.add_argument("--histogram", type=_path, metavar="OUT.csv", help="label histogram (DVC plots); with --split")
     p.add_argument("--sheet", type=_path, metavar="OUT.png", help="contact sheet; with --split")
-    p.add_argument("--jobs", type=_positive, default=None, help="processes, without --split (default: the CPU count)")
+    _add_jobs_option(p, "without --split")
     p.add_argument(
         "--plan",
         type=_path,

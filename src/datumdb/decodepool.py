@@ -56,6 +56,7 @@ from datumdb.errors import DatumDBError, DecodeWorkerError, InputError
 
 __all__ = [
     "CHUNK_BYTES",
+    "STOP_SIGNALS",
     "WINDOW_BYTES",
     "DecodeTask",
     "Failure",
@@ -85,7 +86,7 @@ WINDOW_PER_WORKER = 2
 # records holds anyway in two batches); beyond it, records come through the pipe.
 MAX_RING_BYTES = 1 << 30
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h: the signal a process gets when its parent dies
-_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}  # what stops a build (Ctrl-C, a scheduler)
 _CAN_MASK = hasattr(signal, "pthread_sigmask")
 _TIMED_OUT_EXIT = 75  # a worker's exit status when its watchdog ended it
 WATCHDOG_LOOKS = 10  # looks per time bound: an item over it is ended within 1.1 times the bound
@@ -383,7 +384,7 @@ class _Pools:
         # With fork, the first task forks every worker: now, before the caller opens LMDB, and
         # with SIGINT and SIGTERM held so that none reaches a worker before _start_worker has
         # set its own handlers (the parent's, inherited, would swallow or misread it).
-        held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS) if _CAN_MASK else None
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS) if _CAN_MASK else None
         try:
             started = self.pool.submit(os.getpid)
         finally:
@@ -599,7 +600,7 @@ def _start_worker(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if _CAN_MASK:  # held by the parent while it forked
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     die_with_parent(parent)
     cv2.setNumThreads(1)  # the parallelism is the processes; OpenCV's own pool would oversubscribe
     cv2.utils.logging.setLogLevel(log_level)  # as quiet as the parent (spawn does not inherit it)

@@ -545,8 +545,8 @@ def verify_splits(
     plan = make_plan(config, cache, listed=listed)
     save_hash_cache(cache)
     root = Path(shard_sets)
-    calls = [
-        (
+    calls = {
+        split: (
             config,
             split,
             root / split,
@@ -558,13 +558,14 @@ def verify_splits(
                 "sheet": outputs.sheet(split),
             },
         )
-        for split in ("train", *(split for split in SPLITS if split != "train"))
-    ]
+        for split in SPLITS
+    }
+    others = [split for split in SPLITS if split != "train"]
     global _SHARED_PLAN
     _SHARED_PLAN = plan  # the forked workers inherit it (a million members pickled per split: seconds)
     try:
-        found = {"train": _verify_one(*calls[0])}
-        found.update(zip([call[1] for call in calls[1:]], in_processes(_verify_one, calls[1:], jobs), strict=True))
+        found = {"train": _verify_one(*calls["train"])}
+        found.update(zip(others, in_processes(_verify_one, [calls[split] for split in others], jobs), strict=True))
     finally:
         _SHARED_PLAN = None
     return {split: found[split] for split in SPLITS}

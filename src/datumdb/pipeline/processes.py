@@ -21,7 +21,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
-from datumdb.decodepool import die_with_parent, usable_cores
+from datumdb.decodepool import STOP_SIGNALS, die_with_parent, usable_cores
 from datumdb.errors import DatumDBError
 from datumdb.writer import note_interrupt
 
@@ -29,7 +29,6 @@ __all__ = ["in_processes"]
 
 T = TypeVar("T")
 
-_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 _EXIT_STOPPED = 130  # a worker stopped by its parent (the CLI's exit code for an interrupt)
 _in_call = False  # in a worker: a call is running (SIGTERM unwinds it) or not (SIGTERM exits)
 
@@ -46,7 +45,7 @@ def in_processes(function: Callable[..., T], calls: Sequence[tuple[Any, ...]], j
     pool = ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_worker, initargs=(os.getpid(),))
     try:
         # The first submit forks the workers: SIGINT and SIGTERM wait until each has its handlers.
-        held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             futures: list[Future[T]] = [pool.submit(_call, function, args) for args in calls]
         finally:
@@ -76,7 +75,7 @@ def _stop(pool: ProcessPoolExecutor) -> None:
 def _start_worker(parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _terminated)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     die_with_parent(parent)
 
 
