@@ -21,8 +21,14 @@ from datumdb.cli import main
 from datumdb.errors import InputError
 from datumdb.pipeline import outputs
 from datumdb.pipeline.config import load_config
-from datumdb.pipeline.fingerprint import PACKAGE_DIR, STEP_CODE, file_sha256, fingerprint, input_digest
-from datumdb.pipeline.outputs import database_matches_params, missing_outputs, output_files, stale_outputs
+from datumdb.pipeline.fingerprint import PACKAGE_DIR, STEP_CODE, code_digest, file_sha256, fingerprint, input_digest
+from datumdb.pipeline.outputs import (
+    RESOLVED_PARAMS,
+    database_matches_params,
+    missing_outputs,
+    output_files,
+    stale_outputs,
+)
 from datumdb.pipeline.plan import make_plan
 from datumdb.pipeline.splits import SPLITS
 
@@ -336,13 +342,29 @@ def test_step_code_lists_every_datumdb_module_a_step_loads(built: Path, tmp_path
     assert missing == {step: [] for step in argv}
 
 
-def test_dvc_stages_list_the_step_code_as_their_code_deps() -> None:
+def test_dvc_stages_take_their_step_code_digest_from_the_params_stage() -> None:
+    """The params stage lists every step's code files (a change reruns it); each step's stage
+    takes ``code.<step>`` from what it writes and lists no code file of its own."""
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    code = [dep for dep in stages["params"]["deps"] if dep.startswith("src/")]
+    assert code == [f"src/datumdb/{name}" for name in sorted({n for files in STEP_CODE.values() for n in files})]
     for step in STEP_CODE:
         stage = stages[step]
-        deps = (stage["do"] if "foreach" in stage else stage)["deps"]
-        code = [dep for dep in deps if isinstance(dep, str) and dep.startswith("src/")]
-        assert code == [f"src/datumdb/{name}" for name in STEP_CODE[step]], step
+        assert [dep for dep in stage.get("deps", []) if dep.startswith("src/")] == [], step
+        (params,) = stage["params"]
+        assert f"code.{step}" in params[RESOLVED_PARAMS], step
+
+
+def test_the_params_step_writes_each_step_code_digest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the stages read as ``code.<step>`` is the digest the step's outputs record."""
+    monkeypatch.chdir(tmp_path)  # (the step keeps its input-hash cache in the working directory)
+    params = tmp_path / "params.yaml"
+    params.write_text("dataset:\n  source: synthetic\n  count: 40\n", encoding="utf-8")
+    written = tmp_path / "params.json"
+    assert main(["--no-progress", "pipeline", "check", "--params", str(params), "--output", str(written)]) == 0
+    recorded = json.loads(written.read_text(encoding="utf-8"))
+    assert recorded["code"] == {step: code_digest(step) for step in STEP_CODE}
+    assert len(set(recorded["code"].values())) == len(STEP_CODE)  # each step its own code
 
 
 def _imported_files(path: Path) -> set[str]:

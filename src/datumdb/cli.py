@@ -907,7 +907,7 @@ def _config(args: argparse.Namespace) -> Any:
 def _pipeline_check(args: argparse.Namespace) -> int:
     from datumdb.files import atomic_write
     from datumdb.pipeline.config import resolved_json
-    from datumdb.pipeline.fingerprint import input_digest
+    from datumdb.pipeline.fingerprint import input_digest, stage_params_json
     from datumdb.pipeline.plan import load_hash_cache, save_hash_cache
 
     config = _config(args)
@@ -915,7 +915,7 @@ def _pipeline_check(args: argparse.Namespace) -> int:
         print(resolved_json(config).decode("utf-8"), end="")
     else:
         cache = load_hash_cache()  # shared with the other steps: each input file hashed once
-        atomic_write(args.output, resolved_json(config, input_digest(config, cache)))
+        atomic_write(args.output, stage_params_json(config, input_digest(config, cache)))
         save_hash_cache(cache)
     return 0
 

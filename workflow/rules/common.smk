@@ -16,8 +16,8 @@ from datumdb.errors import DatumDBError
 from datumdb.pipeline import outputs
 from datumdb.files import atomic_write
 from datumdb.pipeline.assemble import NOT_ASSEMBLED, assembled_record
-from datumdb.pipeline.config import SCHEMA_PATH, read_params, resolved_json, to_config, validate_params
-from datumdb.pipeline.fingerprint import input_digest
+from datumdb.pipeline.config import SCHEMA_PATH, read_params, to_config, validate_params
+from datumdb.pipeline.fingerprint import input_digest, stage_params_json
 from datumdb.pipeline.outputs import MEAN_BINARYPROTO, MEAN_JSON, MEAN_NPY, SUMMARY, stale_outputs
 from datumdb.pipeline.plan import INPUT_HASHES, load_hash_cache, make_plan, part_file, save_hash_cache, split_file, write_plan
 from datumdb.pipeline.shards import stale_tasks
@@ -197,7 +197,7 @@ def record_in_dvc():
         return
     # the digest of the files the plan was made from (it hashed each once): nothing is read again
     inputs = PLAN.inputs or input_digest(CONFIG, load_hash_cache())
-    atomic_write(outputs.RESOLVED_PARAMS, resolved_json(CONFIG, inputs))  # what the DVC stages read their params from
+    atomic_write(outputs.RESOLVED_PARAMS, stage_params_json(CONFIG, inputs))  # what the DVC stages read their params from
     print("datumdb: recording the outputs in DVC (dvc commit --force)", flush=True)
     if Path(dvc).parent == Path(sys.executable).parent:  # DVC here: its commit without the run cache
         command = [sys.executable, "-P", "-m", "datumdb.pipeline.record"]

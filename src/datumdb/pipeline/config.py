@@ -210,13 +210,10 @@ class PipelineConfig:
         return _plain(self)
 
 
-def resolved_json(config: PipelineConfig, inputs: str | None = None) -> bytes:
-    """Every parameter, defaults filled in, as JSON, and ``inputs`` (the input files' digest) as
-    ``input_files`` if given: DVC's stages track their params and inputs in this form
-    (outputs.RESOLVED_PARAMS), so a key left out of params.yaml takes its default under DVC too,
-    and only the files the source reads count as its inputs (not a `.dvc` file beside them)."""
-    resolved = config.as_dict() if inputs is None else {**config.as_dict(), "input_files": inputs}
-    return (json.dumps(resolved, indent=2) + "\n").encode("utf-8")
+def resolved_json(config: PipelineConfig) -> bytes:
+    """Every parameter, defaults filled in, as JSON (what ``datumdb pipeline check`` prints; DVC's
+    stages read it with more beside it: :func:`datumdb.pipeline.fingerprint.stage_params_json`)."""
+    return (json.dumps(config.as_dict(), indent=2) + "\n").encode("utf-8")
 
 
 # ----------------------------------------------------------------------------- reading
