@@ -27,6 +27,7 @@ import pytest
 import yaml
 from workflow_helpers import (
     BIN,
+    ENV,
     SPLITS,
     clone,
     commit_all,
@@ -226,6 +227,33 @@ def test_a_changed_param_reruns_only_the_stages_that_depend_on_it(tiny: Path, tm
         assert nothing_to_do(tiny)
     finally:
         run(["git", "checkout", "params.yaml"], tiny)
+
+
+def test_a_code_change_reruns_the_params_stage_then_only_the_stages_of_that_step(tiny: Path, tmp_path: Path) -> None:
+    """The stages take their step's code digest from the params stage, which lists the code files:
+    an edit of the assemble step's code reruns params and assemble, and nothing else."""
+    repo = clone(tiny, tmp_path / "code")  # (DVC builds its outputs: none were pushed)
+    # the stages run this clone's own code (as in a user's checkout with an editable install)
+    command = tmp_path / "datumdb-of-the-clone"
+    command.write_text(f'#!/bin/sh\nPYTHONPATH={repo / "src"} exec {sys.executable} -P -m datumdb "$@"\n')
+    command.chmod(0o755)
+    env = {**ENV, "DATUMDB_COMMAND": str(command)}
+
+    def repro() -> set[str]:
+        done = subprocess.run([str(BIN / "dvc"), "repro"], cwd=repo, env=env, text=True, capture_output=True)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return ran_stages(done.stdout)
+
+    repro()
+    assert repro() == set()
+    databases = {split: (repo / "data/lmdb" / split / "data.mdb").read_bytes() for split in SPLITS}
+    with (repo / "src/datumdb/pipeline/assemble.py").open("a") as code:
+        code.write("# an edit of the assemble step's code\n")
+    status = dvc("status", cwd=repo).stdout
+    assert set(re.findall(r"^(\S+):$", status, re.M)) == {"params"}
+    assert repro() == {"params", *ASSEMBLE}
+    assert {split: (repo / "data/lmdb" / split / "data.mdb").read_bytes() for split in SPLITS} == databases
+    assert repro() == set() and status_clean(repo)
 
 
 def test_snakemake_lint_has_only_the_explained_warning(tiny: Path) -> None:
