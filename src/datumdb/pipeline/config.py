@@ -210,10 +210,11 @@ class PipelineConfig:
         return _plain(self)
 
 
-def resolved_json(config: PipelineConfig) -> bytes:
-    """Every parameter, defaults filled in, as JSON (what ``datumdb pipeline check`` prints; DVC's
-    stages read it with more beside it: :func:`datumdb.pipeline.fingerprint.stage_params_json`)."""
-    return (json.dumps(config.as_dict(), indent=2) + "\n").encode("utf-8")
+def resolved_json(config: PipelineConfig, **beside: Any) -> bytes:
+    """Every parameter, defaults filled in, as JSON, and the top-level keys ``beside`` after them
+    (what ``datumdb pipeline check`` prints; DVC's stages read it with the inputs' and the code's
+    digests beside: :func:`datumdb.pipeline.fingerprint.stage_params_json`)."""
+    return (json.dumps({**config.as_dict(), **beside}, indent=2) + "\n").encode("utf-8")
 
 
 # ----------------------------------------------------------------------------- reading

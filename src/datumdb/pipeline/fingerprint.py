@@ -31,7 +31,7 @@ from typing import Any
 
 from datumdb.errors import InputError
 from datumdb.limits import check_regular_file, open_regular_file
-from datumdb.pipeline.config import PipelineConfig
+from datumdb.pipeline.config import PipelineConfig, resolved_json
 from datumdb.pipeline.splits import SPLITS
 
 __all__ = [
@@ -120,8 +120,6 @@ STEP_CODE: dict[str, tuple[str, ...]] = {
     ),
     "report": tuple(sorted({*_COMMON, "pipeline/summary.py"})),
 }
-
-
 _CHUNK = 1 << 20
 _ANY_SIZE = 1 << 62  # an input file of any size is hashed (in chunks), never read whole
 
@@ -154,8 +152,7 @@ def stage_params_json(config: PipelineConfig, inputs: str) -> bytes:
     records (a third of a small change's record time went to that YAML). Only the params stage
     lists the code files; a stage reruns when its own step's digest changes, as before.
     """
-    resolved = {**config.as_dict(), "input_files": inputs, "code": {step: code_digest(step) for step in STEP_CODE}}
-    return (json.dumps(resolved, indent=2) + "\n").encode("utf-8")
+    return resolved_json(config, input_files=inputs, code={step: code_digest(step) for step in STEP_CODE})
 
 
 # ----------------------------------------------------------------------------- inputs
