@@ -633,3 +633,81 @@ def test_pipeline_steps_without_the_workflow_extra_say_how_to_install_it(module:
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("\n") == 1 and 'pip install "datumdb[workflow]"' in result.stderr
     assert "internal error" not in result.stderr
+
+
+# ----------------------------------------------------------------------------- checked before
+
+
+def _refuse_any_check(*args: Any, **kwargs: Any) -> Any:
+    raise AssertionError("the params file was checked again")
+
+
+def test_a_params_file_checked_before_is_read_from_the_state_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every step of a run reads the same params file: its check (both YAML readings and the
+    schema) runs once, and the same bytes give the same values after; other bytes are checked."""
+    from datumdb.pipeline import config as config_module
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".datumdb").mkdir()
+    params = _write(tmp_path, "seed: 7\nsplit: {train: 0.5, val: 0.25, test: 0.25}\n")
+    first = load_config(params)
+    assert (tmp_path / config_module.CHECKED_PARAMS).is_file()
+    monkeypatch.setattr(config_module, "validate_params", _refuse_any_check)
+    monkeypatch.setattr(config_module, "_parse_params", _refuse_any_check)
+    again = load_config(params)
+    assert again == first and again.seed == 7 and again.split.val == 0.25
+    params.write_text("seed: 8\nsplit: {train: 0.5, val: 0.25, test: 0.25}\n", encoding="utf-8")
+    with pytest.raises(AssertionError, match="checked again"):
+        load_config(params)
+    monkeypatch.undo()
+    params.write_text("seed: -1\n", encoding="utf-8")  # a bad edit is refused as ever
+    with pytest.raises(InputError, match="seed"):
+        load_config(params)
+
+
+def test_another_checker_checks_the_file_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The entry is keyed by the checker's code too: a datumdb with another schema or rule does
+    not take values an older one filled in."""
+    from datumdb.pipeline import config as config_module
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".datumdb").mkdir()
+    params = _write(tmp_path, "seed: 7\n")
+    load_config(params)
+    monkeypatch.setattr(config_module, "_checker_digest", lambda: b"another datumdb")
+    monkeypatch.setattr(config_module, "validate_params", _refuse_any_check)
+    with pytest.raises(AssertionError, match="checked again"):
+        load_config(params)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "values edited", "a list", "a folder"])
+def test_a_damaged_or_edited_entry_is_never_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, damage: str) -> None:
+    from datumdb.pipeline import config as config_module
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".datumdb").mkdir()
+    params = _write(tmp_path, "seed: 7\n")
+    load_config(params)
+    entry_path = tmp_path / config_module.CHECKED_PARAMS
+    entry = json.loads(entry_path.read_text())
+    if damage == "garbage":
+        entry_path.write_bytes(b"\x00{not json")
+    elif damage == "values edited":  # the digest no longer matches what it holds
+        entry["params"]["seed"] = 99
+        entry_path.write_text(json.dumps(entry))
+    elif damage == "a list":
+        entry_path.write_text(json.dumps([entry]))
+    else:
+        entry_path.unlink()
+        entry_path.mkdir()
+    assert load_config(params).seed == 7
+
+
+def test_no_state_folder_no_entry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step run outside a pipeline's folder leaves nothing behind."""
+    monkeypatch.chdir(tmp_path)
+    params = _write(tmp_path, "seed: 7\n")
+    assert load_config(params).seed == 7
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]

@@ -25,7 +25,10 @@ Why this module reads ``params.yaml`` itself instead of taking values on the com
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
+import hashlib
 import json
 import math
 import os
@@ -36,7 +39,9 @@ from typing import Any
 
 import yaml
 
-from datumdb.errors import InputError
+from datumdb import limits
+from datumdb.errors import DatumDBError, InputError
+from datumdb.files import atomic_write
 from datumdb.limits import (
     INT31_MAX,
     MAX_IMAGE_PIXELS,
@@ -46,9 +51,11 @@ from datumdb.limits import (
     MAX_TIMEOUT,
     read_regular_file,
 )
+from datumdb.pipeline import splits
 from datumdb.pipeline.splits import SPLITS
 
 __all__ = [
+    "CHECKED_PARAMS",
     "MAX_INTEGER_DIGITS",
     "MAX_PARAMS_BYTES",
     "MAX_PARAMS_DEPTH",
@@ -75,6 +82,12 @@ SOURCES = ("synthetic", "arrays", "imageset", "cifar10", "mnist")
 MAX_PARAMS_BYTES = 1 << 20  # a params file is a few kB; refuse to slurp a device or a huge file
 MAX_PARAMS_DEPTH = 8  # nested mappings and lists; params.yaml needs 4 (dataset.cifar10.batches)
 MAX_INTEGER_DIGITS = 20  # 2**64 has 20 digits; every integer parameter is below 2**44
+# The params file last checked, by digest (of its bytes and of this checker's code), with its
+# values: every step of a run reads the same file, and checking it (the YAML read twice, the JSON
+# schema) is about 0.2 s of each step's start, fifteen steps a run. Kept only where the pipeline's
+# state folder exists (the plan makes it), never made for it; an entry that does not match is
+# checked again.
+CHECKED_PARAMS = Path(".datumdb/checked-params.json")
 SCHEMA_MAXIMA: dict[tuple[str, ...], int | float] = {
     # schema keys ("[]": the items of a list) -> maximum, from the command line's ranges
     ("dataset", "count"): INT31_MAX,
@@ -223,7 +236,10 @@ def resolved_json(config: PipelineConfig, **beside: Any) -> bytes:
 def read_params(path: str | os.PathLike[str]) -> dict[str, Any]:
     """The params file as a dict, after checking YAML 1.1 and YAML 1.2 read every value alike."""
     path = Path(path)
-    text = _read_text(path)
+    return _parse_params(_decoded(_read_bytes(path), path), path)
+
+
+def _parse_params(text: str, path: Path) -> dict[str, Any]:
     _refuse_unsafe_yaml(text, path)
     try:
         loaded_11 = yaml.safe_load(text)
@@ -244,13 +260,16 @@ def read_params(path: str | os.PathLike[str]) -> dict[str, Any]:
     return loaded_11
 
 
-def _read_text(path: Path) -> str:
+def _read_bytes(path: Path) -> bytes:
     try:
-        raw = read_regular_file(path, "params file", MAX_PARAMS_BYTES)  # no FIFO, device or huge file
+        return read_regular_file(path, "params file", MAX_PARAMS_BYTES)  # no FIFO, device or huge file
     except FileNotFoundError:
         raise InputError(f"{path}: params file not found") from None
     except OSError as exc:
         raise InputError(f"{path}: cannot read the params file: {exc.strerror or exc}") from None
+
+
+def _decoded(raw: bytes, path: Path) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -456,9 +475,11 @@ def _refuse_non_finite(value: Any, name: str, where: str) -> None:
             _refuse_non_finite(item, f"{name or 'the document'}[{index}]", where)
 
 
+@functools.cache
 def _schema() -> dict[str, Any]:
-    """The schema file, with the maxima of :data:`SCHEMA_MAXIMA` added."""
-    schema = yaml.safe_load(SCHEMA_PATH.read_text(encoding="utf-8"))
+    """The schema file, with the maxima of :data:`SCHEMA_MAXIMA` added (read once a process:
+    Snakemake's start checks the params file three times; nothing changes the dict)."""
+    schema = yaml.load(SCHEMA_PATH.read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     for keys, maximum in SCHEMA_MAXIMA.items():
         node = schema
         for key in keys:
@@ -573,8 +594,53 @@ def to_config(params: Mapping[str, Any]) -> PipelineConfig:
 
 
 def load_config(path: str | os.PathLike[str]) -> PipelineConfig:
-    """Read, cross-check (YAML 1.1 = 1.2), validate and type a params file."""
-    return to_config(validate_params(read_params(path), str(path)))
+    """Read, cross-check (YAML 1.1 = 1.2), validate and type a params file; the same bytes
+    checked by the same code before are taken from :data:`CHECKED_PARAMS`."""
+    path = Path(path)
+    raw = _read_bytes(path)
+    _require_workflow_extra()  # the steps need it whether or not this file was checked here before
+    key = hashlib.sha256(_checker_digest() + raw).hexdigest()
+    params = _checked_before(key)
+    if params is None:
+        params = validate_params(_parse_params(_decoded(raw, path), path), str(path))
+        _remember_checked(key, params)
+    return to_config(params)
+
+
+@functools.cache
+def _checker_digest() -> bytes:
+    """The digest of the code that checks a params file and fills its defaults: another
+    datumdb (a new default, a new rule) checks every file again."""
+    checker = hashlib.sha256()
+    for source in (Path(__file__), SCHEMA_PATH, Path(limits.__file__), Path(splits.__file__)):
+        checker.update(source.read_bytes())
+    return checker.digest()
+
+
+def _checked_before(key: str) -> dict[str, Any] | None:
+    """The values of the params file whose check digest is ``key``, if it was checked last."""
+    try:
+        entry = json.loads(read_regular_file(CHECKED_PARAMS, "checked params", 4 * MAX_PARAMS_BYTES))
+        params = entry["params"]
+        body = json.dumps(params, sort_keys=True).encode("utf-8")
+        if entry["key"] == key and entry["digest"] == hashlib.sha256(body).hexdigest():
+            return params
+    except (OSError, ValueError, TypeError, KeyError, DatumDBError):  # none yet, or not ours: check the file
+        pass
+    return None
+
+
+def _remember_checked(key: str, params: dict[str, Any]) -> None:
+    """Keep ``params`` as the values of the params file checked with ``key``, in the pipeline's
+    state folder if there is one (a step run elsewhere leaves nothing behind)."""
+    if not CHECKED_PARAMS.parent.is_dir():
+        return
+    body = json.dumps(params, sort_keys=True)
+    if json.loads(body) != params:  # only what JSON gives back exactly
+        return
+    entry = {"key": key, "digest": hashlib.sha256(body.encode("utf-8")).hexdigest(), "params": params}
+    with contextlib.suppress(OSError):  # a cache: a read-only folder only costs the check
+        atomic_write(CHECKED_PARAMS, json.dumps(entry, sort_keys=True).encode("utf-8"))
 
 
 def _values_at(params: Mapping[str, Any], keys: tuple[str, ...]) -> list[tuple[str, str]]:
