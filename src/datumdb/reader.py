@@ -942,10 +942,15 @@ class DatumReader(Sequence[tuple[np.ndarray, int]]):
         Read once, when the version was pinned, so it describes the records this reader reads
         even after a rebuild has put another manifest at the path.
         """
+        return copy.deepcopy(self._manifest_view())
+
+    def _manifest_view(self) -> dict[str, Any]:
+        """The pinned manifest itself, for this package's readers that only read it (a shard
+        set's reader merges hundreds: copying each one's order hashes cost more than the merge)."""
         pin = self._pinned()
         if pin.manifest is None:
             raise copy.copy(pin.manifest_error)  # type: ignore[misc]
-        return copy.deepcopy(pin.manifest)
+        return pin.manifest
 
     def __repr__(self) -> str:
         return f"DatumReader({str(self.path)!r})"

@@ -638,7 +638,7 @@ class ShardSetReader(DatumReader):
         shuffle): what reads the set as Caffe would read its assembled database (the mean)."""
         orders = []
         for part in self._parts:
-            order = (part.manifest.get("metadata") or {}).get("order")
+            order = (part._manifest_view().get("metadata") or {}).get("order")
             if not isinstance(order, list) or len(order) != len(part):
                 raise VerificationError(f"{part.path}/{MANIFEST_NAME}: its order hashes do not match its records")
             orders.append(order)
@@ -677,7 +677,7 @@ class ShardSetReader(DatumReader):
     def manifest(self) -> dict[str, Any]:
         """One manifest for the set: the shards' statistics added up, and the index."""
         if self._merged is None:
-            manifests = [part.manifest for part in self._parts]
+            manifests = [part._manifest_view() for part in self._parts]
             stats = merged_statistics(manifests)
             self._merged = {
                 "format": SHARD_INDEX_FORMAT,
