@@ -346,6 +346,26 @@ def test_reader_opens_a_shard_set_as_one_sequence(tmp_path) -> None:
             reader.get(b"nonsense/00000000")
 
 
+def test_a_shard_set_manifest_is_the_callers_to_change(tmp_path) -> None:
+    """The set's reader merges its shards' manifests without copying them (they carry every
+    record's order hash): what it hands out is a copy, so a caller's edits reach no shard's."""
+    from datumdb.reader import DatumReader
+
+    folder, *_ = build_set(tmp_path)
+    with DatumReader(folder) as reader:
+        merged = reader.manifest
+        shard = reader._parts[0]
+        order = list(shard.manifest["metadata"]["order"])
+        merged["metadata"]["order"].clear()
+        merged["metadata"]["split"] = "edited"
+        merged["shards"].clear()
+        shard.manifest["metadata"]["order"].append("edited")
+        assert shard.manifest["metadata"]["order"] == order
+        assert reader.manifest["metadata"] == {**shard.manifest["metadata"], "split": "train"}
+        assert len(reader.manifest["shards"]) == len(reader._parts)
+        assert sorted(reader.assembly_positions().tolist()) == list(range(len(reader)))  # orders intact
+
+
 @pytest.mark.parametrize("method", ["fork", "spawn"])
 def test_shard_set_reader_in_other_processes(tmp_path, method: str) -> None:
     import multiprocessing
