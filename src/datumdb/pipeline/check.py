@@ -47,7 +47,7 @@ from datumdb.files import atomic_write
 from datumdb.imageset import keeps_file_bytes, load_image
 from datumdb.manifest import SHARD_INDEX, listed_shapes, read_manifest, shape_summary
 from datumdb.pipeline import outputs
-from datumdb.pipeline.config import PipelineConfig
+from datumdb.pipeline.config import STATE_DIR, PipelineConfig
 from datumdb.pipeline.fingerprint import code_digest
 from datumdb.pipeline.plan import Plan, ShardTask, imageset_identities, load_hash_cache, make_plan, save_hash_cache
 from datumdb.pipeline.processes import in_processes
@@ -74,7 +74,7 @@ thousand would not rank it, but chance is then 0.1%), and cheap whatever the spl
 verify job reads the train split's sample too, and a version reruns every changed split's."""
 
 
-CLASS_MEANS_CACHE = Path(".datumdb/class-means.npz")
+CLASS_MEANS_CACHE = STATE_DIR / "class-means.npz"
 """The train split's class means, kept by the first verify job of a version for the others: each
 verify job scores its split against them, and opening the train shard set and decoding its sample
 was half of a val or test job. One file, keyed by the train set's content digests and everything

@@ -62,6 +62,7 @@ __all__ = [
     "PATH_KEYS",
     "SCHEMA_PATH",
     "SOURCES",
+    "STATE_DIR",
     "ArraysConfig",
     "BuildConfig",
     "Cifar10Config",
@@ -82,12 +83,14 @@ SOURCES = ("synthetic", "arrays", "imageset", "cifar10", "mnist")
 MAX_PARAMS_BYTES = 1 << 20  # a params file is a few kB; refuse to slurp a device or a huge file
 MAX_PARAMS_DEPTH = 8  # nested mappings and lists; params.yaml needs 4 (dataset.cifar10.batches)
 MAX_INTEGER_DIGITS = 20  # 2**64 has 20 digits; every integer parameter is below 2**44
+# The pipeline's local state, never versioned: the input files' hash cache (made by the plan),
+# verify's class means, the params file last checked. Relative: it lies where the steps run.
+STATE_DIR = Path(".datumdb")
 # The params file last checked, by digest (of its bytes and of this checker's code), with its
 # values: every step of a run reads the same file, and checking it (the YAML read twice, the JSON
-# schema) is about 0.2 s of each step's start, fifteen steps a run. Kept only where the pipeline's
-# state folder exists (the plan makes it), never made for it; an entry that does not match is
-# checked again.
-CHECKED_PARAMS = Path(".datumdb/checked-params.json")
+# schema) is about 0.2 s of each step's start, fifteen steps a run. Kept only where STATE_DIR
+# exists (the plan makes it), never made for it; an entry that does not match is checked again.
+CHECKED_PARAMS = STATE_DIR / "checked-params.json"
 SCHEMA_MAXIMA: dict[tuple[str, ...], int | float] = {
     # schema keys ("[]": the items of a list) -> maximum, from the command line's ranges
     ("dataset", "count"): INT31_MAX,
@@ -633,7 +636,7 @@ def _checked_before(key: str) -> dict[str, Any] | None:
 def _remember_checked(key: str, params: dict[str, Any]) -> None:
     """Keep ``params`` as the values of the params file checked with ``key``, in the pipeline's
     state folder if there is one (a step run elsewhere leaves nothing behind)."""
-    if not CHECKED_PARAMS.parent.is_dir():
+    if not STATE_DIR.is_dir():
         return
     body = json.dumps(params, sort_keys=True)
     if json.loads(body) != params:  # only what JSON gives back exactly

@@ -38,7 +38,7 @@ import numpy as np
 from datumdb.errors import InputError
 from datumdb.files import atomic_write
 from datumdb.imageset import ListEntry
-from datumdb.pipeline.config import PipelineConfig
+from datumdb.pipeline.config import STATE_DIR, PipelineConfig
 from datumdb.pipeline.fingerprint import (
     build_params,
     code_digest,
@@ -70,7 +70,7 @@ __all__ = [
 PLAN_FORMAT = "datumdb-plan/1"
 # The stat-keyed cache of input files' sha256 (path -> [size, mtime_ns, inode, sha256]), shared by
 # the Snakefile, the DVC stages and the steps: each input file is hashed once, not once per step.
-INPUT_HASHES = Path(".datumdb/input-hashes.json")
+INPUT_HASHES = STATE_DIR / "input-hashes.json"
 _ROW_PERSON = b"datumdb-row/1"
 
 Member = list[Any]  # [identity (str, or int for arrays), label, digest (str, "" for synthetic)]
