@@ -26,7 +26,7 @@ from datumdb.errors import DatumDBError, InputError
 from datumdb.manifest import read_manifest
 from datumdb.pipeline.config import load_config
 from datumdb.pipeline.fingerprint import mean_record, verify_record
-from datumdb.pipeline.plan import make_plan, read_part, read_plan, write_plan
+from datumdb.pipeline.plan import deal_parts, make_plan, read_part, read_plan, write_plan
 from datumdb.pipeline.splits import SPLITS
 from datumdb.shardset import read_shard_index
 from datumdb.synthetic import generate
@@ -269,6 +269,34 @@ def test_the_plan_read_back_from_its_files_is_the_plan(tmp_path: Path, capsys: p
         shutil.copy(tmp_path / "other" / f"part-{part}.json", mixed / f"part-{part}.json")
         with pytest.raises(InputError, match=r"(files of two plans)"):
             read_plan(mixed)
+
+
+def test_parts_are_runs_of_about_the_same_number_of_samples(tmp_path: Path) -> None:
+    """A run waits for its largest part: the parts hold about the same samples, every split mixed in."""
+    config = load_config(_params(tmp_path / "p", parts=4, dataset={"count": 2000}))
+    plan = make_plan(config, {})
+    sizes = [sum(len(task.members) for task in plan.part(p)) for p in range(4)]
+    largest_shard = max(len(task.members) for split in SPLITS for task in plan.shards[split])
+    assert sum(sizes) == 2000 and max(sizes) - min(sizes) <= 2 * largest_shard, sizes
+    for part in range(4):
+        assert {task.split for task in plan.part(part)} == set(SPLITS)
+
+
+def test_a_change_of_size_moves_only_shards_at_the_cuts_to_the_next_part() -> None:
+    """Parts stay put under edits: shards added or grown elsewhere move only shards next to a cut,
+    each to the part beside its own; a relabel (same sizes) moves none."""
+    rng = np.random.default_rng(0)
+    shards = [((f"{int(rng.integers(1 << 62)):016x}", "train"), int(rng.integers(16, 128))) for _ in range(400)]
+    before = deal_parts(shards, 8)
+    assert deal_parts(shards, 8) == before
+    sizes = [sum(size for key, size in shards if before[key] == p) for p in range(8)]
+    assert max(sizes) - min(sizes) <= 2 * 128, sizes
+    added = [((f"{int(rng.integers(1 << 62)):016x}", "val"), 64) for _ in range(4)]
+    after = deal_parts(shards + added, 8)
+    moved = [key for key, _ in shards if after[key] != before[key]]
+    assert len(moved) < len(shards) // 10, moved
+    assert all(abs(after[key] - before[key]) == 1 for key in moved)
+    assert sorted(set(after.values())) == list(range(8))
 
 
 # ----------------------------------------------------------------------------- verify

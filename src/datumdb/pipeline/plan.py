@@ -13,9 +13,13 @@ orchestrator the same way:
   arrays; none for synthetic samples, a pure function of the seed). A shard's **fingerprint**
   covers its members, the params that shape its bytes and the build code: it is what the shard
   records in its manifest, and a shard is rebuilt exactly when it differs.
-* **Parts**: the shards are dealt to ``partition.shards`` parts by name, the units of work of
-  the orchestrators (one Snakemake job each, one process each under DVC). A part's plan file
-  changes only when one of its shards does.
+* **Parts**: the shards are dealt to ``partition.shards`` parts, the units of work of the
+  orchestrators (one Snakemake job each, one process each under DVC, one cluster job each under
+  SLURM): all splits' shards in the order of their names (hashes of their first samples'
+  identities: a random order that edits do not reshuffle), cut into runs of about the same
+  number of samples, so the parts take about the same time and the last one does not hold up
+  the run. A part's plan file changes when one of its shards does, or when a change of size
+  elsewhere moves a shard across a cut (a few shards next to the cuts; a relabel moves none).
 * **Split plan**: each split's shards in order with their fingerprints; its fingerprint stands
   for the whole shard set (what verify, mean and the assembled database record).
 
@@ -54,6 +58,7 @@ __all__ = [
     "PLAN_FORMAT",
     "Plan",
     "ShardTask",
+    "deal_parts",
     "identity_bytes",
     "imageset_identities",
     "load_hash_cache",
@@ -152,6 +157,10 @@ def make_plan(config: PipelineConfig, cache: dict[str, Any] | None = None, *, li
     # function of (seed, index), so more samples (count) append shards and leave the others as they are.
     params["dataset"] = {key: value for key, value in params["dataset"].items() if key != "count"}
     code = code_digest("shards")
+    part_of = deal_parts(
+        [((shard.name, split), len(shard.members)) for split in SPLITS for shard in cut.shards[split]],
+        config.partition.count,
+    )  # fmt: skip
     shards: dict[str, list[ShardTask]] = {}
     split_fingerprints: dict[str, str] = {}
     for split in SPLITS:
@@ -161,8 +170,8 @@ def make_plan(config: PipelineConfig, cache: dict[str, Any] | None = None, *, li
             listed = json.dumps(shard_members, separators=(",", ":"), ensure_ascii=True).encode("ascii")
             what = {"step": "shard", "split": split, "params": params, "code": code,
                     "members": "sha256:" + hashlib.sha256(listed).hexdigest()}  # fmt: skip
-            tasks.append(ShardTask(split, shard.name, int(shard.name, 16) % config.partition.count,
-                                   shard_members, {**what, "fingerprint": fingerprint(what)}))  # fmt: skip
+            tasks.append(ShardTask(split, shard.name, part_of[shard.name, split], shard_members,
+                                   {**what, "fingerprint": fingerprint(what)}))  # fmt: skip
         if not tasks:
             raise InputError(
                 f"split {split!r} would be empty ({len(identities)} samples, fractions "
@@ -173,6 +182,24 @@ def make_plan(config: PipelineConfig, cache: dict[str, Any] | None = None, *, li
             {"split": split, "seed": config.seed, "shards": [[t.name, t.fingerprint] for t in tasks]}
         )
     return Plan(config.partition.count, shards, split_fingerprints, inputs)
+
+
+def deal_parts(shards: Sequence[tuple[tuple[str, str], int]], parts: int) -> dict[tuple[str, str], int]:
+    """Each shard's part, from ((name, split), number of members) of every shard of every split.
+
+    In the order of the names, the shards are cut into ``parts`` runs of about the same number
+    of samples: a shard goes to the part in which its middle sample falls. Dealing by name alone
+    (name modulo parts) left parts 55% apart on 20 000 photos (4 046 to 6 254 samples), and the
+    run waited for the largest; runs are within one shard of each other, and since the names are
+    hashes of identities a run is a random draw from every split.
+    """
+    ordered = sorted(shards)
+    total = sum(size for _, size in ordered) or 1
+    dealt, before = {}, 0
+    for name, size in ordered:
+        dealt[name] = min(parts - 1, (2 * before + size) * parts // (2 * total))
+        before += size
+    return dealt
 
 
 def _members(
