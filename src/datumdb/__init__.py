@@ -1,7 +1,8 @@
 """datumdb: reproducible, Caffe-exact LMDB datasets of ``Datum`` records.
 
 The library: an exact Datum codec (:mod:`datumdb.codec`), a batched, atomic, deterministic LMDB
-writer (:mod:`datumdb.writer`), a lock-free read-only reader (:mod:`datumdb.reader`), Caffe tool
+writer (:mod:`datumdb.writer`), a lock-free read-only reader (:mod:`datumdb.reader`) that also
+reads a split stored as shards (:mod:`datumdb.shardset`) as one sequence, Caffe tool
 parity (:mod:`datumdb.imageset`, :mod:`datumdb.mean`) and verification (:mod:`datumdb.verify`).
 """
 
@@ -21,6 +22,7 @@ from datumdb.errors import (
     WriteError,
 )
 from datumdb.reader import DatumReader
+from datumdb.shardset import ShardSetReader  # (importing it makes DatumReader open shard sets)
 from datumdb.writer import DatabaseWriter
 
 __all__ = [
@@ -33,6 +35,7 @@ __all__ = [
     "DatumError",
     "DatumReader",
     "InputError",
+    "ShardSetReader",
     "VerificationError",
     "WriteError",
     "__version__",

@@ -746,8 +746,8 @@ def _compute_mean(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from datumdb.shardset import is_shard_set, verify_shard_set
-    from datumdb.verify import verify_database
+    from datumdb.shardset import is_shard_set
+    from datumdb.verify import verify_database, verify_shard_set
 
     check = verify_shard_set if is_shard_set(args.db) else verify_database
     report = check(

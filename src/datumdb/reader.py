@@ -59,9 +59,9 @@ from datumdb.errors import DatabaseChangedError, DatabaseError, DatabaseNotFound
 from datumdb.fastpath import OffsetIndex
 from datumdb.keys import MAX_KEY_BYTES
 from datumdb.lmdbmap import LmdbMap, locate, map_size_for, mappings
-from datumdb.manifest import DATA_NAME, SHARD_INDEX, decode_mode, read_manifest
+from datumdb.manifest import DATA_NAME, decode_mode, read_manifest
 
-__all__ = ["DatabaseVersion", "DatumReader", "open_environment"]
+__all__ = ["DatabaseVersion", "DatumReader", "open_environment", "register_folder_reader"]
 
 _OPEN_ATTEMPTS = 5  # data.mdb replaced between our open and our check this often: give up
 # Where a process can re-open its own file descriptors by name; None: open by path and check.
@@ -624,6 +624,17 @@ def _pin_version(folder: Path, expected: DatabaseVersion | None) -> _Pin:
 _FastReads = tuple[int, np.ndarray, "array.array[int]", "array.array[int]"]
 
 
+# Folders that are read as a whole of another kind: the file that marks one -> the DatumReader
+# subclass that reads it. Each kind registers itself where it is defined (a shard set in
+# datumdb.shardset, which the package imports), so this module knows none of them.
+_FOLDER_READERS: dict[str, type[DatumReader]] = {}
+
+
+def register_folder_reader(marker: str, reader: type[DatumReader]) -> None:
+    """Make ``DatumReader(folder)`` give a ``reader`` for a folder that holds the file ``marker``."""
+    _FOLDER_READERS[marker] = reader
+
+
 class DatumReader(Sequence[tuple[np.ndarray, int]]):
     """A database as a sequence of ``(array, label)`` in key order, pinned to one version.
 
@@ -650,11 +661,12 @@ class DatumReader(Sequence[tuple[np.ndarray, int]]):
     """
 
     def __new__(cls, path: str | os.PathLike[str] | None = None, *args: Any, **kwargs: Any) -> DatumReader:
-        """A folder of shards (:mod:`datumdb.shardset`) opens as one :class:`~datumdb.shardset.ShardSetReader`."""
-        if cls is DatumReader and path is not None and (Path(path) / SHARD_INDEX).is_file():
-            from datumdb.shardset import ShardSetReader  # only then: a step reading a database never loads it
-
-            return super().__new__(ShardSetReader)
+        """A folder of another kind opens as its own reader (:func:`register_folder_reader`): a
+        folder of shards as one :class:`~datumdb.shardset.ShardSetReader`."""
+        if cls is DatumReader and path is not None:
+            for marker, kind in _FOLDER_READERS.items():
+                if (Path(path) / marker).is_file():
+                    return super().__new__(kind)
         return super().__new__(cls)
 
     def __init__(self, path: str | os.PathLike[str], *, imread: ImreadMode | Literal["auto"] = "auto") -> None:

@@ -64,7 +64,7 @@ from datumdb.limits import (
 )
 from datumdb.manifest import DATA_NAME, MANIFEST_NAME, SHARD_INDEX, read_manifest, single_or_mixed
 from datumdb.pipeline.splits import SPLITS  # the split names (a pure module: no pipeline code runs)
-from datumdb.reader import DatabaseVersion, DatumReader, batch_indices
+from datumdb.reader import DatabaseVersion, DatumReader, batch_indices, register_folder_reader
 
 __all__ = [
     "DEFAULT_MEAN_SHARD",
@@ -697,45 +697,10 @@ class ShardSetReader(DatumReader):
         return f"DatumReader({str(self.path)!r})  # a shard set of {len(self._parts)} shards"
 
 
+register_folder_reader(SHARD_INDEX, ShardSetReader)  # DatumReader(folder) opens a shard set as one
+
+
 def shard_set_digest(index: Mapping[str, Any]) -> str:
     """A shard set's content digest, from its index: its shards' content digests in order."""
     joined = "".join(str(shard.get("digest")) for shard in index["shards"])
     return "shards:" + hashlib.sha256(joined.encode()).hexdigest()
-
-
-def verify_shard_set(folder: str | os.PathLike[str], **options: Any) -> dict[str, Any]:
-    """``datumdb verify`` of a shard set: its index, then every shard as a database of its own.
-
-    One report, as for a database: ``ok`` only if the index holds (every shard present, counts
-    adding up) and every shard passes with the count and content digest the index records.
-    Problems name the shard. ``options`` are :func:`~datumdb.verify.verify_database`'s.
-    """
-    from datumdb.verify import verify_database
-
-    folder = Path(folder)
-    index = read_shard_index(folder)
-    problems: list[str] = []
-    warnings: list[str] = []
-    bad = 0
-    for shard in index["shards"]:
-        report = verify_database(folder / shard["name"], **options)
-        problems += report["problems"]
-        warnings += report["warnings"]
-        bad += report.get("bad_records") or 0
-        if report["ok"] and (report["count"], report["digest"]) != (shard["count"], shard.get("digest")):
-            problems.append(
-                f"{folder / shard['name']}: {report['count']} records, digest {report['digest']}; "
-                f"{SHARD_INDEX} says {shard['count']}, {shard.get('digest')}"
-            )
-    known = {shard["name"] for shard in index["shards"]}
-    problems += [f"{stray}: a shard folder {SHARD_INDEX} does not list" for stray in stray_shards(folder, known)]
-    return {
-        "path": str(folder),
-        "ok": not problems,
-        "count": index["count"],
-        "shards": len(index["shards"]),
-        "digest": shard_set_digest(index),
-        "problems": problems,
-        "warnings": warnings,
-        "bad_records": bad,
-    }

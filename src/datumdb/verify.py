@@ -20,6 +20,9 @@ the child ends itself and the key is reported (every decode is bounded from the 
 first, :mod:`datumdb.imageheader`; this bounds what a header cannot tell). The child runs with
 ``python -I`` and imports exactly the datumdb package of the parent: nothing from the working
 directory, ``PYTHONPATH`` or the user's site-packages.
+
+A shard set (:mod:`datumdb.shardset`) is verified as its index and then every shard as a
+database of its own (:func:`verify_shard_set`).
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ from datumdb.manifest import (
     DATA_NAME,
     MANIFEST_NAME,
     RECORDS_PER_CHUNK,
+    SHARD_INDEX,
     ContentDigest,
     decode_mode,
     listed_shapes,
@@ -65,9 +69,17 @@ from datumdb.manifest import (
     shapes_sha256,
 )
 from datumdb.reader import DatumReader
+from datumdb.shardset import read_shard_index, shard_set_digest, stray_shards
 from datumdb.writer import restore_interrupted_publish
 
-__all__ = ["DEFAULT_STALL_LIMIT", "check_stall_limit", "child_command", "content_digest", "verify_database"]
+__all__ = [
+    "DEFAULT_STALL_LIMIT",
+    "check_stall_limit",
+    "child_command",
+    "content_digest",
+    "verify_database",
+    "verify_shard_set",
+]
 
 MAX_PROBLEMS = 20  # a badly broken database should not print a million lines
 CHUNK_BYTES = 8 << 20  # values checked and hashed at a time (a few such chunks are alive at once)
@@ -630,3 +642,39 @@ def _child_main(argv: list[str]) -> int:
         while data:
             data = data[os.write(out, data) :]
     return 0
+
+
+def verify_shard_set(folder: str | os.PathLike[str], **options: Any) -> dict[str, Any]:
+    """``datumdb verify`` of a shard set: its index, then every shard as a database of its own.
+
+    One report, as for a database: ``ok`` only if the index holds (every shard present, counts
+    adding up) and every shard passes with the count and content digest the index records.
+    Problems name the shard. ``options`` are :func:`verify_database`'s.
+    """
+    folder = Path(folder)
+    index = read_shard_index(folder)
+    problems: list[str] = []
+    warnings: list[str] = []
+    bad = 0
+    for shard in index["shards"]:
+        report = verify_database(folder / shard["name"], **options)
+        problems += report["problems"]
+        warnings += report["warnings"]
+        bad += report.get("bad_records") or 0
+        if report["ok"] and (report["count"], report["digest"]) != (shard["count"], shard.get("digest")):
+            problems.append(
+                f"{folder / shard['name']}: {report['count']} records, digest {report['digest']}; "
+                f"{SHARD_INDEX} says {shard['count']}, {shard.get('digest')}"
+            )
+    known = {shard["name"] for shard in index["shards"]}
+    problems += [f"{stray}: a shard folder {SHARD_INDEX} does not list" for stray in stray_shards(folder, known)]
+    return {
+        "path": str(folder),
+        "ok": not problems,
+        "count": index["count"],
+        "shards": len(index["shards"]),
+        "digest": shard_set_digest(index),
+        "problems": problems,
+        "warnings": warnings,
+        "bad_records": bad,
+    }
