@@ -211,8 +211,8 @@ def test_lazily_listed_files_are_resolved_and_checked_when_read(tmp_path: Path) 
         listed_images(dataset)
     entries, paths, _, _ = listed_images(dataset, lazy=True)
     assert len(paths) == len(entries) == 7
-    assert paths[2] == tmp_path / "inputs" / "images" / listed[2][0]
-    assert paths[-2] == tmp_path / "inputs" / "images" / listed[5][0]
+    assert paths[2] == str(tmp_path / "inputs" / "images" / listed[2][0])
+    assert paths[-2] == str(tmp_path / "inputs" / "images" / listed[5][0])
     with pytest.raises(InputError, match=r"list\.txt:7: path '\.\./params\.yaml' escapes ROOT"):
         paths[6]
 

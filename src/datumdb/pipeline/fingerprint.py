@@ -158,7 +158,7 @@ def stage_params_json(config: PipelineConfig, inputs: str) -> bytes:
 # ----------------------------------------------------------------------------- inputs
 
 
-def input_files(config: PipelineConfig) -> list[tuple[str, Path]]:
+def input_files(config: PipelineConfig) -> list[tuple[str, str | Path]]:
     """(name relative to input_dir, path) of every file the chosen source reads, in a fixed order."""
     dataset = config.dataset
     folder = Path(dataset.input_dir)
@@ -171,7 +171,7 @@ def input_files(config: PipelineConfig) -> list[tuple[str, Path]]:
     elif dataset.source == "mnist":
         names = [dataset.mnist.images, dataset.mnist.labels]
     else:  # imageset: the list file and every image it lists, or every image of the class folders
-        from datumdb.imageset import read_class_folders, read_list_file, resolve_path
+        from datumdb.imageset import read_class_folders, read_list_file, resolve_file
 
         root = folder / dataset.imageset.root
         if dataset.imageset.layout == "folders":
@@ -182,8 +182,10 @@ def input_files(config: PipelineConfig) -> list[tuple[str, Path]]:
             where = folder / dataset.imageset.list_file
             files = [(dataset.imageset.list_file, where)]
             entries = read_list_file(where)
+        real_root, folders = os.path.realpath(root), {}
         for entry in entries:  # resolved as the build resolves them
-            files.append((f"{dataset.imageset.root}/{entry.path}", resolve_path(root, entry, where)))
+            path = resolve_file(root, entry, where, real_root=real_root, folders=folders)
+            files.append((f"{dataset.imageset.root}/{entry.path}", path))
         return files
     return [(name, folder / name) for name in names]
 
@@ -206,14 +208,19 @@ def combined_input_digest(named_hashes: Iterable[tuple[str, str]]) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def file_sha256(path: Path, cache: dict[str, Any] | None) -> str:
+def file_sha256(path: str | Path, cache: dict[str, Any] | None) -> str:
     """A file's sha256 (hex); with ``cache``, taken from it while size, mtime and inode match.
 
     A cached file is only ``stat``-ed (a regular file, its identity as cached): the plan looks
     up every input of a version, and opening each of a million photos to learn nothing new
     cost more than the lookup. A file not in the cache is opened as a regular file and read.
     """
-    key = os.fspath(path.absolute()) if cache is not None else ""
+    if cache is None:
+        key = ""
+    elif isinstance(path, str) and os.path.isabs(path):  # a resolved input (a photo of a long list)
+        key = path
+    else:
+        key = os.fspath(Path(path).absolute())
     try:
         if cache is not None:
             info = check_regular_file(path, "input file", limit=_ANY_SIZE)

@@ -29,7 +29,7 @@ from datumdb.imageset import (
     ordered_entries,
     read_class_folders,
     read_list_file,
-    resolve_path,
+    resolve_file,
 )
 from datumdb.limits import open_regular_file, read_regular_file
 from datumdb.pipeline.config import SOURCES, DatasetConfig
@@ -211,7 +211,7 @@ class ImageFiles:
     """
 
     entries: list[ListEntry]
-    paths: Sequence[Path]  # (LazyPaths: resolved when read)
+    paths: Sequence[str]  # (LazyPaths: resolved when read)
     options: ImagesetOptions
     where: Path  # the list file, or ROOT for class folders: what messages name
     classes: list[str] | None
@@ -257,15 +257,16 @@ def listed_entries(dataset: DatasetConfig) -> tuple[list[ListEntry], Path, list[
     return read_list_file(where), where, None
 
 
-def resolve_entries(dataset: DatasetConfig, entries: Sequence[ListEntry], where: Path) -> list[Path]:
-    """The files of ``entries``, resolved and checked as the build resolves them."""
+def resolve_entries(dataset: DatasetConfig, entries: Sequence[ListEntry], where: Path) -> list[str]:
+    """The files of ``entries``, resolved and checked as the build resolves them (strings: a
+    ``Path`` for each of a million photos would cost more than checking them)."""
     root_path = Path(dataset.input_dir) / dataset.imageset.root
     real_root = os.path.realpath(root_path)
     folders: dict[str, str] = {}
-    return [resolve_path(root_path, entry, where, real_root=real_root, folders=folders) for entry in entries]
+    return [resolve_file(root_path, entry, where, real_root=real_root, folders=folders) for entry in entries]
 
 
-class LazyPaths(Sequence[Path]):
+class LazyPaths(Sequence[str]):
     """The files of ``entries``, each resolved and checked (as :func:`resolve_entries` does) when
     first asked for: a step that reads a sample of a million listed files resolves the sample."""
 
@@ -273,7 +274,7 @@ class LazyPaths(Sequence[Path]):
         self._root = Path(dataset.input_dir) / dataset.imageset.root
         self._real_root = os.path.realpath(self._root)
         self._entries, self._where = entries, where
-        self._resolved: dict[int, Path] = {}
+        self._resolved: dict[int, str] = {}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -284,13 +285,13 @@ class LazyPaths(Sequence[Path]):
         index = range(len(self))[index]  # (negative indices; IndexError past the end)
         if index not in self._resolved:
             entry = self._entries[index]
-            self._resolved[index] = resolve_path(self._root, entry, self._where, real_root=self._real_root)
+            self._resolved[index] = resolve_file(self._root, entry, self._where, real_root=self._real_root)
         return self._resolved[index]
 
 
 def listed_images(
     dataset: DatasetConfig, *, lazy: bool = False
-) -> tuple[list[ListEntry], Sequence[Path], Path, list[str] | None]:
+) -> tuple[list[ListEntry], Sequence[str], Path, list[str] | None]:
     """An imageset's entries as listed, their files, what messages name, and the class names.
 
     ``lazy``: the files are resolved when first read (:class:`LazyPaths`), not all now."""
