@@ -72,7 +72,6 @@ __all__ = [
     "ordered_entries",
     "read_list_file",
     "resolve_file",
-    "resolve_path",
     "usable_cores",
 ]
 
@@ -152,19 +151,6 @@ def read_list_file(list_file: str | os.PathLike[str]) -> list[ListEntry]:
     if not entries:
         raise InputError(f"{list_file}: no images listed")
     return entries
-
-
-def resolve_path(
-    root: Path,
-    entry: ListEntry,
-    list_file: Path,
-    allow_outside_root: bool = False,
-    *,
-    real_root: str | None = None,
-    folders: dict[str, str] | None = None,
-) -> Path:
-    """The image file of a list entry (:func:`resolve_file`) as a :class:`~pathlib.Path`."""
-    return Path(resolve_file(root, entry, list_file, allow_outside_root, real_root=real_root, folders=folders))
 
 
 def resolve_file(
@@ -531,7 +517,7 @@ def read_class_folders(
     ROOT (:class:`_FolderWalk`): every real folder is listed once, at its real place, so a link
     to ``.`` or to a sibling class adds nothing; a folder link leading outside ROOT is refused
     unless ``allow_outside_root`` (then followed, each folder still once). Symlinked *files* are
-    listed; where they lead is checked when they are read (:func:`resolve_path`).
+    listed; where they lead is checked when they are read (:func:`resolve_file`).
     """
     root = Path(root)
     try:
