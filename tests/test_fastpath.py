@@ -145,6 +145,9 @@ def _mutations(image: np.ndarray, label: int) -> dict[str, bytes]:
 
 
 _STILL_UNIFORM = {"overlong label", "long label"}  # valid protobuf of the layout: indexed, and exact
+# A raw Datum of another shape: it leaves the others' layout, but a database whose every record has
+# it is uniform in that shape (indexed, and exact).
+_RESHAPED = {"other shape", "same size, other shape"}
 
 
 def _compare_fast_and_general(path: Path) -> bool:
@@ -193,7 +196,9 @@ def test_single_reads_equal_the_general_decoder(tmp_path_factory, labels, broken
             values[position] = _mutations(images[position], labels[position])[mutation]
     path = _write_values(tmp_path_factory.mktemp("hyp") / "db", values)
     indexed = _compare_fast_and_general(path)
-    assert indexed is not any(position < len(values) and broken[position] not in _STILL_UNIFORM for position in broken)
+    mutated = [mutation for position, mutation in broken.items() if position < len(values)]
+    all_one_shape = len(mutated) == len(values) and len(set(mutated)) == 1 and mutated[0] in _RESHAPED
+    assert indexed is (all_one_shape or all(mutation in _STILL_UNIFORM for mutation in mutated))
 
 
 def test_the_index_is_built_by_single_reads_only_after_a_quarter_of_the_records(tmp_path: Path) -> None:
