@@ -77,6 +77,7 @@ __all__ = [
     "assembly_order",
     "cut_shards",
     "is_shard_set",
+    "merged_summary",
     "plan_shards",
     "read_shard_index",
     "read_shard_index_bytes",
@@ -346,6 +347,19 @@ def merged_statistics(manifests: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             encodings[manifest["encoding"]] += manifest["count"]
         payload += manifest["payload_bytes"]
     return {"labels": labels, "shapes": shapes, "dtypes": dtypes, "encodings": encodings, "payload_bytes": payload}
+
+
+def merged_summary(manifests: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """What one manifest says of several databases' records together: their shapes, dtype,
+    encoding, label histogram and payload bytes, as a shard set's reader and verify report them."""
+    stats = merged_statistics(manifests)
+    return {
+        "shapes": dict(sorted(stats["shapes"].items())),
+        "dtype": single_or_mixed(stats["dtypes"]),
+        "encoding": single_or_mixed(stats["encodings"]),
+        "label_histogram": {str(label): stats["labels"][label] for label in sorted(stats["labels"])},
+        "payload_bytes": stats["payload_bytes"],
+    }
 
 
 def write_shard(
@@ -678,16 +692,16 @@ class ShardSetReader(DatumReader):
         """One manifest for the set: the shards' statistics added up, and the index."""
         if self._merged is None:
             manifests = [part._manifest_view() for part in self._parts]
-            stats = merged_statistics(manifests)
+            summary = merged_summary(manifests)
             self._merged = {
                 "format": SHARD_INDEX_FORMAT,
                 "count": len(self),
-                "shapes": dict(sorted(stats["shapes"].items())),
-                "dtype": single_or_mixed(stats["dtypes"]),
-                "encoding": single_or_mixed(stats["encodings"]),
+                "shapes": summary["shapes"],
+                "dtype": summary["dtype"],
+                "encoding": summary["encoding"],
                 "channel_order": manifests[0]["channel_order"] if manifests else "BGR",
-                "label_histogram": {str(label): stats["labels"][label] for label in sorted(stats["labels"])},
-                "payload_bytes": stats["payload_bytes"],
+                "label_histogram": summary["label_histogram"],
+                "payload_bytes": summary["payload_bytes"],
                 "shards": self._index["shards"],
                 "metadata": manifests[0].get("metadata", {}) if manifests else {},
             }

@@ -45,7 +45,7 @@ from datumdb.codec import (
 from datumdb.errors import DatumDBError, InputError
 from datumdb.files import atomic_write
 from datumdb.imageset import keeps_file_bytes, load_image
-from datumdb.manifest import SHARD_INDEX, listed_shapes, read_manifest, shape_summary, single_or_mixed
+from datumdb.manifest import SHARD_INDEX, listed_shapes, read_manifest, shape_summary
 from datumdb.pipeline import outputs
 from datumdb.pipeline.config import STATE_DIR, PipelineConfig
 from datumdb.pipeline.fingerprint import code_digest
@@ -55,7 +55,7 @@ from datumdb.pipeline.sheet import SHEET_MAX, contact_sheet
 from datumdb.pipeline.sources import ImageFiles, Source, imageset_options, listed_images, open_source
 from datumdb.pipeline.splits import SPLITS
 from datumdb.reader import DatumReader
-from datumdb.shardset import ShardSetReader, merged_statistics, read_shard_index, shard_key, shard_set_digest
+from datumdb.shardset import ShardSetReader, merged_summary, read_shard_index, shard_key, shard_set_digest
 
 __all__ = ["check_split", "nearest_class_mean", "verify_splits", "verify_step"]
 
@@ -308,14 +308,12 @@ def check_split(
     expected_histogram = {str(k): int(v) for k, v in sorted(labels.items())}
     # The set's statistics from the manifests just read (as its reader adds them up), not through
     # the reader: that would open every shard's database, and only the sampled ones are read.
-    stats = merged_statistics(manifests)
-    histogram = {str(label): stats["labels"][label] for label in sorted(stats["labels"])}
-    dtype, encoding = single_or_mixed(stats["dtypes"]), single_or_mixed(stats["encodings"])
+    merged = merged_summary(manifests)
     with DatumReader(db) as reader:
         checks = [
             ("count", len(reader), len(kept)),
-            ("label histogram", histogram, expected_histogram),
-            ("dtype", dtype, "uint8" if files is not None else _dtype(source)),
+            ("label histogram", merged["label_histogram"], expected_histogram),
+            ("dtype", merged["dtype"], "uint8" if files is not None else _dtype(source)),
         ]
         if source.shape is not None:
             checks.append(("decoded shapes", dict(shapes), {shape_name(source.shape): len(kept)}))
@@ -372,8 +370,8 @@ def check_split(
         "shards": len(tasks),
         "digest": shard_set_digest(index),
         "shape": list(source.shape) if source.shape is not None else None,
-        "dtype": dtype,
-        "encoding": encoding,
+        "dtype": merged["dtype"],
+        "encoding": merged["encoding"],
         "source": source.name,
         "sampled": len(picked),
         "sample_max_mean_abs_diff": round(worst, 6),
