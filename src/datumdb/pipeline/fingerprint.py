@@ -215,12 +215,7 @@ def file_sha256(path: str | Path, cache: dict[str, Any] | None) -> str:
     up every input of a version, and opening each of a million photos to learn nothing new
     cost more than the lookup. A file not in the cache is opened as a regular file and read.
     """
-    if cache is None:
-        key = ""
-    elif isinstance(path, str) and os.path.isabs(path):  # a resolved input (a photo of a long list)
-        key = path
-    else:
-        key = os.fspath(Path(path).absolute())
+    key = os.path.abspath(path) if cache is not None else ""  # (no Path per photo of a long list)
     try:
         if cache is not None:
             info = check_regular_file(path, "input file", limit=_ANY_SIZE)
